@@ -1,0 +1,3 @@
+"""megatron_flextron: Flextron elastic LLMs on NVIDIA Megatron-Core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""Make megatron-core run on CPU (gloo) for tests and small runs.
+
+megatron-core assumes CUDA in a few places: its RNG tracker reads the CUDA generator, buffers are
+allocated on ``torch.cuda.current_device()``, the default causal mask and the pipeline schedules
+use ``device="cuda"`` literals. Each shim below replaces exactly one such assumption with its CPU
+equivalent (see shared/cpu_notes.md for the measurements behind them).
+
+Everything here is a no-op when CUDA is available: on a GPU machine megatron runs unpatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def apply_cpu_shims() -> bool:
+    """Install the CPU shims once per process. Returns True if they are active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    _patch_current_device()
+    _patch_rng_tracker()
+    _patch_causal_mask()
+    _patch_pipeline_schedules()
+    _APPLIED = True
+    return True
+
+
+def _patch_current_device() -> None:
+    # ~100 megatron allocations use device=torch.cuda.current_device(); a CPU device serves them.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def _cpu_get_rng_state(*_args, clone: bool = False, **_kwargs) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _patch_rng_tracker() -> None:
+    """The tracker forks the CUDA generator even with dropout 0; fork the CPU generator instead."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # Activation recomputation saves/restores the "cuda" state through these two functions.
+    mrandom._get_cuda_rng_state = _cpu_get_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _patch_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """A stand-in for ``torch`` inside one megatron module: factories map device "cuda" to CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+
+            @functools.wraps(attr)
+            def factory(*args, device=None, **kwargs):
+                if device is not None and "cuda" in str(device):
+                    device = "cpu"
+                return attr(*args, device=device, **kwargs)
+
+            return factory
+        return attr
+
+
+def _patch_pipeline_schedules() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuTorchProxy()

@@ -1,0 +1,215 @@
+"""Configuration dataclasses: the dense architecture and its elastic choices.
+
+``ModelConfig`` describes one GPT-3-style or Llama-style architecture and turns it into the
+megatron-core ``TransformerConfig`` and ``GPTModel`` arguments. ``ElasticConfig`` lists the widths
+each elastic axis may take. They compose; nothing is injected into megatron's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Family = Literal["gpt3", "llama"]
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+
+# What distinguishes the two families; every field can still be overridden on ModelConfig.
+_FAMILY_DEFAULTS = {
+    "gpt3": dict(
+        normalization="LayerNorm",
+        activation="gelu",
+        position_embedding="learned_absolute",
+        add_bias_linear=True,
+        tie_embeddings=True,
+    ),
+    "llama": dict(
+        normalization="RMSNorm",
+        activation="swiglu",
+        position_embedding="rope",
+        add_bias_linear=False,
+        tie_embeddings=False,
+    ),
+}
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass
+class ModelConfig:
+    """A dense GPT architecture (the full-size network of an elastic model)."""
+
+    family: Family
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_query_groups: Optional[int] = None  # None: MHA (one KV head per query head)
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    normalization: Optional[str] = None  # the fields set to None take the family default
+    activation: Optional[Activation] = None
+    position_embedding: Optional[str] = None
+    add_bias_linear: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    init_method_std: float = 0.02
+
+    def __post_init__(self):
+        if self.family not in _FAMILY_DEFAULTS:
+            raise ValueError(f"unknown model family {self.family!r}; expected gpt3 or llama")
+        for key, value in _FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={self.num_query_groups}"
+            )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    @property
+    def is_gqa(self) -> bool:
+        """True when query heads share KV heads (elastic heads are trimmed inside each group)."""
+        return self.heads_per_group > 1
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    def transformer_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
+        **overrides,
+    ):
+        """The megatron-core TransformerConfig of this architecture (fusions off: portable)."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        activation_func = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": F.silu}[
+            self.activation
+        ]
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            activation_func=activation_func,
+            gated_linear_unit=self.gated,
+            add_bias_linear=self.add_bias_linear,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_method_std,
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            use_cpu_initialization=True,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            # The post-p2p CUDA synchronize exists for a GPU race; there is nothing to sync on CPU.
+            batch_p2p_sync=torch.cuda.is_available(),
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def gpt_model_kwargs(self) -> dict:
+        """Arguments of megatron's GPTModel besides config, spec and pipeline stage flags."""
+        return dict(
+            vocab_size=self.vocab_size,
+            max_sequence_length=self.max_position_embeddings,
+            share_embeddings_and_output_weights=self.tie_embeddings,
+            position_embedding_type=self.position_embedding,
+            rotary_base=self.rotary_base,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return cls(**data)
+
+
+def _scaled(full: int, ratio: float, unit: int) -> int:
+    """Round ``full * ratio`` to a positive multiple of ``unit``."""
+    return max(unit, int(round(full * ratio / unit)) * unit)
+
+
+@dataclass
+class ElasticConfig:
+    """The widths each elastic axis may take. The full width is always a valid choice.
+
+    ``mlp_choices`` are MLP hidden sizes, ``head_choices`` query-head counts, both in the model's
+    canonical (importance) order: a width k means the first k units.
+    """
+
+    mlp_choices: Sequence[int] = field(default_factory=tuple)
+    head_choices: Sequence[int] = field(default_factory=tuple)
+    allow_layer_skipping: bool = True
+
+    @classmethod
+    def from_ratios(
+        cls,
+        model: ModelConfig,
+        mlp_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+        head_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+        tensor_model_parallel_size: int = 1,
+        allow_layer_skipping: bool = True,
+    ) -> "ElasticConfig":
+        """Choices from ratios, rounded to what the layout can express at this TP size."""
+        tp = tensor_model_parallel_size
+        mlp = {_scaled(model.ffn_hidden_size, r, tp) for r in mlp_ratios}
+        head_unit = model.num_query_groups if model.is_gqa else tp
+        heads = {_scaled(model.num_attention_heads, r, head_unit) for r in head_ratios}
+        return cls(
+            mlp_choices=tuple(sorted(mlp, reverse=True)),
+            head_choices=tuple(sorted(heads, reverse=True)),
+            allow_layer_skipping=allow_layer_skipping,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "mlp_choices": list(self.mlp_choices),
+            "head_choices": list(self.head_choices),
+            "allow_layer_skipping": self.allow_layer_skipping,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ElasticConfig":
+        return cls(
+            mlp_choices=tuple(data["mlp_choices"]),
+            head_choices=tuple(data["head_choices"]),
+            allow_layer_skipping=data.get("allow_layer_skipping", True),
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict())

@@ -1,0 +1,100 @@
+"""Elastic self-attention: megatron's SelfAttention with fewer query heads.
+
+GQA (several query heads per KV group): every KV group is kept and the first h/G query heads of
+each group run, so the KV cache keeps its shape. Megatron's fused QKV rows are laid out per group
+as [q_0 .. q_{n-1}, k, v]; the kept rows are not contiguous, so they are gathered (a copy of
+(h/G + 2)/(n + 2) of the QKV weight per step, cheaper than re-arranging activations).
+
+MHA (one query head per KV head): whole heads are dropped. A head's q, k, v rows are contiguous
+and heads are dealt round-robin across TP ranks, so the first h/p local heads are a prefix view.
+
+Only the QKV projection and the output projection change; the rest of megatron's forward (RoPE,
+KV cache, core attention) runs unchanged on the smaller tensors.
+
+Shapes: hidden [s, b, h]; d = head dim; G_l = KV groups on this rank; n = query heads per group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.attention import SelfAttention
+
+
+class ElasticSelfAttention(SelfAttention):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active_heads: Optional[int] = None
+        self._active_groups = self.num_query_groups_per_partition
+        self._active_heads_per_group = self._heads_per_group
+
+    @property
+    def _heads_per_group(self) -> int:
+        return self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.config.num_query_groups < self.config.num_attention_heads
+
+    def set_active_heads(self, heads: Optional[int]) -> None:
+        """Run ``heads`` query heads (global count, canonical order); None or all: stock path."""
+        total = self.config.num_attention_heads
+        if heads is None or heads == total:
+            self.active_heads = None
+            self._active_groups = self.num_query_groups_per_partition
+            self._active_heads_per_group = self._heads_per_group
+            self.linear_qkv.set_active_rows(None)
+            self.linear_proj.set_active_cols(None)
+            return
+        if self.config.num_query_groups < self.world_size:
+            raise ValueError("elastic heads need num_query_groups >= tensor-parallel size")
+        d = self.hidden_size_per_attention_head
+        groups, n = self.num_query_groups_per_partition, self._heads_per_group
+        device = self.linear_qkv.weight.device
+        if self.is_gqa:
+            if heads <= 0 or heads > total or heads % self.config.num_query_groups:
+                raise ValueError(
+                    f"GQA head count {heads} must be a positive multiple of the "
+                    f"{self.config.num_query_groups} KV groups, at most {total}"
+                )
+            kept = heads // self.config.num_query_groups
+            group = torch.arange(groups, device=device).unsqueeze(1)
+            q_rows = group * (n + 2) * d + torch.arange(kept * d, device=device)
+            kv_rows = group * (n + 2) * d + n * d + torch.arange(2 * d, device=device)
+            rows = torch.cat([q_rows, kv_rows], dim=1).reshape(-1)
+            cols = (group * n * d + torch.arange(kept * d, device=device)).reshape(-1)
+            self._active_groups, self._active_heads_per_group = groups, kept
+        else:
+            if heads <= 0 or heads > total or heads % self.world_size:
+                raise ValueError(
+                    f"MHA head count {heads} must be a positive multiple of TP size "
+                    f"{self.world_size}, at most {total}"
+                )
+            local = heads // self.world_size
+            rows, cols = slice(0, local * 3 * d), slice(0, local * d)
+            self._active_groups, self._active_heads_per_group = local, 1
+        self.active_heads = heads
+        self.linear_qkv.set_active_rows([rows])
+        self.linear_proj.set_active_cols(cols)
+
+    def get_query_key_value_tensors(
+        self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
+    ):
+        if self.active_heads is None:
+            return super().get_query_key_value_tensors(
+                hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv
+            )
+        if output_gate or not split_qkv:
+            raise NotImplementedError("elastic heads need split QKV without an output gate")
+        d = self.hidden_size_per_attention_head
+        n = self._active_heads_per_group
+        mixed_qkv, _ = self.linear_qkv(hidden_states)  # [s, b, G_l * (n + 2) * d]
+        mixed_qkv = mixed_qkv.view(*mixed_qkv.shape[:2], self._active_groups, (n + 2) * d)
+        query, key, value = torch.split(mixed_qkv, [n * d, d, d], dim=3)
+        query = query.reshape(query.size(0), query.size(1), -1, d)  # [s, b, G_l * n, d]
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value

@@ -1,0 +1,64 @@
+"""Elastic MLP: megatron's MLP that runs on the first k neurons of its hidden layer.
+
+MLP_k(x) = W2[:, :k] act(W1[:k] x); for SwiGLU the gate and the up rows are cut together.
+Under tensor parallelism each rank holds its neurons in canonical order dealt round-robin
+(see tp_layout.py), so width k is the first k/p local neurons of every rank: prefix views only.
+
+Shapes: x [s, b, h]; local fc1 weight [blocks * F/p, h] with blocks = 2 (gate; up) for SwiGLU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.transformer.mlp import MLP
+
+
+class ElasticMLP(MLP):
+    def __init__(self, config, submodules, *args, ffn_hidden_size=None, **kwargs):
+        ffn_hidden_size = ffn_hidden_size or config.ffn_hidden_size
+        super().__init__(config, submodules, *args, ffn_hidden_size=ffn_hidden_size, **kwargs)
+        self.active_width: Optional[int] = None
+
+    @property
+    def full_width(self) -> int:
+        return self.linear_fc2.input_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.linear_fc2.input_size // self.linear_fc2.input_size_per_partition
+
+    def set_active_width(self, width: Optional[int]) -> None:
+        """Use the first ``width`` neurons (global, canonical order); None or full: stock MLP."""
+        if width is None or width == self.full_width:
+            self.active_width = None
+            self.linear_fc1.set_active_rows(None)
+            self.linear_fc2.set_active_cols(None)
+            return
+        if width <= 0 or width > self.full_width or width % self.tp_size:
+            raise ValueError(
+                f"MLP width {width} must be in (0, {self.full_width}] and divisible by TP size "
+                f"{self.tp_size}"
+            )
+        local = width // self.tp_size
+        local_full = self.linear_fc2.input_size_per_partition
+        rows = [slice(0, local)]
+        if self.config.gated_linear_unit:
+            rows.append(slice(local_full, local_full + local))  # the up rows follow the gates
+        self.active_width = width
+        self.linear_fc1.set_active_rows(rows)
+        self.linear_fc2.set_active_cols(slice(0, local))
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if self.active_width is None:
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        if per_token_scale is not None:
+            raise NotImplementedError("per_token_scale (MoE experts) is not elastic")
+        pieces = self.linear_fc1.forward_pieces(hidden_states)  # [s, b, k/p] each
+        act = self.config.activation_func
+        if self.config.gated_linear_unit:
+            gate, up = pieces
+            intermediate = act(gate) * (up + self.config.glu_linear_offset)
+        else:
+            intermediate = act(pieces[0])
+        return self.linear_fc2(intermediate)

@@ -1,0 +1,74 @@
+"""Layer specs: megatron's local GPT layer spec with the elastic modules slotted in.
+
+Only the module classes change (subclasses of megatron's own), so ``isinstance`` checks,
+``sharded_state_dict`` and distributed checkpointing keep working, and the checkpoint layout is
+megatron's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_flextron.config import ModelConfig
+from megatron_flextron.elastic.attention import ElasticSelfAttention
+from megatron_flextron.elastic.layer import ElasticTransformerLayer
+from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
+from megatron_flextron.elastic.mlp import ElasticMLP
+from megatron_flextron.elastic.sdpa_attention import SDPAttention
+
+CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
+
+
+def stock_layer_spec(model: ModelConfig, core_attention: str = "local") -> ModuleSpec:
+    """Megatron's own dense layer spec (the reference the elastic model must equal)."""
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    return _with_core_attention(spec, core_attention)
+
+
+def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> ModuleSpec:
+    """The layer spec of an elastic GPT: elastic linears, MLP, attention and skippable layers.
+
+    ``core_attention`` is "sdpa" (default: head counts follow the tensors, flash kernels on GPU)
+    or "local" (megatron's DotProductAttention, which works only at full head count).
+    """
+    stock = stock_layer_spec(model, core_attention)
+    attention, mlp = stock.submodules.self_attention, stock.submodules.mlp
+    attention = dataclasses.replace(
+        attention,
+        module=ElasticSelfAttention,
+        submodules=dataclasses.replace(
+            attention.submodules,
+            linear_qkv=ElasticColumnParallelLinear,
+            linear_proj=ElasticRowParallelLinear,
+        ),
+    )
+    mlp = dataclasses.replace(
+        mlp,
+        module=ElasticMLP,
+        submodules=dataclasses.replace(
+            mlp.submodules,
+            linear_fc1=ElasticColumnParallelLinear,
+            linear_fc2=ElasticRowParallelLinear,
+        ),
+    )
+    submodules = dataclasses.replace(stock.submodules, self_attention=attention, mlp=mlp)
+    return dataclasses.replace(stock, module=ElasticTransformerLayer, submodules=submodules)
+
+
+def _with_core_attention(spec: ModuleSpec, core_attention: str) -> ModuleSpec:
+    if core_attention not in CORE_ATTENTION:
+        raise ValueError(f"unknown core attention {core_attention!r}; expected {list(CORE_ATTENTION)}")
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention,
+        submodules=dataclasses.replace(
+            attention.submodules, core_attention=CORE_ATTENTION[core_attention]
+        ),
+    )
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
+    )

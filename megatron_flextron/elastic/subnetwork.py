@@ -1,0 +1,195 @@
+"""Sub-network specs and the one entry point that activates a sub-network in a model.
+
+A spec (JSON, inline or a file path) is ``{"mlp": int | [int per layer], "heads": int | [int per
+layer], "layers": [kept layer indices]}``; every key is optional (missing = full size). Widths are
+global counts in the model's canonical unit order: MLP hidden size, and query heads (GQA: a
+multiple of the KV group count, trimmed inside every group; MHA: whole heads).
+Everything is validated for every layer before any module changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+import torch
+
+from megatron_flextron.config import ElasticConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class Subnetwork:
+    """One choice per layer and axis: per-layer MLP widths, head counts and the kept layers."""
+
+    mlp: Tuple[int, ...]
+    heads: Tuple[int, ...]
+    layers: Tuple[int, ...]
+
+    @classmethod
+    def full(cls, model: ModelConfig) -> "Subnetwork":
+        n = model.num_layers
+        return cls(
+            (model.ffn_hidden_size,) * n, (model.num_attention_heads,) * n, tuple(range(n))
+        )
+
+    @classmethod
+    def parse(cls, spec: Union[None, str, dict, "Subnetwork"], model: ModelConfig) -> "Subnetwork":
+        """From a dict, a JSON string, a JSON file path, or None (the full model)."""
+        if isinstance(spec, Subnetwork):
+            return spec
+        if spec is None:
+            return cls.full(model)
+        if isinstance(spec, str):
+            text = spec
+            if not spec.lstrip().startswith("{"):
+                if not os.path.isfile(spec):
+                    raise ValueError(f"sub-network spec {spec!r} is neither JSON nor a file")
+                with open(spec) as f:
+                    text = f.read()
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"sub-network spec is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"sub-network spec must be a JSON object, got {type(spec).__name__}")
+        unknown = set(spec) - {"mlp", "heads", "layers"}
+        if unknown:
+            raise ValueError(f"unknown sub-network keys {sorted(unknown)}; use mlp, heads, layers")
+        n = model.num_layers
+        layers = spec.get("layers")
+        return cls(
+            mlp=_per_layer("mlp", spec.get("mlp"), model.ffn_hidden_size, n),
+            heads=_per_layer("heads", spec.get("heads"), model.num_attention_heads, n),
+            layers=tuple(range(n)) if layers is None else tuple(_as_int("layers", v) for v in layers),
+        )
+
+    def to_dict(self) -> dict:
+        """Compact JSON form: a single number where all layers agree."""
+
+        def compact(values):
+            return values[0] if len(set(values)) == 1 else list(values)
+
+        out = {"mlp": compact(self.mlp), "heads": compact(self.heads)}
+        if self.layers != tuple(range(len(self.mlp))):
+            out["layers"] = list(self.layers)
+        return out
+
+    def is_full(self, model: ModelConfig) -> bool:
+        return self == Subnetwork.full(model)
+
+    def validate(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int = 1) -> None:
+        """Raise ValueError naming the layer and the value the model cannot run."""
+        n = model.num_layers
+        mlp_ok = set(elastic.mlp_choices) | {model.ffn_hidden_size}
+        head_ok = set(elastic.head_choices) | {model.num_attention_heads}
+        for layer, (width, heads) in enumerate(zip(self.mlp, self.heads)):
+            if width not in mlp_ok:
+                raise ValueError(
+                    f"layer {layer}: MLP width {width} is not one of the configured choices "
+                    f"{sorted(mlp_ok)}"
+                )
+            if width % tp_size:
+                raise ValueError(
+                    f"layer {layer}: MLP width {width} is not divisible by TP size {tp_size}"
+                )
+            if heads not in head_ok:
+                raise ValueError(
+                    f"layer {layer}: head count {heads} is not one of the configured choices "
+                    f"{sorted(head_ok)}"
+                )
+            unit = model.num_query_groups if model.is_gqa else tp_size
+            if heads % unit:
+                what = f"the {unit} KV groups (GQA)" if model.is_gqa else f"TP size {unit} (MHA)"
+                raise ValueError(f"layer {layer}: head count {heads} is not a multiple of {what}")
+        if not self.layers:
+            raise ValueError("a sub-network must keep at least one layer")
+        if list(self.layers) != sorted(set(self.layers)) or not all(0 <= i < n for i in self.layers):
+            raise ValueError(
+                f"kept layers {list(self.layers)} must be distinct, sorted indices in [0, {n})"
+            )
+        if len(self.layers) < n and not elastic.allow_layer_skipping:
+            raise ValueError("this elastic model does not allow layer skipping")
+
+
+def _as_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"sub-network {key!r} values must be integers, got {value!r}")
+    if value <= 0 and key != "layers":
+        raise ValueError(f"sub-network {key!r} values must be positive, got {value}")
+    return value
+
+
+def _per_layer(key: str, value, full: int, num_layers: int) -> Tuple[int, ...]:
+    if value is None:
+        return (full,) * num_layers
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(
+                f"sub-network {key!r} lists {len(value)} values for a {num_layers}-layer model"
+            )
+        return tuple(_as_int(key, v) for v in value)
+    return (_as_int(key, value),) * num_layers
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def set_subnetwork(
+    model: torch.nn.Module,
+    spec: Union[None, str, dict, Subnetwork],
+    model_config: ModelConfig,
+    elastic: ElasticConfig,
+) -> Subnetwork:
+    """Activate a sub-network in an elastic GPTModel (any TP/PP stage); None restores full size.
+
+    Validates the whole spec first, then sets each local layer from its global layer number.
+    """
+    from megatron_flextron.elastic.attention import ElasticSelfAttention
+    from megatron_flextron.elastic.layer import ElasticTransformerLayer
+    from megatron_flextron.elastic.mlp import ElasticMLP
+
+    subnet = Subnetwork.parse(spec, model_config)
+    gpt = unwrap_model(model)
+    tp_size = gpt.config.tensor_model_parallel_size
+    subnet.validate(model_config, elastic, tp_size)
+    kept = set(subnet.layers)
+    for layer in gpt.decoder.layers:
+        if not isinstance(layer, ElasticTransformerLayer):
+            raise TypeError(f"{type(layer).__name__} is not elastic: build with elastic_layer_spec")
+        index = layer.layer_number - 1  # global, 0-based
+        if not isinstance(layer.mlp, ElasticMLP) or not isinstance(
+            layer.self_attention, ElasticSelfAttention
+        ):
+            raise TypeError(f"layer {index} does not use the elastic MLP and attention")
+    for layer in gpt.decoder.layers:
+        index = layer.layer_number - 1
+        layer.skipped = index not in kept
+        layer.mlp.set_active_width(subnet.mlp[index])
+        layer.self_attention.set_active_heads(subnet.heads[index])
+    return subnet
+
+
+def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
+    """Parameter counts of a sub-network: transformer layers, and total with embeddings."""
+    h, d, g = model.hidden_size, model.kv_channels, model.num_query_groups
+    bias = 1 if model.add_bias_linear else 0
+    blocks = 2 if model.gated else 1
+    norm = 2 * h if model.normalization == "LayerNorm" else h
+    layer_params = 0
+    for i in subnet.layers:
+        k, heads = subnet.mlp[i], subnet.heads[i]
+        kv_heads = g if model.is_gqa else heads
+        qkv_out = (heads + 2 * kv_heads) * d
+        layer_params += qkv_out * (h + bias) + heads * d * h + bias * h
+        layer_params += blocks * k * (h + bias) + k * h + bias * h + 2 * norm
+    embed = model.vocab_size * h * (1 if model.tie_embeddings else 2)
+    if model.position_embedding == "learned_absolute":
+        embed += model.max_position_embeddings * h
+    return {"transformer": layer_params, "total": layer_params + embed + norm}
+

@@ -1,0 +1,158 @@
+"""TP-aware nesting: how canonical (TP-independent) weights are dealt across tensor-parallel ranks.
+
+Canonical order = the model's unit order after importance ranking (most important first); the
+canonical state dict is the TP=1 megatron GPTModel state dict with global layer numbers. Every
+elastic axis is dealt round-robin: canonical unit u lives on rank u % p at local index u // p, so
+width k at TP=p is the first k/p local units of every rank and is exactly the first k canonical
+units. A sub-network is therefore the same function at TP=1, 2, 4, ...
+
+Units: an MLP neuron (gate and up rows of SwiGLU are two blocks cut together); a KV group for
+attention (its [q_0..q_{n-1}, k, v] rows in QKV and its n heads' columns in the output
+projection). Vocabulary-parallel tensors are split contiguously, as megatron does.
+
+Megatron's own checkpoint resharding keeps the full model exact but not this order, so a change of
+TP size goes through ``shard_canonical``/``unshard_canonical`` (the converter does this).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_flextron.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TPAxis:
+    """How one parameter is split: along ``dim``, in ``blocks`` of ``units`` units of ``unit_size``."""
+
+    dim: int
+    dealt: bool  # round-robin (elastic axes) or contiguous (vocabulary)
+    blocks: int = 1
+    unit_size: int = 1
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def tp_axis(name: str, model: ModelConfig) -> Optional[TPAxis]:
+    """The TP split of a canonical parameter name, or None when it is replicated."""
+    d, n = model.kv_channels, model.heads_per_group
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return TPAxis(dim=0, dealt=False)
+    match = _LAYER.match(name)
+    rest = match.group(2) if match else ""
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        return TPAxis(dim=0, dealt=True, unit_size=(n + 2) * d)
+    if rest == "self_attention.linear_proj.weight":
+        return TPAxis(dim=1, dealt=True, unit_size=n * d)
+    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        return TPAxis(dim=0, dealt=True, blocks=2 if model.gated else 1)
+    if rest == "mlp.linear_fc2.weight":
+        return TPAxis(dim=1, dealt=True)
+    return None
+
+
+def shard_tensor(full: torch.Tensor, axis: TPAxis, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """This rank's shard of a canonical tensor."""
+    x = full.movedim(axis.dim, 0)
+    rest = x.shape[1:]
+    if not axis.dealt:
+        return x.reshape(tp_size, -1, *rest)[tp_rank].movedim(0, axis.dim).contiguous()
+    units = x.shape[0] // (axis.blocks * axis.unit_size)
+    if units % tp_size:
+        raise ValueError(f"{units} units along dim {axis.dim} do not divide by TP size {tp_size}")
+    x = x.reshape(axis.blocks, units // tp_size, tp_size, axis.unit_size, *rest)[:, :, tp_rank]
+    return x.reshape(-1, *rest).movedim(0, axis.dim).contiguous()
+
+
+def unshard_tensor(shards: List[torch.Tensor], axis: TPAxis) -> torch.Tensor:
+    """The canonical tensor from every rank's shard (inverse of ``shard_tensor``)."""
+    xs = [s.movedim(axis.dim, 0) for s in shards]
+    rest = xs[0].shape[1:]
+    if not axis.dealt:
+        return torch.cat(xs, 0).movedim(0, axis.dim)
+    xs = [x.reshape(axis.blocks, -1, axis.unit_size, *rest) for x in xs]
+    return torch.stack(xs, dim=2).reshape(-1, *rest).movedim(0, axis.dim)
+
+
+def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
+    """Map this pipeline stage's parameter names to canonical (global layer number) names."""
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    gpt = unwrap_model(model)
+    offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(gpt.decoder.layers)}
+    names = {}
+    for name, _ in gpt.named_parameters():
+        match = _LAYER.match(name)
+        names[name] = (
+            f"decoder.layers.{offsets[match.group(1)]}.{match.group(2)}" if match else name
+        )
+    return names
+
+
+def load_canonical_state_dict(
+    model: torch.nn.Module, canonical: Dict[str, torch.Tensor], model_config: ModelConfig
+) -> None:
+    """Copy canonical weights into this rank's (TP shard, PP stage) parameters, dealing as above."""
+    from megatron.core import parallel_state
+
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for local, name in local_to_global_names(model).items():
+            source = name
+            if name == "output_layer.weight" and name not in canonical:
+                source = "embedding.word_embeddings.weight"  # tied head on the last PP stage
+            if source not in canonical:
+                raise KeyError(f"canonical state dict has no {source!r}")
+            full = canonical[source]
+            axis = tp_axis(name, model_config)
+            value = full if axis is None else shard_tensor(full, axis, tp_size, tp_rank)
+            if value.shape != params[local].shape:
+                raise ValueError(
+                    f"{name}: canonical shard has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(params[local].shape)}"
+                )
+            params[local].copy_(value)
+
+
+def gather_canonical(
+    model: torch.nn.Module, model_config: ModelConfig, grads: bool = False
+) -> Dict[str, torch.Tensor]:
+    """This PP stage's parameters (or their gradients) in canonical, TP-independent form.
+
+    Collective over the tensor-parallel group. Gradients use ``main_grad`` under megatron DDP.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    params = dict(unwrap_model(model).named_parameters())
+    out = {}
+    for local, name in local_to_global_names(model).items():
+        p = params[local]
+        tensor = _grad_of(p) if grads else p.detach()
+        axis = tp_axis(name, model_config)
+        if axis is None or tp_size == 1:
+            out[name] = tensor.clone()
+            continue
+        shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+        torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+        out[name] = unshard_tensor(shards, axis)
+    return out
+
+
+def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+    grad = getattr(p, "main_grad", None)
+    if grad is None:
+        grad = p.grad
+    return torch.zeros_like(p) if grad is None else grad.detach()

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_flextron",
+    version="0.1.0",
+    description="Flextron elastic LLMs (nested sub-networks, routers) on NVIDIA Megatron-Core",
+    packages=find_packages(include=["megatron_flextron", "megatron_flextron.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1; python_version<'3.12'",
+        "megatron-core>=0.16.1; python_version>='3.12'",
+        "numpy",
+        "psutil",
+    ],
+    extras_require={
+        # GPU accelerators; never required (they neither install nor import on CPU machines).
+        "gpu": ["transformer-engine", "apex"],
+        "dev": ["pytest", "ruff", "sentencepiece", "tensorboard"],
+    },
+)

@@ -1,0 +1,239 @@
+"""Elastic GPT (one process): equality with megatron's stock dense GPTModel at full size and at
+hand-sliced smaller shapes, zero gradients outside the active slice, and spec validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import BATCH, SEQ, batch, elastic_choices, random_canonical_state, tiny_config
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_flextron.elastic import Subnetwork, build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.specs import stock_layer_spec
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+FAMILIES = {
+    "gpt3": tiny_config("gpt3"),
+    "llama": tiny_config("llama"),
+    "llama_tied": tiny_config("llama", tie_embeddings=True),
+}
+
+
+def _elastic(model_cfg, canonical):
+    gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
+    gpt.load_state_dict(canonical, strict=False)
+    return gpt
+
+
+def _logits(gpt, tokens):
+    return gpt(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_size_equals_stock_gpt(family):
+    model_cfg = FAMILIES[family]
+    canonical = random_canonical_state(model_cfg)
+    stock = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=False)
+    stock.load_state_dict(canonical, strict=False)
+    elastic = _elastic(model_cfg, canonical)
+    tokens, _ = batch()
+    diff = (_logits(stock, tokens) - _logits(elastic, tokens)).abs().max().item()
+    assert diff <= 1e-6, diff
+
+
+# ---------- a stock dense model of a smaller (possibly per-layer) shape, sliced by hand ----------
+
+
+class ShapedLayer(TransformerLayer):
+    """Megatron's TransformerLayer built with its own (smaller) config."""
+
+    def __init__(self, config, submodules, *args, layer_config=None, **kwargs):
+        super().__init__(layer_config, submodules, *args, **kwargs)
+
+
+def _hand_sliced_layer(canonical, model_cfg, src, dst, width, heads):
+    """Slice layer ``src`` of the canonical weights to (width, heads) under dense layer ``dst``."""
+    g, n, d = model_cfg.num_query_groups, model_cfg.heads_per_group, model_cfg.kv_channels
+    h, ffn, blocks = model_cfg.hidden_size, model_cfg.ffn_hidden_size, 2 if model_cfg.gated else 1
+    out = {}
+    for key, value in canonical.items():
+        prefix = f"decoder.layers.{src}."
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name.startswith("self_attention.linear_qkv."):
+            v = value.reshape(g, n + 2, d, -1)
+            if model_cfg.is_gqa:  # keep every group: its first heads // g queries, then k and v
+                k = heads // g
+                v = torch.cat([v[:, :k], v[:, n:]], dim=1)
+            else:  # MHA: the first `heads` whole heads
+                v = v[:heads]
+            value = v.reshape(-1, *value.shape[1:])
+        elif name == "self_attention.linear_proj.weight":
+            v = value.reshape(h, g, n, d)
+            v = v[:, :, : heads // g] if model_cfg.is_gqa else v[:, :heads]
+            value = v.reshape(h, -1)
+        elif name.startswith("mlp.linear_fc1."):
+            value = value.reshape(blocks, ffn, *value.shape[1:])[:, :width].reshape(
+                blocks * width, *value.shape[1:]
+            )
+        elif name == "mlp.linear_fc2.weight":
+            value = value[:, :width]
+        out[f"decoder.layers.{dst}.{name}"] = value
+    return out
+
+
+def dense_reference(model_cfg, canonical, subnet: Subnetwork) -> GPTModel:
+    base = stock_layer_spec(model_cfg)
+    specs, state = [], {k: v for k, v in canonical.items() if not k.startswith("decoder.layers.")}
+    for dst, src in enumerate(subnet.layers):
+        width, heads = subnet.mlp[src], subnet.heads[src]
+        layer_cfg = model_cfg.transformer_config(
+            ffn_hidden_size=width,
+            num_attention_heads=heads,
+            num_query_groups=model_cfg.num_query_groups if model_cfg.is_gqa else heads,
+            kv_channels=model_cfg.kv_channels,
+            num_layers=len(subnet.layers),
+        )
+        specs.append(
+            dataclasses.replace(base, module=ShapedLayer, params={"layer_config": layer_cfg})
+        )
+        state.update(_hand_sliced_layer(canonical, model_cfg, src, dst, width, heads))
+    block_cfg = model_cfg.transformer_config(num_layers=len(subnet.layers))
+    dense = GPTModel(
+        config=block_cfg,
+        transformer_layer_spec=TransformerBlockSubmodules(
+            layer_specs=specs, layer_norm=base.submodules.input_layernorm
+        ),
+        **model_cfg.gpt_model_kwargs(),
+    )
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    assert not unexpected and all("_extra_state" in k for k in missing), (missing, unexpected)
+    return dense
+
+
+SUBNETS = {
+    "homogeneous": lambda m: {"mlp": m.ffn_hidden_size // 2, "heads": m.num_attention_heads // 2},
+    "heterogeneous": lambda m: {
+        "mlp": [m.ffn_hidden_size // 4, m.ffn_hidden_size, m.ffn_hidden_size // 2, 96],
+        "heads": [m.num_attention_heads, m.num_attention_heads // 2, m.num_query_groups, 
+                  m.num_attention_heads // 2],
+    },
+    "skip_layers": lambda m: {"mlp": 96, "layers": [0, 2, 3]},
+}
+
+
+@pytest.mark.parametrize("subnet_name", SUBNETS)
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_subnetwork_equals_hand_sliced_dense_gpt(family, subnet_name):
+    model_cfg = FAMILIES[family]
+    canonical = random_canonical_state(model_cfg)
+    elastic = _elastic(model_cfg, canonical)
+    subnet = set_subnetwork(elastic, SUBNETS[subnet_name](model_cfg), model_cfg, elastic_choices(model_cfg))
+    dense = dense_reference(model_cfg, canonical, subnet)
+    tokens, _ = batch()
+    full_diff = (_logits(dense, tokens) - _logits(_elastic(model_cfg, canonical), tokens)).abs().max()
+    assert full_diff > 1e-2  # the sub-network is a different function from the full model
+    diff = (_logits(dense, tokens) - _logits(elastic, tokens)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_gradients_outside_active_slice_are_zero(family):
+    model_cfg = FAMILIES[family]
+    elastic = _elastic(model_cfg, random_canonical_state(model_cfg))
+    spec = {"mlp": model_cfg.ffn_hidden_size // 4, "heads": model_cfg.num_attention_heads // 2,
+            "layers": [0, 1, 3]}
+    subnet = set_subnetwork(elastic, spec, model_cfg, elastic_choices(model_cfg))
+    tokens, labels = batch()
+    elastic(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=labels).mean().backward()
+    g, n, d = model_cfg.num_query_groups, model_cfg.heads_per_group, model_cfg.kv_channels
+    k = subnet.mlp[0]
+    for i, layer in enumerate(elastic.decoder.layers):
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        if i == 2:  # skipped layer: no gradient at all
+            assert all(gr is None or not gr.any() for gr in grads.values())
+            continue
+        fc1 = grads["mlp.linear_fc1.weight"].reshape(2 if model_cfg.gated else 1, -1, model_cfg.hidden_size)
+        assert fc1[:, :k].abs().sum(-1).gt(0).all() and not fc1[:, k:].any()
+        fc2 = grads["mlp.linear_fc2.weight"]
+        assert fc2[:, :k].abs().sum(0).gt(0).all() and not fc2[:, k:].any()
+        qkv = grads["self_attention.linear_qkv.weight"].reshape(g, n + 2, d, -1)
+        proj = grads["self_attention.linear_proj.weight"].reshape(-1, g, n, d)
+        if model_cfg.is_gqa:
+            kept = subnet.heads[i] // g
+            assert qkv[:, :kept].any(-1).all() and qkv[:, n:].any(-1).all()
+            assert not qkv[:, kept:n].any() and not proj[:, :, kept:].any()
+            assert proj[:, :, :kept].any()
+        else:
+            kept = subnet.heads[i]
+            assert qkv[:kept].any(-1).all() and not qkv[kept:].any() and not proj[:, kept:].any()
+
+
+def test_sdpa_attention_equals_megatron_local_attention():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_flextron.elastic.sdpa_attention import SDPAttention
+
+    model_cfg = FAMILIES["llama"]
+    config = model_cfg.transformer_config()
+    torch.manual_seed(0)
+    s, b, heads, groups, d = 24, 3, 8, 4, model_cfg.kv_channels
+    q = torch.randn(s, b, heads, d)
+    k, v = torch.randn(s, b, groups, d), torch.randn(s, b, groups, d)
+    padding = torch.rand(b, 1, s, s) < 0.3
+    padding[..., 0] = False  # every query attends to at least one key
+    causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
+    for mask_type, mask in [(AttnMaskType.causal, None), (AttnMaskType.causal, causal),
+                            (AttnMaskType.padding, padding)]:
+        local = DotProductAttention(config, 1, mask_type, "self")
+        sdpa = SDPAttention(config, 1, mask_type, "self")
+        diff = (local(q, k, v, mask) - sdpa(q, k, v, mask)).abs().max().item()
+        assert diff <= 1e-5, (mask_type, diff)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"mlp": 100}, "layer 0: MLP width 100 is not one of the configured choices"),
+        ({"mlp": [128, 128, 64, 40]}, "layer 3: MLP width 40"),
+        ({"heads": 6}, "layer 0: head count 6 is not one of the configured choices"),
+        ({"heads": [8, 8, 8, 0]}, "values must be positive"),
+        ({"mlp": [64, 64]}, "lists 2 values for a 4-layer model"),
+        ({"layers": [2, 1]}, "distinct, sorted indices"),
+        ({"layers": [0, 4]}, "distinct, sorted indices"),
+        ({"width": 3}, "unknown sub-network keys"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_invalid_subnetwork_raises_before_any_change(spec, message):
+    model_cfg = FAMILIES["llama"]
+    elastic = _elastic(model_cfg, random_canonical_state(model_cfg))
+    choices = elastic_choices(model_cfg)
+    set_subnetwork(elastic, {"mlp": 64}, model_cfg, choices)
+    with pytest.raises(ValueError, match=message):
+        set_subnetwork(elastic, spec, model_cfg, choices)
+    assert all(layer.mlp.active_width == 64 for layer in elastic.decoder.layers)
+
+
+def test_validation_rules_for_tp_and_head_layout():
+    from megatron_flextron.config import ElasticConfig
+
+    gqa, mha = FAMILIES["llama"], FAMILIES["gpt3"]
+    loose = ElasticConfig(mlp_choices=range(1, 1000), head_choices=range(1, 64))
+    with pytest.raises(ValueError, match="layer 0: MLP width 63 is not divisible by TP size 2"):
+        Subnetwork.parse({"mlp": 63}, gqa).validate(gqa, loose, tp_size=2)
+    with pytest.raises(ValueError, match="layer 0: head count 6 is not a multiple of the 4 KV groups"):
+        Subnetwork.parse({"heads": 6}, gqa).validate(gqa, loose, tp_size=1)
+    with pytest.raises(ValueError, match=r"layer 0: head count 3 is not a multiple of TP size 2 \(MHA\)"):
+        Subnetwork.parse({"heads": 3}, mha).validate(mha, loose, tp_size=2)
+    Subnetwork.parse({"heads": 3}, mha).validate(mha, loose, tp_size=1)
+    with pytest.raises(ValueError, match="does not allow layer skipping"):
+        fixed = dataclasses.replace(loose, allow_layer_skipping=False)
+        Subnetwork.parse({"layers": [0, 1]}, mha).validate(mha, fixed)
