@@ -39,6 +39,7 @@ def _worker(rank: int, body, world_size: int, port: int, args: tuple) -> None:
 
 
 def run_distributed(body, world_size: int, *args) -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # megatron's import-time warnings, per rank
     mp.start_processes(
         _worker,
         args=(body, world_size, free_port(), args),

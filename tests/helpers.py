@@ -58,9 +58,9 @@ def wrap_ddp(gpt, transformer_config):
 
 def _loss_func(labels, logits):
     """Mean next-token NLL from vocab-parallel logits; also returns the gathered logits."""
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-    loss = losses.mean()
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.detach())
+    # Gather first: megatron's vocab-parallel cross entropy works in place on fp32 logits.
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.detach().clone())
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
     return loss, {"loss": loss.detach().clone(), "logits": full}
 
 

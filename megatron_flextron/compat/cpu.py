@@ -37,6 +37,9 @@ def apply_cpu_shims() -> bool:
 def _patch_current_device() -> None:
     # ~100 megatron allocations use device=torch.cuda.current_device(); a CPU device serves them.
     torch.cuda.current_device = lambda: torch.device("cpu")
+    # The tied-embedding sync between first and last pipeline stage moves the weight with
+    # ``weight.data.cuda()`` before its all-reduce; on CPU the tensor stays where it is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _cpu_get_rng_state(*_args, clone: bool = False, **_kwargs) -> torch.Tensor:
