@@ -29,7 +29,7 @@ def apply_cpu_shims() -> bool:
     _patch_current_device()
     _patch_rng_tracker()
     _patch_causal_mask()
-    _patch_pipeline_schedules()
+    _patch_cuda_literals()
     _APPLIED = True
     return True
 
@@ -122,7 +122,32 @@ class _CpuTorchProxy(types.ModuleType):
         return attr
 
 
-def _patch_pipeline_schedules() -> None:
-    from megatron.core.pipeline_parallel import schedules
+# megatron modules that allocate with device="cuda" literals: pipeline schedules, and the
+# optimizer stack (grad scaler, grad clipping, distributed optimizer, grad buffers).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
+)
 
-    schedules.torch = _CpuTorchProxy()
+
+def _patch_cuda_literals() -> None:
+    import importlib
+
+    proxy = _CpuTorchProxy()
+    for name in _CUDA_LITERAL_MODULES:
+        importlib.import_module(name).torch = proxy
+    # Grad clipping and the distributed optimizer assert ``t.type() == 'torch.cuda.FloatTensor'``;
+    # report CPU tensors under the CUDA type name (only for the no-argument query).
+    plain_type = torch.Tensor.type
+
+    def type_as_cuda(self, *args, **kwargs):
+        name = plain_type(self, *args, **kwargs)
+        if args or kwargs or not isinstance(name, str) or name.startswith("torch.cuda."):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_as_cuda
