@@ -22,8 +22,12 @@ def tiny_config(family: str, **overrides) -> ModelConfig:
         base = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8)
     else:
         base = dict(
-            num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
-            num_query_groups=4, kv_channels=16,
+            num_layers=4,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_attention_heads=8,
+            num_query_groups=4,
+            kv_channels=16,
         )
     base.update(vocab_size=128, max_position_embeddings=64)
     base.update(overrides)
@@ -52,7 +56,9 @@ def batch(seed: int = 1, vocab: int = 128):
 
 
 def wrap_ddp(gpt, transformer_config):
-    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
+    ddp_config = DistributedDataParallelConfig(
+        overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
     return DistributedDataParallel(transformer_config, ddp_config, gpt)
 
 

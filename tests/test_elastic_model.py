@@ -65,7 +65,7 @@ def _hand_sliced_layer(canonical, model_cfg, src, dst, width, heads):
         prefix = f"decoder.layers.{src}."
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name.startswith("self_attention.linear_qkv."):
             v = value.reshape(g, n + 2, d, -1)
             if model_cfg.is_gqa:  # keep every group: its first heads // g queries, then k and v
@@ -121,8 +121,12 @@ SUBNETS = {
     "homogeneous": lambda m: {"mlp": m.ffn_hidden_size // 2, "heads": m.num_attention_heads // 2},
     "heterogeneous": lambda m: {
         "mlp": [m.ffn_hidden_size // 4, m.ffn_hidden_size, m.ffn_hidden_size // 2, 96],
-        "heads": [m.num_attention_heads, m.num_attention_heads // 2, m.num_query_groups, 
-                  m.num_attention_heads // 2],
+        "heads": [
+            m.num_attention_heads,
+            m.num_attention_heads // 2,
+            m.num_query_groups,
+            m.num_attention_heads // 2,
+        ],
     },
     "skip_layers": lambda m: {"mlp": 96, "layers": [0, 2, 3]},
 }
@@ -134,10 +138,14 @@ def test_subnetwork_equals_hand_sliced_dense_gpt(family, subnet_name):
     model_cfg = FAMILIES[family]
     canonical = random_canonical_state(model_cfg)
     elastic = _elastic(model_cfg, canonical)
-    subnet = set_subnetwork(elastic, SUBNETS[subnet_name](model_cfg), model_cfg, elastic_choices(model_cfg))
+    subnet = set_subnetwork(
+        elastic, SUBNETS[subnet_name](model_cfg), model_cfg, elastic_choices(model_cfg)
+    )
     dense = dense_reference(model_cfg, canonical, subnet)
     tokens, _ = batch()
-    full_diff = (_logits(dense, tokens) - _logits(_elastic(model_cfg, canonical), tokens)).abs().max()
+    full_diff = (
+        (_logits(dense, tokens) - _logits(_elastic(model_cfg, canonical), tokens)).abs().max()
+    )
     assert full_diff > 1e-2  # the sub-network is a different function from the full model
     diff = (_logits(dense, tokens) - _logits(elastic, tokens)).abs().max().item()
     assert diff <= 1e-5, diff
@@ -147,8 +155,11 @@ def test_subnetwork_equals_hand_sliced_dense_gpt(family, subnet_name):
 def test_gradients_outside_active_slice_are_zero(family):
     model_cfg = FAMILIES[family]
     elastic = _elastic(model_cfg, random_canonical_state(model_cfg))
-    spec = {"mlp": model_cfg.ffn_hidden_size // 4, "heads": model_cfg.num_attention_heads // 2,
-            "layers": [0, 1, 3]}
+    spec = {
+        "mlp": model_cfg.ffn_hidden_size // 4,
+        "heads": model_cfg.num_attention_heads // 2,
+        "layers": [0, 1, 3],
+    }
     subnet = set_subnetwork(elastic, spec, model_cfg, elastic_choices(model_cfg))
     tokens, labels = batch()
     elastic(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=labels).mean().backward()
@@ -159,7 +170,9 @@ def test_gradients_outside_active_slice_are_zero(family):
         if i == 2:  # skipped layer: no gradient at all
             assert all(gr is None or not gr.any() for gr in grads.values())
             continue
-        fc1 = grads["mlp.linear_fc1.weight"].reshape(2 if model_cfg.gated else 1, -1, model_cfg.hidden_size)
+        fc1 = grads["mlp.linear_fc1.weight"].reshape(
+            2 if model_cfg.gated else 1, -1, model_cfg.hidden_size
+        )
         assert fc1[:, :k].abs().sum(-1).gt(0).all() and not fc1[:, k:].any()
         fc2 = grads["mlp.linear_fc2.weight"]
         assert fc2[:, :k].abs().sum(0).gt(0).all() and not fc2[:, k:].any()
@@ -190,8 +203,11 @@ def test_sdpa_attention_equals_megatron_local_attention():
     padding = torch.rand(b, 1, s, s) < 0.3
     padding[..., 0] = False  # every query attends to at least one key
     causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
-    for mask_type, mask in [(AttnMaskType.causal, None), (AttnMaskType.causal, causal),
-                            (AttnMaskType.padding, padding)]:
+    for mask_type, mask in [
+        (AttnMaskType.causal, None),
+        (AttnMaskType.causal, causal),
+        (AttnMaskType.padding, padding),
+    ]:
         local = DotProductAttention(config, 1, mask_type, "self")
         sdpa = SDPAttention(config, 1, mask_type, "self")
         diff = (local(q, k, v, mask) - sdpa(q, k, v, mask)).abs().max().item()
@@ -229,9 +245,13 @@ def test_validation_rules_for_tp_and_head_layout():
     loose = ElasticConfig(mlp_choices=range(1, 1000), head_choices=range(1, 64))
     with pytest.raises(ValueError, match="layer 0: MLP width 63 is not divisible by TP size 2"):
         Subnetwork.parse({"mlp": 63}, gqa).validate(gqa, loose, tp_size=2)
-    with pytest.raises(ValueError, match="layer 0: head count 6 is not a multiple of the 4 KV groups"):
+    with pytest.raises(
+        ValueError, match="layer 0: head count 6 is not a multiple of the 4 KV groups"
+    ):
         Subnetwork.parse({"heads": 6}, gqa).validate(gqa, loose, tp_size=1)
-    with pytest.raises(ValueError, match=r"layer 0: head count 3 is not a multiple of TP size 2 \(MHA\)"):
+    with pytest.raises(
+        ValueError, match=r"layer 0: head count 3 is not a multiple of TP size 2 \(MHA\)"
+    ):
         Subnetwork.parse({"heads": 3}, mha).validate(mha, loose, tp_size=2)
     Subnetwork.parse({"heads": 3}, mha).validate(mha, loose, tp_size=1)
     with pytest.raises(ValueError, match="does not allow layer skipping"):

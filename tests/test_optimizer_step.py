@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import batch, elastic_choices, random_canonical_state, tiny_config, train_step, wrap_ddp
+from helpers import (
+    batch,
+    elastic_choices,
+    random_canonical_state,
+    tiny_config,
+    train_step,
+    wrap_ddp,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
@@ -46,8 +53,10 @@ def _setup(model_cfg, optimizer_wd):
 def test_step_changes_only_active_slices(family):
     model_cfg = tiny_config(family)
     ddp, opt = _setup(model_cfg, optimizer_wd=0.0)
-    before = {name: (p.detach().clone(), p.main_grad.clone(), _active_mask(p, region))
-              for name, p, region in active_regions(ddp)}
+    before = {
+        name: (p.detach().clone(), p.main_grad.clone(), _active_mask(p, region))
+        for name, p, region in active_regions(ddp)
+    }
     ElasticWeightDecay(ddp, WD).apply(LR)
     assert opt.step()[0]
 
@@ -72,6 +81,6 @@ def test_plain_optimizer_weight_decay_would_move_inactive_weights():
     model_cfg = tiny_config("llama")
     ddp, opt = _setup(model_cfg, optimizer_wd=WD)
     fc2 = ddp.module.decoder.layers[0].mlp.linear_fc2.weight
-    unused = fc2.detach()[:, SPEC["mlp"]:].clone()
+    unused = fc2.detach()[:, SPEC["mlp"] :].clone()
     opt.step()
-    assert not torch.equal(fc2.detach()[:, SPEC["mlp"]:], unused)
+    assert not torch.equal(fc2.detach()[:, SPEC["mlp"] :], unused)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_distributed
-from helpers import batch, elastic_choices, random_canonical_state, tiny_config, train_step, wrap_ddp
+from helpers import (
+    batch,
+    elastic_choices,
+    random_canonical_state,
+    tiny_config,
+    train_step,
+    wrap_ddp,
+)
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
@@ -44,10 +51,18 @@ def _parallel_body(rank, world_size, tp, pp, cases):
         where = f"{model_cfg.family} spec={spec} rank={rank} tp={tp} pp={pp}"
         if loss is not None:
             assert abs(loss.item() - ref_loss.item()) <= 1e-6, (where, loss, ref_loss)
-            assert (logits - ref_logits).abs().max() <= 1e-5, (where, (logits - ref_logits).abs().max(), logits.shape, ref_logits.shape)
+            assert (logits - ref_logits).abs().max() <= 1e-5, (
+                where,
+                (logits - ref_logits).abs().max(),
+                logits.shape,
+                ref_logits.shape,
+            )
         for name, grad in grads.items():
-            ref = ref_grads["embedding.word_embeddings.weight" if name == "output_layer.weight"
-                            and name not in ref_grads else name]
+            ref = ref_grads[
+                "embedding.word_embeddings.weight"
+                if name == "output_layer.weight" and name not in ref_grads
+                else name
+            ]
             assert (grad - ref).abs().max() <= 1e-6, (where, name, (grad - ref).abs().max())
         assert len(grads) >= 4, where
 
@@ -82,7 +97,9 @@ def _tp_invariance_body(rank, world_size, model_dict, canonical):
         assert torch.equal(value, canonical[name]), name
     # Width k on this rank is the first k/p neurons of its shard = canonical units r, r+p, ...
     fc2 = gpt.decoder.layers[0].mlp.linear_fc2.weight
-    assert torch.equal(fc2, canonical["decoder.layers.0.mlp.linear_fc2.weight"][:, rank::world_size])
+    assert torch.equal(
+        fc2, canonical["decoder.layers.0.mlp.linear_fc2.weight"][:, rank::world_size]
+    )
 
 
 def test_dealt_shards_round_trip_at_tp4(megatron_single_process):

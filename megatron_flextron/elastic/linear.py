@@ -28,7 +28,9 @@ from megatron.core.tensor_parallel import (
 Selection = Union[slice, torch.Tensor]
 
 
-def select(tensor: Optional[torch.Tensor], selection: Selection, dim: int) -> Optional[torch.Tensor]:
+def select(
+    tensor: Optional[torch.Tensor], selection: Selection, dim: int
+) -> Optional[torch.Tensor]:
     """The selected part of ``tensor`` along ``dim``: a view for a slice, a gather for indices."""
     if tensor is None:
         return None
@@ -105,7 +107,9 @@ class ElasticRowParallelLinear(RowParallelLinear):
             )
         output_parallel = F.linear(input_, select(self.weight, self.active_cols, 1))
         if self.sequence_parallel:
-            output = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
+            output = reduce_scatter_to_sequence_parallel_region(
+                output_parallel, group=self.tp_group
+            )
         else:
             output = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
         if self.skip_bias_add:

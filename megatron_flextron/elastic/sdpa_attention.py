@@ -41,13 +41,17 @@ class SDPAttention(MegatronModule):
         if getattr(config, "window_size", None) is not None:
             raise ValueError("SDPAttention does not support sliding-window attention")
         if config.softmax_type != "vanilla":
-            raise ValueError(f"SDPAttention supports only vanilla softmax, not {config.softmax_type}")
+            raise ValueError(
+                f"SDPAttention supports only vanilla softmax, not {config.softmax_type}"
+            )
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         # apply_query_key_layer_scaling divides scores by layer_number and multiplies them back
         # inside an fp32 softmax: the net scale is the plain one.
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,

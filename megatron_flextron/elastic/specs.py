@@ -36,39 +36,36 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
     or "local" (megatron's DotProductAttention, which works only at full head count).
     """
     stock = stock_layer_spec(model, core_attention)
-    attention, mlp = stock.submodules.self_attention, stock.submodules.mlp
-    attention = dataclasses.replace(
-        attention,
+    attention = replace_in_spec(
+        stock.submodules.self_attention,
         module=ElasticSelfAttention,
-        submodules=dataclasses.replace(
-            attention.submodules,
-            linear_qkv=ElasticColumnParallelLinear,
-            linear_proj=ElasticRowParallelLinear,
-        ),
+        linear_qkv=ElasticColumnParallelLinear,
+        linear_proj=ElasticRowParallelLinear,
     )
-    mlp = dataclasses.replace(
-        mlp,
+    mlp = replace_in_spec(
+        stock.submodules.mlp,
         module=ElasticMLP,
-        submodules=dataclasses.replace(
-            mlp.submodules,
-            linear_fc1=ElasticColumnParallelLinear,
-            linear_fc2=ElasticRowParallelLinear,
-        ),
+        linear_fc1=ElasticColumnParallelLinear,
+        linear_fc2=ElasticRowParallelLinear,
     )
-    submodules = dataclasses.replace(stock.submodules, self_attention=attention, mlp=mlp)
-    return dataclasses.replace(stock, module=ElasticTransformerLayer, submodules=submodules)
+    return replace_in_spec(stock, module=ElasticTransformerLayer, self_attention=attention, mlp=mlp)
+
+
+def replace_in_spec(spec: ModuleSpec, module=None, **submodules) -> ModuleSpec:
+    """A copy of ``spec`` with another module class and/or some submodules replaced."""
+    return dataclasses.replace(
+        spec,
+        module=module or spec.module,
+        submodules=dataclasses.replace(spec.submodules, **submodules),
+    )
 
 
 def _with_core_attention(spec: ModuleSpec, core_attention: str) -> ModuleSpec:
     if core_attention not in CORE_ATTENTION:
-        raise ValueError(f"unknown core attention {core_attention!r}; expected {list(CORE_ATTENTION)}")
-    attention = spec.submodules.self_attention
-    attention = dataclasses.replace(
-        attention,
-        submodules=dataclasses.replace(
-            attention.submodules, core_attention=CORE_ATTENTION[core_attention]
-        ),
+        raise ValueError(
+            f"unknown core attention {core_attention!r}; expected {list(CORE_ATTENTION)}"
+        )
+    attention = replace_in_spec(
+        spec.submodules.self_attention, core_attention=CORE_ATTENTION[core_attention]
     )
-    return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
-    )
+    return replace_in_spec(spec, self_attention=attention)

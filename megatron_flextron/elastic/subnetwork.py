@@ -30,9 +30,7 @@ class Subnetwork:
     @classmethod
     def full(cls, model: ModelConfig) -> "Subnetwork":
         n = model.num_layers
-        return cls(
-            (model.ffn_hidden_size,) * n, (model.num_attention_heads,) * n, tuple(range(n))
-        )
+        return cls((model.ffn_hidden_size,) * n, (model.num_attention_heads,) * n, tuple(range(n)))
 
     @classmethod
     def parse(cls, spec: Union[None, str, dict, "Subnetwork"], model: ModelConfig) -> "Subnetwork":
@@ -62,7 +60,9 @@ class Subnetwork:
         return cls(
             mlp=_per_layer("mlp", spec.get("mlp"), model.ffn_hidden_size, n),
             heads=_per_layer("heads", spec.get("heads"), model.num_attention_heads, n),
-            layers=tuple(range(n)) if layers is None else tuple(_as_int("layers", v) for v in layers),
+            layers=tuple(range(n))
+            if layers is None
+            else tuple(_as_int("layers", v) for v in layers),
         )
 
     def to_dict(self) -> dict:
@@ -105,7 +105,9 @@ class Subnetwork:
                 raise ValueError(f"layer {layer}: head count {heads} is not a multiple of {what}")
         if not self.layers:
             raise ValueError("a sub-network must keep at least one layer")
-        if list(self.layers) != sorted(set(self.layers)) or not all(0 <= i < n for i in self.layers):
+        if list(self.layers) != sorted(set(self.layers)) or not all(
+            0 <= i < n for i in self.layers
+        ):
             raise ValueError(
                 f"kept layers {list(self.layers)} must be distinct, sorted indices in [0, {n})"
             )
@@ -192,4 +194,3 @@ def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
     if model.position_embedding == "learned_absolute":
         embed += model.max_position_embeddings * h
     return {"transformer": layer_params, "total": layer_params + embed + norm}
-

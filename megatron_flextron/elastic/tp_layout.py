@@ -27,7 +27,7 @@ from megatron_flextron.config import ModelConfig
 
 @dataclass(frozen=True)
 class TPAxis:
-    """How one parameter is split: along ``dim``, in ``blocks`` of ``units`` units of ``unit_size``."""
+    """How one parameter is split: along ``dim``, in ``blocks`` of units of ``unit_size`` rows."""
 
     dim: int
     dealt: bool  # round-robin (elastic axes) or contiguous (vocabulary)

@@ -1,0 +1,1 @@
+"""Training on megatron.core primitives: the LM step, (later) data, schedules, checkpoints, logs."""
