@@ -40,6 +40,8 @@ def _patch_current_device() -> None:
     # The tied-embedding sync between first and last pipeline stage moves the weight with
     # ``weight.data.cuda()`` before its all-reduce; on CPU the tensor stays where it is.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # The checkpoint writer synchronizes the device before copying tensors out; CPU is in sync.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
 def _cpu_get_rng_state(*_args, clone: bool = False, **_kwargs) -> torch.Tensor:

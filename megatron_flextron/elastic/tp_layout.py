@@ -79,6 +79,34 @@ def unshard_tensor(shards: List[torch.Tensor], axis: TPAxis) -> torch.Tensor:
     return torch.stack(xs, dim=2).reshape(-1, *rest).movedim(0, axis.dim)
 
 
+def to_dealt_global(full: torch.Tensor, axis: TPAxis, tp_size: int) -> torch.Tensor:
+    """The concatenation of every rank's dealt shard: what megatron's contiguous TP split of a
+    checkpoint hands back to rank r as ``shard_tensor(full, axis, tp_size, r)``."""
+    if not axis.dealt or tp_size == 1:
+        return full
+    return (
+        torch.cat(
+            [
+                shard_tensor(full, axis, tp_size, r).movedim(axis.dim, 0).reshape(axis.blocks, -1)
+                for r in range(tp_size)
+            ],
+            dim=1,
+        )
+        .reshape(full.movedim(axis.dim, 0).shape)
+        .movedim(0, axis.dim)
+    )
+
+
+def from_dealt_global(dealt: torch.Tensor, axis: TPAxis, tp_size: int) -> torch.Tensor:
+    """Inverse of ``to_dealt_global``."""
+    if not axis.dealt or tp_size == 1:
+        return dealt
+    x = dealt.movedim(axis.dim, 0)
+    per_rank = x.reshape(axis.blocks, tp_size, -1, *x.shape[1:])  # [blocks, p, rows/p, ...]
+    shards = [per_rank[:, r].reshape(-1, *x.shape[1:]).movedim(0, axis.dim) for r in range(tp_size)]
+    return unshard_tensor(shards, axis)
+
+
 def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
     """Map this pipeline stage's parameter names to canonical (global layer number) names."""
     from megatron_flextron.elastic.subnetwork import unwrap_model

@@ -1,0 +1,91 @@
+"""GGUF files (llama.cpp) of the Llama family, dequantized to fp32 with the ``gguf`` package.
+
+Q and K rows are stored in llama.cpp's RoPE layout and are un-permuted by the key map. The
+tokenizer inside the file is converted to ``tokenizer.json`` by transformers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import torch
+
+from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.convert.keymap import GGUF_LLAMA
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise CheckpointError(f"GGUF metadata has no {key!r}")
+        return default
+    return field.contents()
+
+
+def model_config_from_gguf(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama family only)")
+    names = {t.name for t in reader.tensors}
+    heads = int(_field(reader, "llama.attention.head_count"))
+    hidden = int(_field(reader, "llama.embedding_length"))
+    vocab = reader.fields.get("llama.vocab_size")
+    return ModelConfig(
+        "llama",
+        num_layers=int(_field(reader, "llama.block_count")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_field(reader, "llama.feed_forward_length")),
+        num_attention_heads=heads,
+        num_query_groups=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        kv_channels=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
+        vocab_size=int(vocab.contents()) if vocab else len(_field(reader, "tokenizer.ggml.tokens")),
+        max_position_embeddings=int(_field(reader, "llama.context_length")),
+        norm_epsilon=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rotary_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+def _convert_tokenizer(path: str) -> str:
+    """Save the GGUF's tokenizer as HF tokenizer files in a temporary directory."""
+    from transformers import AutoTokenizer
+
+    out = tempfile.mkdtemp(prefix="flextron-tokenizer-")
+    atexit.register(shutil.rmtree, out, True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+    )
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
+    import gguf
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # truncated or not a GGUF file
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
+    model = model_config_from_gguf(reader)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {name!r}")
+        t = tensors[name]
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+        return torch.from_numpy(array.reshape(shape).copy()).float()
+
+    ckpt = Checkpoint(model=model, state=GGUF_LLAMA.to_canonical(model, get))
+    ckpt.validate()
+    if with_tokenizer:
+        ckpt.tokenizer_dir = _convert_tokenizer(path)
+    return ckpt

@@ -1,0 +1,117 @@
+"""File IO shared by every format: atomic output directories, safetensors/torch files, tokenizers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+from megatron_flextron.convert.checkpoint import CheckpointError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; rename it to ``path`` only if the block succeeds.
+
+    A failed conversion leaves nothing at ``path``. An existing non-empty ``path`` is refused.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointError(f"output {path} already exists and is not empty")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing file {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def copy_tokenizer(src: Optional[str], dst: str) -> None:
+    if not src:
+        return
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
+    """A lazy name -> tensor reader over an HF weights folder (safetensors, sharded or not,
+    or pytorch_model.bin loaded with weights_only=True)."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index):
+        files = {k: os.path.join(directory, v) for k, v in read_json(index)["weight_map"].items()}
+    elif os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            files = {k: single for k in f.keys()}
+    elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+        state = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
+        return lambda name: _lookup(state, name, directory)
+    else:
+        raise CheckpointError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+    handles: Dict[str, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in files:
+            raise CheckpointError(f"{directory}: missing tensor {name!r}")
+        path = files[name]
+        try:
+            if path not in handles:
+                handles[path] = safe_open(path, "pt")
+            return handles[path].get_tensor(name)
+        except Exception as e:  # a truncated or corrupt file
+            raise CheckpointError(f"cannot read {name!r} from {path}: {e}") from None
+
+    return get
+
+
+def _lookup(state: dict, name: str, where: str) -> torch.Tensor:
+    if name not in state:
+        raise CheckpointError(f"{where}: missing tensor {name!r}")
+    return state[name]

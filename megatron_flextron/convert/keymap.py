@@ -1,0 +1,193 @@
+"""Declarative key maps between a checkpoint format and the canonical (megatron) names.
+
+A map is a list of rules; a rule names one canonical tensor, the source tensors it is made of, and
+the transform each way. Per-layer rules use ``{i}`` in the source names. One engine applies any
+map in either direction, so a format is described, not coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Sequence, Tuple
+
+import torch
+
+from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert import transforms as T
+from megatron_flextron.convert.checkpoint import CheckpointError
+
+Tensor = torch.Tensor
+
+
+def _same(m, x):
+    return x
+
+
+def _one(m, x):
+    return (x,)
+
+
+@dataclass(frozen=True)
+class Rule:
+    canonical: str  # per-layer rules: the name after "decoder.layers.{i}."
+    sources: Tuple[str, ...]
+    to_canonical: Callable[..., Tensor] = _same  # (model, *sources) -> canonical
+    from_canonical: Callable[[ModelConfig, Tensor], Tuple[Tensor, ...]] = _one
+    when: Callable[[ModelConfig], bool] = lambda m: True
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    name: str
+    layer_prefix: str  # e.g. "model.layers.{i}."
+    global_rules: Sequence[Rule]
+    layer_rules: Sequence[Rule]
+
+    def _rules(self, m: ModelConfig):
+        for rule in self.global_rules:
+            if rule.when(m):
+                yield rule.canonical, rule.sources, rule
+        for i in range(m.num_layers):
+            prefix = self.layer_prefix.format(i=i)
+            for rule in self.layer_rules:
+                if rule.when(m):
+                    sources = tuple(prefix + s.format(i=i) for s in rule.sources)
+                    yield f"decoder.layers.{i}.{rule.canonical}", sources, rule
+
+    def source_names(self, m: ModelConfig):
+        return [s for _, sources, _ in self._rules(m) for s in sources]
+
+    def to_canonical(self, m: ModelConfig, get: Callable[[str], Tensor]) -> Dict[str, Tensor]:
+        """Build the canonical state from a tensor getter keyed by source name."""
+        state = {}
+        for name, sources, rule in self._rules(m):
+            tensors = [get(s) for s in sources]
+            state[name] = rule.to_canonical(m, *tensors).float().contiguous()
+        return state
+
+    def from_canonical(self, m: ModelConfig, state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        out = {}
+        for name, sources, rule in self._rules(m):
+            if name not in state:
+                raise CheckpointError(f"{self.name}: canonical state has no {name!r}")
+            for source, tensor in zip(sources, rule.from_canonical(m, state[name])):
+                out[source] = tensor.contiguous()
+        return out
+
+
+def _untied(m: ModelConfig) -> bool:
+    return not m.tie_embeddings
+
+
+def _qkv_rule(sources, q_fix=None, k_fix=None, when=lambda m: True, suffix="weight") -> Rule:
+    """q, k, v -> fused QKV; ``*_fix`` undo a source layout (llama.cpp's RoPE permutation)."""
+
+    def fwd(m, q, k, v):
+        if q_fix:
+            q, k = q_fix[0](q, m.num_attention_heads), k_fix[0](k, m.num_query_groups)
+        return T.qkv_fuse(q, k, v, m.num_query_groups)
+
+    def back(m, qkv):
+        q, k, v = T.qkv_split(qkv, m.num_query_groups, m.heads_per_group)
+        if q_fix:
+            q, k = q_fix[1](q, m.num_attention_heads), k_fix[1](k, m.num_query_groups)
+        return q, k, v
+
+    return Rule(f"self_attention.linear_qkv.{suffix}", tuple(sources), fwd, back, when)
+
+
+def _gate_up_rule(gate: str, up: str) -> Rule:
+    return Rule(
+        "mlp.linear_fc1.weight",
+        (gate, up),
+        lambda m, g, u: T.gate_up_fuse(g, u),
+        lambda m, w: T.gate_up_split(w),
+    )
+
+
+HF_LLAMA = KeyMap(
+    name="hf-llama",
+    layer_prefix="model.layers.{i}.",
+    global_rules=[
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        Rule("output_layer.weight", ("lm_head.weight",), when=_untied),
+    ],
+    layer_rules=[
+        Rule("input_layernorm.weight", ("input_layernorm.weight",)),
+        _qkv_rule(
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+        ),
+        Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
+        Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+        _gate_up_rule("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",)),
+    ],
+)
+
+_UNPERMUTE = (T.llama_cpp_unpermute, T.llama_cpp_permute)
+
+GGUF_LLAMA = KeyMap(
+    name="gguf-llama",
+    layer_prefix="blk.{i}.",
+    global_rules=[
+        Rule("embedding.word_embeddings.weight", ("token_embd.weight",)),
+        Rule("decoder.final_layernorm.weight", ("output_norm.weight",)),
+        Rule("output_layer.weight", ("output.weight",), when=_untied),
+    ],
+    layer_rules=[
+        Rule("input_layernorm.weight", ("attn_norm.weight",)),
+        _qkv_rule(("attn_q.weight", "attn_k.weight", "attn_v.weight"), _UNPERMUTE, _UNPERMUTE),
+        Rule("self_attention.linear_proj.weight", ("attn_output.weight",)),
+        Rule("pre_mlp_layernorm.weight", ("ffn_norm.weight",)),
+        _gate_up_rule("ffn_gate.weight", "ffn_up.weight"),
+        Rule("mlp.linear_fc2.weight", ("ffn_down.weight",)),
+    ],
+)
+
+
+def _conv1d(canonical: str, source: str, when=lambda m: True) -> Rule:
+    """GPT-2 Conv1D weights are stored [in, out]."""
+    return Rule(
+        canonical, (source,), lambda m, w: T.transpose(w), lambda m, w: (T.transpose(w),), when
+    )
+
+
+def _norm_rules(canonical: str, source: str) -> Sequence[Rule]:
+    return [
+        Rule(f"{canonical}.weight", (f"{source}.weight",)),
+        Rule(f"{canonical}.bias", (f"{source}.bias",)),
+    ]
+
+
+HF_GPT2 = KeyMap(
+    name="hf-gpt2",
+    layer_prefix="transformer.h.{i}.",
+    global_rules=[
+        Rule("embedding.word_embeddings.weight", ("transformer.wte.weight",)),
+        Rule("embedding.position_embeddings.weight", ("transformer.wpe.weight",)),
+        *_norm_rules("decoder.final_layernorm", "transformer.ln_f"),
+    ],
+    layer_rules=[
+        *_norm_rules("input_layernorm", "ln_1"),
+        Rule(
+            "self_attention.linear_qkv.weight",
+            ("attn.c_attn.weight",),
+            lambda m, w: T.qkv_stacked_to_fused(T.transpose(w), m.num_attention_heads),
+            lambda m, w: (T.transpose(T.qkv_fused_to_stacked(w, m.num_attention_heads)),),
+        ),
+        Rule(
+            "self_attention.linear_qkv.bias",
+            ("attn.c_attn.bias",),
+            lambda m, b: T.qkv_stacked_to_fused(b, m.num_attention_heads),
+            lambda m, b: (T.qkv_fused_to_stacked(b, m.num_attention_heads),),
+        ),
+        _conv1d("self_attention.linear_proj.weight", "attn.c_proj.weight"),
+        Rule("self_attention.linear_proj.bias", ("attn.c_proj.bias",)),
+        *_norm_rules("pre_mlp_layernorm", "ln_2"),
+        _conv1d("mlp.linear_fc1.weight", "mlp.c_fc.weight"),
+        Rule("mlp.linear_fc1.bias", ("mlp.c_fc.bias",)),
+        _conv1d("mlp.linear_fc2.weight", "mlp.c_proj.weight"),
+        Rule("mlp.linear_fc2.bias", ("mlp.c_proj.bias",)),
+    ],
+)
