@@ -25,7 +25,8 @@ def initialize_model_parallel(
     apply_cpu_shims()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # a single process outside torchrun: any free port
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
@@ -45,6 +46,14 @@ def initialize_model_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
     set_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:

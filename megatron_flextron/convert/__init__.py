@@ -1,0 +1,123 @@
+"""Checkpoint conversion: loaders -> canonical ``Checkpoint`` -> (ranking, export) -> savers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_flextron.config import ElasticConfig
+from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.convert.io import atomic_output_dir
+
+LOADERS = ("hf", "gguf", "megatron_legacy", "flextron")
+SAVERS = ("flextron", "hf", "megatron")
+
+
+def load_checkpoint(loader: str, path: str) -> Checkpoint:
+    if loader == "hf":
+        from megatron_flextron.convert.formats.hf import load_hf
+
+        return load_hf(path)
+    if loader == "gguf":
+        from megatron_flextron.convert.formats.gguf import load_gguf
+
+        return load_gguf(path)
+    if loader == "megatron_legacy":
+        from megatron_flextron.convert.formats.megatron_legacy import load_megatron_legacy
+
+        return load_megatron_legacy(path)
+    if loader == "flextron":
+        from megatron_flextron.convert.formats.flextron import read_flextron
+
+        return read_flextron(path)
+    raise CheckpointError(f"unknown loader {loader!r}; expected one of {LOADERS}")
+
+
+def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_size: int) -> None:
+    if saver == "flextron":
+        from megatron_flextron.convert.formats.flextron import save_flextron
+
+        save_flextron(ckpt, path, tensor_parallel_size)
+    elif saver == "hf":
+        from megatron_flextron.convert.formats.hf import save_hf
+
+        save_hf(ckpt, path)
+    elif saver == "megatron":
+        from megatron_flextron.convert.formats.megatron import save_megatron
+
+        save_megatron(ckpt, path)
+    else:
+        raise CheckpointError(f"unknown saver {saver!r}; expected one of {SAVERS}")
+
+
+@dataclass
+class ConvertOptions:
+    loader: str
+    saver: str
+    load_dir: str
+    save_dir: str
+    target_tensor_parallel_size: int = 1
+    target_pipeline_parallel_size: int = 1
+    subnetwork: Optional[str] = None
+    budget: Optional[float] = None
+    calibration_data: Optional[str] = None
+    mlp_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
+    head_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
+    ranking: dict = field(default_factory=dict)  # options for importance ranking
+
+
+def check_parallel_sizes(ckpt: Checkpoint, tp: int, pp: int) -> None:
+    """The target TP/PP must divide every sharded axis: fail before anything is written."""
+    m = ckpt.model
+    problems = []
+    for what, size, by in [
+        ("KV groups", m.num_query_groups, tp),
+        ("attention heads", m.num_attention_heads, tp),
+        ("MLP hidden size", m.ffn_hidden_size, tp),
+        ("vocabulary", m.vocab_size, tp),
+        ("layers", m.num_layers, pp),
+    ]:
+        if size % by:
+            problems.append(f"{what} ({size}) not divisible by {by}")
+    if ckpt.elastic:
+        for width in ckpt.elastic.mlp_choices:
+            if width % tp:
+                problems.append(f"MLP choice {width} not divisible by TP {tp}")
+    if problems:
+        raise CheckpointError(f"target TP={tp} PP={pp} does not fit: " + "; ".join(problems))
+
+
+def convert(opts: ConvertOptions) -> Checkpoint:
+    """Run one conversion; nothing is left at ``save_dir`` unless it completes."""
+    from megatron_flextron.elastic.subnetwork import Subnetwork
+
+    if opts.saver not in SAVERS:
+        raise CheckpointError(f"unknown saver {opts.saver!r}; expected one of {SAVERS}")
+    if opts.budget is not None:
+        raise CheckpointError("--budget needs a checkpoint with a trained static router (none here)")
+    tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+    ckpt = load_checkpoint(opts.loader, opts.load_dir)
+    if ckpt.elastic is None:
+        ckpt.elastic = ElasticConfig.from_ratios(
+            ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp
+        )
+    if opts.calibration_data:
+        if opts.saver != "flextron":
+            raise CheckpointError("--calibration-data (importance ranking) needs --saver flextron")
+        from megatron_flextron.importance import rank_and_permute
+
+        ckpt = rank_and_permute(ckpt, opts.calibration_data, **opts.ranking)
+    if opts.subnetwork is not None:
+        from megatron_flextron.convert.export import export_subnetwork
+
+        subnet = Subnetwork.parse(opts.subnetwork, ckpt.model)
+        subnet.validate(ckpt.model, ckpt.elastic, tp)
+        ckpt = export_subnetwork(ckpt, subnet)
+        ckpt.elastic = ElasticConfig.from_ratios(
+            ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp
+        )
+    check_parallel_sizes(ckpt, tp, pp)
+    ckpt.metadata["target_pipeline_parallel_size"] = pp
+    with atomic_output_dir(opts.save_dir) as tmp:
+        save_checkpoint(opts.saver, ckpt, tmp, tp)
+    return ckpt

@@ -1,0 +1,69 @@
+"""Cut a sub-network out of a canonical checkpoint as an ordinary dense model.
+
+The kept units are the first ones in canonical order (what the elastic model runs): the first k
+MLP neurons (gate and up together), the first h/G query heads of every KV group (GQA) or the first
+h heads (MHA), and the kept layers, renumbered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.elastic.subnetwork import Subnetwork
+
+
+def slice_layer(state: dict, m, src: int, dst: int, width: int, heads: int) -> dict:
+    """Layer ``src`` of a canonical state at (width, heads), renamed to layer ``dst``."""
+    g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
+    blocks = 2 if m.gated else 1
+    kept = heads // g if m.is_gqa else heads
+    prefix, out = f"decoder.layers.{src}.", {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name.startswith("self_attention.linear_qkv."):
+            x = value.reshape(g, n + 2, d, *value.shape[1:])
+            x = torch.cat([x[:, :kept], x[:, n:]], 1) if m.is_gqa else x[:kept]
+            value = x.reshape(-1, *value.shape[1:])
+        elif name == "self_attention.linear_proj.weight":
+            x = value.reshape(value.shape[0], g, n, d)
+            x = x[:, :, :kept] if m.is_gqa else x[:, :kept]
+            value = x.reshape(value.shape[0], -1)
+        elif name.startswith("mlp.linear_fc1."):
+            x = value.reshape(blocks, m.ffn_hidden_size, *value.shape[1:])[:, :width]
+            value = x.reshape(blocks * width, *value.shape[1:])
+        elif name == "mlp.linear_fc2.weight":
+            value = value[:, :width]
+        out[f"decoder.layers.{dst}.{name}"] = value.contiguous()
+    return out
+
+
+def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
+    """A dense checkpoint of a homogeneous sub-network (one width and head count for all layers)."""
+    m = ckpt.model
+    widths = {subnet.mlp[i] for i in subnet.layers}
+    heads = {subnet.heads[i] for i in subnet.layers}
+    if len(widths) > 1 or len(heads) > 1:
+        raise CheckpointError(
+            "a heterogeneous (per-layer) sub-network has no single dense config; export it with "
+            "--saver megatron, which records per-layer sizes"
+        )
+    (width,), (head_count,) = widths, heads
+    state = {k: v for k, v in ckpt.state.items() if not k.startswith("decoder.layers.")}
+    for dst, src in enumerate(subnet.layers):
+        state.update(slice_layer(ckpt.state, m, src, dst, width, head_count))
+    model = dataclasses.replace(
+        m,
+        num_layers=len(subnet.layers),
+        ffn_hidden_size=width,
+        num_attention_heads=head_count,
+        num_query_groups=m.num_query_groups if m.is_gqa else head_count,
+    )
+    metadata = dict(ckpt.metadata, subnetwork=subnet.to_dict())
+    out = Checkpoint(model=model, state=state, tokenizer_dir=ckpt.tokenizer_dir, metadata=metadata)
+    out.validate()
+    return out

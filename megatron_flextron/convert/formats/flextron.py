@@ -1,0 +1,175 @@
+"""The project's own checkpoint: a Megatron-Core distributed checkpoint plus the elastic config.
+
+Layout (megatron's):  DIR/latest_checkpointed_iteration.txt   ("release" or an iteration)
+                      DIR/release/  or  DIR/iter_NNNNNNN/      (torch_dist shards, common.pt, ...)
+                      DIR/flextron_config.json                 (model, elastic choices, order, TP)
+                      DIR/tokenizer/                           (tokenizer files)
+
+Tensors are stored as a megatron model of TP size ``dealt_tensor_parallel_size`` wrote them: the
+elastic axes in the dealt order of that TP size (tp_layout.to_dealt_global). A model of that TP
+size (any PP) loads it natively, sharded; any other TP size reads the full tensors, un-deals them
+to the canonical order and deals them again, so a width means the same units at every TP size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.convert.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
+
+CONFIG_FILE = "flextron_config.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+# megatron's local spec saves its norms under the TE module names (sharded_state_dict_keys_map)
+_NORM_KEYS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
+    """The shard folder: ``release/`` or ``iter_NNNNNNN/`` (the tracker file's when None)."""
+    if iteration is None:
+        tracker = os.path.join(path, TRACKER_FILE)
+        if not os.path.isfile(tracker):
+            raise CheckpointError(f"{path} has no {TRACKER_FILE}: not a complete checkpoint")
+        text = open(tracker).read().strip()
+        if text == "release":
+            return os.path.join(path, "release")
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker} holds {text!r}, not an iteration or 'release'")
+        iteration = int(text)
+    return os.path.join(path, f"iter_{iteration:07d}")
+
+
+def read_config(path: str) -> dict:
+    config = read_json(os.path.join(path, CONFIG_FILE))
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown flextron format {config.get('format_version')!r}")
+    return config
+
+
+def write_metadata(path: str, ckpt: Checkpoint, tp: int, iteration: Optional[int]) -> None:
+    """Config and tokenizer next to the shards; the tracker file last (marks it complete)."""
+    write_json(
+        os.path.join(path, CONFIG_FILE),
+        {
+            "format_version": FORMAT_VERSION,
+            "model": ckpt.model.to_dict(),
+            "elastic": ckpt.elastic.to_dict() if ckpt.elastic else None,
+            "dealt_tensor_parallel_size": tp,
+            "metadata": ckpt.metadata,
+        },
+    )
+    copy_tokenizer(ckpt.tokenizer_dir, os.path.join(path, "tokenizer"))
+    write_text_atomic(os.path.join(path, TRACKER_FILE), "release" if iteration is None else str(iteration))
+
+
+def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1) -> None:
+    """Write a checkpoint from one process (the converter), dealt for ``tensor_parallel_size``."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_flextron.elastic import build_gpt_model
+
+    m = ckpt.model
+    model = build_gpt_model(m, m.transformer_config(), elastic=True, pre_process=True, post_process=True)
+    dealt = {}
+    for name, tensor in ckpt.state.items():
+        axis = tp_axis(name, m)
+        dealt[name] = tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
+    _load_strict(model, dealt)
+    shards = os.path.join(out_dir, "release")
+    os.makedirs(shards)
+    dist_checkpointing.save(model.sharded_state_dict(), shards)
+    write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
+
+
+def _load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def read_flextron(path: str) -> Checkpoint:
+    """The canonical checkpoint from any flextron directory; reads files only (no collectives)."""
+    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
+
+    config = read_config(path)
+    model = ModelConfig.from_dict(config["model"])
+    shards = iteration_dir(path)
+    try:
+        reader = FileSystemReader(shards)
+        metadata = reader.read_metadata()
+        stored = {
+            key: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)
+        }
+        load(stored, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # missing or truncated shard files
+        raise CheckpointError(f"cannot read the shards in {shards}: {e}") from None
+    tp = config["dealt_tensor_parallel_size"]
+    state = {}
+    for key, tensor in stored.items():
+        for name, value in _unstack(key, tensor).items():
+            axis = tp_axis(name, model)
+            state[name] = value if axis is None else from_dealt_global(value, axis, tp)
+    if model.tie_embeddings:
+        state.pop("output_layer.weight", None)
+    tokenizer = os.path.join(path, "tokenizer")
+    ckpt = Checkpoint(
+        model=model,
+        state=state,
+        tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None,
+        elastic=ElasticConfig.from_dict(config["elastic"]) if config.get("elastic") else None,
+        metadata=config.get("metadata") or {},
+    )
+    ckpt.validate()
+    return ckpt
+
+
+_STACKED = re.compile(r"^decoder\.layers\.(.+)$")
+
+
+def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """megatron stacks per-layer tensors along a leading layer axis under one key."""
+    match = _STACKED.match(key)
+    if not match:
+        return {key: tensor}
+    name = _NORM_KEYS.get(match.group(1), match.group(1))
+    return {f"decoder.layers.{i}.{name}": tensor[i].clone() for i in range(tensor.size(0))}
+
+
+def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
+    """Load a flextron checkpoint into this rank's model (any TP/PP); returns its config.
+
+    Collective when the TP size matches the stored one (megatron's sharded load); otherwise each
+    rank reads the full tensors and deals its own shard.
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+    from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+
+    config = read_config(path)
+    gpt = unwrap_model(model)
+    if config["dealt_tensor_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size():
+        state = dist_checkpointing.load(gpt.sharded_state_dict(), iteration_dir(path))
+        _load_strict(gpt, state)
+    else:
+        ckpt = read_flextron(path)
+        load_canonical_state_dict(gpt, ckpt.state, ckpt.model)
+    return config

@@ -1,0 +1,91 @@
+"""Convert checkpoints into and out of megatron_flextron (in the style of Megatron's convert.py).
+
+  python tools/convert_checkpoint.py --loader gguf --saver flextron \\
+      --load-dir SmolLM2.gguf --save-dir ckpt/smollm2 --calibration-data wiki
+  python tools/convert_checkpoint.py --loader flextron --saver hf \\
+      --load-dir ckpt/smollm2 --save-dir out/smollm2-half --subnetwork '{"mlp": 768, "heads": 6}'
+
+Loaders: hf (transformers dir, Llama family / GPT-2), gguf (Llama family), megatron_legacy (Megatron
+GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust), flextron.
+Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock).
+A failed conversion exits non-zero and leaves nothing at --save-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
+from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+
+
+def _ratios(text: str):
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"ratios must lie in (0, 1], got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loader", required=True, choices=LOADERS)
+    p.add_argument("--saver", required=True, choices=SAVERS)
+    p.add_argument("--load-dir", required=True, help="source directory (gguf: the .gguf file)")
+    p.add_argument("--save-dir", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--subnetwork", help="export this sub-network (JSON or a JSON file)")
+    p.add_argument("--budget", type=float, help="export the static router's choice for a budget")
+    p.add_argument("--calibration-data", help="rank units by importance on this data (flextron "
+                   "saver): a text file, a jsonl of token lists, or 'wiki' (bundled corpus)")
+    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--calibration-seq-length", type=int, default=256)
+    p.add_argument("--head-estimator", default="auto", choices=["auto", "activation", "taylor", "ablation"],
+                   help="head importance; auto picks the best on held-out loss")
+    p.add_argument("--mlp-choices", type=_ratios, default=(1.0, 0.75, 0.5, 0.25),
+                   help="MLP width ratios of the elastic model (comma-separated)")
+    p.add_argument("--head-choices", type=_ratios, default=(1.0, 0.75, 0.5, 0.25),
+                   help="head-count ratios (rounded to what the layout can express)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+
+    initialize_model_parallel(1, 1)
+    opts = ConvertOptions(
+        loader=args.loader, saver=args.saver, load_dir=args.load_dir, save_dir=args.save_dir,
+        target_tensor_parallel_size=args.target_tensor_parallel_size,
+        target_pipeline_parallel_size=args.target_pipeline_parallel_size,
+        subnetwork=args.subnetwork, budget=args.budget, calibration_data=args.calibration_data,
+        mlp_ratios=args.mlp_choices, head_ratios=args.head_choices,
+        ranking=dict(samples=args.calibration_samples, seq_length=args.calibration_seq_length,
+                     head_estimator=args.head_estimator),
+    )
+    t0 = time.time()
+    try:
+        ckpt = convert(opts)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_model_parallel()
+    m = ckpt.model
+    print(json.dumps({"saved": args.save_dir, "saver": args.saver, "family": m.family,
+                      "layers": m.num_layers, "ffn": m.ffn_hidden_size, "heads": m.num_attention_heads,
+                      "kv_groups": m.num_query_groups, "seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
