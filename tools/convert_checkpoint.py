@@ -40,21 +40,38 @@ def parse_args(argv=None):
     p.add_argument("--loader", required=True, choices=LOADERS)
     p.add_argument("--saver", required=True, choices=SAVERS)
     p.add_argument("--load-dir", required=True, help="source directory (gguf: the .gguf file)")
-    p.add_argument("--save-dir", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument(
+        "--save-dir", required=True, help="output directory (must not exist or be empty)"
+    )
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--subnetwork", help="export this sub-network (JSON or a JSON file)")
     p.add_argument("--budget", type=float, help="export the static router's choice for a budget")
-    p.add_argument("--calibration-data", help="rank units by importance on this data (flextron "
-                   "saver): a text file, a jsonl of token lists, or 'wiki' (bundled corpus)")
+    p.add_argument(
+        "--calibration-data",
+        help="rank units by importance on this data (flextron "
+        "saver): a text file, a jsonl of token lists, or 'wiki' (bundled corpus)",
+    )
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--calibration-seq-length", type=int, default=256)
-    p.add_argument("--head-estimator", default="auto", choices=["auto", "activation", "taylor", "ablation"],
-                   help="head importance; auto picks the best on held-out loss")
-    p.add_argument("--mlp-choices", type=_ratios, default=(1.0, 0.75, 0.5, 0.25),
-                   help="MLP width ratios of the elastic model (comma-separated)")
-    p.add_argument("--head-choices", type=_ratios, default=(1.0, 0.75, 0.5, 0.25),
-                   help="head-count ratios (rounded to what the layout can express)")
+    p.add_argument(
+        "--head-estimator",
+        default="auto",
+        choices=["auto", "activation", "taylor", "ablation"],
+        help="head importance; auto picks the best on held-out loss",
+    )
+    p.add_argument(
+        "--mlp-choices",
+        type=_ratios,
+        default=(1.0, 0.75, 0.5, 0.25),
+        help="MLP width ratios of the elastic model (comma-separated)",
+    )
+    p.add_argument(
+        "--head-choices",
+        type=_ratios,
+        default=(1.0, 0.75, 0.5, 0.25),
+        help="head-count ratios (rounded to what the layout can express)",
+    )
     return p.parse_args(argv)
 
 
@@ -64,13 +81,22 @@ def main(argv=None) -> int:
 
     initialize_model_parallel(1, 1)
     opts = ConvertOptions(
-        loader=args.loader, saver=args.saver, load_dir=args.load_dir, save_dir=args.save_dir,
+        loader=args.loader,
+        saver=args.saver,
+        load_dir=args.load_dir,
+        save_dir=args.save_dir,
         target_tensor_parallel_size=args.target_tensor_parallel_size,
         target_pipeline_parallel_size=args.target_pipeline_parallel_size,
-        subnetwork=args.subnetwork, budget=args.budget, calibration_data=args.calibration_data,
-        mlp_ratios=args.mlp_choices, head_ratios=args.head_choices,
-        ranking=dict(samples=args.calibration_samples, seq_length=args.calibration_seq_length,
-                     head_estimator=args.head_estimator),
+        subnetwork=args.subnetwork,
+        budget=args.budget,
+        calibration_data=args.calibration_data,
+        mlp_ratios=args.mlp_choices,
+        head_ratios=args.head_choices,
+        ranking=dict(
+            samples=args.calibration_samples,
+            seq_length=args.calibration_seq_length,
+            head_estimator=args.head_estimator,
+        ),
     )
     t0 = time.time()
     try:
@@ -81,9 +107,20 @@ def main(argv=None) -> int:
     finally:
         destroy_model_parallel()
     m = ckpt.model
-    print(json.dumps({"saved": args.save_dir, "saver": args.saver, "family": m.family,
-                      "layers": m.num_layers, "ffn": m.ffn_hidden_size, "heads": m.num_attention_heads,
-                      "kv_groups": m.num_query_groups, "seconds": round(time.time() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "saved": args.save_dir,
+                "saver": args.saver,
+                "family": m.family,
+                "layers": m.num_layers,
+                "ffn": m.ffn_hidden_size,
+                "heads": m.num_attention_heads,
+                "kv_groups": m.num_query_groups,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
     return 0
 
 

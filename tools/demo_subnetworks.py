@@ -117,7 +117,7 @@ def main(argv=None):
         if rank0:
             label = "full" if spec is None else json.dumps(subnet.to_dict(), separators=(",", ":"))
             print(
-                f"{label[:43]:<44}{params:>11.2f}{loss.item():>9.4f}{ms:>9.1f}{ms / full_ms:>9.2f}"
+                f"{label[:43]:<44}{params:>11.2f}{loss['loss']:>9.4f}{ms:>9.1f}{ms / full_ms:>9.2f}"
             )
     destroy_model_parallel()
 

@@ -94,7 +94,9 @@ def convert(opts: ConvertOptions) -> Checkpoint:
     if opts.saver not in SAVERS:
         raise CheckpointError(f"unknown saver {opts.saver!r}; expected one of {SAVERS}")
     if opts.budget is not None:
-        raise CheckpointError("--budget needs a checkpoint with a trained static router (none here)")
+        raise CheckpointError(
+            "--budget needs a checkpoint with a trained static router (none here)"
+        )
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
     ckpt = load_checkpoint(opts.loader, opts.load_dir)
     if ckpt.elastic is None:

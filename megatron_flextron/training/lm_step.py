@@ -7,7 +7,7 @@ labels returns the per-token loss [b, s] on the last pipeline stage.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -15,12 +15,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean NLL over unmasked tokens; megatron's (loss, num_tokens, logging dict) shape."""
-    losses = output_tensor.float()
+    """Mean NLL over unmasked tokens; megatron's (loss, logging dict) shape. The dict also carries
+    the NLL sum and token count so that evaluation can weight micro-batches by tokens."""
     mask = loss_mask.float()
-    num_tokens = mask.sum().clamp(min=1)
-    loss = (losses * mask).sum() / num_tokens
-    return loss, {"lm loss": loss.detach().clone()}
+    nll_sum = (output_tensor.float() * mask).sum()
+    tokens = mask.sum()
+    loss = nll_sum / tokens.clamp(min=1)
+    stats = {"lm loss": loss.detach().clone(), "nll_sum": nll_sum.detach(), "tokens": tokens}
+    return loss, stats
 
 
 def forward_step(data_iterator: Iterator[dict], model):
@@ -37,14 +39,10 @@ def forward_step(data_iterator: Iterator[dict], model):
     return output, partial(loss_func, loss_mask)
 
 
-def forward_backward(
-    model,
-    microbatches: list,
-    forward_only: bool = False,
-) -> Optional[torch.Tensor]:
-    """Run megatron's schedule over ``microbatches`` (dicts of [b, s] tensors, every PP stage
-    passes the same list). Returns the mean "lm loss" on every rank (broadcast from the last
-    pipeline stage)."""
+def forward_backward(model, microbatches: list, forward_only: bool = False) -> Dict[str, float]:
+    """Run megatron's schedule over ``microbatches`` (dicts of [b, s] tensors; every PP stage
+    passes the same list). Returns, on every rank (reduced from the last pipeline stage), the
+    mean of the micro-batch losses ("loss"), the NLL sum ("nll_sum") and the token count."""
     first = microbatches[0]["tokens"]
     out = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -55,8 +53,35 @@ def forward_backward(
         micro_batch_size=first.size(0),
         forward_only=forward_only,
     )
-    loss = torch.zeros((), dtype=torch.float, device=first.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=first.device)
     if parallel_state.is_pipeline_last_stage():
-        loss += torch.stack([o["lm loss"] for o in out]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
-    return loss
+        totals[0] = torch.stack([o["lm loss"] for o in out]).double().mean()
+        totals[1] = torch.stack([o["nll_sum"] for o in out]).double().sum()
+        totals[2] = torch.stack([o["tokens"] for o in out]).double().sum()
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    return {"loss": totals[0].item(), "nll_sum": totals[1].item(), "tokens": totals[2].item()}
+
+
+def pad_microbatches(sequences: Sequence[Sequence[int]], micro_batch_size: int, device=None):
+    """Variable-length token sequences -> micro-batches padded to one length, loss-masked.
+
+    Each sequence is evaluated on its own (causal attention never sees the right padding); the
+    last micro-batch is filled with fully masked rows, as pipeline shapes must not change.
+    """
+    length = max(len(s) for s in sequences) - 1
+    batches = []
+    for i in range(0, len(sequences), micro_batch_size):
+        chunk = sequences[i : i + micro_batch_size]
+        tokens = torch.zeros(micro_batch_size, length + 1, dtype=torch.long)
+        mask = torch.zeros(micro_batch_size, length)
+        for row, seq in enumerate(chunk):
+            tokens[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq) - 1] = 1
+        batches.append(
+            {
+                "tokens": tokens[:, :-1].contiguous().to(device),
+                "labels": tokens[:, 1:].contiguous().to(device),
+                "loss_mask": mask.to(device),
+            }
+        )
+    return batches

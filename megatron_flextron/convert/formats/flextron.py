@@ -72,7 +72,9 @@ def write_metadata(path: str, ckpt: Checkpoint, tp: int, iteration: Optional[int
         },
     )
     copy_tokenizer(ckpt.tokenizer_dir, os.path.join(path, "tokenizer"))
-    write_text_atomic(os.path.join(path, TRACKER_FILE), "release" if iteration is None else str(iteration))
+    write_text_atomic(
+        os.path.join(path, TRACKER_FILE), "release" if iteration is None else str(iteration)
+    )
 
 
 def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1) -> None:
@@ -82,11 +84,15 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     from megatron_flextron.elastic import build_gpt_model
 
     m = ckpt.model
-    model = build_gpt_model(m, m.transformer_config(), elastic=True, pre_process=True, post_process=True)
+    model = build_gpt_model(
+        m, m.transformer_config(), elastic=True, pre_process=True, post_process=True
+    )
     dealt = {}
     for name, tensor in ckpt.state.items():
         axis = tp_axis(name, m)
-        dealt[name] = tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
+        dealt[name] = (
+            tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
+        )
     _load_strict(model, dealt)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
@@ -98,7 +104,9 @@ def _load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"state does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def read_flextron(path: str) -> Checkpoint:
@@ -166,7 +174,10 @@ def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
 
     config = read_config(path)
     gpt = unwrap_model(model)
-    if config["dealt_tensor_parallel_size"] == parallel_state.get_tensor_model_parallel_world_size():
+    if (
+        config["dealt_tensor_parallel_size"]
+        == parallel_state.get_tensor_model_parallel_world_size()
+    ):
         state = dist_checkpointing.load(gpt.sharded_state_dict(), iteration_dir(path))
         _load_strict(gpt, state)
     else:

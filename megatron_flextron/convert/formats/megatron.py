@@ -17,12 +17,29 @@ from megatron_flextron.convert.io import copy_tokenizer, write_json, write_text_
 def megatron_lm_flags(m: ModelConfig) -> list:
     """The Megatron-LM (pretrain_gpt.py) model flags of this architecture."""
     flags = [
-        "--use-mcore-models", "--transformer-impl", "local", "--ckpt-format", "torch_dist",
-        "--num-layers", m.num_layers, "--hidden-size", m.hidden_size,
-        "--ffn-hidden-size", m.ffn_hidden_size, "--num-attention-heads", m.num_attention_heads,
-        "--kv-channels", m.kv_channels, "--max-position-embeddings", m.max_position_embeddings,
-        "--normalization", m.normalization, "--norm-epsilon", m.norm_epsilon,
-        "--position-embedding-type", m.position_embedding,
+        "--use-mcore-models",
+        "--transformer-impl",
+        "local",
+        "--ckpt-format",
+        "torch_dist",
+        "--num-layers",
+        m.num_layers,
+        "--hidden-size",
+        m.hidden_size,
+        "--ffn-hidden-size",
+        m.ffn_hidden_size,
+        "--num-attention-heads",
+        m.num_attention_heads,
+        "--kv-channels",
+        m.kv_channels,
+        "--max-position-embeddings",
+        m.max_position_embeddings,
+        "--normalization",
+        m.normalization,
+        "--norm-epsilon",
+        m.norm_epsilon,
+        "--position-embedding-type",
+        m.position_embedding,
     ]
     if m.num_query_groups != m.num_attention_heads:
         flags += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
@@ -45,12 +62,16 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     from megatron_flextron.elastic import build_gpt_model
 
     m = ckpt.model
-    model = build_gpt_model(m, m.transformer_config(), elastic=False, pre_process=True, post_process=True)
+    model = build_gpt_model(
+        m, m.transformer_config(), elastic=False, pre_process=True, post_process=True
+    )
     _load_strict(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     dist_checkpointing.save(model.sharded_state_dict(), shards)
     write_json(os.path.join(out_dir, "model_config.json"), {"model": m.to_dict(), **ckpt.metadata})
-    write_text_atomic(os.path.join(out_dir, "megatron_args.txt"), " ".join(megatron_lm_flags(m)) + "\n")
+    write_text_atomic(
+        os.path.join(out_dir, "megatron_args.txt"), " ".join(megatron_lm_flags(m)) + "\n"
+    )
     copy_tokenizer(ckpt.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
     write_text_atomic(os.path.join(out_dir, TRACKER_FILE), "release")

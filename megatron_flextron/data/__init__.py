@@ -1,0 +1,1 @@
+"""Offline text corpora and tokenizers."""
