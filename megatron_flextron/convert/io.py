@@ -1,4 +1,4 @@
-"""File IO shared by every format: atomic output directories, safetensors/torch files, tokenizers."""
+"""File IO shared by every format: atomic output folders, safetensors/torch files, tokenizers."""
 
 from __future__ import annotations
 
