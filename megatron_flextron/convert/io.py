@@ -88,8 +88,11 @@ def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
     if os.path.isfile(index):
         files = {k: os.path.join(directory, v) for k, v in read_json(index)["weight_map"].items()}
     elif os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            files = {k: single for k in f.keys()}
+        try:
+            with safe_open(single, "pt") as f:
+                files = {k: single for k in f.keys()}
+        except Exception as e:  # a truncated or corrupt file
+            raise CheckpointError(f"cannot read {single}: {e}") from None
     elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
         state = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
         return lambda name: _lookup(state, name, directory)
