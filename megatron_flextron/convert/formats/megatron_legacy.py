@@ -84,7 +84,9 @@ def model_config_from_args(args) -> ModelConfig:
         vocab_size=args.padded_vocab_size,
         max_position_embeddings=args.max_position_embeddings,
         normalization=getattr(args, "normalization", "LayerNorm"),
-        activation="swiglu" if swiglu else ("gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu"),
+        activation="swiglu"
+        if swiglu
+        else ("gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu"),
         position_embedding=getattr(args, "position_embedding_type", "learned_absolute"),
         add_bias_linear=getattr(args, "add_bias_linear", True),
         tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
@@ -117,10 +119,12 @@ def load_megatron_legacy(path: str) -> Checkpoint:
     model = model_config_from_args(first["args"])
     version = float(first.get("checkpoint_version", 0))
     if version < 3.0 and model.is_gqa:
-        raise CheckpointError(f"checkpoint_version {version} with grouped-query attention is not supported")
+        raise CheckpointError(
+            f"checkpoint_version {version} with grouped-query attention is not supported"
+        )
     per_stage = model.num_layers // pp
     parts: Dict[str, List[torch.Tensor]] = {}
-    for (t, p) in tqdm(sorted(ranks, key=lambda r: (r[1], r[0])), desc="legacy shards", leave=False):
+    for t, p in tqdm(sorted(ranks, key=lambda r: (r[1], r[0])), desc="legacy shards", leave=False):
         sd = first if (t, p) == (0, 0) else _load_rank(ranks[(t, p)])
         for name, tensor in _canonical_items(sd, p * per_stage):
             parts.setdefault(name, []).append(tensor)
@@ -143,7 +147,12 @@ def _merge(name: str, shards: List[torch.Tensor], model: ModelConfig, tp: int) -
     dim = _TP_DIM.get(rest)
     if dim is None:
         return shards[0]
-    if rest == "mlp.linear_fc1.weight" and model.gated or rest == "mlp.linear_fc1.bias" and model.gated:
+    if (
+        rest == "mlp.linear_fc1.weight"
+        and model.gated
+        or rest == "mlp.linear_fc1.bias"
+        and model.gated
+    ):
         return T.tp_merge_glu(shards)
     return T.tp_merge(shards, dim)
 
@@ -172,4 +181,7 @@ def _canonical_items(sd: dict, layer_offset: int):
         module = _LAYER_NAMES.get(match.group(2))
         if module is None:
             raise CheckpointError(f"unknown legacy layer tensor {key!r}")
-        yield f"decoder.layers.{layer_offset + int(match.group(1))}.{module}.{match.group(3)}", tensor
+        yield (
+            f"decoder.layers.{layer_offset + int(match.group(1))}.{module}.{match.group(3)}",
+            tensor,
+        )
