@@ -126,25 +126,37 @@ def test_flextron_round_trip_and_tp_independent_export(tmp_path, kind):
     assert (hf_logits(str(tmp_path / "h1"), TOKENS) - ref).abs().max() <= 1e-5
 
 
-def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"mlp": 64, "heads": 4, "layers": [0, 1, 3]},
+        {"mlp": [32, 128, 64, 96], "heads": [8, 4, 4, 8], "layers": [0, 2, 3]},  # per-layer sizes
+    ],
+)
+def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path, spec):
     from megatron.core import dist_checkpointing
+
+    from megatron_flextron.convert.formats.megatron import save_megatron
+    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
     m = tiny_config("llama")
     ckpt = Checkpoint(model=m, state=random_canonical_state(m))
-    ckpt.state.pop("output_layer.weight", None) if m.tie_embeddings else None
-    spec = {"mlp": 64, "heads": 4, "layers": [0, 1, 3]}
     small = export_subnetwork(ckpt, Subnetwork.parse(spec, m))
-    from megatron_flextron.convert.formats.megatron import save_megatron
-
     os.makedirs(tmp_path / "meg")
     save_megatron(small, str(tmp_path / "meg"))
-    dense = build_gpt_model(small.model, small.model.transformer_config(), elastic=False)
+    if small.layer_shapes:
+        dense = build_heterogeneous_gpt_model(small.model, small.layer_shapes)
+        assert not (tmp_path / "meg" / "megatron_args.txt").exists()
+        with pytest.raises(CheckpointError, match="heterogeneous"):
+            save_hf(small, str(tmp_path))
+    else:
+        dense = build_gpt_model(small.model, small.model.transformer_config(), elastic=False)
+        assert "--num-layers 3" in (tmp_path / "meg" / "megatron_args.txt").read_text()
     loaded = dist_checkpointing.load(dense.sharded_state_dict(), str(tmp_path / "meg" / "release"))
     dense.load_state_dict(loaded, strict=False)
     with torch.no_grad():
         out = dense(TOKENS, torch.arange(12).expand(2, 12), None)
     assert (out - megatron_logits(ckpt, TOKENS, spec)).abs().max() <= 1e-5
-    assert "--num-layers 3" in (tmp_path / "meg" / "megatron_args.txt").read_text()
 
 
 # ---------------- Megatron legacy GPT-3 (TP=2, PP=2), written from a transformers GPT-2 ----------

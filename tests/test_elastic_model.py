@@ -9,11 +9,9 @@ import pytest
 import torch
 from helpers import BATCH, SEQ, batch, elastic_choices, random_canonical_state, tiny_config
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_flextron.elastic import Subnetwork, build_gpt_model, set_subnetwork
-from megatron_flextron.elastic.specs import stock_layer_spec
+from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -49,13 +47,6 @@ def test_full_size_equals_stock_gpt(family):
 # ---------- a stock dense model of a smaller (possibly per-layer) shape, sliced by hand ----------
 
 
-class ShapedLayer(TransformerLayer):
-    """Megatron's TransformerLayer built with its own (smaller) config."""
-
-    def __init__(self, config, submodules, *args, layer_config=None, **kwargs):
-        super().__init__(layer_config, submodules, *args, **kwargs)
-
-
 def _hand_sliced_layer(canonical, model_cfg, src, dst, width, heads):
     """Slice layer ``src`` of the canonical weights to (width, heads) under dense layer ``dst``."""
     g, n, d = model_cfg.num_query_groups, model_cfg.heads_per_group, model_cfg.kv_channels
@@ -89,29 +80,12 @@ def _hand_sliced_layer(canonical, model_cfg, src, dst, width, heads):
 
 
 def dense_reference(model_cfg, canonical, subnet: Subnetwork) -> GPTModel:
-    base = stock_layer_spec(model_cfg)
-    specs, state = [], {k: v for k, v in canonical.items() if not k.startswith("decoder.layers.")}
+    """Megatron's stock layers, each built at its own size, with hand-sliced weights."""
+    shapes = [(subnet.mlp[i], subnet.heads[i]) for i in subnet.layers]
+    dense = build_heterogeneous_gpt_model(model_cfg, shapes)
+    state = {k: v for k, v in canonical.items() if not k.startswith("decoder.layers.")}
     for dst, src in enumerate(subnet.layers):
-        width, heads = subnet.mlp[src], subnet.heads[src]
-        layer_cfg = model_cfg.transformer_config(
-            ffn_hidden_size=width,
-            num_attention_heads=heads,
-            num_query_groups=model_cfg.num_query_groups if model_cfg.is_gqa else heads,
-            kv_channels=model_cfg.kv_channels,
-            num_layers=len(subnet.layers),
-        )
-        specs.append(
-            dataclasses.replace(base, module=ShapedLayer, params={"layer_config": layer_cfg})
-        )
-        state.update(_hand_sliced_layer(canonical, model_cfg, src, dst, width, heads))
-    block_cfg = model_cfg.transformer_config(num_layers=len(subnet.layers))
-    dense = GPTModel(
-        config=block_cfg,
-        transformer_layer_spec=TransformerBlockSubmodules(
-            layer_specs=specs, layer_norm=base.submodules.input_layernorm
-        ),
-        **model_cfg.gpt_model_kwargs(),
-    )
+        state.update(_hand_sliced_layer(canonical, model_cfg, src, dst, *shapes[dst]))
     missing, unexpected = dense.load_state_dict(state, strict=False)
     assert not unexpected and all("_extra_state" in k for k in missing), (missing, unexpected)
     return dense

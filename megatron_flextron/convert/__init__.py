@@ -83,6 +83,9 @@ def check_parallel_sizes(ckpt: Checkpoint, tp: int, pp: int) -> None:
         for width in ckpt.elastic.mlp_choices:
             if width % tp:
                 problems.append(f"MLP choice {width} not divisible by TP {tp}")
+    for layer, (width, heads) in enumerate(ckpt.layer_shapes or []):
+        if width % tp or heads % tp:
+            problems.append(f"layer {layer} ({width} neurons, {heads} heads) not divisible by {tp}")
     if problems:
         raise CheckpointError(f"target TP={tp} PP={pp} does not fit: " + "; ".join(problems))
 

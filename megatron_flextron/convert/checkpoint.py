@@ -7,7 +7,7 @@ full (TP=1) and in canonical unit order: loaders and savers meet here, nowhere e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,10 +25,12 @@ class Checkpoint:
     tokenizer_dir: Optional[str] = None  # tokenizer files to copy next to every output
     elastic: Optional[ElasticConfig] = None
     metadata: dict = field(default_factory=dict)  # e.g. how the canonical order was made
+    # a heterogeneous dense model: (MLP width, query heads) per layer; None = as in ``model``
+    layer_shapes: Optional[List[Tuple[int, int]]] = None
 
     def validate(self) -> None:
         """Every expected tensor present with its expected shape, nothing unexpected."""
-        expected = expected_shapes(self.model)
+        expected = expected_shapes(self.model, self.layer_shapes)
         missing = sorted(set(expected) - set(self.state))
         unexpected = sorted(set(self.state) - set(expected))
         if missing or unexpected:
@@ -43,22 +45,26 @@ class Checkpoint:
                 )
 
 
-def expected_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """Canonical parameter names and shapes implied by a model config."""
-    h, d, ffn = m.hidden_size, m.kv_channels, m.ffn_hidden_size
-    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
+def expected_shapes(
+    m: ModelConfig, layer_shapes: Optional[List[Tuple[int, int]]] = None
+) -> Dict[str, Tuple[int, ...]]:
+    """Canonical parameter names and shapes implied by a model config (and per-layer sizes)."""
+    h, d = m.hidden_size, m.kv_channels
     blocks = 2 if m.gated else 1
     norm = ["weight"] + (["bias"] if m.normalization == "LayerNorm" else [])
     shapes = {"embedding.word_embeddings.weight": (m.vocab_size, h)}
     if m.position_embedding == "learned_absolute":
         shapes["embedding.position_embeddings.weight"] = (m.max_position_embeddings, h)
     for i in range(m.num_layers):
+        ffn, heads = layer_shapes[i] if layer_shapes else (m.ffn_hidden_size, m.num_attention_heads)
+        groups = m.num_query_groups if m.is_gqa else heads
+        qkv = (heads + 2 * groups) * d
         p = f"decoder.layers.{i}."
         for n in norm:
             shapes[f"{p}input_layernorm.{n}"] = (h,)
             shapes[f"{p}pre_mlp_layernorm.{n}"] = (h,)
         shapes[f"{p}self_attention.linear_qkv.weight"] = (qkv, h)
-        shapes[f"{p}self_attention.linear_proj.weight"] = (h, m.num_attention_heads * d)
+        shapes[f"{p}self_attention.linear_proj.weight"] = (h, heads * d)
         shapes[f"{p}mlp.linear_fc1.weight"] = (blocks * ffn, h)
         shapes[f"{p}mlp.linear_fc2.weight"] = (h, ffn)
         if m.add_bias_linear:

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.convert.checkpoint import Checkpoint
 from megatron_flextron.elastic.subnetwork import Subnetwork
 
 
@@ -43,27 +43,28 @@ def slice_layer(state: dict, m, src: int, dst: int, width: int, heads: int) -> d
 
 
 def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
-    """A dense checkpoint of a homogeneous sub-network (one width and head count for all layers)."""
+    """A dense checkpoint of a sub-network. Homogeneous: an ordinary config of the smaller shape.
+    Heterogeneous (per-layer sizes): ``layer_shapes`` records (MLP width, heads) per kept layer
+    and the config keeps the largest of each."""
     m = ckpt.model
-    widths = {subnet.mlp[i] for i in subnet.layers}
-    heads = {subnet.heads[i] for i in subnet.layers}
-    if len(widths) > 1 or len(heads) > 1:
-        raise CheckpointError(
-            "a heterogeneous (per-layer) sub-network has no single dense config; export it with "
-            "--saver megatron, which records per-layer sizes"
-        )
-    (width,), (head_count,) = widths, heads
+    shapes = [(subnet.mlp[i], subnet.heads[i]) for i in subnet.layers]
     state = {k: v for k, v in ckpt.state.items() if not k.startswith("decoder.layers.")}
     for dst, src in enumerate(subnet.layers):
-        state.update(slice_layer(ckpt.state, m, src, dst, width, head_count))
+        state.update(slice_layer(ckpt.state, m, src, dst, *shapes[dst]))
+    width, heads = max(w for w, _ in shapes), max(h for _, h in shapes)
     model = dataclasses.replace(
         m,
         num_layers=len(subnet.layers),
         ffn_hidden_size=width,
-        num_attention_heads=head_count,
-        num_query_groups=m.num_query_groups if m.is_gqa else head_count,
+        num_attention_heads=heads,
+        num_query_groups=m.num_query_groups if m.is_gqa else heads,
     )
-    metadata = dict(ckpt.metadata, subnetwork=subnet.to_dict())
-    out = Checkpoint(model=model, state=state, tokenizer_dir=ckpt.tokenizer_dir, metadata=metadata)
+    out = Checkpoint(
+        model=model,
+        state=state,
+        tokenizer_dir=ckpt.tokenizer_dir,
+        metadata=dict(ckpt.metadata, subnetwork=subnet.to_dict()),
+        layer_shapes=shapes if len(set(shapes)) > 1 else None,
+    )
     out.validate()
     return out

@@ -1,11 +1,15 @@
-"""Build megatron-core's stock GPTModel, elastic (our layer spec) or dense (megatron's)."""
+"""Build megatron-core's stock GPTModel: elastic (our layer spec), dense (megatron's), or dense
+with per-layer sizes (an exported heterogeneous sub-network)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import List, Optional, Tuple
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.specs import elastic_layer_spec, stock_layer_spec
@@ -38,5 +42,57 @@ def build_gpt_model(
         transformer_layer_spec=spec,
         pre_process=pre_process,
         post_process=post_process,
+        **model_config.gpt_model_kwargs(),
+    )
+
+
+class ShapedTransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer built with a config of its own (its MLP width, head count)."""
+
+    def __init__(self, config, submodules, *args, layer_config=None, **kwargs):
+        super().__init__(layer_config or config, submodules, *args, **kwargs)
+
+
+def layer_transformer_config(model_config: ModelConfig, ffn: int, heads: int, **kwargs):
+    """The TransformerConfig of one dense layer with ``ffn`` neurons and ``heads`` query heads."""
+    m = model_config
+    return m.transformer_config(
+        ffn_hidden_size=ffn,
+        num_attention_heads=heads,
+        num_query_groups=m.num_query_groups if m.is_gqa else heads,
+        kv_channels=m.kv_channels,
+        **kwargs,
+    )
+
+
+def build_heterogeneous_gpt_model(
+    model_config: ModelConfig, layer_shapes: List[Tuple[int, int]], **config_kwargs
+) -> GPTModel:
+    """A dense GPTModel (TP=1, one stage) whose layer i has ``layer_shapes[i]`` = (ffn, heads)."""
+    base = stock_layer_spec(model_config)
+    specs = [
+        dataclasses.replace(
+            base,
+            module=ShapedTransformerLayer,
+            params={
+                "layer_config": layer_transformer_config(
+                    model_config, ffn, heads, num_layers=len(layer_shapes), **config_kwargs
+                )
+            },
+        )
+        for ffn, heads in layer_shapes
+    ]
+    block = TransformerBlockSubmodules(
+        layer_specs=specs, layer_norm=base.submodules.input_layernorm
+    )
+    # layers of different shapes cannot be stacked under one checkpoint key: one key per layer
+    block_config = model_config.transformer_config(
+        num_layers=len(layer_shapes), hetereogenous_dist_checkpoint=True, **config_kwargs
+    )
+    return GPTModel(
+        config=block_config,
+        transformer_layer_spec=block,
+        pre_process=True,
+        post_process=True,
         **model_config.gpt_model_kwargs(),
     )

@@ -126,6 +126,11 @@ def load_hf(path: str) -> Checkpoint:
 
 def save_hf(ckpt: Checkpoint, out_dir: str) -> None:
     """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads (fp32 safetensors)."""
+    if ckpt.layer_shapes:
+        raise CheckpointError(
+            "a heterogeneous (per-layer) sub-network has no transformers config (Llama and GPT-2 "
+            "configs hold one MLP width and head count); export it with --saver megatron"
+        )
     config = hf_config_from_model(ckpt.model)
     tensors = _keymap(ckpt.model).from_canonical(ckpt.model, ckpt.state)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -1,7 +1,10 @@
 """A plain Megatron-Core GPT checkpoint (torch_dist) of a dense model, for stock Megatron.
 
 Stock Megatron reshards it at load to any TP/PP (contiguous splits: a dense model has no nested
-order to keep). ``megatron_args.txt`` lists the Megatron-LM model flags that match it.
+order to keep). ``megatron_args.txt`` lists the Megatron-LM model flags that match it. A
+heterogeneous sub-network (per-layer sizes) is written from megatron's own TransformerLayers, each
+built with its layer's config; ``model_config.json`` records the sizes as ``layer_shapes`` and
+``elastic.model.build_heterogeneous_gpt_model`` rebuilds the model that loads it.
 """
 
 from __future__ import annotations
@@ -60,18 +63,25 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
     m = ckpt.model
-    model = build_gpt_model(
-        m, m.transformer_config(), elastic=False, pre_process=True, post_process=True
-    )
+    if ckpt.layer_shapes:
+        model = build_heterogeneous_gpt_model(m, ckpt.layer_shapes)
+    else:
+        model = build_gpt_model(
+            m, m.transformer_config(), elastic=False, pre_process=True, post_process=True
+        )
     _load_strict(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     dist_checkpointing.save(model.sharded_state_dict(), shards)
-    write_json(os.path.join(out_dir, "model_config.json"), {"model": m.to_dict(), **ckpt.metadata})
-    write_text_atomic(
-        os.path.join(out_dir, "megatron_args.txt"), " ".join(megatron_lm_flags(m)) + "\n"
+    write_json(
+        os.path.join(out_dir, "model_config.json"),
+        {"model": m.to_dict(), "layer_shapes": ckpt.layer_shapes, **ckpt.metadata},
     )
+    if not ckpt.layer_shapes:  # per-layer sizes have no Megatron-LM flags
+        flags = " ".join(megatron_lm_flags(m))
+        write_text_atomic(os.path.join(out_dir, "megatron_args.txt"), flags + "\n")
     copy_tokenizer(ckpt.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
     write_text_atomic(os.path.join(out_dir, TRACKER_FILE), "release")
