@@ -59,8 +59,11 @@ class KeyMap:
 
     def to_canonical(self, m: ModelConfig, get: Callable[[str], Tensor]) -> Dict[str, Tensor]:
         """Build the canonical state from a tensor getter keyed by source name."""
+        from tqdm import tqdm
+
         state = {}
-        for name, sources, rule in self._rules(m):
+        rules = list(self._rules(m))
+        for name, sources, rule in tqdm(rules, desc=f"reading {self.name}", leave=False):
             tensors = [get(s) for s in sources]
             state[name] = rule.to_canonical(m, *tensors).float().contiguous()
         return state
