@@ -45,7 +45,7 @@ def _ids(tokenizer_dir):
     return tok, tok(TEXT, return_tensors="pt").input_ids
 
 
-def test_gguf_loader_matches_transformers_gguf(smol):
+def test_gguf_loader_matches_transformers_gguf(smol, tmp_path):
     tok, ids = _ids(smol.tokenizer_dir)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF), dtype=torch.float32
@@ -54,6 +54,15 @@ def test_gguf_loader_matches_transformers_gguf(smol):
         ref = ref_model.eval()(ids).logits
     ours = megatron_logits(smol, ids)
     assert (ours - ref).abs().max() <= 1e-4
+    # the whole model exported to transformers gives the same logits
+    from test_convert import hf_logits
+
+    from megatron_flextron.convert.formats.hf import save_hf
+
+    out = tmp_path / "hf"
+    os.makedirs(out)
+    save_hf(smol, str(out))
+    assert (hf_logits(str(out), ids) - ref).abs().max() <= 1e-4
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     assert tok.decode(megatron_logits(smol, prompt)[0, -1].argmax()) == " Paris"
 

@@ -87,13 +87,18 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     model = build_gpt_model(
         m, m.transformer_config(), elastic=True, pre_process=True, post_process=True
     )
-    dealt = {}
-    for name, tensor in ckpt.state.items():
-        axis = tp_axis(name, m)
-        dealt[name] = (
-            tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
-        )
-    _load_strict(model, dealt)
+    params = dict(model.named_parameters())
+    missing = set(params) - set(ckpt.state)
+    if missing:
+        raise CheckpointError(f"state does not fit the model: missing {sorted(missing)}")
+    with torch.no_grad():  # one tensor at a time: at most the state and the model in memory
+        for name, tensor in ckpt.state.items():
+            if name not in params:
+                raise CheckpointError(f"state does not fit the model: unexpected {name!r}")
+            axis = tp_axis(name, m)
+            params[name].copy_(
+                tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
+            )
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     dist_checkpointing.save(model.sharded_state_dict(), shards)
