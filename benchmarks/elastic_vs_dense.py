@@ -143,6 +143,39 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
+def gather_cost(model, rounds: int) -> float:
+    """Seconds per step spent gathering GQA-trimmed QKV rows and output-projection columns
+    (forward copy and backward scatter), the one place the elastic model copies weights."""
+    from megatron_flextron.elastic.linear import select
+
+    pieces = []
+    for layer in model.decoder.layers:
+        attention = layer.self_attention
+        rows, cols = attention.linear_qkv.active_rows, attention.linear_proj.active_cols
+        if rows is not None and isinstance(rows[0], torch.Tensor):
+            pieces.append((attention.linear_qkv.weight, rows[0], 0))
+        if isinstance(cols, torch.Tensor):
+            pieces.append((attention.linear_proj.weight, cols, 1))
+    if not pieces:
+        return 0.0
+    times = []
+    for _ in range(rounds + 1):
+        _sync()
+        t0 = time.perf_counter()
+        for weight, index, dim in pieces:
+            select(weight, index, dim).sum().backward()
+        _sync()
+        times.append(time.perf_counter() - t0)
+        for weight, _, _ in pieces:
+            weight.grad = None
+    return statistics.median(times[1:])
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def step(model, tokens, labels, position_ids):
     loss = model(tokens, position_ids, None, labels=labels).float().mean()
     loss.backward()
@@ -268,6 +301,10 @@ def run_family(model_cfg, b, s, dtype, device, rounds):
             statistics.median(times["masked 50%"]) / statistics.median(times["elastic 50%"]), 3
         ),
     }
+    gather = gather_cost(models["elastic 50%"], rounds)
+    rows["ratios"]["GQA weight gather / elastic 50% step"] = round(
+        gather / statistics.median(times["elastic 50%"]), 4
+    )
     _print_table(model_cfg, rows)
     return rows
 

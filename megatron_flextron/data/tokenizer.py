@@ -1,0 +1,102 @@
+"""Tokenizers with megatron's tokenizer interface (tokenize, detokenize, vocab_size, eod, pad).
+
+``--tokenizer-type`` follows Megatron's names: ``HuggingFaceTokenizer`` (a tokenizer.json, read by
+the ``tokenizers`` library alone) and ``SentencePieceTokenizer`` (a .model file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer")
+_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+class HuggingFaceTokenizer(MegatronLegacyTokenizer):
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        super().__init__(file)
+        self._tok = Tokenizer.from_file(file)
+        eod = next(
+            (
+                self._tok.token_to_id(t)
+                for t in _EOD_CANDIDATES
+                if self._tok.token_to_id(t) is not None
+            ),
+            None,
+        )
+        if eod is None:
+            raise ValueError(f"{file} has none of the end-of-document tokens {_EOD_CANDIDATES}")
+        self._eod = eod
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab(self):
+        return self._tok.get_vocab()
+
+    @property
+    def inv_vocab(self):
+        return {v: k for k, v in self._tok.get_vocab().items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+
+class SentencePieceTokenizer(MegatronLegacyTokenizer):
+    def __init__(self, path: str):
+        import sentencepiece
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no sentencepiece model at {path}")
+        super().__init__(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self._eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else self._sp.piece_to_id("</s>")
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode(list(ids))
+
+    @property
+    def vocab(self):
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def inv_vocab(self):
+        return {i: self._sp.id_to_piece(i) for i in range(self.vocab_size)}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> MegatronLegacyTokenizer:
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    raise ValueError(
+        f"unknown --tokenizer-type {tokenizer_type!r}; expected one of {TOKENIZER_TYPES}"
+    )

@@ -1,0 +1,70 @@
+"""Tokenize text into megatron's indexed dataset format (.bin/.idx), as Megatron's tool does.
+
+  python tools/preprocess_data.py --input wiki:train --output-prefix data/wiki_train \\
+      --tokenizer-type HuggingFaceTokenizer --tokenizer-model ckpt/smollm2/tokenizer --append-eod
+
+--input: a .jsonl file (the --json-keys field of each line is a document), a text file (documents
+separated by blank lines), or wiki:train / wiki:valid / wiki:test (the bundled corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+
+
+def documents(path: str, json_key: str):
+    if path.startswith("wiki:"):
+        from megatron_flextron.data.corpus import wiki_documents
+
+        yield from wiki_documents(path.split(":", 1)[1])
+        return
+    with open(path) as f:
+        if path.endswith((".jsonl", ".json")):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)[json_key]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(
+                            f"{path}:{n}: not a JSON object with {json_key!r}: {e}"
+                        ) from None
+        else:
+            yield from (d for d in f.read().split("\n\n") if d.strip())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True)
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX_text_document.bin/.idx")
+    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    p.add_argument(
+        "--tokenizer-model", required=True, help="tokenizer.json (or its folder) / .model"
+    )
+    p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
+    args = p.parse_args(argv)
+    from megatron_flextron.data.gpt_data import write_indexed_dataset
+
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        for key in args.json_keys:
+            prefix = f"{args.output_prefix}_{key}_document"
+            stats = write_indexed_dataset(
+                documents(args.input, key), tokenizer, prefix, args.append_eod
+            )
+            print(json.dumps({"output": prefix, **stats}))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
