@@ -1,0 +1,81 @@
+"""Which sub-network a micro-batch trains: Flextron's budget sampling.
+
+With probability ``original_model_sample_prob`` the full model, else a budget drawn from
+``budget_list`` with ``budget_probs``. A budget b maps to the elastic choices nearest to b x the
+full MLP width and b x the full head count (homogeneous), or, per layer, to a random choice for
+each layer among those at or below them (heterogeneous). The draw is seeded by (seed, iteration,
+micro-batch), never by the rank, so every data-parallel (and TP/PP) rank makes the same choice.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.subnetwork import Subnetwork
+
+
+def check_budgets(budgets: Sequence[float], probs: Optional[Sequence[float]] = None) -> None:
+    """Budgets lie in (0, 1] and are sorted descending; probabilities match and sum to 1."""
+    if not budgets:
+        raise ValueError("--budget-list is empty")
+    for b in budgets:
+        if not isinstance(b, (int, float)) or math.isnan(b) or not 0 < b <= 1:
+            raise ValueError(f"budget {b!r} must lie in (0, 1]")
+    if list(budgets) != sorted(budgets, reverse=True) or len(set(budgets)) != len(budgets):
+        raise ValueError(f"--budget-list {list(budgets)} must be distinct and sorted descending")
+    if probs is not None:
+        if len(probs) != len(budgets):
+            raise ValueError(f"--budget-probs has {len(probs)} values for {len(budgets)} budgets")
+        if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+            raise ValueError(f"--budget-probs {list(probs)} must be non-negative and sum to 1")
+
+
+def _nearest(choices: Sequence[int], target: float) -> int:
+    return min(choices, key=lambda c: (abs(c - target), -c))
+
+
+def budget_subnetwork(
+    budget: float, model: ModelConfig, elastic: ElasticConfig, rng: Optional[random.Random] = None
+) -> Subnetwork:
+    """The sub-network of a budget: homogeneous, or per layer when ``rng`` is given."""
+    mlp_choices = sorted(set(elastic.mlp_choices) | {model.ffn_hidden_size})
+    head_choices = sorted(set(elastic.head_choices) | {model.num_attention_heads})
+    mlp = _nearest(mlp_choices, budget * model.ffn_hidden_size)
+    heads = _nearest(head_choices, budget * model.num_attention_heads)
+    n = model.num_layers
+    if rng is None:
+        return Subnetwork((mlp,) * n, (heads,) * n, tuple(range(n)))
+    mlps = tuple(rng.choice([c for c in mlp_choices if c <= mlp]) for _ in range(n))
+    heads_per_layer = tuple(rng.choice([c for c in head_choices if c <= heads]) for _ in range(n))
+    return Subnetwork(mlps, heads_per_layer, tuple(range(n)))
+
+
+@dataclass
+class BudgetSampler:
+    model: ModelConfig
+    elastic: ElasticConfig
+    budgets: Sequence[float] = (1.0, 0.75, 0.5, 0.35)
+    probs: Optional[Sequence[float]] = None  # None: uniform
+    full_model_prob: float = 1 / 3  # Nemotron Elastic's default
+    heterogeneous: bool = False
+    seed: int = 1234
+
+    def __post_init__(self):
+        check_budgets(self.budgets, self.probs)
+        if not 0 <= self.full_model_prob <= 1:
+            raise ValueError(f"--original-model-sample-prob {self.full_model_prob} not in [0, 1]")
+
+    def sample(self, iteration: int, microbatch: int) -> Tuple[float, Subnetwork]:
+        """(budget, sub-network) of one micro-batch; the same on every rank."""
+        rng = random.Random(hash((self.seed, iteration, microbatch)) & 0xFFFFFFFF)
+        if rng.random() < self.full_model_prob:
+            return 1.0, Subnetwork.full(self.model)
+        budget = rng.choices(list(self.budgets), weights=self.probs)[0]
+        subnet = budget_subnetwork(
+            budget, self.model, self.elastic, rng if self.heterogeneous else None
+        )
+        return budget, subnet
