@@ -152,6 +152,10 @@ def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path, spec):
     else:
         dense = build_gpt_model(small.model, small.model.transformer_config(), elastic=False)
         assert "--num-layers 3" in (tmp_path / "meg" / "megatron_args.txt").read_text()
+    from megatron_flextron.elastic import count_parameters
+
+    subnet = Subnetwork.parse(spec, m)
+    assert count_parameters(subnet, m)["total"] == sum(p.numel() for p in dense.parameters())
     loaded = dist_checkpointing.load(dense.sharded_state_dict(), str(tmp_path / "meg" / "release"))
     dense.load_state_dict(loaded, strict=False)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from helpers import BATCH, SEQ, batch, elastic_choices, random_canonical_state, tiny_config
 from megatron.core.models.gpt import GPTModel
 
-from megatron_flextron.elastic import Subnetwork, build_gpt_model, set_subnetwork
+from megatron_flextron.elastic import Subnetwork, build_gpt_model, count_parameters, set_subnetwork
 from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -116,6 +116,8 @@ def test_subnetwork_equals_hand_sliced_dense_gpt(family, subnet_name):
         elastic, SUBNETS[subnet_name](model_cfg), model_cfg, elastic_choices(model_cfg)
     )
     dense = dense_reference(model_cfg, canonical, subnet)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    assert count_parameters(subnet, model_cfg)["total"] == dense_params
     tokens, _ = batch()
     full_diff = (
         (_logits(dense, tokens) - _logits(_elastic(model_cfg, canonical), tokens)).abs().max()
