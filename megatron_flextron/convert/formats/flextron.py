@@ -105,7 +105,7 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
 
 
-def _load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -184,7 +184,7 @@ def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
         == parallel_state.get_tensor_model_parallel_world_size()
     ):
         state = dist_checkpointing.load(gpt.sharded_state_dict(), iteration_dir(path))
-        _load_strict(gpt, state)
+        load_state_strict(gpt, state)
     else:
         ckpt = read_flextron(path)
         load_canonical_state_dict(gpt, ckpt.state, ckpt.model)

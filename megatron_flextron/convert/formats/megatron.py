@@ -13,7 +13,7 @@ import os
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.checkpoint import Checkpoint
-from megatron_flextron.convert.formats.flextron import TRACKER_FILE, _load_strict
+from megatron_flextron.convert.formats.flextron import TRACKER_FILE, load_state_strict
 from megatron_flextron.convert.io import copy_tokenizer, write_json, write_text_atomic
 
 
@@ -72,7 +72,7 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
         model = build_gpt_model(
             m, m.transformer_config(), elastic=False, pre_process=True, post_process=True
         )
-    _load_strict(model, ckpt.state)
+    load_state_strict(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     dist_checkpointing.save(model.sharded_state_dict(), shards)
