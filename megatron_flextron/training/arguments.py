@@ -1,0 +1,215 @@
+"""Command-line flags of elastic training: Megatron's names, mapped onto composed dataclasses.
+
+Every inconsistent combination is refused here, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_flextron.training.sampling import check_budgets
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class DataArgs:
+    data_path: List[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_length: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    tokenizer_model: Optional[str] = None
+
+
+@dataclass
+class OptimizerArgs:
+    lr: float = 9e-5
+    min_lr: float = 9e-6
+    lr_warmup_iters: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class RunArgs:
+    train_iters: int = 100
+    seed: int = 1234
+    bf16: bool = False
+    fp16: bool = False
+    load: Optional[str] = None
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+
+
+@dataclass
+class ElasticArgs:
+    budget_list: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.35])
+    budget_probs: Optional[List[float]] = None
+    mlp_choices: Optional[List[float]] = None  # ratios; None: the checkpoint's choices
+    head_choices: Optional[List[float]] = None
+    original_model_sample_prob: float = 1 / 3
+    heterogeneous: bool = False
+    distill: str = "inplace"
+    kd_temperature: float = 1.0
+
+
+@dataclass
+class TrainingArgs:
+    parallel: ParallelArgs
+    data: DataArgs
+    optimizer: OptimizerArgs
+    run: RunArgs
+    elastic: ElasticArgs
+
+    @property
+    def data_parallel_size(self) -> int:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return world // (
+            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        )
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.data.global_batch_size // (self.data.micro_batch_size * self.data_parallel_size)
+
+
+# flag -> (group, help); argparse types and defaults come from the dataclass fields
+_GROUPS = {
+    "parallel": ParallelArgs,
+    "data": DataArgs,
+    "optimizer": OptimizerArgs,
+    "run": RunArgs,
+    "elastic": ElasticArgs,
+}
+_HELP = {
+    "tensor_model_parallel_size": "tensor-parallel size (divides heads, KV groups, widths, vocab)",
+    "pipeline_model_parallel_size": "pipeline-parallel size (divides the layers)",
+    "data_path": "megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (.bin/.idx)",
+    "split": "train,valid,test proportions of the blend, e.g. 969,30,1",
+    "seq_length": "tokens per sample",
+    "micro_batch_size": "samples per micro-batch per data-parallel rank",
+    "global_batch_size": "samples per iteration over all ranks (a multiple of micro x DP)",
+    "tokenizer_type": "HuggingFaceTokenizer (tokenizer.json) or SentencePieceTokenizer",
+    "tokenizer_model": "tokenizer.json, its folder, or a sentencepiece .model",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the decay",
+    "lr_warmup_iters": "linear warmup iterations",
+    "lr_decay_style": "constant, linear or cosine",
+    "weight_decay": "decoupled weight decay (applied to the active sub-network only)",
+    "clip_grad": "global gradient-norm clip (0: off)",
+    "use_distributed_optimizer": "shard optimizer state over data-parallel ranks",
+    "train_iters": "iterations to train",
+    "seed": "random seed",
+    "bf16": "bfloat16 parameters and compute",
+    "fp16": "float16 parameters and compute",
+    "load": "checkpoint to start or resume from",
+    "save": "checkpoint directory to write",
+    "save_interval": "iterations between checkpoints",
+    "eval_interval": "iterations between evals",
+    "eval_iters": "validation micro-batches per eval and budget",
+    "log_interval": "iterations between log lines",
+    "tensorboard_dir": "tensorboard event folder",
+    "budget_list": "trained budgets, descending, in (0, 1]",
+    "budget_probs": "sampling probability of each budget (default uniform)",
+    "mlp_choices": "MLP width ratios of the elastic axes",
+    "head_choices": "head-count ratios of the elastic axes",
+    "original_model_sample_prob": "probability that a micro-batch trains the full model",
+    "heterogeneous": "sample per-layer widths under each budget",
+    "distill": "none, inplace (full model's logits) or frozen (the original model's)",
+    "kd_temperature": "distillation temperature",
+}
+_CHOICES = {
+    "lr_decay_style": ["constant", "linear", "cosine"],
+    "distill": ["none", "inplace", "frozen"],
+    "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer"],
+}
+_LISTS = {
+    "data_path": str,
+    "budget_list": float,
+    "budget_probs": float,
+    "mlp_choices": float,
+    "head_choices": float,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Elastic (Flextron) continued pretraining")
+    for group_name, cls in _GROUPS.items():
+        group = parser.add_argument_group(group_name)
+        for name, f in cls.__dataclass_fields__.items():
+            flag = "--" + name.replace("_", "-")
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if f.type in ("bool",) or isinstance(default, bool):
+                group.add_argument(flag, action="store_true", help=_HELP[name])
+            elif name in _LISTS:
+                group.add_argument(
+                    flag, nargs="+", type=_LISTS[name], default=default, help=_HELP[name]
+                )
+            else:
+                kind = type(default) if default is not None else str
+                kind = int if name.endswith(("_interval", "_size")) and default is None else kind
+                group.add_argument(
+                    flag, type=kind, default=default, choices=_CHOICES.get(name), help=_HELP[name]
+                )
+    return parser
+
+
+def parse_args(argv=None) -> TrainingArgs:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    args = TrainingArgs(
+        **{g: cls(**{k: ns[k] for k in cls.__dataclass_fields__}) for g, cls in _GROUPS.items()}
+    )
+    try:
+        validate(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def validate(args: TrainingArgs) -> None:
+    """Refuse inconsistent settings with a message naming them."""
+    p, d, o, r, e = args.parallel, args.data, args.optimizer, args.run, args.elastic
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by TP x PP = {model_parallel}")
+    dp = world // model_parallel
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ValueError(
+            f"--global-batch-size {d.global_batch_size} is not divisible by --micro-batch-size "
+            f"{d.micro_batch_size} x data-parallel size {dp}"
+        )
+    if r.bf16 and r.fp16:
+        raise ValueError("--bf16 and --fp16 are mutually exclusive")
+    if not d.data_path:
+        raise ValueError("--data-path is required")
+    prefixes = d.data_path[1::2] if len(d.data_path) > 1 else d.data_path
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ValueError(f"--data-path: missing {prefix + ext}")
+    if o.min_lr > o.lr:
+        raise ValueError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
+    check_budgets(e.budget_list, e.budget_probs)
+    for name in ("mlp_choices", "head_choices"):
+        for ratio in getattr(e, name) or []:
+            if not 0 < ratio <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} ratio {ratio} must lie in (0, 1]")
+    if r.save_interval is not None and r.save is None:
+        raise ValueError("--save-interval needs --save")

@@ -1,0 +1,116 @@
+"""Training flags: Megatron's names, a frozen set, and clear refusals of inconsistent settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_flextron.training.arguments import build_parser, parse_args
+
+FLAGS = {
+    "--tensor-model-parallel-size",
+    "--pipeline-model-parallel-size",
+    "--data-path",
+    "--split",
+    "--seq-length",
+    "--micro-batch-size",
+    "--global-batch-size",
+    "--tokenizer-type",
+    "--tokenizer-model",
+    "--lr",
+    "--min-lr",
+    "--lr-warmup-iters",
+    "--lr-decay-style",
+    "--weight-decay",
+    "--clip-grad",
+    "--use-distributed-optimizer",
+    "--train-iters",
+    "--seed",
+    "--bf16",
+    "--fp16",
+    "--load",
+    "--save",
+    "--save-interval",
+    "--eval-interval",
+    "--eval-iters",
+    "--log-interval",
+    "--tensorboard-dir",
+    "--budget-list",
+    "--budget-probs",
+    "--mlp-choices",
+    "--head-choices",
+    "--original-model-sample-prob",
+    "--heterogeneous",
+    "--distill",
+    "--kd-temperature",
+}
+
+
+def test_flag_set_is_frozen_and_documented():
+    parser = build_parser()
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {
+        "--help"
+    }
+    assert flags == FLAGS
+    assert all(a.help for a in parser._actions)
+
+
+@pytest.fixture
+def data(tmp_path):
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"wiki{ext}").write_bytes(b"")
+    return str(tmp_path / "wiki")
+
+
+def test_megatron_flags_map_onto_dataclasses(data, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = parse_args(
+        [
+            "--data-path",
+            data,
+            "--tensor-model-parallel-size",
+            "2",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "1e-4",
+            "--budget-list",
+            "1.0",
+            "0.5",
+            "--budget-probs",
+            "0.25",
+            "0.75",
+            "--bf16",
+        ]
+    )
+    assert args.parallel.tensor_model_parallel_size == 2 and args.data_parallel_size == 2
+    assert args.num_microbatches == 2 and args.optimizer.lr == 1e-4 and args.run.bf16
+    assert args.elastic.budget_list == [1.0, 0.5] and args.elastic.distill == "inplace"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--global-batch-size", "6", "--micro-batch-size", "4"],
+            "not divisible by --micro-batch-size",
+        ),
+        (["--bf16", "--fp16"], "mutually exclusive"),
+        (["--budget-list", "0.5", "1.0"], "sorted descending"),
+        (["--budget-list", "1.0", "0"], "must lie in"),
+        (["--min-lr", "1", "--lr", "0.1"], "above --lr"),
+        (["--save-interval", "5"], "needs --save"),
+    ],
+)
+def test_inconsistent_settings_fail_before_training(data, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--data-path", data, *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_data_path_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data-path", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert "--data-path: missing" in err and "nowhere.bin" in err
