@@ -44,22 +44,13 @@ def parse_args(argv=None):
 
 
 def load_sequences(args, tokenizer_dir):
-    from megatron_flextron.data.corpus import load_tokenizer, packed_sequences, wiki_documents
+    from megatron_flextron.data.corpus import read_token_lists, token_sequences
 
     if args.tokens_jsonl:
-        with open(args.tokens_jsonl) as f:
-            seqs = [json.loads(line)[: args.seq_length + 1] for line in f if line.strip()]
-        if any(len(s) < 2 or not all(isinstance(t, int) for t in s) for s in seqs):
-            raise ValueError(f"{args.tokens_jsonl}: every line must list at least 2 token ids")
+        seqs = read_token_lists(args.tokens_jsonl, args.seq_length)
     else:
-        if tokenizer_dir is None:
-            raise CheckpointError(f"{args.load} has no tokenizer; use --tokens-jsonl")
-        if args.wiki_split:
-            docs = wiki_documents(args.wiki_split)
-        else:
-            with open(args.text_file) as f:
-                docs = [d for d in f.read().split("\n\n") if d.strip()]
-        seqs = packed_sequences(docs, load_tokenizer(tokenizer_dir), args.seq_length)
+        source = f"wiki:{args.wiki_split}" if args.wiki_split else args.text_file
+        seqs = token_sequences(source, tokenizer_dir, args.seq_length)
     seqs = seqs[: args.max_sequences]
     if not seqs:
         raise ValueError("no sequence to evaluate")

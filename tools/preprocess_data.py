@@ -19,26 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_flextron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
-def documents(path: str, json_key: str):
-    if path.startswith("wiki:"):
-        from megatron_flextron.data.corpus import wiki_documents
-
-        yield from wiki_documents(path.split(":", 1)[1])
-        return
-    with open(path) as f:
-        if path.endswith((".jsonl", ".json")):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)[json_key]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(
-                            f"{path}:{n}: not a JSON object with {json_key!r}: {e}"
-                        ) from None
-        else:
-            yield from (d for d in f.read().split("\n\n") if d.strip())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True)
@@ -50,6 +30,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
     args = p.parse_args(argv)
+    from megatron_flextron.data.corpus import iter_documents
     from megatron_flextron.data.gpt_data import write_indexed_dataset
 
     try:
@@ -57,7 +38,7 @@ def main(argv=None) -> int:
         for key in args.json_keys:
             prefix = f"{args.output_prefix}_{key}_document"
             stats = write_indexed_dataset(
-                documents(args.input, key), tokenizer, prefix, args.append_eod
+                iter_documents(args.input, key), tokenizer, prefix, args.append_eod
             )
             print(json.dumps({"output": prefix, **stats}))
     except (OSError, ValueError) as e:

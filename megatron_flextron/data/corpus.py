@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 import random
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 SPLITS = {"train": (0.0, 0.9), "valid": (0.9, 0.95), "test": (0.95, 1.0)}
 
@@ -73,3 +73,51 @@ def document_sequences(documents: Sequence[str], tokenizer, max_length: int) -> 
     """One token sequence per document (no packing), truncated to ``max_length + 1`` tokens."""
     seqs = [tokenizer.encode(doc).ids[: max_length + 1] for doc in documents]
     return [s for s in seqs if len(s) >= 2]
+
+
+def iter_documents(source: str, json_key: str = "text") -> Iterator[str]:
+    """Documents of ``wiki:SPLIT`` (the bundled corpus), a .jsonl/.json file (``json_key`` of each
+    line's object), or a text file (documents separated by blank lines)."""
+    if source.startswith("wiki:"):
+        yield from wiki_documents(source.split(":", 1)[1])
+        return
+    with open(source) as f:
+        if source.endswith((".jsonl", ".json")):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)[json_key]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(
+                            f"{source}:{n}: not a JSON object with {json_key!r}: {e}"
+                        ) from None
+        else:
+            yield from (d for d in f.read().split("\n\n") if d.strip())
+
+
+def read_token_lists(path: str, seq_length: int) -> List[List[int]]:
+    """A .jsonl of token-id lists, one sequence per line, cut after ``seq_length + 1`` tokens."""
+    with open(path) as f:
+        seqs = [json.loads(line)[: seq_length + 1] for line in f if line.strip()]
+    if any(
+        not isinstance(s, list) or len(s) < 2 or not all(isinstance(t, int) for t in s)
+        for s in seqs
+    ):
+        raise ValueError(f"{path}: every line must be a JSON list of at least 2 token ids")
+    return seqs
+
+
+def token_sequences(
+    source: str, tokenizer_dir: Optional[str], seq_length: int, max_sequences: Optional[int] = None
+) -> List[List[int]]:
+    """Evaluation/calibration sequences: a token-id .jsonl as it is, or documents (see
+    ``iter_documents``) tokenized and packed into ``seq_length`` windows."""
+    if source.endswith(".jsonl") and not source.startswith("wiki:"):
+        with open(source) as f:
+            first = next((line for line in f if line.strip()), "[]")
+        if first.lstrip().startswith("["):
+            return read_token_lists(source, seq_length)[:max_sequences]
+    if tokenizer_dir is None:
+        raise ValueError(f"{source} is text: it needs a checkpoint with a tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return packed_sequences(iter_documents(source), tokenizer, seq_length, max_sequences)

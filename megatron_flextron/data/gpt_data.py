@@ -43,6 +43,14 @@ def write_indexed_dataset(
     return {"documents": docs, "tokens": tokens, "dtype": numpy.dtype(dtype).name}
 
 
+def check_data_path(data_path: Sequence[str]) -> None:
+    """Every prefix of a megatron blend (``PREFIX`` or ``W PREFIX W PREFIX ...``) has .bin/.idx."""
+    for prefix in data_path[1::2] if len(data_path) > 1 else data_path:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise FileNotFoundError(f"--data-path: missing {prefix + ext}")
+
+
 def build_gpt_datasets(
     data_path: Sequence[str],
     split: str,
@@ -60,10 +68,7 @@ def build_gpt_datasets(
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
-    for prefix in data_path[1::2] if len(data_path) > 1 else data_path:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise FileNotFoundError(f"--data-path: missing {prefix + ext}")
+    check_data_path(data_path)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

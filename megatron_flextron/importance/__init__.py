@@ -8,7 +8,6 @@ comparison is recorded in the checkpoint metadata.
 
 from __future__ import annotations
 
-import json
 from typing import Dict, List
 
 import torch
@@ -25,24 +24,13 @@ def calibration_sequences(
     spec: str, tokenizer_dir, samples: int, seq_length: int
 ) -> List[List[int]]:
     """'wiki' (the bundled corpus, train split), a .jsonl of token-id lists, or a text file."""
-    from megatron_flextron.data.corpus import load_tokenizer, packed_sequences, wiki_documents
+    from megatron_flextron.data.corpus import token_sequences
 
-    if spec.endswith(".jsonl"):
-        with open(spec) as f:
-            seqs = [json.loads(line)[: seq_length + 1] for line in f if line.strip()]
-        return seqs[:samples]
-    if tokenizer_dir is None:
-        raise CheckpointError("text calibration data needs a checkpoint with a tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if spec == "wiki":
-        docs = wiki_documents("train")
-    else:
-        try:
-            with open(spec) as f:
-                docs = [line for line in f.read().split("\n\n") if line.strip()]
-        except OSError as e:
-            raise CheckpointError(f"cannot read calibration data {spec}: {e}") from None
-    seqs = packed_sequences(docs, tokenizer, seq_length, samples)
+    source = "wiki:train" if spec == "wiki" else spec
+    try:
+        seqs = token_sequences(source, tokenizer_dir, seq_length, samples)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"calibration data {spec}: {e}") from None
     if not seqs:
         raise CheckpointError(f"calibration data {spec} is shorter than one sequence")
     return seqs

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_flextron.data.gpt_data import check_data_path
 from megatron_flextron.training.sampling import check_budgets
 
 
@@ -199,11 +200,10 @@ def validate(args: TrainingArgs) -> None:
         raise ValueError("--bf16 and --fp16 are mutually exclusive")
     if not d.data_path:
         raise ValueError("--data-path is required")
-    prefixes = d.data_path[1::2] if len(d.data_path) > 1 else d.data_path
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise ValueError(f"--data-path: missing {prefix + ext}")
+    try:
+        check_data_path(d.data_path)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
     if o.min_lr > o.lr:
         raise ValueError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
     check_budgets(e.budget_list, e.budget_probs)
