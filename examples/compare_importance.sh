@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SmolLM2-135M: held-out perplexity of prefix sub-networks in the source unit order vs after
-# importance ranking (no training). Prints a markdown table; ~5 minutes on the 2-core CPU machine.
+# importance ranking (no training). Prints a markdown table.
 #   bash examples/compare_importance.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,7 @@ the number of query heads per group (1 for MHA). Megatron's SwiGLU fc1 is [gate;
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -75,7 +75,3 @@ def tp_merge_glu(shards: Sequence[torch.Tensor]) -> torch.Tensor:
     """Legacy SwiGLU fc1 shards hold [gate_r; up_r] each: merge gates and ups separately."""
     gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
     return torch.cat([*gates, *ups], dim=0)
-
-
-def tp_split(full: torch.Tensor, dim: int, tp: int) -> List[torch.Tensor]:
-    return list(full.chunk(tp, dim=dim))

@@ -69,12 +69,6 @@ def packed_sequences(
     return out
 
 
-def document_sequences(documents: Sequence[str], tokenizer, max_length: int) -> List[List[int]]:
-    """One token sequence per document (no packing), truncated to ``max_length + 1`` tokens."""
-    seqs = [tokenizer.encode(doc).ids[: max_length + 1] for doc in documents]
-    return [s for s in seqs if len(s) >= 2]
-
-
 def iter_documents(source: str, json_key: str = "text") -> Iterator[str]:
     """Documents of ``wiki:SPLIT`` (the bundled corpus), a .jsonl/.json file (``json_key`` of each
     line's object), or a text file (documents separated by blank lines)."""

@@ -76,9 +76,6 @@ class Subnetwork:
             out["layers"] = list(self.layers)
         return out
 
-    def is_full(self, model: ModelConfig) -> bool:
-        return self == Subnetwork.full(model)
-
     def validate(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int = 1) -> None:
         """Raise ValueError naming the layer and the value the model cannot run."""
         n = model.num_layers
