@@ -93,3 +93,72 @@ def train_step(ddp_model, tokens, labels, forward_only: bool = False):
     if parallel_state.is_pipeline_last_stage():
         return out[0]["loss"], out[0]["logits"]
     return None, None
+
+
+def write_training_setup(directory: str, family: str = "llama", docs: int = 300) -> dict:
+    """A tiny flextron checkpoint (random weights) with a byte-level BPE tokenizer trained on the
+    bundled corpus, and that corpus preprocessed to .bin/.idx: what the trainer needs."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_flextron.convert.checkpoint import Checkpoint
+    from megatron_flextron.convert.formats.flextron import save_flextron
+    from megatron_flextron.data.corpus import wiki_documents
+    from megatron_flextron.data.gpt_data import write_indexed_dataset
+    from megatron_flextron.data.tokenizer import build_tokenizer
+
+    tok_dir = os.path.join(directory, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    texts = wiki_documents("train")[:docs]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.save(os.path.join(tok_dir, "tokenizer.json"))
+    model = tiny_config(family, vocab_size=320)
+    ckpt = Checkpoint(
+        model=model,
+        state=random_canonical_state(model),
+        tokenizer_dir=tok_dir,
+        elastic=elastic_choices(model),
+    )
+    ckpt_dir = os.path.join(directory, "ckpt")
+    os.makedirs(ckpt_dir)
+    save_flextron(ckpt, ckpt_dir)
+    prefix = os.path.join(directory, "wiki_text_document")
+    write_indexed_dataset(
+        iter(texts), build_tokenizer("HuggingFaceTokenizer", tok_dir), prefix, append_eod=True
+    )
+    return {"load": ckpt_dir, "data_path": prefix, "model": model}
+
+
+def training_flags(setup: dict, **flags) -> list:
+    """Command-line flags of a short tiny-model run; keyword arguments override/extend them."""
+    base = {
+        "load": setup["load"],
+        "data_path": setup["data_path"],
+        "split": "98,2,0",
+        "seq_length": 32,
+        "micro_batch_size": 2,
+        "global_batch_size": 8,
+        "train_iters": 8,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "lr_warmup_iters": 2,
+        "eval_interval": 4,
+        "eval_iters": 2,
+        "log_interval": 1,
+    }
+    base.update(flags)
+    argv = []
+    for key, value in base.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv

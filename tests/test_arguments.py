@@ -42,6 +42,12 @@ FLAGS = {
     "--heterogeneous",
     "--distill",
     "--kd-temperature",
+    "--kd-weight",
+    "--lr-decay-iters",
+    "--no-load-optim",
+    "--finetune",
+    "--metrics-file",
+    "--exit-interval",
 }
 
 
@@ -56,9 +62,12 @@ def test_flag_set_is_frozen_and_documented():
 
 @pytest.fixture
 def data(tmp_path):
+    """--data-path and --load of empty stand-ins (parsing only checks that they exist)."""
     for ext in (".bin", ".idx"):
         (tmp_path / f"wiki{ext}").write_bytes(b"")
-    return str(tmp_path / "wiki")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "flextron_config.json").write_text("{}")
+    return [str(tmp_path / "wiki"), "--load", str(tmp_path / "ckpt")]
 
 
 def test_megatron_flags_map_onto_dataclasses(data, monkeypatch):
@@ -66,7 +75,7 @@ def test_megatron_flags_map_onto_dataclasses(data, monkeypatch):
     args = parse_args(
         [
             "--data-path",
-            data,
+            *data,
             "--tensor-model-parallel-size",
             "2",
             "--micro-batch-size",
@@ -101,11 +110,14 @@ def test_megatron_flags_map_onto_dataclasses(data, monkeypatch):
         (["--budget-list", "1.0", "0"], "must lie in"),
         (["--min-lr", "1", "--lr", "0.1"], "above --lr"),
         (["--save-interval", "5"], "needs --save"),
+        (["--load", "/nonexistent"], "is not a flextron checkpoint"),
+        (["--mlp-choices", "1.0", "1.5"], "must lie in (0, 1]"),
+        (["--budget-probs", "0.5", "0.5"], "2 values for 4 budgets"),
     ],
 )
 def test_inconsistent_settings_fail_before_training(data, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--data-path", data, *extra])
+        parse_args(["--data-path", *data, *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

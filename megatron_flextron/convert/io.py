@@ -65,12 +65,11 @@ def read_json(path: str) -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def copy_tokenizer(src: Optional[str], dst: str) -> None:
-    if not src:
+    if not src or os.path.abspath(src) == os.path.abspath(dst):
         return
     os.makedirs(dst, exist_ok=True)
     for name in TOKENIZER_FILES:

@@ -84,3 +84,31 @@ def build_gpt_datasets(
     return BlendedMegatronDatasetBuilder(
         GPTDataset, list(num_samples), lambda: True, config
     ).build()
+
+
+def rank_microbatches(
+    dataset,
+    first_sample: int,
+    num_microbatches: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    device=None,
+) -> List[dict]:
+    """This rank's micro-batches of one global batch starting at ``first_sample``.
+
+    As megatron's pretraining sampler: each micro step takes the next micro x DP samples and
+    rank r gets the r-th block of ``micro_batch_size``. Depends only on the sample index, so a
+    resumed run reads exactly the batches the uninterrupted run would have read.
+    """
+    batches = []
+    for m in range(num_microbatches):
+        start = first_sample + (m * data_parallel_size + data_parallel_rank) * micro_batch_size
+        samples = [dataset[i] for i in range(start, start + micro_batch_size)]
+        batches.append(
+            {
+                key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+                for key in ("tokens", "labels", "loss_mask", "position_ids")
+            }
+        )
+    return batches

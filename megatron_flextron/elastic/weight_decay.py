@@ -1,10 +1,15 @@
-"""Decoupled weight decay restricted to the active sub-network.
+"""Decoupled weight decay restricted to the parts of the model a step trained.
 
 AdamW decays every parameter each step, so a step on a sub-network would shrink the weights it did
-not use (their gradient is zero, their decay is not). Run the optimizer with ``weight_decay=0`` and
-call ``ElasticWeightDecay.apply`` before ``optimizer.step()``: it multiplies only the active slices
-of the decayed parameters by (1 - lr * wd), which is exactly AdamW's decay for those slices.
-Like megatron, biases and 1-D parameters (norms) are not decayed.
+not use (their gradient is zero, their decay is not). Run the optimizer with ``weight_decay=0``;
+call ``record()`` after each micro-batch's ``set_subnetwork`` and ``apply(lr)`` before
+``optimizer.step()``: it multiplies the union of the recorded active slices of each decayed
+parameter by (1 - lr * wd), which is exactly AdamW's decay for those slices. With no record it
+uses the currently active sub-network. Like megatron, biases and 1-D parameters are not decayed.
+
+The decay goes to the optimizer's main (fp32) copy of a parameter: the model parameter itself for
+fp32 training (also under the distributed optimizer, whose fp32 shards are views of it), the
+fp32 master copy under bf16/fp16 with megatron's Float16Optimizer.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from megatron_flextron.elastic.linear import (
     ElasticColumnParallelLinear,
     ElasticRowParallelLinear,
     Selection,
-    select,
 )
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
@@ -48,33 +52,79 @@ def _is_decayed(name: str, p: torch.Tensor) -> bool:
     return not name.endswith(".bias") and p.dim() > 1
 
 
-class ElasticWeightDecay:
-    """Apply decoupled weight decay to the active slices of a model's (fp32) parameters."""
+def _union(p: torch.Tensor, region: Region, previous) -> Optional[Tuple[int, torch.Tensor]]:
+    """Union of a region with a previous one as (dim, boolean mask over that dim); None = all.
+    A parameter's regions always lie along one dim (rows of column-, columns of row-parallel)."""
+    if region is None or previous is None:
+        return None
+    dim = region[0][0]
+    mask = torch.zeros(p.size(dim), dtype=torch.bool, device=p.device)
+    for _, selection in region:
+        mask[selection] = True
+    if previous is not _NOTHING:
+        mask |= previous[1]
+    return dim, mask
 
-    def __init__(self, model: torch.nn.Module, weight_decay: float):
+
+_NOTHING = object()
+
+
+def main_params(optimizer) -> Dict[int, torch.Tensor]:
+    """id(model param) -> the tensor the optimizer steps (fp32 master copies under bf16/fp16)."""
+    mapping: Dict[int, torch.Tensor] = {}
+    if optimizer is None:
+        return mapping
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):
+            if any(len(g) for g in opt.shard_fp32_from_float16_groups):
+                raise NotImplementedError(
+                    "elastic weight decay with --bf16/--fp16 and --use-distributed-optimizer is "
+                    "not supported (the fp32 shards are not views of the model parameters); use "
+                    "--weight-decay 0 or drop --use-distributed-optimizer"
+                )
+        for model_group, main_group in zip(
+            getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", [])
+        ):
+            for model_param, main_param in zip(model_group, main_group):
+                mapping[id(model_param)] = main_param
+    return mapping
+
+
+class ElasticWeightDecay:
+    """Decoupled weight decay on the union of the active slices recorded since the last apply."""
+
+    def __init__(self, model: torch.nn.Module, weight_decay: float, optimizer=None):
         self.model = model
         self.weight_decay = weight_decay
+        self.main = main_params(optimizer)
         for _, p, _ in active_regions(model):
-            if p.dtype != torch.float32:
+            if p.dtype != torch.float32 and id(p) not in self.main:
                 raise NotImplementedError(
-                    "elastic weight decay updates the model's parameters in place and needs "
-                    "fp32 parameters (megatron's FP32 optimizer); mixed-precision main params "
-                    "are not supported yet"
+                    "elastic weight decay needs fp32 parameters or megatron's mixed-precision "
+                    "optimizer (pass it) for their fp32 master copies"
                 )
+        self._recorded: Dict[str, Optional[Tuple[int, torch.Tensor]]] = {}
+
+    def record(self) -> None:
+        """Add the currently active sub-network to this step's decayed region."""
+        for name, p, region in active_regions(self.model):
+            if not _is_decayed(name, p) or region == []:
+                continue
+            self._recorded[name] = _union(p, region, self._recorded.get(name, _NOTHING))
 
     @torch.no_grad()
     def apply(self, lr: float) -> None:
+        if not self._recorded:
+            self.record()
+        recorded, self._recorded = self._recorded, {}
         factor = 1.0 - lr * self.weight_decay
         if factor == 1.0:
             return
-        for name, p, region in active_regions(self.model):
-            if not _is_decayed(name, p):
+        params = {name: p for name, p, _ in active_regions(self.model)}
+        for name, part in recorded.items():
+            target = self.main.get(id(params[name]), params[name])
+            if part is None or bool(part[1].all()):
+                target.mul_(factor)
                 continue
-            if region is None:
-                p.mul_(factor)
-                continue
-            for dim, selection in region:
-                if isinstance(selection, slice):
-                    select(p, selection, dim).mul_(factor)
-                else:
-                    p.index_copy_(dim, selection, p.index_select(dim, selection) * factor)
+            dim, index = part[0], part[1].nonzero().squeeze(1)
+            target.index_copy_(dim, index, target.index_select(dim, index) * factor)

@@ -13,6 +13,8 @@ from typing import List, Optional
 from megatron_flextron.data.gpt_data import check_data_path
 from megatron_flextron.training.sampling import check_budgets
 
+TRACKER = "latest_checkpointed_iteration.txt"
+
 
 @dataclass
 class ParallelArgs:
@@ -36,6 +38,7 @@ class OptimizerArgs:
     lr: float = 9e-5
     min_lr: float = 9e-6
     lr_warmup_iters: int = 10
+    lr_decay_iters: Optional[int] = None  # None: --train-iters
     lr_decay_style: str = "cosine"
     weight_decay: float = 0.01
     clip_grad: float = 1.0
@@ -49,12 +52,16 @@ class RunArgs:
     bf16: bool = False
     fp16: bool = False
     load: Optional[str] = None
+    no_load_optim: bool = False
+    finetune: bool = False
     save: Optional[str] = None
     save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None
     eval_interval: int = 50
     eval_iters: int = 4
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ElasticArgs:
     heterogeneous: bool = False
     distill: str = "inplace"
     kd_temperature: float = 1.0
+    kd_weight: float = 1.0
 
 
 @dataclass
@@ -110,6 +118,7 @@ _HELP = {
     "lr": "peak learning rate",
     "min_lr": "final learning rate of the decay",
     "lr_warmup_iters": "linear warmup iterations",
+    "lr_decay_iters": "iterations of the decay (default: --train-iters)",
     "lr_decay_style": "constant, linear or cosine",
     "weight_decay": "decoupled weight decay (applied to the active sub-network only)",
     "clip_grad": "global gradient-norm clip (0: off)",
@@ -118,13 +127,17 @@ _HELP = {
     "seed": "random seed",
     "bf16": "bfloat16 parameters and compute",
     "fp16": "float16 parameters and compute",
-    "load": "checkpoint to start or resume from",
+    "load": "checkpoint to start or resume from (a checkpoint in --save takes precedence)",
+    "no_load_optim": "load weights and progress only (e.g. to resume at another TP size)",
+    "finetune": "load weights only and start at iteration 0",
     "save": "checkpoint directory to write",
     "save_interval": "iterations between checkpoints",
+    "exit_interval": "save (with --save) and exit when the iteration is a multiple of this",
     "eval_interval": "iterations between evals",
     "eval_iters": "validation micro-batches per eval and budget",
     "log_interval": "iterations between log lines",
     "tensorboard_dir": "tensorboard event folder",
+    "metrics_file": "JSON lines of every logged and evaluated metric (rank 0)",
     "budget_list": "trained budgets, descending, in (0, 1]",
     "budget_probs": "sampling probability of each budget (default uniform)",
     "mlp_choices": "MLP width ratios of the elastic axes",
@@ -133,6 +146,7 @@ _HELP = {
     "heterogeneous": "sample per-layer widths under each budget",
     "distill": "none, inplace (full model's logits) or frozen (the original model's)",
     "kd_temperature": "distillation temperature",
+    "kd_weight": "weight of the distillation loss added to the LM loss",
 }
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
@@ -204,6 +218,12 @@ def validate(args: TrainingArgs) -> None:
         check_data_path(d.data_path)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
+    decay_iters = o.lr_decay_iters or r.train_iters
+    if o.lr_warmup_iters >= decay_iters:
+        raise ValueError(
+            f"--lr-warmup-iters {o.lr_warmup_iters} must be below the decay iterations "
+            f"{decay_iters} (--lr-decay-iters or --train-iters)"
+        )
     if o.min_lr > o.lr:
         raise ValueError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
     check_budgets(e.budget_list, e.budget_probs)
@@ -211,5 +231,11 @@ def validate(args: TrainingArgs) -> None:
         for ratio in getattr(e, name) or []:
             if not 0 < ratio <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} ratio {ratio} must lie in (0, 1]")
+    if r.load is None and not (r.save and os.path.isfile(os.path.join(r.save, TRACKER))):
+        raise ValueError("--load is required (a converted flextron checkpoint to train)")
+    if r.load is not None and not os.path.isfile(os.path.join(r.load, "flextron_config.json")):
+        raise ValueError(f"--load {r.load} is not a flextron checkpoint (no flextron_config.json)")
+    if e.distill == "frozen" and r.load is None:
+        raise ValueError("--distill frozen needs --load (the original model is the teacher)")
     if r.save_interval is not None and r.save is None:
         raise ValueError("--save-interval needs --save")

@@ -115,7 +115,8 @@ def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
 
 
 def read_flextron(path: str) -> Checkpoint:
-    """The canonical checkpoint from any flextron directory; reads files only (no collectives)."""
+    """The canonical checkpoint from any flextron directory; reads files only (no collectives).
+    Optimizer state of a training checkpoint is skipped."""
     from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
 
     config = read_config(path)
@@ -127,7 +128,7 @@ def read_flextron(path: str) -> Checkpoint:
         stored = {
             key: torch.empty(meta.size, dtype=meta.properties.dtype)
             for key, meta in metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata)
+            if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
         }
         load(stored, storage_reader=reader, no_dist=True)
     except CheckpointError:
@@ -183,8 +184,9 @@ def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
         config["dealt_tensor_parallel_size"]
         == parallel_state.get_tensor_model_parallel_world_size()
     ):
-        state = dist_checkpointing.load(gpt.sharded_state_dict(), iteration_dir(path))
-        load_state_strict(gpt, state)
+        request = gpt.sharded_state_dict()
+        state = dist_checkpointing.load(request, iteration_dir(path))
+        load_state_strict(gpt, {k: v for k, v in state.items() if k in request})
     else:
         ckpt = read_flextron(path)
         load_canonical_state_dict(gpt, ckpt.state, ckpt.model)

@@ -1,0 +1,123 @@
+"""Training checkpoints: the flextron format plus optimizer state, LR schedule and progress.
+
+``DIR/iter_NNNNNNN/`` is one megatron-core distributed checkpoint of
+``{"model", "optimizer", "opt_param_scheduler", "iteration", "consumed_train_samples"}`` (megatron's
+keys). Every rank writes its shards into ``iter_NNNNNNN.tmp``; once all are done rank 0 renames
+it, writes ``flextron_config.json`` and updates ``latest_checkpointed_iteration.txt`` last, so a
+kill at any moment leaves the previous checkpoint as the latest complete one. The model part is
+an ordinary flextron checkpoint: tools/evaluate.py and tools/convert_checkpoint.py read it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional, Tuple
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_flextron.compat.torch_adam import (
+    prepare_torch_adam_for_loading,
+    unshare_torch_adam_steps,
+)
+from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.convert.formats.flextron import (
+    TRACKER_FILE,
+    iteration_dir,
+    load_flextron_into_model,
+    load_state_strict,
+    read_config,
+    write_metadata,
+)
+from megatron_flextron.elastic.subnetwork import unwrap_model
+
+# the distributed optimizer's state gathered per parameter: resumable at another DP size
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def has_checkpoint(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, TRACKER_FILE))
+
+
+def save_training_checkpoint(
+    path: str,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    consumed_train_samples: int,
+    model_cfg: ModelConfig,
+    elastic_cfg: ElasticConfig,
+    metadata: dict,
+    tokenizer_dir: Optional[str],
+) -> None:
+    """Collective: every rank calls it. Returns when the checkpoint is complete on disk."""
+    final = iteration_dir(path, iteration)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd = unwrap_model(model).sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "consumed_train_samples": consumed_train_samples,
+    }
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.isdir(final):  # an older run's checkpoint of the same iteration
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt = Checkpoint(
+            model=model_cfg,
+            state={},
+            tokenizer_dir=tokenizer_dir,
+            elastic=elastic_cfg,
+            metadata=metadata,
+        )
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        write_metadata(path, ckpt, tp, iteration)
+    dist.barrier()
+
+
+def load_training_checkpoint(
+    path: str, model, optimizer, scheduler, load_optim: bool = True
+) -> Tuple[int, int]:
+    """Load weights, and, from a training checkpoint, optimizer state, schedule and progress.
+
+    Returns (iteration, consumed_train_samples); (0, 0) for a converted (release) checkpoint.
+    """
+    config = read_config(path)
+    shards = iteration_dir(path)
+    common = dist_checkpointing.load_common_state_dict(shards)
+    if "iteration" not in common or not load_optim:
+        load_flextron_into_model(model, path)
+        return int(common.get("iteration", 0)), int(common.get("consumed_train_samples", 0))
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config["dealt_tensor_parallel_size"] != tp:
+        raise CheckpointError(
+            f"{path}: optimizer state was saved at TP={config['dealt_tensor_parallel_size']}; "
+            f"resume at that TP size, or pass --no-load-optim to load the weights at TP={tp}"
+        )
+    gpt = unwrap_model(model)
+    model_sd = gpt.sharded_state_dict()
+    prepare_torch_adam_for_loading(optimizer)
+    request = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
+        ),
+    }
+    loaded = dist_checkpointing.load(request, shards)
+    load_state_strict(gpt, loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    unshare_torch_adam_steps(optimizer)
+    scheduler.load_state_dict(common["opt_param_scheduler"])
+    return int(common["iteration"]), int(common["consumed_train_samples"])

@@ -1,0 +1,137 @@
+"""The elastic trainer end to end on gloo: losses fall, TP/PP runs equal the single-process run,
+a resumed run equals the uninterrupted one, checkpoints appear only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from helpers import training_flags, write_training_setup
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, megatron_single_process):
+    return write_training_setup(str(tmp_path_factory.mktemp("train")))
+
+
+def _train_body(rank, world_size, argv, out_path):
+    from megatron_flextron.training.arguments import parse_args
+    from megatron_flextron.training.trainer import pretrain
+
+    history = pretrain(parse_args(argv))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(history, f)
+
+
+def _train(tmp_path, name: str, world_size: int, argv: list) -> list:
+    out = tmp_path / f"{name}.json"
+    run_distributed(_train_body, world_size, argv, str(out))
+    return json.loads(out.read_text())
+
+
+def _losses(history):
+    return [h["lm loss"] for h in history]
+
+
+LONG = dict(train_iters=16, lr=1e-2, min_lr=1e-3, eval_interval=4, weight_decay=0.1)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """The single-process run every parallel layout must reproduce."""
+    return _train(tmp_path_factory.mktemp("ref"), "tp1", 1, training_flags(setup, **LONG))
+
+
+def test_loss_falls_for_the_full_model_and_every_budget(reference):
+    first, last = reference[3]["eval"], reference[-1]["eval"]
+    assert set(first) == {"1", "0.75", "0.5", "0.35"}
+    for budget in first:
+        assert last[budget] < first[budget] - 0.1, (budget, first[budget], last[budget])
+    trained = {b for h in reference for b in h["budgets"]}
+    assert trained == {"1", "0.75", "0.5", "0.35"}  # every budget was sampled
+    for h in reference:  # in-place distillation: the full model has no teacher, the others do
+        for budget, v in h["budgets"].items():
+            assert (v["kd loss"] == 0.0) == (budget == "1"), (h["iteration"], budget)
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)]
+)
+def test_tensor_and_pipeline_parallel_runs_equal_the_single_process_run(
+    setup, reference, tmp_path, layout
+):
+    history = _train(tmp_path, "parallel", 2, training_flags(setup, **LONG, **layout))
+    assert len(history) == len(reference)
+    for got, want in zip(history, reference):
+        assert got["lm loss"] == pytest.approx(want["lm loss"], abs=2e-4), got["iteration"]
+        assert got["budgets"].keys() == want["budgets"].keys()
+        for budget, v in got["budgets"].items():
+            ref = want["budgets"][budget]
+            assert v["lm loss"] == pytest.approx(ref["lm loss"], abs=2e-4)
+            assert v["kd loss"] == pytest.approx(ref["kd loss"], abs=2e-4)
+    for budget, loss in reference[-1]["eval"].items():
+        assert history[-1]["eval"][budget] == pytest.approx(loss, abs=2e-4)
+
+
+def test_data_parallel_run_trains_every_budget(setup, tmp_path):
+    history = _train(tmp_path, "dp2", 2, training_flags(setup, **LONG))
+    first, last = history[3]["eval"], history[-1]["eval"]
+    for budget in first:
+        assert last[budget] < first[budget] - 0.1, (budget, first[budget], last[budget])
+
+
+@pytest.mark.parametrize(
+    "layout",
+    # two data-parallel ranks with the distributed optimizer (its sharded state resumes too), and
+    # two pipeline stages with megatron's plain optimizer
+    [dict(use_distributed_optimizer=True), dict(pipeline_model_parallel_size=2)],
+    ids=["dp2-distributed-optimizer", "pp2"],
+)
+def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path, layout):
+    from megatron_flextron.convert.formats.flextron import read_flextron
+
+    flags = dict(train_iters=8, weight_decay=0.1, **layout)
+    whole = _train(
+        tmp_path, "whole", 2, training_flags(setup, save=str(tmp_path / "whole"), **flags)
+    )
+    parts = str(tmp_path / "parts")
+    first = _train(
+        tmp_path, "first", 2, training_flags(setup, save=parts, exit_interval=4, **flags)
+    )
+    assert [h["iteration"] for h in first] == [1, 2, 3, 4]
+    assert open(os.path.join(parts, "latest_checkpointed_iteration.txt")).read() == "4"
+    os.makedirs(os.path.join(parts, "iter_0000008.tmp"))  # a save killed half-way
+    second = _train(tmp_path, "second", 2, training_flags(setup, save=parts, **flags))
+    assert [h["iteration"] for h in second] == [5, 6, 7, 8]
+    assert _losses(first + second) == _losses(whole)  # exactly
+    assert [h["eval"] for h in first + second if "eval" in h] == [
+        h["eval"] for h in whole if "eval" in h
+    ]
+    assert sorted(os.listdir(parts)) == [
+        "flextron_config.json",
+        "iter_0000004",
+        "iter_0000008",
+        "latest_checkpointed_iteration.txt",
+        "tokenizer",
+    ]
+    a, b = read_flextron(str(tmp_path / "whole")), read_flextron(parts)
+    assert a.state.keys() == b.state.keys()
+    for name in a.state:
+        assert torch.equal(a.state[name], b.state[name]), name
+    assert b.metadata["training"] == {"iteration": 8, "consumed_train_samples": 64, "tokens": 2048}
+
+
+def test_frozen_teacher_starts_equal_to_the_student(setup, tmp_path):
+    history = _train(
+        tmp_path, "frozen", 1, training_flags(setup, train_iters=4, distill="frozen", lr=1e-2)
+    )
+    first = history[0]["budgets"]
+    assert first["1"]["kd loss"] < 1e-6  # the original model distils into itself
+    assert all(v["kd loss"] > 1e-4 for b, v in first.items() if b != "1")
+    assert history[-1]["budgets"].get("1", {"kd loss": 1.0})["kd loss"] > 1e-6

@@ -1,0 +1,40 @@
+"""Elastic (Flextron) continued pretraining, Megatron style. Launch with torchrun:
+
+  torchrun --nproc-per-node 2 tools/pretrain_flextron.py --tensor-model-parallel-size 2 \\
+      --load ckpt/smollm2_ranked --save ckpt/smollm2_elastic \\
+      --data-path data/wiki_train_text_document --seq-length 256 \\
+      --micro-batch-size 4 --global-batch-size 32 --train-iters 1000 --lr 1e-4 \\
+      --budget-list 1.0 0.75 0.5 0.35 --distill inplace
+
+Every rank runs this script; a run restarted by torchrun resumes from the newest checkpoint in
+--save. `--help` lists every flag.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.training.arguments import parse_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)  # exits with 2 and a message on inconsistent flags
+    from megatron_flextron.parallel import destroy_model_parallel
+    from megatron_flextron.training.trainer import pretrain
+
+    try:
+        pretrain(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_model_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
