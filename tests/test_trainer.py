@@ -79,6 +79,18 @@ def test_tensor_and_pipeline_parallel_runs_equal_the_single_process_run(
         assert history[-1]["eval"][budget] == pytest.approx(loss, abs=2e-4)
 
 
+def test_bf16_run_follows_the_fp32_run(setup, reference, tmp_path):
+    """bf16 weights with megatron's fp32 master copies (which must start from the loaded
+    checkpoint, not from the random init) track the fp32 run within bf16 precision."""
+    history = _train(tmp_path, "bf16", 1, training_flags(setup, **LONG, bf16=True))
+    for got, want in zip(history, reference):
+        assert got["lm loss"] == pytest.approx(want["lm loss"], abs=0.03), got["iteration"]
+        for budget, v in got["budgets"].items():
+            assert v["kd loss"] == pytest.approx(want["budgets"][budget]["kd loss"], abs=0.02)
+    for budget, loss in reference[-1]["eval"].items():
+        assert history[-1]["eval"][budget] == pytest.approx(loss, abs=0.03)
+
+
 def test_data_parallel_run_trains_every_budget(setup, tmp_path):
     history = _train(tmp_path, "dp2", 2, training_flags(setup, **LONG))
     first, last = history[3]["eval"], history[-1]["eval"]

@@ -99,6 +99,7 @@ def load_training_checkpoint(
     common = dist_checkpointing.load_common_state_dict(shards)
     if "iteration" not in common or not load_optim:
         load_flextron_into_model(model, path)
+        optimizer.reload_model_params()  # bf16/fp16: the fp32 master copies follow the weights
         return int(common.get("iteration", 0)), int(common.get("consumed_train_samples", 0))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config["dealt_tensor_parallel_size"] != tp:
