@@ -31,9 +31,20 @@ def initialize_model_parallel(
         os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = timedelta(seconds=timeout_s)
+        store = _per_attempt_store(timeout)
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
+            **(
+                {}
+                if store is None
+                else dict(
+                    store=store,
+                    rank=int(os.environ["RANK"]),
+                    world_size=int(os.environ["WORLD_SIZE"]),
+                )
+            ),
         )
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
@@ -46,6 +57,24 @@ def initialize_model_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
     set_seed(seed)
+
+
+def _per_attempt_store(timeout: timedelta):
+    """Under torchrun restarts (--max-restarts), the agent's TCPStore outlives a failed attempt
+    and still holds that attempt's process-group keys: the restarted ranks would read the dead
+    ranks' addresses (gloo: "connectFullMesh failed ... Connection refused"). Prefix the keys
+    with the attempt number. None when not launched by torchrun's agent store."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"flextron_attempt_{restart}", store)
 
 
 def _free_port() -> int:

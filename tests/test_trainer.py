@@ -147,3 +147,60 @@ def test_frozen_teacher_starts_equal_to_the_student(setup, tmp_path):
     assert first["1"]["kd loss"] < 1e-6  # the original model distils into itself
     assert all(v["kd loss"] > 1e-4 for b, v in first.items() if b != "1")
     assert history[-1]["budgets"].get("1", {"kd loss": 1.0})["kd loss"] > 1e-6
+
+
+def test_sigkilled_rank_restarts_from_the_last_checkpoint(setup, tmp_path):
+    """torchrun --max-restarts 1: kill one rank with SIGKILL after the first checkpoint; the
+    restarted workers resume from it, finish, and replay the lost iterations identically."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from distributed import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    save, metrics = tmp_path / "run", tmp_path / "metrics.jsonl"
+    argv = training_flags(
+        setup,
+        train_iters=40,
+        seq_length=64,
+        micro_batch_size=4,
+        global_batch_size=16,
+        eval_interval=0,
+        save=str(save),
+        save_interval=4,
+        metrics_file=str(metrics),
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:1", "--nproc-per-node"]
+    cmd += ["2", "--max-restarts", "1", "--rdzv-backend", "c10d"]
+    cmd += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "tools/pretrain_flextron.py", *argv]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    tracker = save / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 240
+    while not tracker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "pretrain_flextron.py" in " ".join(p.cmdline())
+    ]
+    assert tracker.exists() and workers, "no checkpoint or no worker to kill"
+    killed_after = int(tracker.read_text())
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert killed_after < 40 and "resuming from" in out, out[-3000:]
+    assert tracker.read_text() == "40"
+    seen = {}
+    for line in metrics.read_text().splitlines():
+        h = json.loads(line)
+        if h["iteration"] in seen:  # replayed after the restart: identical
+            assert h["lm loss"] == seen[h["iteration"]]
+        seen[h["iteration"]] = h["lm loss"]
+    assert sorted(seen) == list(range(1, 41))
