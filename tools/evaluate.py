@@ -1,12 +1,17 @@
 """Perplexity of a flextron checkpoint, or of one of its sub-networks, at any TP/PP.
 
   python tools/evaluate.py --load ckpt/smollm2 --wiki-split test --subnetwork '{"mlp": 768}'
+  python tools/evaluate.py --load ckpt/elastic --wiki-split test --budget-list 1.0 0.75 0.5 0.35
   torchrun --nproc-per-node 3 tools/evaluate.py --load ckpt/smollm2 \\
       --tensor-model-parallel-size 3 \\
       --tokens-jsonl data.jsonl
 
-Prints one JSON line: loss (mean next-token NLL over every predicted position of every
-sequence), ppl, tokens, sequences. --tokens-jsonl: one JSON list of token ids per line, each
+Prints one JSON line per sub-network: loss (mean next-token NLL over every predicted position of
+every sequence), ppl, tokens, sequences, params, seconds (wall time of the evaluation pass);
+with --budget-list also a markdown table. A budget's sub-network is the one training samples for
+it: the elastic choices nearest to budget x the full MLP width and head count.
+
+--tokens-jsonl: one JSON list of token ids per line, each
 sequence evaluated on its own (no packing, nothing added; longer than --seq-length + 1 tokens is
 cut there). --text-file / --wiki-split: documents tokenized with the checkpoint's tokenizer, joined
 with end-of-document tokens and cut into --seq-length windows.
@@ -30,7 +35,11 @@ from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
-    p.add_argument("--subnetwork", help="sub-network spec (JSON or file); default: full model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--subnetwork", help="sub-network spec (JSON or file); default: full model")
+    which.add_argument(
+        "--budget-list", nargs="+", type=float, help="evaluate each budget's sub-network"
+    )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
     data.add_argument("--tokens-jsonl", help="one JSON list of token ids per line")
@@ -57,11 +66,15 @@ def load_sequences(args, tokenizer_dir):
     return seqs
 
 
-def evaluate(args) -> dict:
+def evaluate(args) -> list:
+    """One result per evaluated sub-network (the --subnetwork one, or one per budget)."""
+    import time
+
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
     from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
+    from megatron_flextron.training.sampling import budget_subnetwork, check_budgets
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)
@@ -71,6 +84,11 @@ def evaluate(args) -> dict:
         if config.get("elastic")
         else ElasticConfig.from_ratios(model_cfg, tensor_model_parallel_size=tp)
     )
+    if args.budget_list:
+        check_budgets(args.budget_list)
+        specs = [budget_subnetwork(b, model_cfg, elastic) for b in args.budget_list]
+    else:
+        specs = [args.subnetwork]
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
 
@@ -78,18 +96,43 @@ def evaluate(args) -> dict:
     model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
     load_flextron_into_model(model, args.load)
     model.eval()
-    subnet = set_subnetwork(model, args.subnetwork, model_cfg, elastic)
-    with torch.no_grad():
-        out = forward_backward(model, pad_microbatches(seqs, args.micro_batch_size, device), True)
-    loss = out["nll_sum"] / out["tokens"]
-    return {
-        "loss": round(loss, 6),
-        "ppl": round(math.exp(loss), 4),
-        "tokens": int(out["tokens"]),
-        "sequences": len(seqs),
-        "subnetwork": subnet.to_dict(),
-        "params": count_parameters(subnet, model_cfg)["total"],
-    }
+    batches = pad_microbatches(seqs, args.micro_batch_size, device)
+    with torch.no_grad():  # warm-up, so that the first sub-network's time is not inflated
+        forward_backward(model, batches[:1], True)
+    results = []
+    for i, spec in enumerate(specs):
+        subnet = set_subnetwork(model, spec, model_cfg, elastic)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = forward_backward(model, batches, True)
+        seconds = time.perf_counter() - start
+        loss = out["nll_sum"] / out["tokens"]
+        result = {
+            "loss": round(loss, 6),
+            "ppl": round(math.exp(loss), 4),
+            "tokens": int(out["tokens"]),
+            "sequences": len(seqs),
+            "subnetwork": subnet.to_dict(),
+            "params": count_parameters(subnet, model_cfg)["total"],
+            "seconds": round(seconds, 3),
+        }
+        if args.budget_list:
+            result = {"budget": args.budget_list[i], **result}
+        results.append(result)
+    return results
+
+
+def markdown_table(results: list) -> str:
+    rows = [
+        "| budget | sub-network | params (M) | loss | perplexity | eval time (s) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['budget']:g} | `{json.dumps(r['subnetwork'])}` | {r['params'] / 1e6:.1f} | "
+            f"{r['loss']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -105,7 +148,10 @@ def main(argv=None) -> int:
     finally:
         destroy_model_parallel()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+        for r in result:
+            print(json.dumps(r))
+        if args.budget_list:
+            print(markdown_table(result))
     return 0
 
 

