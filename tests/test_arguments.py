@@ -48,6 +48,8 @@ FLAGS = {
     "--finetune",
     "--metrics-file",
     "--exit-interval",
+    "--vocab-file",
+    "--merge-file",
 }
 
 

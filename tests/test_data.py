@@ -114,3 +114,26 @@ def test_preprocess_bad_input_fails_cleanly(tmp_path, tokenizer_dir):
             build_tokenizer("HuggingFaceTokenizer", tokenizer_dir),
             [4, None, None],
         )
+
+
+def test_gpt2_bpe_tokenizer_matches_transformers(tmp_path, tokenizer_dir):
+    """GPT2BPETokenizer from vocab.json + merges.txt gives transformers' GPT-2 tokenizer's ids."""
+    from tokenizers import Tokenizer
+    from transformers import GPT2Tokenizer
+
+    from megatron_flextron.data.tokenizer import build_tokenizer
+
+    Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")).model.save(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    ours = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    reference = GPT2Tokenizer.from_pretrained(str(tmp_path))
+    docs = wiki_documents("test")[:20]
+    for doc in docs:
+        assert ours.tokenize(doc) == reference(doc)["input_ids"]
+        assert ours.detokenize(ours.tokenize(doc)) == reference.decode(ours.tokenize(doc))
+    assert ours.eod == reference.convert_tokens_to_ids("<|endoftext|>")
+    assert build_tokenizer("GPT2BPETokenizer", str(tmp_path)).tokenize(docs[0]) == ours.tokenize(
+        docs[0]
+    )
+    with pytest.raises(FileNotFoundError, match="--merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=str(tmp_path / "nope"))

@@ -26,15 +26,23 @@ def main(argv=None) -> int:
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument(
-        "--tokenizer-model", required=True, help="tokenizer.json (or its folder) / .model"
+        "--tokenizer-model",
+        help="tokenizer.json (or its folder) / sentencepiece .model / folder with vocab.json and "
+        "merges.txt",
     )
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
     p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
     args = p.parse_args(argv)
     from megatron_flextron.data.corpus import iter_documents
     from megatron_flextron.data.gpt_data import write_indexed_dataset
 
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        if not (args.tokenizer_model or args.vocab_file):
+            raise ValueError("--tokenizer-model (or --vocab-file/--merge-file) is required")
+        tokenizer = build_tokenizer(
+            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
+        )
         for key in args.json_keys:
             prefix = f"{args.output_prefix}_{key}_document"
             stats = write_indexed_dataset(

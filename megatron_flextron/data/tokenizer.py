@@ -1,7 +1,9 @@
 """Tokenizers with megatron's tokenizer interface (tokenize, detokenize, vocab_size, eod, pad).
 
 ``--tokenizer-type`` follows Megatron's names: ``HuggingFaceTokenizer`` (a tokenizer.json, read by
-the ``tokenizers`` library alone) and ``SentencePieceTokenizer`` (a .model file).
+the ``tokenizers`` library alone), ``SentencePieceTokenizer`` (a .model file) and
+``GPT2BPETokenizer`` (GPT-2's byte-level BPE from ``--vocab-file`` vocab.json and ``--merge-file``
+merges.txt, or a folder holding both).
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ from typing import List
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer")
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
 _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
 class HuggingFaceTokenizer(MegatronLegacyTokenizer):
-    def __init__(self, path: str):
+    def __init__(self, path: str, tokenizer=None):
         from tokenizers import Tokenizer
 
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        if tokenizer is None and not os.path.isfile(file):
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         super().__init__(file)
-        self._tok = Tokenizer.from_file(file)
+        self._tok = tokenizer or Tokenizer.from_file(file)
         eod = next(
             (
                 self._tok.token_to_id(t)
@@ -59,6 +61,21 @@ class HuggingFaceTokenizer(MegatronLegacyTokenizer):
         return self._eod
 
 
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE (Megatron's GPT2BPETokenizer) from vocab.json + merges.txt."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        for what, file in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{what}: no file at {file}")
+        tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        super().__init__(vocab_file, tokenizer=tok)
+
+
 class SentencePieceTokenizer(MegatronLegacyTokenizer):
     def __init__(self, path: str):
         import sentencepiece
@@ -92,7 +109,20 @@ class SentencePieceTokenizer(MegatronLegacyTokenizer):
         return self._eod
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> MegatronLegacyTokenizer:
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str = None,
+    vocab_file: str = None,
+    merge_file: str = None,
+) -> MegatronLegacyTokenizer:
+    """``vocab_file``/``merge_file`` (GPT2BPETokenizer) default to the files in the
+    ``tokenizer_model`` folder."""
+    if tokenizer_type == "GPT2BPETokenizer":
+        folder = tokenizer_model or ""
+        return GPT2BPETokenizer(
+            vocab_file or os.path.join(folder, "vocab.json"),
+            merge_file or os.path.join(folder, "merges.txt"),
+        )
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "SentencePieceTokenizer":

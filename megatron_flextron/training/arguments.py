@@ -31,6 +31,8 @@ class DataArgs:
     global_batch_size: int = 8
     tokenizer_type: str = "HuggingFaceTokenizer"
     tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
 
 
 @dataclass
@@ -113,8 +115,12 @@ _HELP = {
     "seq_length": "tokens per sample",
     "micro_batch_size": "samples per micro-batch per data-parallel rank",
     "global_batch_size": "samples per iteration over all ranks (a multiple of micro x DP)",
-    "tokenizer_type": "HuggingFaceTokenizer (tokenizer.json) or SentencePieceTokenizer",
-    "tokenizer_model": "tokenizer.json, its folder, or a sentencepiece .model",
+    "tokenizer_type": "HuggingFaceTokenizer (tokenizer.json), SentencePieceTokenizer or "
+    "GPT2BPETokenizer (default: the --load checkpoint's tokenizer)",
+    "tokenizer_model": "tokenizer.json, its folder, a sentencepiece .model, or a folder with "
+    "vocab.json + merges.txt",
+    "vocab_file": "GPT2BPETokenizer: vocab.json",
+    "merge_file": "GPT2BPETokenizer: merges.txt",
     "lr": "peak learning rate",
     "min_lr": "final learning rate of the decay",
     "lr_warmup_iters": "linear warmup iterations",
@@ -151,7 +157,7 @@ _HELP = {
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
-    "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer"],
+    "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }
 _LISTS = {
     "data_path": str,

@@ -157,7 +157,7 @@ def setup(args: TrainingArgs) -> Run:
         iteration, consumed = 0, 0
 
     tokenizer_model = d.tokenizer_model or os.path.join(source, "tokenizer")
-    tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model)
+    tokenizer = build_tokenizer(d.tokenizer_type, tokenizer_model, d.vocab_file, d.merge_file)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer_model} has {tokenizer.vocab_size} tokens, the model "
