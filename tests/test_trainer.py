@@ -179,21 +179,31 @@ def test_sigkilled_rank_restarts_from_the_last_checkpoint(setup, tmp_path):
     cmd += ["2", "--max-restarts", "1", "--rdzv-backend", "c10d"]
     cmd += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "tools/pretrain_flextron.py", *argv]
     proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: nothing outlives a failed test
     )
     tracker = save / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 240
-    while not tracker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "pretrain_flextron.py" in " ".join(p.cmdline())
-    ]
-    assert tracker.exists() and workers, "no checkpoint or no worker to kill"
-    killed_after = int(tracker.read_text())
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        deadline = time.time() + 240
+        while not tracker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "pretrain_flextron.py" in " ".join(p.cmdline())
+        ]
+        assert tracker.exists() and workers, "no checkpoint or no worker to kill"
+        killed_after = int(tracker.read_text())
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
     assert killed_after < 40 and "resuming from" in out, out[-3000:]
     assert tracker.read_text() == "40"

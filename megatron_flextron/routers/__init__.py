@@ -1,0 +1,1 @@
+"""Flextron's routers: budget -> architecture (static), cost models and the surrogate model."""

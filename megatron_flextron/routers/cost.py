@@ -1,0 +1,169 @@
+"""What a sub-network costs, as a differentiable function of router probabilities.
+
+A router gives, for every layer, probabilities over the MLP width choices and over the head-count
+choices. Every cost here is linear in those probabilities (an expectation over the choices):
+
+    cost = constant + sum_l  p_mlp[l] . c_mlp  +  p_heads[l] . c_heads
+
+so a one-hot choice gives the exact cost of that architecture and gradients reach the router.
+Metrics: ``params`` (parameter count), ``flops`` (forward FLOPs per token at a sequence length:
+2 x multiply-adds of every matmul incl. the output layer, plus causal attention scores),
+``kv_cache`` (bytes per token of the KV cache: constant under GQA, whose KV groups are all kept),
+and ``latency`` (a table measured on the hardware by tools/measure_latency.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from megatron_flextron.config import ElasticConfig, ModelConfig
+
+METRICS = ("params", "flops", "kv_cache", "latency")
+
+
+def router_choices(model: ModelConfig, elastic: ElasticConfig) -> Tuple[list, list]:
+    """The choices a router picks from, largest first (the full size always among them)."""
+    mlp = sorted(set(elastic.mlp_choices) | {model.ffn_hidden_size}, reverse=True)
+    heads = sorted(set(elastic.head_choices) | {model.num_attention_heads}, reverse=True)
+    return mlp, heads
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer forward latency (ms) of the MLP at each width and of attention at each head
+    count, plus everything outside the layers (embedding, final norm, output layer)."""
+
+    mlp_ms: dict  # width -> ms
+    attention_ms: dict  # heads -> ms
+    other_ms: float
+    layer_other_ms: float = 0.0  # per layer, outside MLP and attention (norms, residuals)
+    device: str = ""
+    dtype: str = ""
+    micro_batch_size: int = 1
+    seq_length: int = 1
+
+    @classmethod
+    def load(cls, path: str) -> "LatencyTable":
+        with open(path) as f:
+            data = json.load(f)
+        try:
+            return cls(
+                mlp_ms={int(k): float(v) for k, v in data["mlp_ms"].items()},
+                attention_ms={int(k): float(v) for k, v in data["attention_ms"].items()},
+                other_ms=float(data["other_ms"]),
+                layer_other_ms=float(data.get("layer_other_ms", 0.0)),
+                device=data.get("device", ""),
+                dtype=data.get("dtype", ""),
+                micro_batch_size=int(data.get("micro_batch_size", 1)),
+                seq_length=int(data.get("seq_length", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a latency table: {e}") from None
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "micro_batch_size": self.micro_batch_size,
+            "seq_length": self.seq_length,
+            "mlp_ms": {str(k): v for k, v in self.mlp_ms.items()},
+            "attention_ms": {str(k): v for k, v in self.attention_ms.items()},
+            "other_ms": self.other_ms,
+            "layer_other_ms": self.layer_other_ms,
+        }
+
+
+class CostModel:
+    """cost(p_mlp [L, n_mlp], p_heads [L, n_heads]) for one metric; ``ratio`` divides by the
+    full model's cost (a budget is such a ratio)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        elastic: ElasticConfig,
+        metric: str = "params",
+        seq_length: int = 2048,
+        latency: Optional[LatencyTable] = None,
+        kv_bytes: int = 2,
+    ):
+        if metric not in METRICS:
+            raise ValueError(f"unknown cost metric {metric!r}; expected one of {METRICS}")
+        self.model, self.metric = model, metric
+        self.mlp_choices, self.head_choices = router_choices(model, elastic)
+        m = model
+        h, d, g = m.hidden_size, m.kv_channels, m.num_query_groups
+        bias = 1 if m.add_bias_linear else 0
+        blocks = 2 if m.gated else 1
+        norm = 2 * h if m.normalization == "LayerNorm" else h
+        # per MLP neuron / per query head / per layer constant, for params and for matmul MACs
+        mlp_unit = blocks * (h + bias) + h
+        head_unit = d * (h + bias) + d * h + (0 if m.is_gqa else 2 * d * (h + bias))
+        layer_const = (2 * g * d * (h + bias) if m.is_gqa else 0) + 2 * bias * h + 2 * norm
+        embed = m.vocab_size * h
+        if metric == "params":
+            outside = embed * (1 if m.tie_embeddings else 2) + norm
+            if m.position_embedding == "learned_absolute":
+                outside += m.max_position_embeddings * h
+            c_mlp = [mlp_unit * k for k in self.mlp_choices]
+            c_head = [head_unit * n for n in self.head_choices]
+        elif metric == "flops":
+            attention = 2 * 2 * (seq_length / 2) * d  # causal QK^T and AV, per head per token
+            layer_const = 2 * (2 * g * d * h if m.is_gqa else 0)
+            outside = 2 * embed
+            c_mlp = [2 * (blocks * h + h) * k for k in self.mlp_choices]
+            head_macs = 2 * d * h + (0 if m.is_gqa else 2 * d * h)
+            c_head = [(2 * head_macs + attention) * n for n in self.head_choices]
+        elif metric == "kv_cache":
+            layer_const = 2 * g * d * kv_bytes if m.is_gqa else 0
+            outside = 0.0
+            c_mlp = [0.0] * len(self.mlp_choices)
+            c_head = [0.0 if m.is_gqa else 2 * d * kv_bytes * n for n in self.head_choices]
+        else:
+            if latency is None:
+                raise ValueError("the latency metric needs a latency table (--latency-table)")
+            missing = [k for k in self.mlp_choices if k not in latency.mlp_ms] + [
+                n for n in self.head_choices if n not in latency.attention_ms
+            ]
+            if missing:
+                raise ValueError(f"the latency table has no entry for choices {missing}")
+            layer_const, outside = latency.layer_other_ms, latency.other_ms
+            c_mlp = [latency.mlp_ms[k] for k in self.mlp_choices]
+            c_head = [latency.attention_ms[n] for n in self.head_choices]
+        self.c_mlp = torch.tensor(c_mlp, dtype=torch.float64)
+        self.c_head = torch.tensor(c_head, dtype=torch.float64)
+        self.constant = float(outside + m.num_layers * layer_const)
+
+    def __call__(self, p_mlp: torch.Tensor, p_heads: torch.Tensor) -> torch.Tensor:
+        c_mlp, c_head = self.c_mlp.to(p_mlp), self.c_head.to(p_heads)
+        return self.constant + (p_mlp @ c_mlp).sum() + (p_heads @ c_head).sum()
+
+    def full(self) -> float:
+        n = self.model.num_layers
+        return self.constant + n * float(self.c_mlp[0] + self.c_head[0])
+
+    def ratio(self, p_mlp: torch.Tensor, p_heads: torch.Tensor) -> torch.Tensor:
+        return self(p_mlp, p_heads) / self.full()
+
+    def of_subnetwork(self, mlp: Sequence[int], heads: Sequence[int]) -> float:
+        """Exact cost of a per-layer architecture (all layers kept)."""
+        p_mlp = torch.zeros(len(mlp), len(self.mlp_choices), dtype=torch.float64)
+        p_heads = torch.zeros(len(heads), len(self.head_choices), dtype=torch.float64)
+        for layer, (k, n) in enumerate(zip(mlp, heads)):
+            p_mlp[layer, self.mlp_choices.index(k)] = 1
+            p_heads[layer, self.head_choices.index(n)] = 1
+        return float(self(p_mlp, p_heads))
+
+
+def budget_loss(cost_ratio: torch.Tensor, budget: float, tolerance: float = 0.02) -> torch.Tensor:
+    """|cost / target - 1| beyond a dead zone of ``tolerance``: no push once within it."""
+    return torch.relu((cost_ratio / budget - 1).abs() - tolerance)
+
+
+def check_budget(budget: float) -> None:
+    if not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
+        raise ValueError(f"budget {budget!r} must lie in (0, 1]")

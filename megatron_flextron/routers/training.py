@@ -1,0 +1,185 @@
+"""Phase 2 of router training: the static router against the surrogate and the budget loss.
+
+Each step draws a budget (a trained one, or half the time any value between the smallest and the
+largest, so that interpolated budgets are trained too), samples an architecture with
+straight-through Gumbel-softmax and minimises
+
+    surrogate loss (standardised)  +  budget_weight x |cost/budget - 1| beyond the tolerance
+    (+ at budget 1.0: -log p(largest choice) per layer, pulling the full budget to the full model)
+
+The surrogate is only trusted when its held-out error is under ``max_surrogate_error``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List
+
+import torch
+
+from megatron_flextron.routers.cost import CostModel, budget_loss
+from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
+from megatron_flextron.routers.surrogate import Surrogate
+
+
+def train_static_router(
+    router: StaticRouter,
+    surrogate: Surrogate,
+    cost: CostModel,
+    steps: int = 500,
+    lr: float = 1e-3,
+    budget_weight: float = 30.0,
+    tolerance: float = 0.02,
+    schedule: GumbelSchedule = None,
+    surrogate_error: float = 0.0,
+    max_surrogate_error: float = float("inf"),
+    seed: int = 0,
+) -> List[Dict[str, float]]:
+    if surrogate_error > max_surrogate_error:
+        raise ValueError(
+            f"the surrogate's held-out error {surrogate_error:.4f} is above "
+            f"--max-surrogate-error {max_surrogate_error}: measure more architectures"
+        )
+    schedule = schedule or GumbelSchedule(steps=steps)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for p in surrogate.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    lo, hi = router.budgets[-1], router.budgets[0]
+    history = []
+    for step in range(steps):
+        budget = rng.choice(router.budgets) if rng.random() < 0.5 else rng.uniform(lo, hi)
+        tau, scale = schedule.temperature(step), schedule.logit_scale(step)
+        p_mlp, p_heads = router.probabilities(budget, tau, scale, hard=True)
+        quality = (surrogate(p_mlp, p_heads) - surrogate.mean) / surrogate.std
+        ratio = cost.ratio(p_mlp.double(), p_heads.double()).float()
+        loss = quality + budget_weight * budget_loss(ratio, budget, tolerance)
+        if budget == 1.0:
+            mlp_logits, head_logits = router(budget)
+            loss = loss - (
+                mlp_logits.log_softmax(-1)[:, 0].mean() + head_logits.log_softmax(-1)[:, 0].mean()
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append({"step": step, "budget": budget, "loss": float(loss), "ratio": float(ratio)})
+    return history
+
+
+def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
+    """Per budget: the argmax architecture, its exact cost ratio and the expected (soft) one."""
+    rows = []
+    full = cost.full()
+    n = router.num_layers
+    smallest = cost.of_subnetwork([router.mlp_choices[-1]] * n, [router.head_choices[-1]] * n)
+    for b in budgets:
+        subnet = router.choose(b)
+        p_mlp, p_heads = router.expected(b)
+        rows.append(
+            {
+                "budget": b,
+                "subnetwork": subnet.to_dict(),
+                "cost_ratio": round(cost.of_subnetwork(subnet.mlp, subnet.heads) / full, 4),
+                "expected_cost_ratio": round(
+                    float(cost.ratio(p_mlp.double(), p_heads.double())), 4
+                ),
+                # below the smallest architecture's cost no choice can meet the budget
+                "feasible": b >= smallest / full - 1e-9,
+            }
+        )
+    return rows
+
+
+def train_router_for_checkpoint(
+    ckpt_dir: str,
+    budgets,
+    metric: str = "params",
+    latency_table: str = None,
+    cost_seq_length: int = 2048,
+    data: str = "wiki:valid",
+    num_architectures: int = 48,
+    samples: int = 8,
+    seq_length: int = 128,
+    micro_batch_size: int = 4,
+    surrogate_steps: int = 2000,
+    router_steps: int = 500,
+    tolerance: float = 0.02,
+    max_surrogate_error: float = 0.1,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Phases 1 and 2 on a flextron checkpoint (one process): measure architectures, fit the
+    surrogate, train the router, store it in ``ckpt_dir/router/``. Returns the report."""
+    import os
+
+    from megatron_flextron.config import ElasticConfig, ModelConfig
+    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.data.corpus import token_sequences
+    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.routers.checkpoint import save_router
+    from megatron_flextron.routers.cost import LatencyTable, router_choices
+    from megatron_flextron.routers.static import check_budget_list
+    from megatron_flextron.routers.surrogate import (
+        encode,
+        fit_surrogate,
+        measure_losses,
+        sample_architectures,
+    )
+    from megatron_flextron.training.lm_step import pad_microbatches
+
+    check_budget_list(budgets)
+    config = read_config(ckpt_dir)
+    model_cfg = ModelConfig.from_dict(config["model"])
+    elastic = ElasticConfig.from_dict(config["elastic"])
+    table = LatencyTable.load(latency_table) if latency_table else None
+    cost = CostModel(model_cfg, elastic, metric, cost_seq_length, table)
+    mlp_choices, head_choices = router_choices(model_cfg, elastic)
+
+    tokenizer = os.path.join(ckpt_dir, "tokenizer")
+    seqs = token_sequences(data, tokenizer if os.path.isdir(tokenizer) else None, seq_length)
+    if len(seqs) < samples:
+        raise ValueError(f"{data} gives {len(seqs)} sequences of {seq_length}, need {samples}")
+    batches = pad_microbatches(seqs[:samples], micro_batch_size)
+    model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True).eval()
+    load_flextron_into_model(model, ckpt_dir)
+
+    archs = sample_architectures(
+        num_architectures, model_cfg.num_layers, mlp_choices, head_choices, seed
+    )
+    log(f"phase 1: measuring the loss of {len(archs)} architectures on {samples} x {seq_length}")
+    losses = measure_losses(model, archs, batches, model_cfg, elastic)
+    p_mlp, p_heads = encode(archs, mlp_choices, head_choices)
+    surrogate = Surrogate(model_cfg.num_layers, len(mlp_choices), len(head_choices))
+    fit = fit_surrogate(surrogate, p_mlp, p_heads, losses, steps=surrogate_steps, seed=seed)
+    log(f"surrogate: {fit}")
+
+    log(f"phase 2: router on surrogate + {metric} budget loss ({router_steps} steps)")
+    router = StaticRouter(budgets, model_cfg.num_layers, mlp_choices, head_choices)
+    train_static_router(
+        router,
+        surrogate,
+        cost,
+        steps=router_steps,
+        tolerance=tolerance,
+        surrogate_error=fit["heldout_relative_mae"],
+        max_surrogate_error=max_surrogate_error,
+        seed=seed,
+    )
+    report = router_report(router, cost, budgets)
+    chosen = [router.choose(b) for b in budgets]
+    measured = measure_losses(model, chosen, batches, model_cfg, elastic).tolist()
+    for row, loss in zip(report, measured):
+        row["loss"] = round(loss, 4)
+    save_router(
+        ckpt_dir,
+        router,
+        {
+            "metric": metric,
+            "seq_length": cost_seq_length,
+            "tolerance": tolerance,
+            "latency_table": table.to_dict() if table else None,
+            "surrogate": fit,
+        },
+    )
+    return {"surrogate": fit, "budgets": report}

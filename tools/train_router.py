@@ -1,0 +1,82 @@
+"""Train Flextron's static router on a flextron checkpoint and store it there (router/).
+
+  python tools/train_router.py --load ckpt/elastic --router-budgets 1.0 0.75 0.5 0.35 \\
+      --cost-metric params
+  python tools/train_router.py --load ckpt/elastic --cost-metric latency \\
+      --latency-table ckpt/elastic/latency_cpu.json
+
+Phase 1 measures the frozen LLM's loss of --num-architectures sampled architectures on
+calibration text and fits the surrogate (held-out error reported); phase 2 trains the router on
+surrogate + budget loss, refused when the surrogate's held-out relative error is above
+--max-surrogate-error. Prints, per budget, the chosen per-layer architecture, its cost ratio
+(exact, and the router's expected one) and its measured loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--load", required=True, help="flextron checkpoint; the router goes inside")
+    p.add_argument("--router-budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.35])
+    p.add_argument(
+        "--cost-metric", default="params", choices=["params", "flops", "kv_cache", "latency"]
+    )
+    p.add_argument("--latency-table", help="JSON from tools/measure_latency.py (latency metric)")
+    p.add_argument("--cost-seq-length", type=int, default=2048, help="for the flops metric")
+    p.add_argument("--calibration-data", default="wiki:valid", help="wiki:SPLIT, .jsonl or text")
+    p.add_argument("--num-architectures", type=int, default=48)
+    p.add_argument("--calibration-samples", type=int, default=8)
+    p.add_argument("--calibration-seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--surrogate-steps", type=int, default=2000)
+    p.add_argument("--router-steps", type=int, default=500)
+    p.add_argument("--budget-tolerance", type=float, default=0.02)
+    p.add_argument("--max-surrogate-error", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.routers.training import train_router_for_checkpoint
+
+    try:
+        initialize_model_parallel(1, 1, args.seed)
+        report = train_router_for_checkpoint(
+            args.load,
+            args.router_budgets,
+            args.cost_metric,
+            args.latency_table,
+            args.cost_seq_length,
+            args.calibration_data,
+            args.num_architectures,
+            args.calibration_samples,
+            args.calibration_seq_length,
+            args.micro_batch_size,
+            args.surrogate_steps,
+            args.router_steps,
+            args.budget_tolerance,
+            args.max_surrogate_error,
+            args.seed,
+            log=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_model_parallel()
+    print(json.dumps(report["surrogate"]))
+    for row in report["budgets"]:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
