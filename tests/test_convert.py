@@ -296,7 +296,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
         saver="hf",
         subnetwork='{"mlp": 50}',
     )
-    _fails(tmp_path, "static router", budget=0.5)
+    _fails(tmp_path, "needs --loader flextron", budget=0.5)
     _fails(
         tmp_path,
         "no latest_checkpointed_iteration.txt",

@@ -154,3 +154,56 @@ def test_router_refuses_an_untrustworthy_surrogate():
             max_surrogate_error=0.1,
         )
     assert not math.isnan(float(router(1.0)[0].sum()))
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
+    from helpers import write_training_setup
+
+    from megatron_flextron.convert import ConvertOptions, convert
+    from megatron_flextron.convert.checkpoint import CheckpointError
+    from megatron_flextron.routers.checkpoint import save_router
+    from tools.evaluate import evaluate, parse_args
+
+    setup = write_training_setup(str(tmp_path), docs=100)
+    model, ckpt = setup["model"], setup["load"]
+    elastic = elastic_choices(model)
+    flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "4"]
+    with pytest.raises(CheckpointError, match="no trained static router"):
+        evaluate(parse_args([*flags, "--budget", "0.7"]))
+    # without a router, --budget-list falls back to training's nearest-choice rule
+    assert evaluate(parse_args([*flags, "--budget-list", "1.0"]))[0]["chosen_by"] == (
+        "nearest choices"
+    )
+
+    surrogate, fit = _fitted_surrogate(model, elastic)
+    mlp, heads = router_choices(model, elastic)
+    cost = CostModel(model, elastic, "params")
+    torch.manual_seed(0)
+    router = StaticRouter([1.0, 0.6], model.num_layers, mlp, heads, hidden_size=64)
+    train_static_router(router, surrogate, cost, steps=300, lr=3e-3)
+    save_router(ckpt, router, {"metric": "params", "seq_length": 2048, "latency_table": None})
+    expected = router.choose(0.7)  # between the trained budgets: the blended input
+
+    out = convert(
+        ConvertOptions(
+            loader="flextron",
+            saver="megatron",
+            load_dir=ckpt,
+            save_dir=str(tmp_path / "exported"),
+            budget=0.7,
+        )
+    )
+    choice = out.metadata["router_choice"]
+    assert choice["subnetwork"] == expected.to_dict() and choice["chosen_by"] == "static router"
+    assert choice["cost_ratio"] == pytest.approx(
+        cost.of_subnetwork(expected.mlp, expected.heads) / cost.full(), abs=1e-4
+    )
+    shapes = out.layer_shapes or [(model.ffn_hidden_size, model.num_attention_heads)] * 4
+    assert [tuple(s) for s in shapes] == list(zip(expected.mlp, expected.heads))
+
+    result = evaluate(parse_args([*flags, "--budget", "0.7"]))[0]
+    assert result["subnetwork"] == expected.to_dict() and result["chosen_by"] == "static router"
+    assert result["params"] == count_parameters(expected, model)["total"]
+    with pytest.raises(ValueError, match="outside the trained range"):
+        evaluate(parse_args([*flags, "--budget", "0.5"]))

@@ -118,6 +118,11 @@ def main(argv=None) -> int:
                 "heads": m.num_attention_heads,
                 "kv_groups": m.num_query_groups,
                 "seconds": round(time.time() - t0, 1),
+                **(
+                    {"router_choice": ckpt.metadata["router_choice"]}
+                    if "router_choice" in ckpt.metadata
+                    else {}
+                ),
             }
         )
     )

@@ -38,8 +38,12 @@ def parse_args(argv=None):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or file); default: full model")
     which.add_argument(
-        "--budget-list", nargs="+", type=float, help="evaluate each budget's sub-network"
+        "--budget-list",
+        nargs="+",
+        type=float,
+        help="evaluate each budget's sub-network (the trained router's when there is one)",
     )
+    which.add_argument("--budget", type=float, help="the trained static router's choice")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
     data.add_argument("--tokens-jsonl", help="one JSON list of token ids per line")
@@ -73,8 +77,9 @@ def evaluate(args) -> list:
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
+    from megatron_flextron.routers.checkpoint import budget_architecture
     from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
-    from megatron_flextron.training.sampling import budget_subnetwork, check_budgets
+    from megatron_flextron.training.sampling import check_budgets
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)
@@ -84,11 +89,13 @@ def evaluate(args) -> list:
         if config.get("elastic")
         else ElasticConfig.from_ratios(model_cfg, tensor_model_parallel_size=tp)
     )
-    if args.budget_list:
-        check_budgets(args.budget_list)
-        specs = [budget_subnetwork(b, model_cfg, elastic) for b in args.budget_list]
-    else:
-        specs = [args.subnetwork]
+    budgets = args.budget_list or ([args.budget] if args.budget is not None else [])
+    check_budgets(budgets or [1.0])
+    chosen = [
+        budget_architecture(args.load, model_cfg, elastic, b, router_only=args.budget is not None)
+        for b in budgets
+    ]
+    specs = [subnet for subnet, _ in chosen] or [args.subnetwork]
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
 
@@ -116,20 +123,21 @@ def evaluate(args) -> list:
             "params": count_parameters(subnet, model_cfg)["total"],
             "seconds": round(seconds, 3),
         }
-        if args.budget_list:
-            result = {"budget": args.budget_list[i], **result}
+        if budgets:
+            result = {"budget": budgets[i], **result, **chosen[i][1]}
         results.append(result)
     return results
 
 
 def markdown_table(results: list) -> str:
     rows = [
-        "| budget | sub-network | params (M) | loss | perplexity | eval time (s) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| budget | sub-network | chosen by | params (M) | loss | perplexity | eval time (s) |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         rows.append(
-            f"| {r['budget']:g} | `{json.dumps(r['subnetwork'])}` | {r['params'] / 1e6:.1f} | "
+            f"| {r['budget']:g} | `{json.dumps(r['subnetwork'])}` | {r['chosen_by']} | "
+            f"{r['params'] / 1e6:.1f} | "
             f"{r['loss']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |"
         )
     return "\n".join(rows)
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         for r in result:
             print(json.dumps(r))
-        if args.budget_list:
+        if len(result) > 1:
             print(markdown_table(result))
     return 0
 

@@ -96,10 +96,12 @@ def convert(opts: ConvertOptions) -> Checkpoint:
 
     if opts.saver not in SAVERS:
         raise CheckpointError(f"unknown saver {opts.saver!r}; expected one of {SAVERS}")
-    if opts.budget is not None:
-        raise CheckpointError(
-            "--budget needs a checkpoint with a trained static router (none here)"
-        )
+    if opts.budget is not None and opts.subnetwork is not None:
+        raise CheckpointError("--budget and --subnetwork are mutually exclusive")
+    if opts.budget is not None and opts.loader != "flextron":
+        raise CheckpointError("--budget needs --loader flextron (a checkpoint with a router)")
+    if opts.budget is not None and opts.calibration_data:
+        raise CheckpointError("--budget picks from a trained model: no --calibration-data")
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
     ckpt = load_checkpoint(opts.loader, opts.load_dir)
     if ckpt.elastic is None:
@@ -112,10 +114,23 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         from megatron_flextron.importance import rank_and_permute
 
         ckpt = rank_and_permute(ckpt, opts.calibration_data, **opts.ranking)
-    if opts.subnetwork is not None:
+    subnet = None
+    if opts.budget is not None:
+        from megatron_flextron.routers.checkpoint import budget_architecture
+
+        subnet, how = budget_architecture(
+            opts.load_dir, ckpt.model, ckpt.elastic, opts.budget, router_only=True
+        )
+        ckpt.metadata["router_choice"] = {
+            "budget": opts.budget,
+            "subnetwork": subnet.to_dict(),
+            **how,
+        }
+    elif opts.subnetwork is not None:
+        subnet = Subnetwork.parse(opts.subnetwork, ckpt.model)
+    if subnet is not None:
         from megatron_flextron.convert.export import export_subnetwork
 
-        subnet = Subnetwork.parse(opts.subnetwork, ckpt.model)
         subnet.validate(ckpt.model, ckpt.elastic, tp)
         ckpt = export_subnetwork(ckpt, subnet)
         ckpt.elastic = ElasticConfig.from_ratios(

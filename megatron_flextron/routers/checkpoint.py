@@ -78,7 +78,27 @@ def _table_fields(table: dict) -> dict:
     return fields
 
 
-def no_router_error(ckpt_dir: str) -> CheckpointError:
-    return CheckpointError(
-        f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py first"
-    )
+def budget_architecture(
+    ckpt_dir: str, model: ModelConfig, elastic: ElasticConfig, budget: float, router_only: bool
+):
+    """(sub-network, how it was chosen) for a budget: the checkpoint's trained static router
+    (with the exact and the router's predicted cost ratio), or, without a router and unless
+    ``router_only``, the elastic choices nearest to the budget (training's rule)."""
+    from megatron_flextron.training.sampling import budget_subnetwork
+
+    found = load_router(ckpt_dir, model, elastic)
+    if found is None:
+        if router_only:
+            raise CheckpointError(
+                f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py"
+            )
+        return budget_subnetwork(budget, model, elastic), {"chosen_by": "nearest choices"}
+    router, cost, settings = found
+    subnet = router.choose(budget)
+    p_mlp, p_heads = router.expected(budget)
+    return subnet, {
+        "chosen_by": "static router",
+        "metric": settings["metric"],
+        "cost_ratio": round(cost.of_subnetwork(subnet.mlp, subnet.heads) / cost.full(), 4),
+        "predicted_cost_ratio": round(float(cost.ratio(p_mlp.double(), p_heads.double())), 4),
+    }
