@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--latency-table", help="JSON from tools/measure_latency.py (latency metric)")
     p.add_argument("--cost-seq-length", type=int, default=2048, help="for the flops metric")
     p.add_argument("--calibration-data", default="wiki:valid", help="wiki:SPLIT, .jsonl or text")
-    p.add_argument("--num-architectures", type=int, default=48)
+    p.add_argument("--num-architectures", type=int, default=96)
     p.add_argument("--calibration-samples", type=int, default=8)
     p.add_argument("--calibration-seq-length", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=4)

@@ -98,7 +98,7 @@ def train_router_for_checkpoint(
     latency_table: str = None,
     cost_seq_length: int = 2048,
     data: str = "wiki:valid",
-    num_architectures: int = 48,
+    num_architectures: int = 96,
     samples: int = 8,
     seq_length: int = 128,
     micro_batch_size: int = 4,
