@@ -19,6 +19,9 @@ class ElasticMLP(MLP):
         ffn_hidden_size = ffn_hidden_size or config.ffn_hidden_size
         super().__init__(config, submodules, *args, ffn_hidden_size=ffn_hidden_size, **kwargs)
         self.active_width: Optional[int] = None
+        # input-adaptive routing (routers/token.py) replaces forward when set; kept out of the
+        # module tree so that checkpoints of the model do not change
+        self.__dict__["token_routing"] = None
 
     @property
     def full_width(self) -> int:
@@ -50,6 +53,8 @@ class ElasticMLP(MLP):
         self.linear_fc2.set_active_cols(slice(0, local))
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if self.token_routing is not None:
+            return self.token_routing(self, hidden_states)
         if self.active_width is None:
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         if per_token_scale is not None:

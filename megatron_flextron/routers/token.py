@@ -1,0 +1,158 @@
+"""Input-adaptive routing: each token picks its MLP width (Flextron's token router).
+
+The MLP widths are nested experts: width k uses the first k neurons. A per-layer ``TokenRouter``
+(a linear map of the token's hidden state, plus a learned bias per trained budget) gives logits
+over the width choices.
+
+- Inference (``dispatch``): like MoE dispatch over nested experts, tokens are grouped by their
+  argmax width, each group runs the elastic MLP at that width (a prefix of the weights: its
+  compute falls with the width), and the outputs are scattered back in token order.
+- Training (``soft`` / ``hard``): sum_c p_c MLP_c(x) = W2 (m * act(W1 x)) with neuron mask
+  m_j = sum of p_c over the choices that keep neuron j, one full-width pass whose gradient reaches
+  the router; ``hard`` uses straight-through Gumbel-softmax one-hots (forward = the chosen width).
+  An auxiliary loss |E[width]/full / budget - 1| beyond a tolerance is attached to the output the
+  way megatron's MoE attaches its load-balancing loss (MoEAuxLossAutoScaler).
+
+Routers are replicated over TP ranks (the hidden states are), so every rank routes identically and
+the collectives inside the elastic linears stay matched. The routers live outside the GPT module
+tree: model checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_flextron.elastic.mlp import ElasticMLP
+from megatron_flextron.elastic.subnetwork import unwrap_model
+
+
+class TokenRouter(torch.nn.Module):
+    def __init__(self, hidden_size: int, num_choices: int, num_budgets: int = 1):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, num_choices)
+        self.budget_bias = torch.nn.Parameter(torch.zeros(num_budgets, num_choices))
+
+    def forward(self, hidden: torch.Tensor, budget_code: Optional[torch.Tensor] = None):
+        logits = self.linear(hidden.float())
+        if budget_code is not None:
+            logits = logits + budget_code.to(logits) @ self.budget_bias
+        return logits
+
+
+@dataclass
+class TokenRouting:
+    """The routing of one ElasticMLP: its router, widths (largest first) and mode."""
+
+    router: TokenRouter
+    widths: Sequence[int]
+    mode: str = "dispatch"  # dispatch | soft | hard
+    temperature: float = 1.0
+    budget: float = 1.0
+    budget_code: Optional[torch.Tensor] = None
+    aux_loss_coeff: float = 0.0
+    tolerance: float = 0.02
+    # filled by every forward: mean width fraction, and the per-token widths (dispatch)
+    stats: dict = field(default_factory=dict)
+
+    def __call__(self, mlp: ElasticMLP, hidden: torch.Tensor):
+        logits = self.router(hidden, self.budget_code)
+        if self.mode == "dispatch":
+            return self._dispatch(mlp, hidden, logits.argmax(-1))
+        if self.mode == "soft":
+            probs = logits.softmax(-1)
+        else:
+            probs = F.gumbel_softmax(logits, tau=self.temperature, hard=True)
+        return self._mixture(mlp, hidden, probs)
+
+    def _fractions(self, mlp: ElasticMLP) -> torch.Tensor:
+        return torch.tensor([w / mlp.full_width for w in self.widths])
+
+    def _dispatch(self, mlp: ElasticMLP, hidden: torch.Tensor, choice: torch.Tensor):
+        """Group tokens by width, run each group at its width, scatter back."""
+        s, b, h = hidden.shape
+        flat, choice = hidden.reshape(s * b, 1, h), choice.reshape(s * b)
+        out = torch.empty(s * b, h, dtype=hidden.dtype, device=hidden.device)
+        bias = None
+        saved = mlp.active_width
+        routing, mlp.__dict__["token_routing"] = mlp.token_routing, None
+        try:
+            for c, width in enumerate(self.widths):
+                index = (choice == c).nonzero().squeeze(1)
+                if index.numel() == 0:
+                    continue
+                mlp.set_active_width(width)
+                y, bias = mlp(flat.index_select(0, index))
+                out.index_copy_(0, index, y.reshape(-1, h))
+        finally:
+            mlp.set_active_width(saved)
+            mlp.__dict__["token_routing"] = routing
+        widths = torch.tensor(self.widths, device=choice.device)[choice]
+        self.stats = {"mean_width_fraction": float(widths.float().mean() / mlp.full_width)}
+        self.stats["token_widths"] = widths.view(s, b)
+        return out.view(s, b, h), bias
+
+    def _mixture(self, mlp: ElasticMLP, hidden: torch.Tensor, probs: torch.Tensor):
+        """sum_c p_c MLP_c(x) as one full-width pass with a per-token neuron mask."""
+        tp = mlp.tp_size
+        local_full = mlp.linear_fc2.input_size_per_partition
+        keeps = (
+            torch.arange(local_full, device=hidden.device)[None, :]
+            < torch.tensor([w // tp for w in self.widths], device=hidden.device)[:, None]
+        )  # [choices, local neurons]: local neuron i is kept by width w iff i < w/p
+        mask = probs @ keeps.to(probs)  # [s, b, local neurons]
+        rows = [slice(0, local_full)]
+        if mlp.config.gated_linear_unit:
+            rows.append(slice(local_full, 2 * local_full))
+        pieces = mlp.linear_fc1.forward_pieces(hidden, rows)
+        act = mlp.config.activation_func
+        if mlp.config.gated_linear_unit:
+            intermediate = act(pieces[0]) * (pieces[1] + mlp.config.glu_linear_offset)
+        else:
+            intermediate = act(pieces[0])
+        out, bias = mlp.linear_fc2((intermediate * mask.to(intermediate)).contiguous())
+        fraction = (probs @ self._fractions(mlp).to(probs)).mean()
+        self.stats = {"mean_width_fraction": float(fraction)}
+        if self.aux_loss_coeff and out.requires_grad:
+            aux = torch.relu((fraction / self.budget - 1).abs() - self.tolerance)
+            self.stats["aux_loss"] = float(aux)
+            out = MoEAuxLossAutoScaler.apply(out, self.aux_loss_coeff * aux)
+        return out, bias
+
+
+def enable_token_routing(
+    model: torch.nn.Module,
+    widths: Sequence[int],
+    routers: Optional[Sequence[TokenRouter]] = None,
+    **settings,
+) -> List[TokenRouting]:
+    """Give every local ElasticMLP a router (new ones, or ``routers`` in layer order)."""
+    gpt = unwrap_model(model)
+    widths = sorted(widths, reverse=True)
+    routings = []
+    for i, layer in enumerate(gpt.decoder.layers):
+        mlp = layer.mlp
+        router = (
+            routers[i] if routers is not None else TokenRouter(mlp.config.hidden_size, len(widths))
+        )
+        for w in widths:
+            if w % mlp.tp_size or not 0 < w <= mlp.full_width:
+                raise ValueError(f"token-routed width {w} does not fit the MLP (TP {mlp.tp_size})")
+        routing = TokenRouting(router.to(next(mlp.parameters()).device), widths, **settings)
+        mlp.__dict__["token_routing"] = routing
+        routings.append(routing)
+    return routings
+
+
+def disable_token_routing(model: torch.nn.Module) -> None:
+    for layer in unwrap_model(model).decoder.layers:
+        layer.mlp.__dict__["token_routing"] = None
+
+
+def mlp_flops_per_token(mlp_hidden: int, width: int, gated: bool) -> int:
+    """Forward FLOPs of one token through an MLP of ``width`` neurons (2 per multiply-add)."""
+    return 2 * (3 if gated else 2) * mlp_hidden * width
