@@ -4,9 +4,10 @@ The MLP widths are nested experts: width k uses the first k neurons. A per-layer
 (a linear map of the token's hidden state, plus a learned bias per trained budget) gives logits
 over the width choices.
 
-- Inference (``dispatch``): like MoE dispatch over nested experts, tokens are grouped by their
-  argmax width, each group runs the elastic MLP at that width (a prefix of the weights: its
-  compute falls with the width), and the outputs are scattered back in token order.
+- Inference (``dispatch``): like MoE dispatch over nested experts, tokens are sorted by their
+  argmax width; since widths are nested, the neurons between two consecutive widths (a "slab")
+  serve a prefix of the sorted tokens, so each slab of the weights is read once and every token
+  costs exactly its width's FLOPs; outputs are scattered back in token order.
 - Training (``soft`` / ``hard``): sum_c p_c MLP_c(x) = W2 (m * act(W1 x)) with neuron mask
   m_j = sum of p_c over the choices that keep neuron j, one full-width pass whose gradient reaches
   the router; ``hard`` uses straight-through Gumbel-softmax one-hots (forward = the chosen width).
@@ -25,6 +26,10 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.elastic.mlp import ElasticMLP
@@ -73,25 +78,45 @@ class TokenRouting:
         return torch.tensor([w / mlp.full_width for w in self.widths])
 
     def _dispatch(self, mlp: ElasticMLP, hidden: torch.Tensor, choice: torch.Tensor):
-        """Group tokens by width, run each group at its width, scatter back."""
+        """Nested-slab dispatch: sort tokens by width (widest first); neuron slab
+        [w_{i+1}, w_i) then serves exactly the first n_i sorted tokens (those at least that
+        wide), so each slab of W1/W2 is read once and every token gets exactly its width's
+        FLOPs. Outputs are summed over slabs (then over TP ranks) and unsorted."""
+        if mlp.config.sequence_parallel:
+            raise NotImplementedError("token dispatch with sequence parallelism")
         s, b, h = hidden.shape
-        flat, choice = hidden.reshape(s * b, 1, h), choice.reshape(s * b)
-        out = torch.empty(s * b, h, dtype=hidden.dtype, device=hidden.device)
-        bias = None
-        saved = mlp.active_width
-        routing, mlp.__dict__["token_routing"] = mlp.token_routing, None
-        try:
-            for c, width in enumerate(self.widths):
-                index = (choice == c).nonzero().squeeze(1)
-                if index.numel() == 0:
-                    continue
-                mlp.set_active_width(width)
-                y, bias = mlp(flat.index_select(0, index))
-                out.index_copy_(0, index, y.reshape(-1, h))
-        finally:
-            mlp.set_active_width(saved)
-            mlp.__dict__["token_routing"] = routing
+        tp, local_full = mlp.tp_size, mlp.linear_fc2.input_size_per_partition
+        flat, choice = hidden.reshape(s * b, h), choice.reshape(s * b)
         widths = torch.tensor(self.widths, device=choice.device)[choice]
+        order = torch.argsort(widths, descending=True, stable=True)
+        x = copy_to_tensor_model_parallel_region(flat.index_select(0, order))
+        counts = [int((widths >= w).sum()) for w in self.widths]  # tokens at least w wide
+        w1, b1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
+        w2 = mlp.linear_fc2.weight
+        gated, act = mlp.config.gated_linear_unit, mlp.config.activation_func
+        out = torch.zeros(s * b, h, dtype=hidden.dtype, device=hidden.device)
+        start = 0
+        for width, n in sorted(zip(self.widths, counts)):  # narrowest slab first
+            end = width // tp
+            if n == 0 or end == start:
+                start = end
+                continue
+            xs = x[:n]
+            rows = slice(start, end)
+            pre = F.linear(xs, w1[rows], None if b1 is None else b1[rows])
+            if gated:
+                up_rows = slice(local_full + start, local_full + end)
+                up = F.linear(xs, w1[up_rows], None if b1 is None else b1[up_rows])
+                inter = act(pre) * (up + mlp.config.glu_linear_offset)
+            else:
+                inter = act(pre)
+            out[:n] += F.linear(inter, w2[:, rows])
+            start = end
+        out = reduce_from_tensor_model_parallel_region(out)
+        out = torch.empty_like(out).index_copy_(0, order, out)
+        bias = mlp.linear_fc2.bias
+        if bias is not None and not mlp.linear_fc2.skip_bias_add:
+            out, bias = out + bias, None
         self.stats = {"mean_width_fraction": float(widths.float().mean() / mlp.full_width)}
         self.stats["token_widths"] = widths.view(s, b)
         return out.view(s, b, h), bias
