@@ -44,6 +44,13 @@ def parse_args(argv=None):
         help="evaluate each budget's sub-network (the trained router's when there is one)",
     )
     which.add_argument("--budget", type=float, help="the trained static router's choice")
+    p.add_argument(
+        "--router",
+        choices=["static", "dynamic"],
+        default="static",
+        help="dynamic: route every token to an MLP width with the checkpoint's token routers "
+        "(--budget/--budget-list condition them); reports the mean width used",
+    )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
     data.add_argument("--tokens-jsonl", help="one JSON list of token ids per line")
@@ -91,10 +98,17 @@ def evaluate(args) -> list:
     )
     budgets = args.budget_list or ([args.budget] if args.budget is not None else [])
     check_budgets(budgets or [1.0])
-    chosen = [
-        budget_architecture(args.load, model_cfg, elastic, b, router_only=args.budget is not None)
-        for b in budgets
-    ]
+    if args.router == "dynamic":
+        if not budgets:
+            raise ValueError("--router dynamic needs --budget or --budget-list")
+        chosen = [(None, {"chosen_by": "token routers"}) for _ in budgets]
+    else:
+        chosen = [
+            budget_architecture(
+                args.load, model_cfg, elastic, b, router_only=args.budget is not None
+            )
+            for b in budgets
+        ]
     specs = [subnet for subnet, _ in chosen] or [args.subnetwork]
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
@@ -107,8 +121,11 @@ def evaluate(args) -> list:
     with torch.no_grad():  # warm-up, so that the first sub-network's time is not inflated
         forward_backward(model, batches[:1], True)
     results = []
+    routed = _token_routing(args, model, model_cfg) if args.router == "dynamic" else None
     for i, spec in enumerate(specs):
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
+        if routed is not None:
+            routed.condition(budgets[i])
         start = time.perf_counter()
         with torch.no_grad():
             out = forward_backward(model, batches, True)
@@ -125,8 +142,47 @@ def evaluate(args) -> list:
         }
         if budgets:
             result = {"budget": budgets[i], **result, **chosen[i][1]}
+        if routed is not None:
+            result["mean_mlp_width_fraction"] = round(routed.mean_width(), 4)
+            result["params"] = None  # per token: see the mean width
         results.append(result)
     return results
+
+
+class _Routed:
+    """The checkpoint's token routers attached in dispatch mode, conditioned per budget."""
+
+    def __init__(self, routings, budgets):
+        self.routings, self.budgets = routings, budgets
+
+    def condition(self, budget: float) -> None:
+        from megatron_flextron.routers.static import encode_budget
+
+        code = encode_budget(self.budgets, budget)
+        for r in self.routings:
+            r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
+
+    def mean_width(self) -> float:
+        return sum(r.totals[0] for r in self.routings) / sum(r.totals[1] for r in self.routings)
+
+
+def _token_routing(args, model, model_cfg) -> _Routed:
+    from megatron_flextron.routers.token import enable_token_routing
+    from megatron_flextron.routers.token_training import load_token_routers
+
+    found = load_token_routers(args.load, model_cfg.hidden_size)
+    if found is None:
+        raise CheckpointError(
+            f"{args.load} has no token routers (token_router/): run tools/train_token_router.py"
+        )
+    routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
+    return _Routed(routings, found["budgets"])
+
+
+def _architecture(result: dict) -> str:
+    if "mean_mlp_width_fraction" in result:
+        return f"per token: mean MLP width {result['mean_mlp_width_fraction']:.3f}"
+    return f"`{json.dumps(result['subnetwork'])}`"
 
 
 def markdown_table(results: list) -> str:
@@ -136,8 +192,8 @@ def markdown_table(results: list) -> str:
     ]
     for r in results:
         rows.append(
-            f"| {r['budget']:g} | `{json.dumps(r['subnetwork'])}` | {r['chosen_by']} | "
-            f"{r['params'] / 1e6:.1f} | "
+            f"| {r['budget']:g} | {_architecture(r)} | {r['chosen_by']} | "
+            f"{'per token' if r['params'] is None else format(r['params'] / 1e6, '.1f')} | "
             f"{r['loss']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |"
         )
     return "\n".join(rows)

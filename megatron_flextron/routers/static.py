@@ -32,6 +32,26 @@ def check_budget_list(budgets: Sequence[float]) -> None:
         raise ValueError(f"budgets {list(budgets)} must be distinct and sorted descending")
 
 
+def encode_budget(budgets: Sequence[float], budget: float) -> torch.Tensor:
+    """One-hot of a trained budget; the linear blend of the two neighbours in between."""
+    check_budget(budget)
+    b = list(budgets)
+    if not b[-1] - 1e-9 <= budget <= b[0] + 1e-9:
+        raise ValueError(
+            f"budget {budget} lies outside the trained range [{b[-1]}, {b[0]}] of the router"
+        )
+    x = torch.zeros(len(b))
+    for i in range(len(b)):
+        if math.isclose(budget, b[i], abs_tol=1e-9):
+            x[i] = 1.0
+            return x
+        if i + 1 < len(b) and b[i + 1] < budget < b[i]:
+            w = (budget - b[i + 1]) / (b[i] - b[i + 1])
+            x[i], x[i + 1] = w, 1.0 - w
+            return x
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class GumbelSchedule:
     """Temperature tau(t) = max(tau_min, tau_start * exp(-decay * t)); logit scale grows
@@ -72,23 +92,7 @@ class StaticRouter(torch.nn.Module):
         )
 
     def encode(self, budget: float) -> torch.Tensor:
-        """One-hot of a trained budget; the linear blend of the two neighbours in between."""
-        check_budget(budget)
-        b = self.budgets
-        if not b[-1] - 1e-9 <= budget <= b[0] + 1e-9:
-            raise ValueError(
-                f"budget {budget} lies outside the trained range [{b[-1]}, {b[0]}] of the router"
-            )
-        x = torch.zeros(len(b))
-        for i in range(len(b)):
-            if math.isclose(budget, b[i], abs_tol=1e-9):
-                x[i] = 1.0
-                return x
-            if i + 1 < len(b) and b[i + 1] < budget < b[i]:
-                w = (budget - b[i + 1]) / (b[i] - b[i + 1])
-                x[i], x[i + 1] = w, 1.0 - w
-                return x
-        raise AssertionError("unreachable")
+        return encode_budget(self.budgets, budget)
 
     def forward(self, budget: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits [L, n_mlp] and [L, n_heads]."""

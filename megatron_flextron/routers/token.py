@@ -63,6 +63,8 @@ class TokenRouting:
     tolerance: float = 0.02
     # filled by every forward: mean width fraction, and the per-token widths (dispatch)
     stats: dict = field(default_factory=dict)
+    # accumulated over dispatch calls: [sum of width fractions, tokens]
+    totals: list = field(default_factory=lambda: [0.0, 0])
 
     def __call__(self, mlp: ElasticMLP, hidden: torch.Tensor):
         logits = self.router(hidden, self.budget_code)
@@ -119,6 +121,8 @@ class TokenRouting:
             out, bias = out + bias, None
         self.stats = {"mean_width_fraction": float(widths.float().mean() / mlp.full_width)}
         self.stats["token_widths"] = widths.view(s, b)
+        self.totals[0] += float(widths.float().sum() / mlp.full_width)
+        self.totals[1] += widths.numel()
         return out.view(s, b, h), bias
 
     def _mixture(self, mlp: ElasticMLP, hidden: torch.Tensor, probs: torch.Tensor):

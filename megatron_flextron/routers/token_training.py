@@ -1,0 +1,103 @@
+"""Training token routers on a frozen elastic LLM, and storing them in the checkpoint.
+
+Each step draws a trained budget, conditions every layer's router on it, routes with
+straight-through Gumbel-softmax samples (the forward computes the sampled widths exactly) and
+minimises the LM loss plus the budget auxiliary loss on each layer's mean width (attached with
+MoEAuxLossAutoScaler). Only the routers train. Stored as ``CKPT/token_router/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_flextron.convert.checkpoint import CheckpointError
+from megatron_flextron.convert.io import read_json, write_json
+from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
+from megatron_flextron.routers.token import TokenRouter, enable_token_routing
+
+TOKEN_ROUTER_DIR = "token_router"
+
+
+def train_token_routers(
+    model,
+    widths: Sequence[int],
+    budgets: Sequence[float],
+    microbatches: List[dict],
+    steps: int = 200,
+    lr: float = 1e-2,
+    aux_loss_coeff: float = 10.0,
+    tolerance: float = 0.02,
+    seed: int = 0,
+) -> List[TokenRouter]:
+    check_budget_list(budgets)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    hidden = model.config.hidden_size
+    routers = [TokenRouter(hidden, len(widths), len(budgets)) for _ in model.decoder.layers]
+    routings = enable_token_routing(
+        model, widths, routers, mode="hard", aux_loss_coeff=aux_loss_coeff, tolerance=tolerance
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for r in routers for p in r.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    # anneal to the minimum temperature by 70% of the steps: the argmax used at inference then
+    # matches what was trained
+    schedule = GumbelSchedule(tau_min=0.1, steps=steps, decay=math.log(50) / (0.7 * steps))
+    for step in range(steps):
+        budget = rng.choice(list(budgets))
+        code = encode_budget(budgets, budget)
+        for routing in routings:
+            routing.budget, routing.budget_code = budget, code
+            routing.temperature = schedule.temperature(step)
+        batch = microbatches[step % len(microbatches)]
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.size(1)).expand_as(tokens)
+        per_token = model(tokens, positions, None, labels=batch["labels"])
+        loss = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return routers
+
+
+def save_token_routers(ckpt_dir: str, routers, widths, budgets) -> None:
+    tmp = tempfile.mkdtemp(prefix=".token_router.tmp-", dir=ckpt_dir)
+    try:
+        torch.save([r.state_dict() for r in routers], os.path.join(tmp, "token_routers.pt"))
+        write_json(
+            os.path.join(tmp, "token_router.json"),
+            {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)},
+        )
+        final = os.path.join(ckpt_dir, TOKEN_ROUTER_DIR)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
+    """{"routers", "widths", "budgets"} or None when the checkpoint has no token routers."""
+    folder = os.path.join(ckpt_dir, TOKEN_ROUTER_DIR)
+    if not os.path.isdir(folder):
+        return None
+    meta = read_json(os.path.join(folder, "token_router.json"))
+    try:
+        states = torch.load(os.path.join(folder, "token_routers.pt"), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the token routers in {folder}: {e}") from None
+    routers = []
+    for state in states:
+        router = TokenRouter(hidden_size, len(meta["widths"]), len(meta["budgets"]))
+        router.load_state_dict(state)
+        routers.append(router.eval())
+    return {"routers": routers, "widths": meta["widths"], "budgets": meta["budgets"]}

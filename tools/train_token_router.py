@@ -1,0 +1,89 @@
+"""Train Flextron's input-adaptive token routers on a frozen flextron checkpoint.
+
+  python tools/train_token_router.py --load ckpt/elastic --router-budgets 1.0 0.75 0.5 \\
+      --steps 200 --seq-length 128
+
+A budget here is the mean MLP width fraction the routers should use; one router per layer,
+conditioned on the budget, trained with straight-through Gumbel-softmax on the LM loss plus the
+budget auxiliary loss (the LLM stays frozen). Stored in CKPT/token_router/. Prints, per budget,
+the held-out loss and the mean width used with token dispatch; evaluate later with
+`tools/evaluate.py --router dynamic --budget-list ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--load", required=True, help="flextron checkpoint; routers are stored inside")
+    p.add_argument("--router-budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5])
+    p.add_argument("--data", default="wiki:train", help="training text: wiki:SPLIT, .jsonl, text")
+    p.add_argument("--samples", type=int, default=64, help="training sequences")
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--aux-loss-coeff", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from megatron_flextron.config import ElasticConfig, ModelConfig
+    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.data.corpus import token_sequences
+    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.routers.cost import router_choices
+    from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
+    from megatron_flextron.training.lm_step import pad_microbatches
+
+    try:
+        initialize_model_parallel(1, 1, args.seed)
+        config = read_config(args.load)
+        model_cfg = ModelConfig.from_dict(config["model"])
+        widths, _ = router_choices(model_cfg, ElasticConfig.from_dict(config["elastic"]))
+        tokenizer = os.path.join(args.load, "tokenizer")
+        seqs = token_sequences(
+            args.data, tokenizer if os.path.isdir(tokenizer) else None, args.seq_length
+        )[: args.samples]
+        if not seqs:
+            raise ValueError(f"{args.data} gives no training sequence")
+        model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
+        load_flextron_into_model(model, args.load)
+        routers = train_token_routers(
+            model,
+            widths,
+            args.router_budgets,
+            pad_microbatches(seqs, args.micro_batch_size),
+            args.steps,
+            args.lr,
+            args.aux_loss_coeff,
+            seed=args.seed,
+        )
+        save_token_routers(args.load, routers, widths, args.router_budgets)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_model_parallel()
+    print(
+        json.dumps(
+            {
+                "saved": os.path.join(args.load, "token_router"),
+                "widths": widths,
+                "budgets": args.router_budgets,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
