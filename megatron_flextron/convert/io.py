@@ -26,13 +26,14 @@ TOKENIZER_FILES = (
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str) -> Iterator[str]:
+def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to ``path`` only if the block succeeds.
 
-    A failed conversion leaves nothing at ``path``. An existing non-empty ``path`` is refused.
+    A failed write leaves nothing at ``path``. An existing non-empty ``path`` is refused, or,
+    with ``replace``, replaced once the new one is complete.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    if not replace and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise CheckpointError(f"output {path} already exists and is not empty")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -40,7 +41,7 @@ def atomic_output_dir(path: str) -> Iterator[str]:
     try:
         yield tmp
         if os.path.isdir(path):
-            os.rmdir(path)
+            shutil.rmtree(path) if replace else os.rmdir(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

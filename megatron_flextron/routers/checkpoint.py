@@ -8,15 +8,13 @@ temporary folder and renamed, so a checkpoint has either a whole router or none.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Optional, Tuple
 
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.convert.checkpoint import CheckpointError
-from megatron_flextron.convert.io import read_json, write_json
+from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.routers.cost import CostModel, LatencyTable
 from megatron_flextron.routers.static import StaticRouter
 
@@ -25,17 +23,9 @@ ROUTER_DIR = "router"
 
 def save_router(ckpt_dir: str, router: StaticRouter, cost: dict) -> None:
     """``cost``: {"metric", "seq_length", "tolerance", "latency_table" (dict or None), ...}."""
-    tmp = tempfile.mkdtemp(prefix=".router.tmp-", dir=ckpt_dir)
-    try:
+    with atomic_output_dir(os.path.join(ckpt_dir, ROUTER_DIR), replace=True) as tmp:
         torch.save(router.state_dict(), os.path.join(tmp, "static_router.pt"))
         write_json(os.path.join(tmp, "router.json"), {"router": router.config(), "cost": cost})
-        final = os.path.join(ckpt_dir, ROUTER_DIR)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_router(

@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
-import tempfile
 from typing import List, Optional, Sequence
 
 import torch
 
 from megatron_flextron.convert.checkpoint import CheckpointError
-from megatron_flextron.convert.io import read_json, write_json
+from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
 
@@ -69,20 +67,12 @@ def train_token_routers(
 
 
 def save_token_routers(ckpt_dir: str, routers, widths, budgets) -> None:
-    tmp = tempfile.mkdtemp(prefix=".token_router.tmp-", dir=ckpt_dir)
-    try:
+    with atomic_output_dir(os.path.join(ckpt_dir, TOKEN_ROUTER_DIR), replace=True) as tmp:
         torch.save([r.state_dict() for r in routers], os.path.join(tmp, "token_routers.pt"))
         write_json(
             os.path.join(tmp, "token_router.json"),
             {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)},
         )
-        final = os.path.join(ckpt_dir, TOKEN_ROUTER_DIR)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
