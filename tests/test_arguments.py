@@ -50,6 +50,12 @@ FLAGS = {
     "--exit-interval",
     "--vocab-file",
     "--merge-file",
+    "--router",
+    "--router-lr",
+    "--router-cost-metric",
+    "--latency-table",
+    "--router-budget-weight",
+    "--budget-tolerance",
 }
 
 

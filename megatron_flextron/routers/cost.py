@@ -93,7 +93,7 @@ class CostModel:
     ):
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}; expected one of {METRICS}")
-        self.model, self.metric = model, metric
+        self.model, self.metric, self.latency = model, metric, latency
         self.mlp_choices, self.head_choices = router_choices(model, elastic)
         m = model
         h, d, g = m.hidden_size, m.kv_channels, m.num_query_groups

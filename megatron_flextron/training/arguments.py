@@ -77,6 +77,12 @@ class ElasticArgs:
     distill: str = "inplace"
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
+    router: str = "none"
+    router_lr: float = 1e-3
+    router_cost_metric: str = "params"
+    latency_table: Optional[str] = None
+    router_budget_weight: float = 30.0
+    budget_tolerance: float = 0.02
 
 
 @dataclass
@@ -153,10 +159,19 @@ _HELP = {
     "distill": "none, inplace (full model's logits) or frozen (the original model's)",
     "kd_temperature": "distillation temperature",
     "kd_weight": "weight of the distillation loss added to the LM loss",
+    "router": "joint: train the static budget router with the model (budget micro-batches run "
+    "its sampled per-layer architecture); none: nearest homogeneous choices",
+    "router_lr": "Adam learning rate of the joint router",
+    "router_cost_metric": "what a budget measures: params, flops, kv_cache or latency",
+    "latency_table": "JSON from tools/measure_latency.py (--router-cost-metric latency)",
+    "router_budget_weight": "weight of the router's budget loss",
+    "budget_tolerance": "relative cost error inside which the budget loss is zero",
 }
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
+    "router": ["none", "joint"],
+    "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }
 _LISTS = {
@@ -243,5 +258,7 @@ def validate(args: TrainingArgs) -> None:
         raise ValueError(f"--load {r.load} is not a flextron checkpoint (no flextron_config.json)")
     if e.distill == "frozen" and r.load is None:
         raise ValueError("--distill frozen needs --load (the original model is the teacher)")
+    if e.router_cost_metric == "latency" and not e.latency_table:
+        raise ValueError("--router-cost-metric latency needs --latency-table")
     if r.save_interval is not None and r.save is None:
         raise ValueError("--save-interval needs --save")

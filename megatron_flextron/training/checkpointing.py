@@ -52,8 +52,10 @@ def save_training_checkpoint(
     elastic_cfg: ElasticConfig,
     metadata: dict,
     tokenizer_dir: Optional[str],
+    extra: Optional[dict] = None,
 ) -> None:
-    """Collective: every rank calls it. Returns when the checkpoint is complete on disk."""
+    """Collective: every rank calls it. Returns when the checkpoint is complete on disk.
+    ``extra``: more (replicated) training state for the common part, e.g. the joint router."""
     final = iteration_dir(path, iteration)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
@@ -68,6 +70,7 @@ def save_training_checkpoint(
         "opt_param_scheduler": scheduler.state_dict(),
         "iteration": iteration,
         "consumed_train_samples": consumed_train_samples,
+        **(extra or {}),
     }
     dist_checkpointing.save(state, tmp)
     dist.barrier()
@@ -89,10 +92,11 @@ def save_training_checkpoint(
 
 def load_training_checkpoint(
     path: str, model, optimizer, scheduler, load_optim: bool = True
-) -> Tuple[int, int]:
+) -> Tuple[int, int, dict]:
     """Load weights, and, from a training checkpoint, optimizer state, schedule and progress.
 
-    Returns (iteration, consumed_train_samples); (0, 0) for a converted (release) checkpoint.
+    Returns (iteration, consumed_train_samples, common state); (0, 0, ...) for a converted
+    (release) checkpoint.
     """
     config = read_config(path)
     shards = iteration_dir(path)
@@ -100,7 +104,11 @@ def load_training_checkpoint(
     if "iteration" not in common or not load_optim:
         load_flextron_into_model(model, path)
         optimizer.reload_model_params()  # bf16/fp16: the fp32 master copies follow the weights
-        return int(common.get("iteration", 0)), int(common.get("consumed_train_samples", 0))
+        return (
+            int(common.get("iteration", 0)),
+            int(common.get("consumed_train_samples", 0)),
+            common,
+        )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config["dealt_tensor_parallel_size"] != tp:
         raise CheckpointError(
@@ -121,4 +129,4 @@ def load_training_checkpoint(
     optimizer.load_state_dict(loaded["optimizer"])
     unshare_torch_adam_steps(optimizer)
     scheduler.load_state_dict(common["opt_param_scheduler"])
-    return int(common["iteration"]), int(common["consumed_train_samples"])
+    return int(common["iteration"]), int(common["consumed_train_samples"]), common

@@ -23,6 +23,10 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.soft_architecture import (
+    clear_soft_architecture,
+    set_soft_architecture,
+)
 from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
 from megatron_flextron.training.distillation import kl_divergence
@@ -68,6 +72,7 @@ class ElasticStep:
     kd_weight: float = 1.0
     teacher: Optional[torch.nn.Module] = None  # the frozen original model (distill=frozen)
     weight_decay: Optional[ElasticWeightDecay] = None
+    joint_router: Optional[object] = None  # training.joint_router.JointRouter (--router joint)
 
     def __post_init__(self):
         if self.distill not in ("none", "inplace", "frozen"):
@@ -77,6 +82,7 @@ class ElasticStep:
         self.budget_keys = sorted({1.0, *self.sampler.budgets}, reverse=True)
 
     def _set(self, model, subnet: Subnetwork) -> None:
+        clear_soft_architecture(model)
         set_subnetwork(model, subnet, self.model_cfg, self.elastic_cfg)
 
     def _teacher_logits(self, plan, microbatches) -> Dict[int, torch.Tensor]:
@@ -107,7 +113,7 @@ class ElasticStep:
             return {}
         return {m: o["logits"] for m, o in zip(wanted, out)}
 
-    def _loss_func(self, m: int, budget: float, batch: dict, teacher, logits: torch.Tensor):
+    def _loss_func(self, m: int, budget: float, batch: dict, teacher, routed, logits: torch.Tensor):
         labels, mask = batch["labels"], batch.get("loss_mask")
         mask = torch.ones_like(labels, dtype=torch.float) if mask is None else mask
         # megatron's vocab-parallel cross entropy works in place on fp32 logits: give it a copy
@@ -120,21 +126,34 @@ class ElasticStep:
             loss = lm + self.kd_weight * kd
         # clones: megatron's schedule divides the returned loss in place by the micro-batch count
         stats = {"lm loss": lm.detach().clone(), "kd loss": kd.detach().clone(), "budget": budget}
+        if routed is not None:  # the router's budget loss, counted once (TP rank 0, last stage)
+            term, ratio = self.joint_router.budget_term(*routed, budget)
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                loss = loss + term
+            stats["router cost ratio"] = ratio
         return loss, stats
 
     def run(self, iteration: int, microbatches: List[dict], forward_only: bool = False) -> dict:
         """Forward/backward of one iteration; returns per-budget sums (see ``reduce_stats``)."""
         plan = [self.sampler.sample(iteration, m) for m in range(len(microbatches))]
         teachers = self._teacher_logits(plan, microbatches)
+        full = Subnetwork.full(self.model_cfg)
 
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
             budget, subnet = plan[m]
-            self._set(model, subnet)
+            routed = None
+            if self.joint_router is not None and subnet != full:
+                self._set(model, full)
+                routed = self.joint_router.sample(budget, iteration, m)
+                mlp, heads = self.joint_router.mlp_choices, self.joint_router.head_choices
+                set_soft_architecture(model, *routed, mlp, heads)
+            else:
+                self._set(model, subnet)
             if self.weight_decay is not None and not forward_only:
                 self.weight_decay.record()
             output = model(batch["tokens"], _position_ids(batch), None)
-            return output, partial(self._loss_func, m, budget, batch, teachers.get(m))
+            return output, partial(self._loss_func, m, budget, batch, teachers.get(m), routed)
 
         out = _schedule(self.model, forward_step, list(enumerate(microbatches)), forward_only)
         self._set(self.model, Subnetwork.full(self.model_cfg))
@@ -145,12 +164,13 @@ class ElasticStep:
         ranks and handed from the last pipeline stage to all ranks."""
         keys = self.budget_keys
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        totals = torch.zeros(len(keys), 3, dtype=torch.float64, device=device)
+        totals = torch.zeros(len(keys), 4, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
             for o in outputs:
                 row = keys.index(o["budget"])
+                ratio = o.get("router cost ratio", 0.0)
                 totals[row] += torch.tensor(
-                    [float(o["lm loss"]), float(o["kd loss"]), 1.0], device=device
+                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio], device=device
                 )
         for group in (
             parallel_state.get_data_parallel_group(),
@@ -164,7 +184,10 @@ class ElasticStep:
             "kd loss": float(totals[:, 1].sum() / count),
             "budgets": {},
         }
-        for key, (lm, kd, n) in zip(keys, totals.tolist()):
+        for key, (lm, kd, n, ratio) in zip(keys, totals.tolist()):
             if n:
-                result["budgets"][f"{key:g}"] = {"lm loss": lm / n, "kd loss": kd / n, "n": int(n)}
+                row = {"lm loss": lm / n, "kd loss": kd / n, "n": int(n)}
+                if ratio:
+                    row["router cost ratio"] = ratio / n
+                result["budgets"][f"{key:g}"] = row
         return result

@@ -79,7 +79,9 @@ class TrainingLogger:
             or it == self.first_iteration + 1
         ):
             per_budget = " | ".join(
-                f"{b}: lm {v['lm loss']:.4f}" + (f" kd {v['kd loss']:.4f}" if v["kd loss"] else "")
+                f"{b}: lm {v['lm loss']:.4f}"
+                + (f" kd {v['kd loss']:.4f}" if v["kd loss"] else "")
+                + (f" cost {v['router cost ratio']:.3f}" if "router cost ratio" in v else "")
                 for b, v in stats["budgets"].items()
             )
             self.message(
@@ -102,6 +104,8 @@ class TrainingLogger:
         w.add_scalar("grad-norm", stats["grad_norm"], it)
         w.add_scalar("tokens-per-sec", tokens / stats["time"], it)
         for budget, v in stats["budgets"].items():
+            if "router cost ratio" in v:
+                w.add_scalar(f"router cost ratio/budget {budget}", v["router cost ratio"], it)
             w.add_scalar(f"lm loss/budget {budget}", v["lm loss"], it)
             w.add_scalar(f"kd loss/budget {budget}", v["kd loss"], it)
         for budget, loss in (stats.get("eval") or {}).items():

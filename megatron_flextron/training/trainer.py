@@ -9,6 +9,7 @@ process; resumes from the newest checkpoint in ``--save`` when there is one.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -104,6 +105,36 @@ def _frozen_teacher(args: TrainingArgs, model_cfg: ModelConfig):
     return teacher.eval()
 
 
+def _joint_router(args: TrainingArgs, model_cfg, elastic_cfg, common: dict):
+    """--router joint: the router trained with the model, resumed from the checkpoint."""
+    from megatron_flextron.routers.cost import CostModel, LatencyTable
+    from megatron_flextron.routers.static import GumbelSchedule
+    from megatron_flextron.training.joint_router import JointRouter
+
+    e = args.elastic
+    if e.router != "joint":
+        return None
+    table = LatencyTable.load(e.latency_table) if e.latency_table else None
+    cost = CostModel(model_cfg, elastic_cfg, e.router_cost_metric, args.data.seq_length, table)
+    joint = JointRouter(
+        model_cfg,
+        elastic_cfg,
+        e.budget_list,
+        cost,
+        e.router_lr,
+        e.router_budget_weight,
+        e.budget_tolerance,
+        args.run.seed,
+        # anneal to the minimum temperature by 70% of the run, whatever its length
+        GumbelSchedule(
+            steps=args.run.train_iters, decay=math.log(10) / (0.7 * args.run.train_iters)
+        ),
+    )
+    if "joint_router" in common:
+        joint.load_state_dict(common["joint_router"])
+    return joint
+
+
 def setup(args: TrainingArgs) -> Run:
     p, o, r, e, d = args.parallel, args.optimizer, args.run, args.elastic, args.data
     initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.seed)
@@ -152,7 +183,9 @@ def setup(args: TrainingArgs) -> Run:
         wd_incr_style="constant",
     )
     load_optim = not (r.no_load_optim or (r.finetune and not resuming))
-    iteration, consumed = load_training_checkpoint(source, model, optimizer, scheduler, load_optim)
+    iteration, consumed, common = load_training_checkpoint(
+        source, model, optimizer, scheduler, load_optim
+    )
     if r.finetune and not resuming:
         iteration, consumed = 0, 0
 
@@ -195,6 +228,7 @@ def setup(args: TrainingArgs) -> Run:
         kd_weight=e.kd_weight,
         teacher=_frozen_teacher(args, model_cfg) if e.distill == "frozen" else None,
         weight_decay=weight_decay,
+        joint_router=_joint_router(args, model_cfg, elastic_cfg, common if resuming else {}),
     )
     return Run(
         args,
@@ -237,12 +271,30 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]
     if run.step.weight_decay is not None:
         run.step.weight_decay.apply(lr)
+    joint = run.step.joint_router
+    if joint is not None:
+        joint.finish_grads()
     _, grad_norm, _ = run.optimizer.step()
+    if joint is not None:
+        joint.step()
     run.scheduler.step(increment=1)
     run.iteration += 1
     run.consumed_train_samples += args.data.global_batch_size
     stats.update(iteration=run.iteration, lr=lr, grad_norm=grad_norm)
     return stats
+
+
+def router_costs(run: Run) -> dict:
+    """--router joint: the cost ratio of the router's (argmax) architecture for each budget."""
+    joint = run.step.joint_router
+    if joint is None:
+        return {}
+    full = joint.cost.full()
+    out = {}
+    for budget in joint.router.budgets:
+        subnet = joint.router.choose(budget)
+        out[f"{budget:g}"] = joint.cost.of_subnetwork(subnet.mlp, subnet.heads) / full
+    return out
 
 
 def evaluate_budgets(run: Run) -> dict:
@@ -252,8 +304,12 @@ def evaluate_budgets(run: Run) -> dict:
         return {}
     microbatches = _microbatches(run, run.valid_data, 0, args.run.eval_iters)
     losses = {}
+    joint = run.step.joint_router
     for budget in run.step.budget_keys:
-        subnet = budget_subnetwork(budget, run.model_cfg, run.elastic_cfg)
+        if joint is not None and budget < 1.0:  # the router's current architecture
+            subnet = joint.router.choose(budget)
+        else:
+            subnet = budget_subnetwork(budget, run.model_cfg, run.elastic_cfg)
         set_subnetwork(run.model, subnet, run.model_cfg, run.elastic_cfg)
         loss = torch.tensor(forward_backward(run.model, microbatches, forward_only=True)["loss"])
         loss = loss.to(_device() or "cpu")
@@ -264,6 +320,7 @@ def evaluate_budgets(run: Run) -> dict:
 
 
 def save(run: Run) -> None:
+    joint = run.step.joint_router
     metadata = dict(run.config.get("metadata") or {})
     metadata["training"] = {
         "iteration": run.iteration,
@@ -282,7 +339,21 @@ def save(run: Run) -> None:
         run.elastic_cfg,
         metadata,
         tokenizer if os.path.isdir(tokenizer) else None,
+        extra={"joint_router": joint.state_dict()} if joint else None,
     )
+    if joint is not None and torch.distributed.get_rank() == 0:  # for --budget in the tools
+        from megatron_flextron.routers.checkpoint import save_router
+
+        e = run.args.elastic
+        settings = {
+            "metric": e.router_cost_metric,
+            "seq_length": run.args.data.seq_length,
+            "tolerance": e.budget_tolerance,
+            "latency_table": joint.cost_table_dict,
+            "trained": "jointly with the model",
+        }
+        save_router(run.args.run.save, joint.router, settings)
+    torch.distributed.barrier()
 
 
 def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
@@ -301,6 +372,8 @@ def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
         stats["time"] = time.time() - start
         if r.eval_interval and run.iteration % r.eval_interval == 0:
             stats["eval"] = evaluate_budgets(run)
+            if run.step.joint_router is not None:
+                stats["router cost ratio"] = router_costs(run)
         log.iteration(stats)
         history.append(stats)
         exiting = bool(r.exit_interval) and run.iteration % r.exit_interval == 0

@@ -1,0 +1,85 @@
+"""A probability-weighted architecture: every layer computes sum_c p_c f_c(x) exactly, by masks.
+
+Widths are nested, so a mixture over the width choices c of a layer is one full-width pass whose
+units are scaled by the probability that they are kept:
+
+- MLP: the input of linear_fc2 (act(W1 x), this rank's neurons) times m_j = sum of p_c over the
+  MLP choices that keep neuron j;
+- attention: the input of linear_proj (the per-head outputs) times the same for query heads.
+
+Both are exact because W2 and the output projection are linear in those units and units do not
+interact before them. With one-hot p (straight-through samples) the forward equals the sliced
+sub-network (computed at full width), and gradients reach p: this is how a router is trained
+jointly with the model. Masks follow the TP layout: the first w/p local neurons, and for GQA the
+first h/G query heads of every local group (MHA: the first h/p local heads).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megatron_flextron.elastic.subnetwork import unwrap_model
+
+
+def _keep(position: torch.Tensor, limits: Sequence[int]) -> torch.Tensor:
+    """[choices, units]: unit with ``position`` is kept by a choice whose local limit exceeds it."""
+    limits = torch.tensor(list(limits), device=position.device)
+    return (position[None, :] < limits[:, None]).float()
+
+
+def _mlp_keep(mlp, widths: Sequence[int]) -> torch.Tensor:
+    local = torch.arange(
+        mlp.linear_fc2.input_size_per_partition, device=mlp.linear_fc2.weight.device
+    )
+    return _keep(local, [w // mlp.tp_size for w in widths])
+
+
+def _head_keep(attn, heads: Sequence[int]) -> torch.Tensor:
+    device = attn.linear_proj.weight.device
+    n_local = attn.num_attention_heads_per_partition
+    if attn.is_gqa:  # within-group index of every local query head, groups one after another
+        per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
+        position = torch.arange(n_local, device=device) % per_group
+        return _keep(position, [h // attn.config.num_query_groups for h in heads])
+    return _keep(torch.arange(n_local, device=device), [h // attn.world_size for h in heads])
+
+
+def _scale_input(mask: torch.Tensor, repeat: int):
+    def hook(module, args):
+        x = args[0]
+        return (x * mask.repeat_interleave(repeat).to(x.dtype),) + tuple(args[1:])
+
+    return hook
+
+
+def set_soft_architecture(
+    model: torch.nn.Module,
+    p_mlp: torch.Tensor,
+    p_heads: torch.Tensor,
+    mlp_choices: Sequence[int],
+    head_choices: Sequence[int],
+) -> None:
+    """p_mlp [L, n_mlp], p_heads [L, n_heads] (global layers, choices largest first). The model
+    must be at full size (set_subnetwork(model, None, ...)); replaces earlier masks."""
+    clear_soft_architecture(model)
+    for layer in unwrap_model(model).decoder.layers:
+        index = layer.layer_number - 1
+        mlp, attn = layer.mlp, layer.self_attention
+        if mlp.active_width is not None or attn.active_heads is not None:
+            raise ValueError("a soft architecture needs the full-size model (no sub-network)")
+        m_mlp = p_mlp[index].float() @ _mlp_keep(mlp, mlp_choices)
+        m_heads = p_heads[index].float() @ _head_keep(attn, head_choices)
+        d = attn.hidden_size_per_attention_head
+        handles = [
+            mlp.linear_fc2.register_forward_pre_hook(_scale_input(m_mlp, 1)),
+            attn.linear_proj.register_forward_pre_hook(_scale_input(m_heads, d)),
+        ]
+        layer.__dict__["_soft_architecture"] = handles
+
+
+def clear_soft_architecture(model: torch.nn.Module) -> None:
+    for layer in unwrap_model(model).decoder.layers:
+        for handle in layer.__dict__.pop("_soft_architecture", []):
+            handle.remove()

@@ -1,0 +1,100 @@
+"""The static router trained together with the model (Flextron's phase 3, or end to end without a
+surrogate as in Nemotron Elastic): ``--router joint``.
+
+A micro-batch that draws a budget no longer gets the nearest homogeneous sub-network: the router
+samples a per-layer architecture (straight-through Gumbel-softmax, noise seeded by (seed,
+iteration, micro-batch) so that every rank draws the same), the model runs it as a soft
+architecture (exact sliced forward, gradients to the choice probabilities), and the loss adds the
+router's budget loss. The router is replicated on every rank: its gradient is summed over TP
+(each rank's mask covers its own units) and PP (each stage its own layers), averaged over DP, and
+it steps with its own Adam next to megatron's optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
+from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
+
+
+class JointRouter:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        elastic_cfg: ElasticConfig,
+        budgets: Sequence[float],
+        cost: CostModel,
+        lr: float = 1e-3,
+        budget_weight: float = 30.0,
+        tolerance: float = 0.02,
+        seed: int = 1234,
+        schedule: GumbelSchedule = None,
+    ):
+        self.mlp_choices, self.head_choices = router_choices(model_cfg, elastic_cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same initial router on every rank
+            self.router = StaticRouter(
+                budgets, model_cfg.num_layers, self.mlp_choices, self.head_choices
+            )
+        self.cost, self.budget_weight, self.tolerance = cost, budget_weight, tolerance
+        self.cost_table_dict = cost.latency.to_dict() if cost.latency is not None else None
+        self.seed = seed
+        self.schedule = schedule or GumbelSchedule()
+        self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
+
+    def _gumbel(self, logits, generator, tau, scale):
+        u = torch.rand(logits.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+        soft = ((logits * scale - torch.log(-torch.log(u))) / tau).softmax(-1)
+        hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.size(-1)).to(soft)
+        return hard - soft.detach() + soft
+
+    def sample(self, budget: float, iteration: int, microbatch: int) -> Tuple[torch.Tensor, ...]:
+        """Straight-through one-hot choices [L, n] for MLP and heads; identical on all ranks."""
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, iteration, microbatch)) & 0xFFFFFFFF
+        )
+        tau = self.schedule.temperature(iteration)
+        scale = self.schedule.logit_scale(iteration)
+        mlp, heads = self.router(budget)
+        return self._gumbel(mlp, generator, tau, scale), self._gumbel(heads, generator, tau, scale)
+
+    def budget_term(self, p_mlp, p_heads, budget: float) -> Tuple[torch.Tensor, float]:
+        """(weighted budget loss, cost ratio) of sampled choices."""
+        ratio = self.cost.ratio(p_mlp.double(), p_heads.double()).float()
+        return self.budget_weight * budget_loss(ratio, budget, self.tolerance), float(ratio)
+
+    def finish_grads(self) -> None:
+        params = list(self.router.parameters())
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+        )
+        torch.distributed.all_reduce(flat, group=parallel_state.get_model_parallel_group())
+        torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat /= parallel_state.get_data_parallel_world_size()
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def step(self) -> None:
+        """Adam step; with budget 1.0 among the router's budgets, first a pull of its choices to
+        the largest ones (training runs budget 1.0 as the full model, never through the router,
+        so the tools' --budget 1.0 would otherwise read an untrained output)."""
+        if self.router.budgets[0] == 1.0:
+            mlp, heads = self.router(1.0)
+            pull = -(mlp.log_softmax(-1)[:, 0].mean() + heads.log_softmax(-1)[:, 0].mean())
+            pull.backward()  # the same on every rank, after the gradient reduction
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"router": self.router.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.router.load_state_dict(state["router"])
+        self.optimizer.load_state_dict(state["optimizer"])

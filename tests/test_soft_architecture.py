@@ -1,0 +1,84 @@
+"""Soft (probability-weighted) architectures: one-hot equals the sliced sub-network; mixtures
+equal the probability-weighted sum of each choice's output; gradients reach the probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import batch, elastic_choices, random_canonical_state, tiny_config
+
+from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.soft_architecture import (
+    clear_soft_architecture,
+    set_soft_architecture,
+)
+from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+from megatron_flextron.routers.cost import router_choices
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+def _model(family):
+    model_cfg = tiny_config(family)
+    gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
+    load_canonical_state_dict(gpt, random_canonical_state(model_cfg), model_cfg)
+    return model_cfg, elastic_choices(model_cfg), gpt.eval()
+
+
+def _one_hot(choices, picks):
+    p = torch.zeros(len(picks), len(choices))
+    for layer, value in enumerate(picks):
+        p[layer, choices.index(value)] = 1
+    return p
+
+
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_one_hot_soft_architecture_equals_the_sliced_subnetwork(family):
+    model_cfg, elastic, gpt = _model(family)
+    mlp, heads = router_choices(model_cfg, elastic)
+    picks_mlp, picks_heads = (32, 128, 64, 96), (4, 8, 4, 8)
+    tokens, _ = batch()
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+    with torch.no_grad():
+        set_subnetwork(gpt, Subnetwork(picks_mlp, picks_heads, (0, 1, 2, 3)), model_cfg, elastic)
+        sliced = gpt(tokens, positions, None)
+        set_subnetwork(gpt, None, model_cfg, elastic)
+        set_soft_architecture(
+            gpt, _one_hot(mlp, picks_mlp), _one_hot(heads, picks_heads), mlp, heads
+        )
+        soft = gpt(tokens, positions, None)
+        clear_soft_architecture(gpt)
+        full = gpt(tokens, positions, None)
+    assert torch.allclose(soft, sliced, atol=1e-5), (soft - sliced).abs().max()
+    assert (soft - full).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_mixture_is_the_probability_weighted_sum_and_has_gradients(family):
+    model_cfg, elastic, gpt = _model(family)
+    mlp_choices, head_choices = router_choices(model_cfg, elastic)
+    layer = gpt.decoder.layers[0]
+    x = torch.randn(8, 2, model_cfg.hidden_size)
+    rope = gpt.rotary_pos_emb(8) if model_cfg.position_embedding == "rope" else None
+    p_mlp = torch.rand(4, len(mlp_choices)).softmax(-1).requires_grad_()
+    p_heads = torch.rand(4, len(head_choices)).softmax(-1).requires_grad_()
+    set_soft_architecture(gpt, p_mlp, p_heads, mlp_choices, head_choices)
+    mixed_mlp = layer.mlp(x)[0]
+    mixed_attn = layer.self_attention(x, None, rotary_pos_emb=rope)[0]
+    (mixed_mlp.sum() + mixed_attn.sum()).backward()
+    assert p_mlp.grad.abs().sum() > 0 and p_heads.grad.abs().sum() > 0
+    clear_soft_architecture(gpt)
+    with torch.no_grad():
+        want_mlp = torch.zeros_like(mixed_mlp)
+        for c, width in enumerate(mlp_choices):
+            layer.mlp.set_active_width(width)
+            want_mlp += p_mlp[0, c] * layer.mlp(x)[0]
+        layer.mlp.set_active_width(None)
+        want_attn = torch.zeros_like(mixed_attn)
+        for c, heads in enumerate(head_choices):
+            layer.self_attention.set_active_heads(heads)
+            want_attn += p_heads[0, c] * layer.self_attention(x, None, rotary_pos_emb=rope)[0]
+        layer.self_attention.set_active_heads(None)
+    assert torch.allclose(mixed_mlp, want_mlp, atol=1e-5)
+    assert torch.allclose(mixed_attn, want_attn, atol=1e-5)
