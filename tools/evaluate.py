@@ -55,6 +55,10 @@ def parse_args(argv=None):
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
     data.add_argument("--tokens-jsonl", help="one JSON list of token ids per line")
     data.add_argument("--wiki-split", choices=["valid", "test"], help="the bundled corpus")
+    p.add_argument(
+        "--mc-tasks",
+        help="also score multiple-choice tasks (jsonl from tools/make_mc_tasks.py): acc, acc_norm",
+    )
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--max-sequences", type=int, default=None)
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -140,6 +144,14 @@ def evaluate(args) -> list:
             "params": count_parameters(subnet, model_cfg)["total"],
             "seconds": round(seconds, 3),
         }
+        if args.mc_tasks:
+            from megatron_flextron.data.corpus import load_tokenizer
+            from megatron_flextron.evaluation.multiple_choice import read_tasks, score
+
+            mc = score(model, load_tokenizer(tokenizer), read_tasks(args.mc_tasks), device=device)
+            result["mc_acc"] = round(mc["acc"], 4)
+            result["mc_acc_norm"] = round(mc["acc_norm"], 4)
+            result["mc_examples"] = mc["examples"]
         if budgets:
             result = {"budget": budgets[i], **result, **chosen[i][1]}
         if routed is not None:

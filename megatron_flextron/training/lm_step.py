@@ -39,10 +39,13 @@ def forward_step(data_iterator: Iterator[dict], model):
     return output, partial(loss_func, loss_mask)
 
 
-def forward_backward(model, microbatches: list, forward_only: bool = False) -> Dict[str, float]:
+def forward_backward(
+    model, microbatches: list, forward_only: bool = False, per_microbatch: bool = False
+) -> Dict[str, float]:
     """Run megatron's schedule over ``microbatches`` (dicts of [b, s] tensors; every PP stage
     passes the same list). Returns, on every rank (reduced from the last pipeline stage), the
-    mean of the micro-batch losses ("loss"), the NLL sum ("nll_sum") and the token count."""
+    mean of the micro-batch losses ("loss"), the NLL sum ("nll_sum") and the token count, and
+    with ``per_microbatch`` each micro-batch's NLL sum ("nll_per_microbatch")."""
     first = microbatches[0]["tokens"]
     out = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -53,13 +56,19 @@ def forward_backward(model, microbatches: list, forward_only: bool = False) -> D
         micro_batch_size=first.size(0),
         forward_only=forward_only,
     )
-    totals = torch.zeros(3, dtype=torch.float64, device=first.device)
+    n = len(microbatches) if per_microbatch else 0
+    totals = torch.zeros(3 + n, dtype=torch.float64, device=first.device)
     if parallel_state.is_pipeline_last_stage():
+        nll = torch.stack([o["nll_sum"] for o in out]).double()
         totals[0] = torch.stack([o["lm loss"] for o in out]).double().mean()
-        totals[1] = torch.stack([o["nll_sum"] for o in out]).double().sum()
+        totals[1] = nll.sum()
         totals[2] = torch.stack([o["tokens"] for o in out]).double().sum()
+        totals[3:] = nll[:n]
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return {"loss": totals[0].item(), "nll_sum": totals[1].item(), "tokens": totals[2].item()}
+    result = {"loss": totals[0].item(), "nll_sum": totals[1].item(), "tokens": totals[2].item()}
+    if per_microbatch:
+        result["nll_per_microbatch"] = totals[3:].tolist()
+    return result
 
 
 def pad_microbatches(sequences: Sequence[Sequence[int]], micro_batch_size: int, device=None):

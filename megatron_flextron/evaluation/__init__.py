@@ -1,0 +1,1 @@
+"""Evaluation beyond perplexity: zero-shot multiple-choice tasks."""
