@@ -93,6 +93,13 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def current_device() -> torch.device:
+    """This rank's device: its GPU (set by initialize_model_parallel), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

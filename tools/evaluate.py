@@ -87,8 +87,12 @@ def evaluate(args) -> list:
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.data.corpus import load_tokenizer
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
+    from megatron_flextron.evaluation.multiple_choice import read_tasks, score
+    from megatron_flextron.parallel import current_device
     from megatron_flextron.routers.checkpoint import budget_architecture
+    from megatron_flextron.routers.token_training import TrainedTokenRouting
     from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
     from megatron_flextron.training.sampling import check_budgets
 
@@ -117,7 +121,7 @@ def evaluate(args) -> list:
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = current_device()
     model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
     load_flextron_into_model(model, args.load)
     model.eval()
@@ -125,7 +129,11 @@ def evaluate(args) -> list:
     with torch.no_grad():  # warm-up, so that the first sub-network's time is not inflated
         forward_backward(model, batches[:1], True)
     results = []
-    routed = _token_routing(args, model, model_cfg) if args.router == "dynamic" else None
+    routed = None
+    if args.router == "dynamic":
+        routed = TrainedTokenRouting.attach(args.load, model, model_cfg.hidden_size)
+    if args.mc_tasks:
+        tasks, mc_tokenizer = read_tasks(args.mc_tasks), load_tokenizer(tokenizer)
     for i, spec in enumerate(specs):
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
         if routed is not None:
@@ -135,6 +143,7 @@ def evaluate(args) -> list:
             out = forward_backward(model, batches, True)
         seconds = time.perf_counter() - start
         loss = out["nll_sum"] / out["tokens"]
+        width = round(routed.mean_width(), 4) if routed is not None else None
         result = {
             "loss": round(loss, 6),
             "ppl": round(math.exp(loss), 4),
@@ -145,50 +154,17 @@ def evaluate(args) -> list:
             "seconds": round(seconds, 3),
         }
         if args.mc_tasks:
-            from megatron_flextron.data.corpus import load_tokenizer
-            from megatron_flextron.evaluation.multiple_choice import read_tasks, score
-
-            mc = score(model, load_tokenizer(tokenizer), read_tasks(args.mc_tasks), device=device)
+            mc = score(model, mc_tokenizer, tasks, device=device)
             result["mc_acc"] = round(mc["acc"], 4)
             result["mc_acc_norm"] = round(mc["acc_norm"], 4)
             result["mc_examples"] = mc["examples"]
         if budgets:
             result = {"budget": budgets[i], **result, **chosen[i][1]}
         if routed is not None:
-            result["mean_mlp_width_fraction"] = round(routed.mean_width(), 4)
+            result["mean_mlp_width_fraction"] = width  # of the perplexity pass
             result["params"] = None  # per token: see the mean width
         results.append(result)
     return results
-
-
-class _Routed:
-    """The checkpoint's token routers attached in dispatch mode, conditioned per budget."""
-
-    def __init__(self, routings, budgets):
-        self.routings, self.budgets = routings, budgets
-
-    def condition(self, budget: float) -> None:
-        from megatron_flextron.routers.static import encode_budget
-
-        code = encode_budget(self.budgets, budget)
-        for r in self.routings:
-            r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
-
-    def mean_width(self) -> float:
-        return sum(r.totals[0] for r in self.routings) / sum(r.totals[1] for r in self.routings)
-
-
-def _token_routing(args, model, model_cfg) -> _Routed:
-    from megatron_flextron.routers.token import enable_token_routing
-    from megatron_flextron.routers.token_training import load_token_routers
-
-    found = load_token_routers(args.load, model_cfg.hidden_size)
-    if found is None:
-        raise CheckpointError(
-            f"{args.load} has no token routers (token_router/): run tools/train_token_router.py"
-        )
-    routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
-    return _Routed(routings, found["budgets"])
 
 
 def _architecture(result: dict) -> str:

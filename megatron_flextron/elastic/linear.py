@@ -63,15 +63,13 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("elastic column-parallel linear does not support gather_output")
         self.active_rows = None if rows is None else list(rows)
 
-    def forward_pieces(
-        self, input_: torch.Tensor, rows: Optional[Sequence[Selection]] = None
-    ) -> List[torch.Tensor]:
-        """One output [s, b, rows_i] per piece (``rows``, else the active ones), bias included."""
+    def forward_pieces(self, input_: torch.Tensor) -> List[torch.Tensor]:
+        """One output [s, b, rows_i] per active piece, bias included."""
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(input_, group=self.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        rows = rows or self.active_rows or [slice(None)]
+        rows = self.active_rows or [slice(None)]
         return [F.linear(x, select(self.weight, r, 0), select(self.bias, r, 0)) for r in rows]
 
     def forward(self, input_, weight=None, runtime_gather_output=None):

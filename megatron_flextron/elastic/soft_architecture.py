@@ -29,7 +29,8 @@ def _keep(position: torch.Tensor, limits: Sequence[int]) -> torch.Tensor:
     return (position[None, :] < limits[:, None]).float()
 
 
-def _mlp_keep(mlp, widths: Sequence[int]) -> torch.Tensor:
+def mlp_keep_matrix(mlp, widths: Sequence[int]) -> torch.Tensor:
+    """[choices, local neurons]: 1 where the MLP width choice keeps this rank's neuron."""
     local = torch.arange(
         mlp.linear_fc2.input_size_per_partition, device=mlp.linear_fc2.weight.device
     )
@@ -46,10 +47,13 @@ def _head_keep(attn, heads: Sequence[int]) -> torch.Tensor:
     return _keep(torch.arange(n_local, device=device), [h // attn.world_size for h in heads])
 
 
-def _scale_input(mask: torch.Tensor, repeat: int):
+def scale_input(mask: torch.Tensor, repeat: int = 1):
+    """A forward pre-hook multiplying a linear layer's input by ``mask`` (each entry repeated
+    ``repeat`` times along the features; leading dims broadcast, e.g. a per-token mask)."""
+
     def hook(module, args):
         x = args[0]
-        return (x * mask.repeat_interleave(repeat).to(x.dtype),) + tuple(args[1:])
+        return (x * mask.repeat_interleave(repeat, dim=-1).to(x.dtype),) + tuple(args[1:])
 
     return hook
 
@@ -69,12 +73,12 @@ def set_soft_architecture(
         mlp, attn = layer.mlp, layer.self_attention
         if mlp.active_width is not None or attn.active_heads is not None:
             raise ValueError("a soft architecture needs the full-size model (no sub-network)")
-        m_mlp = p_mlp[index].float() @ _mlp_keep(mlp, mlp_choices)
+        m_mlp = p_mlp[index].float() @ mlp_keep_matrix(mlp, mlp_choices)
         m_heads = p_heads[index].float() @ _head_keep(attn, head_choices)
         d = attn.hidden_size_per_attention_head
         handles = [
-            mlp.linear_fc2.register_forward_pre_hook(_scale_input(m_mlp, 1)),
-            attn.linear_proj.register_forward_pre_hook(_scale_input(m_heads, d)),
+            mlp.linear_fc2.register_forward_pre_hook(scale_input(m_mlp)),
+            attn.linear_proj.register_forward_pre_hook(scale_input(m_heads, d)),
         ]
         layer.__dict__["_soft_architecture"] = handles
 

@@ -19,6 +19,7 @@ import torch
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
 from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import LatencyTable, router_choices
 
 
@@ -45,7 +46,7 @@ def measure_latency(
 ) -> Dict[str, object]:
     """{"table": LatencyTable, "check": [{subnetwork, predicted_ms, measured_ms}]} on this
     process's device. Needs megatron's parallel state (one rank)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = current_device()
     config = model_cfg.transformer_config(params_dtype=dtype)
     gpt = build_gpt_model(model_cfg, config, elastic=True).to(device).eval()
     layer = gpt.decoder.layers[0]

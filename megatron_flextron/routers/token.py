@@ -30,9 +30,11 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.elastic.mlp import ElasticMLP
+from megatron_flextron.elastic.soft_architecture import mlp_keep_matrix, scale_input
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
 
@@ -126,24 +128,14 @@ class TokenRouting:
         return out.view(s, b, h), bias
 
     def _mixture(self, mlp: ElasticMLP, hidden: torch.Tensor, probs: torch.Tensor):
-        """sum_c p_c MLP_c(x) as one full-width pass with a per-token neuron mask."""
-        tp = mlp.tp_size
-        local_full = mlp.linear_fc2.input_size_per_partition
-        keeps = (
-            torch.arange(local_full, device=hidden.device)[None, :]
-            < torch.tensor([w // tp for w in self.widths], device=hidden.device)[:, None]
-        )  # [choices, local neurons]: local neuron i is kept by width w iff i < w/p
-        mask = probs @ keeps.to(probs)  # [s, b, local neurons]
-        rows = [slice(0, local_full)]
-        if mlp.config.gated_linear_unit:
-            rows.append(slice(local_full, 2 * local_full))
-        pieces = mlp.linear_fc1.forward_pieces(hidden, rows)
-        act = mlp.config.activation_func
-        if mlp.config.gated_linear_unit:
-            intermediate = act(pieces[0]) * (pieces[1] + mlp.config.glu_linear_offset)
-        else:
-            intermediate = act(pieces[0])
-        out, bias = mlp.linear_fc2((intermediate * mask.to(intermediate)).contiguous())
+        """sum_c p_c MLP_c(x): megatron's full-width MLP with a per-token neuron mask on the
+        input of linear_fc2 (the soft-architecture mechanism, per token)."""
+        mask = probs @ mlp_keep_matrix(mlp, self.widths).to(probs)  # [s, b, local neurons]
+        handle = mlp.linear_fc2.register_forward_pre_hook(scale_input(mask))
+        try:
+            out, bias = MLP.forward(mlp, hidden)
+        finally:
+            handle.remove()
         fraction = (probs @ self._fractions(mlp).to(probs)).mean()
         self.stats = {"mean_width_fraction": float(fraction)}
         if self.aux_loss_coeff and out.requires_grad:

@@ -19,6 +19,7 @@ from megatron_flextron.convert.checkpoint import CheckpointError
 from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
+from megatron_flextron.training.lm_step import loss_func, position_ids
 
 TOKEN_ROUTER_DIR = "token_router"
 
@@ -56,10 +57,8 @@ def train_token_routers(
             routing.budget, routing.budget_code = budget, code
             routing.temperature = schedule.temperature(step)
         batch = microbatches[step % len(microbatches)]
-        tokens = batch["tokens"]
-        positions = torch.arange(tokens.size(1)).expand_as(tokens)
-        per_token = model(tokens, positions, None, labels=batch["labels"])
-        loss = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        per_token = model(batch["tokens"], position_ids(batch), None, labels=batch["labels"])
+        loss, _ = loss_func(batch["loss_mask"], per_token)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,3 +90,30 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
         router.load_state_dict(state)
         routers.append(router.eval())
     return {"routers": routers, "widths": meta["widths"], "budgets": meta["budgets"]}
+
+
+class TrainedTokenRouting:
+    """A checkpoint's token routers attached to a model in dispatch mode, conditioned per budget;
+    counts the mean MLP width they use."""
+
+    def __init__(self, routings, budgets):
+        self.routings, self.budgets = routings, budgets
+
+    @classmethod
+    def attach(cls, ckpt_dir: str, model, hidden_size: int) -> "TrainedTokenRouting":
+        found = load_token_routers(ckpt_dir, hidden_size)
+        if found is None:
+            raise CheckpointError(
+                f"{ckpt_dir} has no token routers (token_router/): run tools/train_token_router.py"
+            )
+        routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
+        return cls(routings, found["budgets"])
+
+    def condition(self, budget: float) -> None:
+        """Route for ``budget`` from now on; resets the width count."""
+        code = encode_budget(self.budgets, budget)
+        for r in self.routings:
+            r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
+
+    def mean_width(self) -> float:
+        return sum(r.totals[0] for r in self.routings) / sum(r.totals[1] for r in self.routings)

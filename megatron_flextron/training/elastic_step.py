@@ -29,14 +29,10 @@ from megatron_flextron.elastic.soft_architecture import (
 )
 from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
+from megatron_flextron.parallel import current_device
 from megatron_flextron.training.distillation import kl_divergence
+from megatron_flextron.training.lm_step import position_ids
 from megatron_flextron.training.sampling import BudgetSampler
-
-
-def _position_ids(batch: dict) -> torch.Tensor:
-    tokens = batch["tokens"]
-    pos = batch.get("position_ids")
-    return pos if pos is not None else torch.arange(tokens.size(1)).expand_as(tokens)
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,9 +96,7 @@ class ElasticStep:
 
         def forward_step(data_iterator, model):
             _, batch = next(data_iterator)
-            return model(batch["tokens"], _position_ids(batch), None), partial(
-                _capture_logits, None
-            )
+            return model(batch["tokens"], position_ids(batch), None), partial(_capture_logits, None)
 
         self._set(teacher, Subnetwork.full(self.model_cfg))
         with torch.no_grad():
@@ -152,7 +146,7 @@ class ElasticStep:
                 self._set(model, subnet)
             if self.weight_decay is not None and not forward_only:
                 self.weight_decay.record()
-            output = model(batch["tokens"], _position_ids(batch), None)
+            output = model(batch["tokens"], position_ids(batch), None)
             return output, partial(self._loss_func, m, budget, batch, teachers.get(m), routed)
 
         out = _schedule(self.model, forward_step, list(enumerate(microbatches)), forward_only)
@@ -163,7 +157,7 @@ class ElasticStep:
         """Per budget: mean LM and KD loss and the micro-batch count, summed over data-parallel
         ranks and handed from the last pipeline stage to all ranks."""
         keys = self.budget_keys
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = current_device()
         totals = torch.zeros(len(keys), 4, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
             for o in outputs:

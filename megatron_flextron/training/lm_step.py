@@ -25,17 +25,23 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, stats
 
 
+def position_ids(batch: dict) -> torch.Tensor:
+    """The batch's position ids, or 0..s-1 for every row."""
+    pos = batch.get("position_ids")
+    if pos is not None:
+        return pos
+    tokens = batch["tokens"]
+    return torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+
+
 def forward_step(data_iterator: Iterator[dict], model):
     """Megatron's forward_step(data_iterator, model) -> (output_tensor, loss closure)."""
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
     loss_mask = batch.get("loss_mask")
     if loss_mask is None:
         loss_mask = torch.ones_like(labels, dtype=torch.float)
-    output = model(tokens, position_ids, None, labels=labels)
+    output = model(tokens, position_ids(batch), None, labels=labels)
     return output, partial(loss_func, loss_mask)
 
 

@@ -29,7 +29,7 @@ from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatche
 from megatron_flextron.data.tokenizer import build_tokenizer
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
-from megatron_flextron.parallel import initialize_model_parallel
+from megatron_flextron.parallel import current_device, initialize_model_parallel
 from megatron_flextron.training.arguments import TrainingArgs
 from megatron_flextron.training.checkpointing import (
     has_checkpoint,
@@ -58,10 +58,6 @@ class Run:
     valid_data: Optional[object]
     iteration: int = 0
     consumed_train_samples: int = 0
-
-
-def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
 def _params_dtype(args: TrainingArgs) -> torch.dtype:
@@ -255,7 +251,7 @@ def _microbatches(run: Run, dataset, first_sample: int, count: int) -> List[dict
         run.args.data.micro_batch_size,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
-        _device(),
+        current_device(),
     )
 
 
@@ -312,7 +308,7 @@ def evaluate_budgets(run: Run) -> dict:
             subnet = budget_subnetwork(budget, run.model_cfg, run.elastic_cfg)
         set_subnetwork(run.model, subnet, run.model_cfg, run.elastic_cfg)
         loss = torch.tensor(forward_backward(run.model, microbatches, forward_only=True)["loss"])
-        loss = loss.to(_device() or "cpu")
+        loss = loss.to(current_device())
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses[f"{budget:g}"] = loss.item() / parallel_state.get_data_parallel_world_size()
     set_subnetwork(run.model, None, run.model_cfg, run.elastic_cfg)
