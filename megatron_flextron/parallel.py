@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_flextron.compat import apply_cpu_shims
+from megatron_flextron.compat.torchrun import per_attempt_store
 
 
 def initialize_model_parallel(
@@ -32,7 +33,7 @@ def initialize_model_parallel(
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = timedelta(seconds=timeout_s)
-        store = _per_attempt_store(timeout)
+        store = per_attempt_store(timeout)
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=timeout,
@@ -57,24 +58,6 @@ def initialize_model_parallel(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
     set_seed(seed)
-
-
-def _per_attempt_store(timeout: timedelta):
-    """Under torchrun restarts (--max-restarts), the agent's TCPStore outlives a failed attempt
-    and still holds that attempt's process-group keys: the restarted ranks would read the dead
-    ranks' addresses (gloo: "connectFullMesh failed ... Connection refused"). Prefix the keys
-    with the attempt number. None when not launched by torchrun's agent store."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        int(os.environ["WORLD_SIZE"]),
-        is_master=False,
-        timeout=timeout,
-    )
-    return dist.PrefixStore(f"flextron_attempt_{restart}", store)
 
 
 def _free_port() -> int:
