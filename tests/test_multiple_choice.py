@@ -55,8 +55,13 @@ def test_scores_are_the_models_log_likelihoods(tmp_path):
                 k += 1
     assert result["examples"] == 6 and 0 <= result["acc"] <= 1
     flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "4"]
-    row = evaluate(parse_args([*flags, "--mc-tasks", str(path)]))[0]
-    assert row["mc_acc"] == round(result["acc"], 4) and row["mc_examples"] == 6
+    row = evaluate(parse_args([*flags, "--mc-tasks", str(path), "--measure-latency"]))[0]
+    assert row["mc"]["cloze"] == {
+        "acc": round(result["acc"], 4),
+        "acc_norm": round(result["acc_norm"], 4),
+        "examples": 6,
+    }
+    assert row["latency_ms"] > 0
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "answer": 0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_tasks(str(tmp_path / "bad.jsonl"))

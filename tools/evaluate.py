@@ -8,7 +8,10 @@
 
 Prints one JSON line per sub-network: loss (mean next-token NLL over every predicted position of
 every sequence), ppl, tokens, sequences, params, seconds (wall time of the evaluation pass);
-with --budget-list also a markdown table. A budget's sub-network is the one training samples for
+with --budget-list also a markdown table. --mc-tasks adds zero-shot accuracy per task file
+("mc": {file stem: {acc, acc_norm, examples}}), --measure-latency the median forward time of one
+micro-batch (--micro-batch-size x --seq-length tokens) in ms, --output writes the list as JSON
+(tools/make_report.py tabulates and plots such files; --label names the method in them). A budget's sub-network is the one training samples for
 it: the elastic choices nearest to budget x the full MLP width and head count.
 
 --tokens-jsonl: one JSON list of token ids per line, each
@@ -30,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.convert.io import write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,8 +61,16 @@ def parse_args(argv=None):
     data.add_argument("--wiki-split", choices=["valid", "test"], help="the bundled corpus")
     p.add_argument(
         "--mc-tasks",
-        help="also score multiple-choice tasks (jsonl from tools/make_mc_tasks.py): acc, acc_norm",
+        nargs="+",
+        help="also score multiple-choice tasks (jsonl files from tools/make_mc_tasks.py)",
     )
+    p.add_argument(
+        "--measure-latency",
+        action="store_true",
+        help="time each sub-network's forward pass on one micro-batch",
+    )
+    p.add_argument("--output", help="write the results as a JSON list (atomically)")
+    p.add_argument("--label", help="method name stored in every result (for make_report)")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--max-sequences", type=int, default=None)
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -92,6 +104,7 @@ def evaluate(args) -> list:
     from megatron_flextron.evaluation.multiple_choice import read_tasks, score
     from megatron_flextron.parallel import current_device
     from megatron_flextron.routers.checkpoint import budget_architecture
+    from megatron_flextron.routers.latency import time_ms
     from megatron_flextron.routers.token_training import TrainedTokenRouting
     from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
     from megatron_flextron.training.sampling import check_budgets
@@ -133,7 +146,8 @@ def evaluate(args) -> list:
     if args.router == "dynamic":
         routed = TrainedTokenRouting.attach(args.load, model, model_cfg.hidden_size)
     if args.mc_tasks:
-        tasks, mc_tokenizer = read_tasks(args.mc_tasks), load_tokenizer(tokenizer)
+        mc_tokenizer = load_tokenizer(tokenizer)
+        tasks = {os.path.splitext(os.path.basename(t))[0]: read_tasks(t) for t in args.mc_tasks}
     for i, spec in enumerate(specs):
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
         if routed is not None:
@@ -153,13 +167,24 @@ def evaluate(args) -> list:
             "params": count_parameters(subnet, model_cfg)["total"],
             "seconds": round(seconds, 3),
         }
+        if args.measure_latency:
+            with torch.inference_mode():
+                result["latency_ms"] = round(
+                    time_ms(lambda: forward_backward(model, batches[:1], True), repeats=10), 3
+                )
         if args.mc_tasks:
-            mc = score(model, mc_tokenizer, tasks, device=device)
-            result["mc_acc"] = round(mc["acc"], 4)
-            result["mc_acc_norm"] = round(mc["acc_norm"], 4)
-            result["mc_examples"] = mc["examples"]
+            result["mc"] = {}
+            for name, examples in tasks.items():
+                mc = score(model, mc_tokenizer, examples, device=device)
+                result["mc"][name] = {
+                    "acc": round(mc["acc"], 4),
+                    "acc_norm": round(mc["acc_norm"], 4),
+                    "examples": mc["examples"],
+                }
         if budgets:
             result = {"budget": budgets[i], **result, **chosen[i][1]}
+        if args.label:
+            result = {"method": args.label, **result}
         if routed is not None:
             result["mean_mlp_width_fraction"] = width  # of the perplexity pass
             result["params"] = None  # per token: see the mean width
@@ -200,6 +225,8 @@ def main(argv=None) -> int:
     finally:
         destroy_model_parallel()
     if int(os.environ.get("RANK", "0")) == 0:
+        if args.output:
+            write_json(args.output, result)
         for r in result:
             print(json.dumps(r))
         if len(result) > 1:

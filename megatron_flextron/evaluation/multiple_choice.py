@@ -86,11 +86,16 @@ def score(model, tokenizer, examples: Sequence[dict], micro_batch_size: int = 8,
             start = min(len(context), len(full) - 1)  # choice tokens: after the context's
             seqs.append(full)
             spans.append(start)
-    batches = pad_microbatches(seqs, 1, device)
-    for batch, start in zip(batches, spans):
-        batch["loss_mask"][:, : start - 1] = 0  # labels are shifted: predict from start - 1
-    out = forward_backward(model, batches, forward_only=True, per_microbatch=True)
-    loglik = [-nll for nll in out["nll_per_microbatch"]]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch together
+    loglik = [0.0] * len(seqs)
+    for i in range(0, len(order), micro_batch_size):
+        chunk = order[i : i + micro_batch_size]
+        batches = pad_microbatches([seqs[j] for j in chunk], micro_batch_size, device)
+        for row, j in enumerate(chunk):
+            batches[0]["loss_mask"][row, : spans[j] - 1] = 0  # labels shift: predict from start-1
+        out = forward_backward(model, batches, forward_only=True, per_sequence=True)
+        for row, j in enumerate(chunk):
+            loglik[j] = -out["nll_per_sequence"][row]
     result = {"loglik": loglik}
     correct = correct_norm = 0
     k = 0

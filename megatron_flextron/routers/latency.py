@@ -23,7 +23,8 @@ from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import LatencyTable, router_choices
 
 
-def _time_ms(fn: Callable[[], object], repeats: int) -> float:
+def time_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` in ms after one warm-up call, synchronizing the GPU."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     sync()
@@ -61,17 +62,17 @@ def measure_latency(
         mlp_ms, attention_ms = {}, {}
         for k in mlp_choices:
             layer.mlp.set_active_width(k)
-            mlp_ms[k] = _time_ms(lambda: layer.mlp(hidden), repeats)
+            mlp_ms[k] = time_ms(lambda: layer.mlp(hidden), repeats)
         layer.mlp.set_active_width(model_cfg.ffn_hidden_size)
         for heads in head_choices:
             layer.self_attention.set_active_heads(heads)
-            attention_ms[heads] = _time_ms(
+            attention_ms[heads] = time_ms(
                 lambda: layer.self_attention(hidden, None, rotary_pos_emb=rope), repeats
             )
 
         def forward(subnet: Subnetwork) -> float:
             set_subnetwork(gpt, subnet, model_cfg, elastic)
-            return _time_ms(lambda: gpt(tokens, positions, None), repeats)
+            return time_ms(lambda: gpt(tokens, positions, None), repeats)
 
         one_layer = Subnetwork.full(model_cfg)
         one_layer = Subnetwork(one_layer.mlp, one_layer.heads, (0,))
