@@ -1,4 +1,4 @@
-"""Elastic vs dense vs masked: forward+backward step time and memory, side by side in one run.
+"""Elastic vs dense vs masked: training-step and inference time and memory, side by side in one run.
 
 Rows (same process, same input, interleaved timing rounds):
   stock dense         megatron's GPTModel, local spec (the reference cost)
@@ -7,6 +7,9 @@ Rows (same process, same input, interleaved timing rounds):
   dense 50% shape     a stock dense GPTModel of that smaller shape (target: elastic 50% <= 1.05x)
   masked 50%          full-width compute with the unused neurons/heads zeroed (upstream approach)
   (sdpa vs local)     the stock model with SDPA core attention, to show the attention kernel gain
+
+Each family is measured twice: a training step (forward + backward) and inference (forward
+only, torch.inference_mode); the JSON's rows are FAMILY and "FAMILY inference".
 
 Memory: CUDA peak allocated on GPU; on CPU the parameters plus the bytes autograd saves for
 backward (activations, and weight copies such as the GQA gather), counted with saved-tensor hooks.
@@ -184,6 +187,11 @@ def step(model, tokens, labels, position_ids):
     return loss
 
 
+def inference(model, tokens, labels, position_ids):
+    with torch.inference_mode():
+        return model(tokens, position_ids, None)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -215,21 +223,26 @@ def main():
         if family == "llama":  # SwiGLU at the same parameter count as a 4h GeLU MLP
             extra["ffn_hidden_size"] = model_kwargs["ffn_hidden_size"] * 2 // 3 // 64 * 64
         model_cfg = ModelConfig(family, **{**model_kwargs, **extra})
-        results["rows"][family] = run_family(model_cfg, b, s, dtype, device, args.rounds)
+        results["rows"].update(run_family(model_cfg, b, s, dtype, device, args.rounds))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 
 
 def run_family(model_cfg, b, s, dtype, device, rounds):
+    """{FAMILY: training-step rows, "FAMILY inference": forward-only rows}, same models."""
     half_ffn, half_heads = model_cfg.ffn_hidden_size // 2, model_cfg.num_attention_heads // 2
-    config = model_cfg.transformer_config(params_dtype=dtype)
+    # On GPU, initialize on the device: megatron's CPU initialization of ~1B random weights takes
+    # seconds per model (the repo default keeps it for TP-independent initialization).
+    on_gpu = dict(use_cpu_initialization=device.type != "cuda")
+    config = model_cfg.transformer_config(params_dtype=dtype, **on_gpu)
     small_cfg = model_cfg.transformer_config(
         params_dtype=dtype,
         ffn_hidden_size=half_ffn,
         num_attention_heads=half_heads,
         num_query_groups=model_cfg.num_query_groups if model_cfg.is_gqa else half_heads,
         kv_channels=model_cfg.kv_channels,
+        **on_gpu,
     )
     elastic_cfg = ElasticConfig(mlp_choices=(half_ffn,), head_choices=(half_heads,))
 
@@ -255,27 +268,34 @@ def run_family(model_cfg, b, s, dtype, device, rounds):
     tokens = torch.randint(0, model_cfg.vocab_size, (b, s), device=device)
     labels = torch.randint(0, model_cfg.vocab_size, (b, s), device=device)
     position_ids = torch.arange(s, device=device).expand(b, s)
+    out = {}
+    for mode, fn in (("", step), (" inference", inference)):
+        out[model_cfg.family + mode] = measure(models, fn, (tokens, labels, position_ids), rounds)
+        _print_table(model_cfg, out[model_cfg.family + mode], fn.__name__)
+    return out
+
+
+def measure(models, fn, inputs, rounds):
+    device = inputs[0].device
     times = {name: [] for name in models}
     memory = {}
     for name, m in models.items():  # warm-up + memory
-        step(m, tokens, labels, position_ids)
+        fn(m, *inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            step(m, tokens, labels, position_ids)
+            fn(m, *inputs)
             memory[name] = torch.cuda.max_memory_allocated()
         else:
             with SavedBytes(m) as saved:
-                step(m, tokens, labels, position_ids)
+                fn(m, *inputs)
             memory[name] = saved.total + sum(p.numel() * p.element_size() for p in m.parameters())
     for _ in range(rounds):  # interleaved so that machine noise hits every row alike
         for name, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync()
             t0 = time.perf_counter()
-            step(m, tokens, labels, position_ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            fn(m, *inputs)
+            _sync()
             times[name].append(time.perf_counter() - t0)
 
     rows = {}
@@ -287,35 +307,32 @@ def run_family(model_cfg, b, s, dtype, device, rounds):
             "vs_stock": round(t / base, 3),
             "memory_MB": round(memory[name] / 2**20, 1),
         }
+
+    def ratio(a, b):
+        return round(statistics.median(times[a]) / statistics.median(times[b]), 3)
+
     rows["ratios"] = {
-        "elastic full / stock dense": round(statistics.median(times["elastic full"]) / base, 3),
-        "elastic full / stock dense (sdpa)": round(
-            statistics.median(times["elastic full"])
-            / statistics.median(times["stock dense (sdpa)"]),
-            3,
-        ),
-        "elastic 50% / dense 50% shape": round(
-            statistics.median(times["elastic 50%"]) / statistics.median(times["dense 50% shape"]), 3
-        ),
-        "masked 50% / elastic 50%": round(
-            statistics.median(times["masked 50%"]) / statistics.median(times["elastic 50%"]), 3
-        ),
+        "elastic full / stock dense": ratio("elastic full", "stock dense"),
+        "elastic full / stock dense (sdpa)": ratio("elastic full", "stock dense (sdpa)"),
+        "elastic 50% / dense 50% shape": ratio("elastic 50%", "dense 50% shape"),
+        "masked 50% / elastic 50%": ratio("masked 50%", "elastic 50%"),
     }
-    gather = gather_cost(models["elastic 50%"], rounds)
-    rows["ratios"]["GQA weight gather / elastic 50% step"] = round(
-        gather / statistics.median(times["elastic 50%"]), 4
-    )
-    _print_table(model_cfg, rows)
+    if fn is step:
+        gather = gather_cost(models["elastic 50%"], rounds)
+        rows["ratios"]["GQA weight gather / elastic 50% step"] = round(
+            gather / statistics.median(times["elastic 50%"]), 4
+        )
     return rows
 
 
-def _print_table(model_cfg, rows):
+def _print_table(model_cfg, rows, mode):
     print(
-        f"\n{model_cfg.family}: layers={model_cfg.num_layers} hidden={model_cfg.hidden_size} "
-        f"ffn={model_cfg.ffn_hidden_size} heads={model_cfg.num_attention_heads}/"
+        f"\n{model_cfg.family} ({mode}): layers={model_cfg.num_layers} "
+        f"hidden={model_cfg.hidden_size} ffn={model_cfg.ffn_hidden_size} "
+        f"heads={model_cfg.num_attention_heads}/"
         f"{model_cfg.num_query_groups} groups"
     )
-    print(f"{'model':<22}{'step ms':>10}{'vs stock':>10}{'memory MB':>12}")
+    print(f"{'model':<22}{'ms':>10}{'vs stock':>10}{'memory MB':>12}")
     for name, row in rows.items():
         if name != "ratios":
             print(f"{name:<22}{row['ms']:>10}{row['vs_stock']:>10}{row['memory_MB']:>12}")

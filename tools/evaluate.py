@@ -11,7 +11,8 @@ every sequence), ppl, tokens, sequences, params, seconds (wall time of the evalu
 with --budget-list also a markdown table. --mc-tasks adds zero-shot accuracy per task file
 ("mc": {file stem: {acc, acc_norm, examples}}), --measure-latency the median forward time of one
 micro-batch (--micro-batch-size x --seq-length tokens) in ms, --output writes the list as JSON
-(tools/make_report.py tabulates and plots such files; --label names the method in them). A budget's sub-network is the one training samples for
+(tools/make_report.py tabulates and plots such files; --label names the method in them).
+A budget's sub-network is the one training samples for
 it: the elastic choices nearest to budget x the full MLP width and head count.
 
 --tokens-jsonl: one JSON list of token ids per line, each
@@ -69,6 +70,7 @@ def parse_args(argv=None):
         action="store_true",
         help="time each sub-network's forward pass on one micro-batch",
     )
+    p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (as served)")
     p.add_argument("--output", help="write the results as a JSON list (atomically)")
     p.add_argument("--label", help="method name stored in every result (for make_report)")
     p.add_argument("--seq-length", type=int, default=512)
@@ -135,7 +137,8 @@ def evaluate(args) -> list:
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
 
     device = current_device()
-    model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp, dtype)).to(device)
     load_flextron_into_model(model, args.load)
     model.eval()
     batches = pad_microbatches(seqs, args.micro_batch_size, device)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--inputs", nargs="+", required=True, help="tools/evaluate.py --output files")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.md, PREFIX.csv, PREFIX.png")
+    p.add_argument("--output-prefix", required=True, help="PREFIX.md, PREFIX.csv, PREFIX.png")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     from megatron_flextron.evaluation.report import write_report

