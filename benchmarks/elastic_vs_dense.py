@@ -262,8 +262,8 @@ def run_family(model_cfg, b, s, dtype, device, rounds):
     set_subnetwork(
         models["elastic 50%"], {"mlp": half_ffn, "heads": half_heads}, model_cfg, elastic_cfg
     )
-    for m in models.values():
-        m.to(device)
+    for m in models.values():  # all in dtype, as megatron's Float16Module does for training
+        m.to(device=device, dtype=dtype)
 
     tokens = torch.randint(0, model_cfg.vocab_size, (b, s), device=device)
     labels = torch.randint(0, model_cfg.vocab_size, (b, s), device=device)

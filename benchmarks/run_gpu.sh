@@ -7,6 +7,7 @@
 # 2. token_routing.py        token-routed vs static MLP at equal FLOPs, 8B-sized MLP (gpu-8b)
 # 3. conversion.py           conversion time and peak memory, 1.1B Llama (gpu-1b)
 # A failing step is reported and the others still run; the exit status says whether all passed.
+# BENCHMARKS="check elastic token conversion" (the default) picks the steps to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
@@ -17,18 +18,20 @@ gpu=$("$PY" -c "import torch; assert torch.cuda.is_available(); n=torch.cuda.get
   echo "benchmarks/run_gpu.sh needs a CUDA GPU" >&2; exit 2; }
 "$PY" -c "import torch, megatron.core as m; print('torch', torch.__version__, '| megatron-core', m.__version__, '|', torch.cuda.get_device_name())"
 failed=()
+BENCHMARKS=${BENCHMARKS:-check elastic token conversion}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 t0
   shift 2
+  case " $BENCHMARKS " in *" ${name%% *} "*) ;; *) return 0 ;; esac
   t0=$(date +%s)
   echo "== $name"
   timeout "$limit" "$@" || failed+=("$name")
   echo "== $name: $(( $(date +%s) - t0 )) s"
 }
-step "training check" 120 "$PY" benchmarks/gpu_training_check.py
+step "check (training on CUDA)" 120 "$PY" benchmarks/gpu_training_check.py
 step "elastic vs dense" 180 "$PY" benchmarks/elastic_vs_dense.py --preset gpu-1b \
   --json "$DIR/${gpu}_elastic_vs_dense.json"
-step "token routing" 90 "$PY" benchmarks/token_routing.py --preset gpu-8b \
+step "token routing" 90 "$PY" benchmarks/token_routing.py --preset gpu-8b --rounds 50 \
   --json "$DIR/${gpu}_token_routing.json"
 step "conversion" 150 "$PY" benchmarks/conversion.py --preset gpu-1b \
   --json "$DIR/${gpu}_conversion.json"

@@ -58,6 +58,7 @@ def rank_and_permute(
     between estimators; the source order is always a candidate.
     """
     from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+    from megatron_flextron.parallel import current_device
     from megatron_flextron.training.lm_step import pad_microbatches
 
     if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
@@ -67,12 +68,13 @@ def rank_and_permute(
     held = max(micro_batch_size, len(seqs) // 4)
     if len(seqs) <= held:
         raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
-    calib = pad_microbatches(seqs[held:], micro_batch_size)
-    heldout = pad_microbatches(seqs[:held], micro_batch_size)
+    device = current_device()  # the GPU when there is one
+    calib = pad_microbatches(seqs[held:], micro_batch_size, device)
+    heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
 
     model = build_gpt_model(
         m, m.transformer_config(), elastic=True, pre_process=True, post_process=True
-    )
+    ).to(device)
     model.load_state_dict(ckpt.state, strict=False)
     with_taylor = head_estimator in ("auto", "taylor")
     stats = collect_statistics(model, calib, m.num_attention_heads, with_taylor)

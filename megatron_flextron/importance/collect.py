@@ -97,10 +97,10 @@ def collect_statistics(model, microbatches: list, heads_per_layer: int, with_tay
             h.remove()
         model.zero_grad(set_to_none=True)
     n = len(microbatches)
-    return {
-        "mlp": [v.sqrt() for v in stats.mlp],
-        "activation": [v.sqrt() for v in stats.head_act],
-        "taylor": [v / n for v in stats.head_taylor] if with_taylor else None,
+    return {  # on the CPU, whatever device the model ran on
+        "mlp": [v.sqrt().cpu() for v in stats.mlp],
+        "activation": [v.sqrt().cpu() for v in stats.head_act],
+        "taylor": [(v / n).cpu() for v in stats.head_taylor] if with_taylor else None,
         "layer": [sum(v) / len(v) for v in stats.layer_cos],
     }
 

@@ -87,7 +87,7 @@ def _build_model(args: TrainingArgs, model_cfg: ModelConfig):
     tconfig = model_cfg.transformer_config(
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _params_dtype(args)
     )
-    model = build_gpt_model(model_cfg, tconfig, elastic=True)
+    model = build_gpt_model(model_cfg, tconfig, elastic=True).to(current_device())
     if args.run.bf16 or args.run.fp16:
         model = Float16Module(tconfig, model)
     return model, tconfig
