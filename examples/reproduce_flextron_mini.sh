@@ -31,10 +31,10 @@ OUT=${OUT:-runs/reproduce_mini_$PRESET}
 SHAPES=(1.0 0.75 0.5 0.35)
 ROUTER_BUDGETS=(1.0 0.85 0.7 0.6)
 
-# layers: a cut of SmolLM2 (the reduced forms) or all 30; iters: Flextron's iterations (each
+# layers: a cut of SmolLM2 (the reduced forms: first and last layers) or all 30; iters: Flextron's iterations (each
 # baseline-B shape gets iters/4); router: surrogate architectures, steps, allowed error.
 case "$PRESET" in
-  gpu)   layers=all; seq=1024; mbs=8; gbs=32; iters=120; evalseqs=96;  mc=200; calib=(32 512)
+  gpu)   layers=all; seq=1024; mbs=8; gbs=32; iters=120; evalseqs=64;  mc=100; calib=(32 512)
          router=(96 2000 500 0.1); extra=(--bf16); latency=(--bf16 --micro-batch-size 8)
          evalflags=(--bf16) ;;
   cpu)   layers=6;   seq=128;  mbs=2; gbs=8;  iters=40;  evalseqs=16;  mc=60;  calib=(16 128)
@@ -54,8 +54,10 @@ if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   stage "1. SmolLM2 GGUF -> importance-ranked flextron checkpoint"
   GGUF=$("$PY" -c "from megatron_flextron.convert.formats.gguf import bundled_smollm2 as f; print(f())")
   cut=()
-  if [ "$layers" != all ]; then
-    cut=(--subnetwork "{\"layers\": [$(seq -s, 0 $((layers - 1)))]}")
+  if [ "$layers" != all ]; then  # the first and the last layers (a cut that keeps the output
+    # layers starts far closer to the model: held-out loss 11 instead of 18 for 6 layers)
+    keep="$(seq -s, 0 $((layers / 2 - 1))),$(seq -s, $((30 - (layers + 1) / 2)) 29)"
+    cut=(--subnetwork "{\"layers\": [$keep]}")
   fi
   rm -rf "$OUT/ranked"
   "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron --load-dir "$GGUF" \

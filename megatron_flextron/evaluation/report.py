@@ -127,7 +127,8 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
     tasks = _tasks(rows)
     fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4.2), squeeze=False)
     for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x_key] or 0)
+        # lines follow the budgets (shapes of nearly equal latency must not zigzag)
+        points = [r for r in rows if r["method"] == method]
         xs = [p[x_key] for p in points]
         axes[0][0].plot(xs, [p["ppl"] for p in points], "o-", label=method)
         for p in points:

@@ -94,13 +94,17 @@ class TokenRouting:
         widths = torch.tensor(self.widths, device=choice.device)[choice]
         order = torch.argsort(widths, descending=True, stable=True)
         x = copy_to_tensor_model_parallel_region(flat.index_select(0, order))
-        counts = [int((widths >= w).sum()) for w in self.widths]  # tokens at least w wide
+        # one host sync for all counts (tokens at least w wide) and the width sum
+        *counts, width_sum = torch.stack(
+            [(widths >= w).sum() for w in self.widths] + [widths.sum()]
+        ).tolist()
         w1, b1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
         w2 = mlp.linear_fc2.weight
         gated, act = mlp.config.gated_linear_unit, mlp.config.activation_func
-        out = torch.zeros(s * b, h, dtype=hidden.dtype, device=hidden.device)
+        offset = mlp.config.glu_linear_offset if gated else 0.0
+        out = None
         start = 0
-        for width, n in sorted(zip(self.widths, counts)):  # narrowest slab first
+        for width, n in sorted(zip(self.widths, counts)):  # narrowest slab first: all tokens
             end = width // tp
             if n == 0 or end == start:
                 start = end
@@ -111,19 +115,26 @@ class TokenRouting:
             if gated:
                 up_rows = slice(local_full + start, local_full + end)
                 up = F.linear(xs, w1[up_rows], None if b1 is None else b1[up_rows])
-                inter = act(pre) * (up + mlp.config.glu_linear_offset)
+                inter = act(pre) * (up + offset if offset else up)
             else:
                 inter = act(pre)
-            out[:n] += F.linear(inter, w2[:, rows])
+            if out is None and n == s * b:  # the narrowest slab serves every token: it
+                out = F.linear(inter, w2[:, rows])  # writes the output, no zero-fill
+            else:  # wider slabs accumulate into their tokens' prefix inside the GEMM
+                out = x.new_zeros(s * b, h) if out is None else out
+                out[:n].addmm_(inter, w2[:, rows].t())
             start = end
+        if out is None:
+            out = x.new_zeros(s * b, h)
         out = reduce_from_tensor_model_parallel_region(out)
         out = torch.empty_like(out).index_copy_(0, order, out)
         bias = mlp.linear_fc2.bias
         if bias is not None and not mlp.linear_fc2.skip_bias_add:
             out, bias = out + bias, None
-        self.stats = {"mean_width_fraction": float(widths.float().mean() / mlp.full_width)}
+        fraction = width_sum / mlp.full_width
+        self.stats = {"mean_width_fraction": fraction / widths.numel()}
         self.stats["token_widths"] = widths.view(s, b)
-        self.totals[0] += float(widths.float().sum() / mlp.full_width)
+        self.totals[0] += fraction
         self.totals[1] += widths.numel()
         return out.view(s, b, h), bias
 

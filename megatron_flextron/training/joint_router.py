@@ -18,6 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
 from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
 
@@ -72,10 +73,10 @@ class JointRouter:
         params = list(self.router.parameters())
         flat = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
-        )
+        ).to(current_device())  # the router lives on the CPU; NCCL reduces GPU tensors only
         torch.distributed.all_reduce(flat, group=parallel_state.get_model_parallel_group())
         torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat /= parallel_state.get_data_parallel_world_size()
+        flat = flat.cpu() / parallel_state.get_data_parallel_world_size()
         offset = 0
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
