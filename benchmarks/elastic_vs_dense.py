@@ -11,8 +11,10 @@ Rows (same process, same input, interleaved timing rounds):
 Each family is measured twice: a training step (forward + backward) and inference (forward
 only, torch.inference_mode); the JSON's rows are FAMILY and "FAMILY inference".
 
-Memory: CUDA peak allocated on GPU; on CPU the parameters plus the bytes autograd saves for
-backward (activations, and weight copies such as the GQA gather), counted with saved-tensor hooks.
+Memory: on GPU the model's weights plus the CUDA peak its step allocates above what is resident
+(all models of the table sit on the GPU together); on CPU the parameters plus the bytes autograd
+saves for backward (activations, and weight copies such as the GQA gather), counted with
+saved-tensor hooks.
 
   python benchmarks/elastic_vs_dense.py                     # small CPU config
   python benchmarks/elastic_vs_dense.py --preset gpu-1b     # ~1B, bf16, seq 2048 (one GPU)
@@ -281,15 +283,17 @@ def measure(models, fn, inputs, rounds):
     memory = {}
     for name, m in models.items():  # warm-up + memory
         fn(m, *inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        weights = sum(p.numel() * p.element_size() for p in m.parameters())
+        if device.type == "cuda":  # this model's weights + its step's peak above what is resident
+            torch.cuda.synchronize()  # (every model of the table sits on the GPU at once)
             torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
             fn(m, *inputs)
-            memory[name] = torch.cuda.max_memory_allocated()
+            memory[name] = weights + torch.cuda.max_memory_allocated() - resident
         else:
             with SavedBytes(m) as saved:
                 fn(m, *inputs)
-            memory[name] = saved.total + sum(p.numel() * p.element_size() for p in m.parameters())
+            memory[name] = saved.total + weights
     for _ in range(rounds):  # interleaved so that machine noise hits every row alike
         for name, m in models.items():
             _sync()

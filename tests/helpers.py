@@ -162,3 +162,24 @@ def training_flags(setup: dict, **flags) -> list:
         elif value is not None and value is not False:
             argv += [flag, str(value)]
     return argv
+
+
+def run_example(script: str, out_dir: str, timeout: int = 1500, **env_vars):
+    """Run ``examples/<script>`` with PRESET=smoke, OUT=out_dir (and ``env_vars``) outside any
+    torchrun environment of the test process; asserts exit 0 and returns the CompletedProcess."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PRESET="smoke", OUT=out_dir, **env_vars)
+    out = subprocess.run(
+        ["bash", f"examples/{script}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_example
 
 
 def test_pretrain_flextron_example_runs_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PRESET="smoke", OUT=str(tmp_path / "run"))
-    out = subprocess.run(
-        ["bash", "examples/pretrain_flextron.sh"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = run_example("pretrain_flextron.sh", str(tmp_path / "run"), timeout=1200)
     run = tmp_path / "run"
     assert (run / "elastic" / "latest_checkpointed_iteration.txt").read_text() == "3"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

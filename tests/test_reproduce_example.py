@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_example
+
 SHAPES = ["1", "0.75", "0.5", "0.35"]
 
 
 def test_reproduction_runs_every_method_and_reports_them(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     run = tmp_path / "mini"
-    env.update(PRESET="smoke", OUT=str(run))
-    out = subprocess.run(
-        ["bash", "examples/reproduce_flextron_mini.sh"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_example("reproduce_flextron_mini.sh", str(run))
     with open(run / "results.csv") as f:
         rows = list(csv.DictReader(f))
     by_method = {}

@@ -167,9 +167,20 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
     load_flextron_into_model(gpt, ckpt)
     seqs = token_sequences("wiki:train", f"{ckpt}/tokenizer", 32)[:32]
+    lines = []
     routers = train_token_routers(
-        gpt, WIDTHS, [1.0, 0.5], pad_microbatches(seqs, 4), steps=100, lr=1e-2, aux_loss_coeff=10.0
+        gpt,
+        WIDTHS,
+        [1.0, 0.5],
+        pad_microbatches(seqs, 4),
+        steps=100,
+        lr=1e-2,
+        aux_loss_coeff=10.0,
+        log_interval=50,
+        log=lines.append,
     )
+    # the log reports the LM loss, the budget aux loss (MoEAuxLossAutoScaler) and the width
+    assert len(lines) == 2 and all("aux loss" in x and "mean MLP width" in x for x in lines)
     save_token_routers(ckpt, routers, WIDTHS, [1.0, 0.5])
     flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "8"]
     rows = evaluate(
@@ -179,3 +190,41 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     assert abs(used[2] - 0.5) < 0.08, used  # measured 0.43-0.49 across seeds and data
     assert used[0] > used[1] > used[2] + 0.1, used
     assert all(r["chosen_by"] == "token routers" for r in rows)
+
+
+def _router_grads(gpt, model_cfg, tokens, labels):
+    routers = _routers(model_cfg, spread=0.05)  # soft probabilities spread over every width
+    routings = enable_token_routing(gpt, WIDTHS, routers, mode="soft", aux_loss_coeff=1.0)
+    for r in routings:
+        r.budget = 0.5  # far below the mean width: the budget loss has a gradient
+    loss = gpt(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None, labels=labels).mean()
+    loss.backward()
+    return [p.grad.clone() for r in routers for p in (r.linear.weight, r.linear.bias)]
+
+
+def _tp2_grad_body(rank, world_size, model_dict, canonical, tokens, labels, reference):
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(2, 1)
+    model_cfg = ModelConfig.from_dict(model_dict)
+    gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(2), elastic=True)
+    load_canonical_state_dict(gpt, canonical, model_cfg)
+    for got, want in zip(_router_grads(gpt, model_cfg, tokens, labels), reference):
+        assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+
+
+def test_token_router_training_gradients_under_tp2_equal_tp1():
+    """The mixture's LM gradient is summed over TP ranks, the budget loss counted once."""
+    model_cfg, gpt = _model("llama")
+    tokens, labels = batch()
+    reference = _router_grads(gpt, model_cfg, tokens, labels)
+    assert all(g.abs().sum() > 0 for g in reference)
+    run_distributed(
+        _tp2_grad_body,
+        2,
+        model_cfg.to_dict(),
+        random_canonical_state(model_cfg),
+        tokens,
+        labels,
+        reference,
+    )

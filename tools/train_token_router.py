@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--aux-loss-coeff", type=float, default=10.0)
+    p.add_argument("--log-interval", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from megatron_flextron.config import ElasticConfig, ModelConfig
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
             args.lr,
             args.aux_loss_coeff,
             seed=args.seed,
+            log_interval=args.log_interval,
         )
         save_token_routers(args.load, routers, widths, args.router_budgets)
     except (CheckpointError, ValueError, OSError) as e:

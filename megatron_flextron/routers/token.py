@@ -15,7 +15,9 @@ over the width choices.
   way megatron's MoE attaches its load-balancing loss (MoEAuxLossAutoScaler).
 
 Routers are replicated over TP ranks (the hidden states are), so every rank routes identically and
-the collectives inside the elastic linears stay matched. The routers live outside the GPT module
+the collectives inside the elastic linears stay matched; in training their LM gradient is summed
+over the TP ranks (each masks only its own neurons) and the budget loss counted once, so every
+rank holds the same router gradient as a single process. The routers live outside the GPT module
 tree: model checkpoints are unchanged.
 """
 
@@ -141,7 +143,10 @@ class TokenRouting:
     def _mixture(self, mlp: ElasticMLP, hidden: torch.Tensor, probs: torch.Tensor):
         """sum_c p_c MLP_c(x): megatron's full-width MLP with a per-token neuron mask on the
         input of linear_fc2 (the soft-architecture mechanism, per token)."""
-        mask = probs @ mlp_keep_matrix(mlp, self.widths).to(probs)  # [s, b, local neurons]
+        # each TP rank masks its own neurons, so the LM gradient of the (replicated) router is a
+        # sum over ranks: copy_to_..._region is the identity forward and that all-reduce backward
+        shared = copy_to_tensor_model_parallel_region(probs)
+        mask = shared @ mlp_keep_matrix(mlp, self.widths).to(probs)  # [s, b, local neurons]
         handle = mlp.linear_fc2.register_forward_pre_hook(scale_input(mask))
         try:
             out, bias = MLP.forward(mlp, hidden)

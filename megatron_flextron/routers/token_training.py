@@ -34,7 +34,11 @@ def train_token_routers(
     aux_loss_coeff: float = 10.0,
     tolerance: float = 0.02,
     seed: int = 0,
+    log_interval: int = 0,
+    log=print,
 ) -> List[TokenRouter]:
+    """Returns the trained routers; every ``log_interval`` steps logs the LM loss, the budget
+    auxiliary loss (mean over layers) and the mean MLP width of that step."""
     check_budget_list(budgets)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -62,6 +66,13 @@ def train_token_routers(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if log_interval and ((step + 1) % log_interval == 0 or step + 1 == steps):
+            aux = [r.stats.get("aux_loss", 0.0) for r in routings]
+            width = [r.stats["mean_width_fraction"] for r in routings]
+            log(
+                f" step {step + 1:>5}/{steps} | budget {budget:g} | lm loss {float(loss):.4f} | "
+                f"aux loss {sum(aux) / len(aux):.4f} | mean MLP width {sum(width) / len(width):.3f}"
+            )
     return routers
 
 
