@@ -183,3 +183,26 @@ def run_example(script: str, out_dir: str, timeout: int = 1500, **env_vars):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def _train_body(rank, world_size, argv, out_path):
+    import json
+
+    from megatron_flextron.training.arguments import parse_args
+    from megatron_flextron.training.trainer import pretrain
+
+    history = pretrain(parse_args(argv))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(history, f)
+
+
+def train_history(tmp_path, name: str, world_size: int, argv: list) -> list:
+    """Run the trainer with ``argv`` on ``world_size`` gloo ranks; rank 0's per-iteration stats."""
+    import json
+
+    from distributed import run_distributed
+
+    out = tmp_path / f"{name}.json"
+    run_distributed(_train_body, world_size, argv, str(out))
+    return json.loads(out.read_text())

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed
+from helpers import train_history as _train
 from helpers import training_flags, write_training_setup
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -17,22 +17,6 @@ pytestmark = pytest.mark.usefixtures("megatron_single_process")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, megatron_single_process):
     return write_training_setup(str(tmp_path_factory.mktemp("train")))
-
-
-def _train_body(rank, world_size, argv, out_path):
-    from megatron_flextron.training.arguments import parse_args
-    from megatron_flextron.training.trainer import pretrain
-
-    history = pretrain(parse_args(argv))
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(history, f)
-
-
-def _train(tmp_path, name: str, world_size: int, argv: list) -> list:
-    out = tmp_path / f"{name}.json"
-    run_distributed(_train_body, world_size, argv, str(out))
-    return json.loads(out.read_text())
 
 
 def _losses(history):

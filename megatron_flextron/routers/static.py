@@ -23,6 +23,17 @@ from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.routers.cost import check_budget
 
 
+def seeded_gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator):
+    """Straight-through Gumbel-softmax (forward: one-hot of the sample; backward: the soft
+    sample's gradient) with noise from ``generator`` (on the logits' device), so that every
+    rank of a model-parallel group, and a resumed run, draws the same choices."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    noise = -torch.log(-torch.log(u.clamp(1e-9, 1 - 1e-9)))
+    soft = ((logits + noise) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), soft.size(-1)).to(soft)
+    return hard - soft.detach() + soft
+
+
 def check_budget_list(budgets: Sequence[float]) -> None:
     if not budgets:
         raise ValueError("the router needs at least one trained budget")

@@ -38,6 +38,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron_flextron.elastic.mlp import ElasticMLP
 from megatron_flextron.elastic.soft_architecture import mlp_keep_matrix, scale_input
 from megatron_flextron.elastic.subnetwork import unwrap_model
+from megatron_flextron.routers.static import seeded_gumbel_softmax
 
 
 class TokenRouter(torch.nn.Module):
@@ -65,6 +66,7 @@ class TokenRouting:
     budget_code: Optional[torch.Tensor] = None
     aux_loss_coeff: float = 0.0
     tolerance: float = 0.02
+    noise_seed: Optional[int] = None  # hard mode: seeded Gumbel noise (same on every TP rank)
     # filled by every forward: mean width fraction, and the per-token widths (dispatch)
     stats: dict = field(default_factory=dict)
     # accumulated over dispatch calls: [sum of width fractions, tokens]
@@ -76,6 +78,9 @@ class TokenRouting:
             return self._dispatch(mlp, hidden, logits.argmax(-1))
         if self.mode == "soft":
             probs = logits.softmax(-1)
+        elif self.noise_seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(self.noise_seed)
+            probs = seeded_gumbel_softmax(logits, self.temperature, generator)
         else:
             probs = F.gumbel_softmax(logits, tau=self.temperature, hard=True)
         return self._mixture(mlp, hidden, probs)

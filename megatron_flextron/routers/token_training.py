@@ -17,6 +17,7 @@ import torch
 
 from megatron_flextron.convert.checkpoint import CheckpointError
 from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
+from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
 from megatron_flextron.training.lm_step import loss_func, position_ids
@@ -76,13 +77,13 @@ def train_token_routers(
     return routers
 
 
-def save_token_routers(ckpt_dir: str, routers, widths, budgets) -> None:
+def save_token_routers(ckpt_dir: str, routers, widths, budgets, full_at_1: bool = False) -> None:
+    """``full_at_1``: budget 1.0 means the full model, not routed (routers trained with the
+    model, where budget-1.0 micro-batches run at full size)."""
     with atomic_output_dir(os.path.join(ckpt_dir, TOKEN_ROUTER_DIR), replace=True) as tmp:
         torch.save([r.state_dict() for r in routers], os.path.join(tmp, "token_routers.pt"))
-        write_json(
-            os.path.join(tmp, "token_router.json"),
-            {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)},
-        )
+        meta = {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)}
+        write_json(os.path.join(tmp, "token_router.json"), {**meta, "full_at_1": full_at_1})
 
 
 def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
@@ -100,15 +101,21 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
         router = TokenRouter(hidden_size, len(meta["widths"]), len(meta["budgets"]))
         router.load_state_dict(state)
         routers.append(router.eval())
-    return {"routers": routers, "widths": meta["widths"], "budgets": meta["budgets"]}
+    return {
+        "routers": routers,
+        "widths": meta["widths"],
+        "budgets": meta["budgets"],
+        "full_at_1": meta.get("full_at_1", False),
+    }
 
 
 class TrainedTokenRouting:
     """A checkpoint's token routers attached to a model in dispatch mode, conditioned per budget;
     counts the mean MLP width they use."""
 
-    def __init__(self, routings, budgets):
+    def __init__(self, routings, budgets, model=None, full_at_1: bool = False):
         self.routings, self.budgets = routings, budgets
+        self.model, self.full_at_1, self.full = model, full_at_1, False
 
     @classmethod
     def attach(cls, ckpt_dir: str, model, hidden_size: int) -> "TrainedTokenRouting":
@@ -118,13 +125,19 @@ class TrainedTokenRouting:
                 f"{ckpt_dir} has no token routers (token_router/): run tools/train_token_router.py"
             )
         routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
-        return cls(routings, found["budgets"])
+        return cls(routings, found["budgets"], model, found["full_at_1"])
 
     def condition(self, budget: float) -> None:
         """Route for ``budget`` from now on; resets the width count."""
         code = encode_budget(self.budgets, budget)
+        self.full = self.full_at_1 and budget >= 1.0
+        layers = unwrap_model(self.model).decoder.layers if self.model is not None else []
+        for layer, r in zip(layers, self.routings):
+            layer.mlp.__dict__["token_routing"] = None if self.full else r
         for r in self.routings:
             r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
 
     def mean_width(self) -> float:
+        if self.full:
+            return 1.0
         return sum(r.totals[0] for r in self.routings) / sum(r.totals[1] for r in self.routings)

@@ -160,17 +160,19 @@ _HELP = {
     "kd_temperature": "distillation temperature",
     "kd_weight": "weight of the distillation loss added to the LM loss",
     "router": "joint: train the static budget router with the model (budget micro-batches run "
-    "its sampled per-layer architecture); none: nearest homogeneous choices",
-    "router_lr": "Adam learning rate of the joint router",
+    "its sampled per-layer architecture); token: train per-layer token routers with the model "
+    "(budget micro-batches route each token's MLP width; a budget is the mean MLP width "
+    "fraction); none: nearest homogeneous choices",
+    "router_lr": "Adam learning rate of the joint router or token routers",
     "router_cost_metric": "what a budget measures: params, flops, kv_cache or latency",
     "latency_table": "JSON from tools/measure_latency.py (--router-cost-metric latency)",
-    "router_budget_weight": "weight of the router's budget loss",
+    "router_budget_weight": "weight of the router's budget loss (token routers: of the aux loss)",
     "budget_tolerance": "relative cost error inside which the budget loss is zero",
 }
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
-    "router": ["none", "joint"],
+    "router": ["none", "joint", "token"],
     "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }

@@ -69,6 +69,7 @@ class ElasticStep:
     teacher: Optional[torch.nn.Module] = None  # the frozen original model (distill=frozen)
     weight_decay: Optional[ElasticWeightDecay] = None
     joint_router: Optional[object] = None  # training.joint_router.JointRouter (--router joint)
+    token_routers: Optional[object] = None  # training.joint_token_routers (--router token)
 
     def __post_init__(self):
         if self.distill not in ("none", "inplace", "frozen"):
@@ -76,6 +77,11 @@ class ElasticStep:
         if self.distill == "frozen" and self.teacher is None:
             raise ValueError("--distill frozen needs the frozen teacher model")
         self.budget_keys = sorted({1.0, *self.sampler.budgets}, reverse=True)
+
+    @property
+    def routers(self) -> list:
+        """The routers trained with the model (each has finish_grads and step)."""
+        return [r for r in (self.joint_router, self.token_routers) if r is not None]
 
     def _set(self, model, subnet: Subnetwork) -> None:
         clear_soft_architecture(model)
@@ -107,7 +113,9 @@ class ElasticStep:
             return {}
         return {m: o["logits"] for m, o in zip(wanted, out)}
 
-    def _loss_func(self, m: int, budget: float, batch: dict, teacher, routed, logits: torch.Tensor):
+    def _loss_func(
+        self, m: int, budget: float, batch: dict, teacher, routed, token_stats, logits: torch.Tensor
+    ):
         labels, mask = batch["labels"], batch.get("loss_mask")
         mask = torch.ones_like(labels, dtype=torch.float) if mask is None else mask
         # megatron's vocab-parallel cross entropy works in place on fp32 logits: give it a copy
@@ -125,6 +133,8 @@ class ElasticStep:
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 loss = loss + term
             stats["router cost ratio"] = ratio
+        if token_stats is not None:  # token routing: mean MLP width, budget aux loss (logged)
+            stats.update(token_stats)
         return loss, stats
 
     def run(self, iteration: int, microbatches: List[dict], forward_only: bool = False) -> dict:
@@ -136,35 +146,44 @@ class ElasticStep:
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
             budget, subnet = plan[m]
-            routed = None
+            routed = token_stats = None
+            token = self.token_routers if subnet != full else None
             if self.joint_router is not None and subnet != full:
                 self._set(model, full)
                 routed = self.joint_router.sample(budget, iteration, m)
                 mlp, heads = self.joint_router.mlp_choices, self.joint_router.head_choices
                 set_soft_architecture(model, *routed, mlp, heads)
+            elif token is not None:  # the full model, every token's MLP width routed
+                self._set(model, full)
+                token.attach(model, budget, iteration, m, len(microbatches))
             else:
                 self._set(model, subnet)
             if self.weight_decay is not None and not forward_only:
                 self.weight_decay.record()
             output = model(batch["tokens"], position_ids(batch), None)
-            return output, partial(self._loss_func, m, budget, batch, teachers.get(m), routed)
+            if token is not None:  # backward replays the recorded graph: routing can go now
+                token_stats = token.forward_stats()
+                token.detach(model)
+            teacher = teachers.get(m)
+            return output, partial(self._loss_func, m, budget, batch, teacher, routed, token_stats)
 
         out = _schedule(self.model, forward_step, list(enumerate(microbatches)), forward_only)
         self._set(self.model, Subnetwork.full(self.model_cfg))
         return self.reduce_stats(out, len(microbatches))
 
     def reduce_stats(self, outputs: Sequence[dict], num_microbatches: int) -> dict:
-        """Per budget: mean LM and KD loss and the micro-batch count, summed over data-parallel
+        """Per budget: mean LM and KD loss, the micro-batch count and the routers' cost ratio (and
+        token routers' aux loss), summed over data-parallel
         ranks and handed from the last pipeline stage to all ranks."""
         keys = self.budget_keys
         device = current_device()
-        totals = torch.zeros(len(keys), 4, dtype=torch.float64, device=device)
+        totals = torch.zeros(len(keys), 5, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
             for o in outputs:
                 row = keys.index(o["budget"])
-                ratio = o.get("router cost ratio", 0.0)
+                ratio, aux = o.get("router cost ratio", 0.0), o.get("router aux loss", 0.0)
                 totals[row] += torch.tensor(
-                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio], device=device
+                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio, aux], device=device
                 )
         for group in (
             parallel_state.get_data_parallel_group(),
@@ -178,10 +197,12 @@ class ElasticStep:
             "kd loss": float(totals[:, 1].sum() / count),
             "budgets": {},
         }
-        for key, (lm, kd, n, ratio) in zip(keys, totals.tolist()):
+        for key, (lm, kd, n, ratio, aux) in zip(keys, totals.tolist()):
             if n:
                 row = {"lm loss": lm / n, "kd loss": kd / n, "n": int(n)}
                 if ratio:
                     row["router cost ratio"] = ratio / n
+                if self.token_routers is not None and ratio:
+                    row["router aux loss"] = aux / n
                 result["budgets"][f"{key:g}"] = row
         return result

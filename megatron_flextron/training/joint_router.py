@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
-from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
+from megatron_flextron.routers.static import GumbelSchedule, StaticRouter, seeded_gumbel_softmax
 
 
 class JointRouter:
@@ -48,12 +48,6 @@ class JointRouter:
         self.schedule = schedule or GumbelSchedule()
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
 
-    def _gumbel(self, logits, generator, tau, scale):
-        u = torch.rand(logits.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
-        soft = ((logits * scale - torch.log(-torch.log(u))) / tau).softmax(-1)
-        hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.size(-1)).to(soft)
-        return hard - soft.detach() + soft
-
     def sample(self, budget: float, iteration: int, microbatch: int) -> Tuple[torch.Tensor, ...]:
         """Straight-through one-hot choices [L, n] for MLP and heads; identical on all ranks."""
         generator = torch.Generator().manual_seed(
@@ -62,7 +56,10 @@ class JointRouter:
         tau = self.schedule.temperature(iteration)
         scale = self.schedule.logit_scale(iteration)
         mlp, heads = self.router(budget)
-        return self._gumbel(mlp, generator, tau, scale), self._gumbel(heads, generator, tau, scale)
+        return (
+            seeded_gumbel_softmax(mlp * scale, tau, generator),
+            seeded_gumbel_softmax(heads * scale, tau, generator),
+        )
 
     def budget_term(self, p_mlp, p_heads, budget: float) -> Tuple[torch.Tensor, float]:
         """(weighted budget loss, cost ratio) of sampled choices."""

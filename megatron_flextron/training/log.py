@@ -82,6 +82,7 @@ class TrainingLogger:
                 f"{b}: lm {v['lm loss']:.4f}"
                 + (f" kd {v['kd loss']:.4f}" if v["kd loss"] else "")
                 + (f" cost {v['router cost ratio']:.3f}" if "router cost ratio" in v else "")
+                + (f" aux {v['router aux loss']:.4f}" if "router aux loss" in v else "")
                 for b, v in stats["budgets"].items()
             )
             self.message(
@@ -106,6 +107,8 @@ class TrainingLogger:
         for budget, v in stats["budgets"].items():
             if "router cost ratio" in v:
                 w.add_scalar(f"router cost ratio/budget {budget}", v["router cost ratio"], it)
+            if "router aux loss" in v:
+                w.add_scalar(f"router aux loss/budget {budget}", v["router aux loss"], it)
             w.add_scalar(f"lm loss/budget {budget}", v["lm loss"], it)
             w.add_scalar(f"kd loss/budget {budget}", v["kd loss"], it)
         for budget, loss in (stats.get("eval") or {}).items():

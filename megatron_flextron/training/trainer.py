@@ -131,6 +131,34 @@ def _joint_router(args: TrainingArgs, model_cfg, elastic_cfg, common: dict):
     return joint
 
 
+def _joint_token_routers(args: TrainingArgs, model, model_cfg, elastic_cfg, common: dict):
+    """--router token: per-layer token routers trained with the model, resumed from the
+    checkpoint."""
+    from megatron_flextron.routers.cost import router_choices
+    from megatron_flextron.routers.static import GumbelSchedule
+    from megatron_flextron.training.joint_token_routers import JointTokenRouters
+
+    e = args.elastic
+    if e.router != "token":
+        return None
+    widths, _ = router_choices(model_cfg, elastic_cfg)
+    steps = args.run.train_iters
+    routers = JointTokenRouters(
+        model,
+        widths,
+        e.budget_list,
+        e.router_lr,
+        e.router_budget_weight,
+        e.budget_tolerance,
+        args.run.seed,
+        # anneal to the minimum temperature by 70% of the run, as the static router does
+        GumbelSchedule(tau_min=0.1, steps=steps, decay=math.log(10) / (0.7 * steps)),
+    )
+    if "token_routers" in common:
+        routers.load_state_dict(common["token_routers"])
+    return routers
+
+
 def setup(args: TrainingArgs) -> Run:
     p, o, r, e, d = args.parallel, args.optimizer, args.run, args.elastic, args.data
     initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.seed)
@@ -225,6 +253,9 @@ def setup(args: TrainingArgs) -> Run:
         teacher=_frozen_teacher(args, model_cfg) if e.distill == "frozen" else None,
         weight_decay=weight_decay,
         joint_router=_joint_router(args, model_cfg, elastic_cfg, common if resuming else {}),
+        token_routers=_joint_token_routers(
+            args, model, model_cfg, elastic_cfg, common if resuming else {}
+        ),
     )
     return Run(
         args,
@@ -267,12 +298,11 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]
     if run.step.weight_decay is not None:
         run.step.weight_decay.apply(lr)
-    joint = run.step.joint_router
-    if joint is not None:
-        joint.finish_grads()
+    for router in run.step.routers:
+        router.finish_grads()
     _, grad_norm, _ = run.optimizer.step()
-    if joint is not None:
-        joint.step()
+    for router in run.step.routers:
+        router.step()
     run.scheduler.step(increment=1)
     run.iteration += 1
     run.consumed_train_samples += args.data.global_batch_size
@@ -281,7 +311,10 @@ def train_step(run: Run) -> dict:
 
 
 def router_costs(run: Run) -> dict:
-    """--router joint: the cost ratio of the router's (argmax) architecture for each budget."""
+    """--router joint: the cost ratio of the router's (argmax) architecture for each budget;
+    --router token: the mean MLP width fraction the routers used in the last evaluation."""
+    if run.step.token_routers is not None:
+        return dict(run.step.token_routers.eval_widths)
     joint = run.step.joint_router
     if joint is None:
         return {}
@@ -300,19 +333,37 @@ def evaluate_budgets(run: Run) -> dict:
         return {}
     microbatches = _microbatches(run, run.valid_data, 0, args.run.eval_iters)
     losses = {}
-    joint = run.step.joint_router
+    joint, token = run.step.joint_router, run.step.token_routers
     for budget in run.step.budget_keys:
         if joint is not None and budget < 1.0:  # the router's current architecture
             subnet = joint.router.choose(budget)
+        elif token is not None:  # full size; budgets route each token's MLP width
+            subnet = None
         else:
             subnet = budget_subnetwork(budget, run.model_cfg, run.elastic_cfg)
         set_subnetwork(run.model, subnet, run.model_cfg, run.elastic_cfg)
-        loss = torch.tensor(forward_backward(run.model, microbatches, forward_only=True)["loss"])
+        if token is not None and budget < 1.0:
+            token.dispatch(run.model, budget)
+        with torch.no_grad():
+            out = forward_backward(run.model, microbatches, forward_only=True)
+        if token is not None and budget < 1.0:
+            token.detach(run.model)
+            token.eval_widths[f"{budget:g}"] = token.mean_width()
+        loss = torch.tensor(out["loss"])
         loss = loss.to(current_device())
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses[f"{budget:g}"] = loss.item() / parallel_state.get_data_parallel_world_size()
     set_subnetwork(run.model, None, run.model_cfg, run.elastic_cfg)
     return losses
+
+
+def _router_states(step) -> Optional[dict]:
+    states = {}
+    if step.joint_router is not None:
+        states["joint_router"] = step.joint_router.state_dict()
+    if step.token_routers is not None:
+        states["token_routers"] = step.token_routers.state_dict()
+    return states or None
 
 
 def save(run: Run) -> None:
@@ -335,8 +386,15 @@ def save(run: Run) -> None:
         run.elastic_cfg,
         metadata,
         tokenizer if os.path.isdir(tokenizer) else None,
-        extra={"joint_router": joint.state_dict()} if joint else None,
+        extra=_router_states(run.step),
     )
+    token = run.step.token_routers
+    if token is not None and torch.distributed.get_rank() == 0:  # for --router dynamic
+        from megatron_flextron.routers.token_training import save_token_routers
+
+        save_token_routers(
+            run.args.run.save, token.routers, token.widths, token.budgets, full_at_1=True
+        )
     if joint is not None and torch.distributed.get_rank() == 0:  # for --budget in the tools
         from megatron_flextron.routers.checkpoint import save_router
 
@@ -368,7 +426,7 @@ def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
         stats["time"] = time.time() - start
         if r.eval_interval and run.iteration % r.eval_interval == 0:
             stats["eval"] = evaluate_budgets(run)
-            if run.step.joint_router is not None:
+            if run.step.routers:
                 stats["router cost ratio"] = router_costs(run)
         log.iteration(stats)
         history.append(stats)

@@ -1,0 +1,94 @@
+"""--router token: per-layer token routers trained together with the model (gloo, tiny Llama):
+the routed width follows the budget while the model trains, the routers land in the checkpoint
+for tools/evaluate.py --router dynamic, TP=2 equals one process, a resume equals the
+uninterrupted run, pipeline parallelism is refused."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import train_history, training_flags, write_training_setup
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+TOKEN = dict(
+    train_iters=16,
+    lr=1e-2,
+    min_lr=1e-3,
+    eval_interval=8,
+    router="token",
+    router_lr=3e-2,
+    router_budget_weight=10.0,
+    budget_list=[1.0, 0.3],
+    original_model_sample_prob=0.25,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, megatron_single_process):
+    return write_training_setup(str(tmp_path_factory.mktemp("token")))
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    save = tmp_path_factory.mktemp("token_run") / "ckpt"
+    flags = training_flags(setup, **TOKEN, save=str(save), save_interval=16)
+    return save, train_history(tmp_path_factory.mktemp("token_ref"), "token", 1, flags)
+
+
+def test_token_routers_follow_the_budget_while_the_model_trains(reference):
+    save, history = reference
+    evals = [h for h in history if "eval" in h]
+    assert evals[-1]["eval"]["1"] < evals[0]["eval"]["1"]  # the model trains meanwhile
+    # routed micro-batches log their mean MLP width and the budget aux loss (MoEAuxLossAutoScaler)
+    routed = [h["budgets"]["0.3"] for h in history if "0.3" in h["budgets"]]
+    assert routed and all("router cost ratio" in r and "router aux loss" in r for r in routed)
+    # sampled widths start near the mean of the choices (0.625) and settle on the 0.3 budget
+    assert routed[0]["router cost ratio"] > 0.45 and routed[0]["router aux loss"] > 0, routed[0]
+    late = [r["router cost ratio"] for r in routed[-4:]]
+    assert abs(sum(late) / len(late) - 0.3) < 0.06, late  # measured 0.297
+    # the evaluation's argmax routing (token dispatch) lands near it too (measured 0.25)
+    assert 0.15 < evals[-1]["router cost ratio"]["0.3"] < 0.4, evals[-1]["router cost ratio"]
+
+
+def test_trained_token_routers_serve_tools_evaluate(reference):
+    from tools.evaluate import evaluate, parse_args
+
+    save, _ = reference
+    flags = ["--load", str(save), "--wiki-split", "test", "--seq-length", "32"]
+    flags += ["--max-sequences", "8", "--router", "dynamic", "--budget-list", "1.0", "0.3"]
+    rows = evaluate(parse_args(flags))
+    assert rows[1]["mean_mlp_width_fraction"] < rows[0]["mean_mlp_width_fraction"] - 0.2, rows
+
+
+def test_token_router_run_under_tp2_equals_one_process(setup, reference, tmp_path):
+    _, want = reference
+    got = train_history(
+        tmp_path, "token_tp2", 2, training_flags(setup, **TOKEN, tensor_model_parallel_size=2)
+    )
+    for g, w in zip(got, want):
+        assert g["lm loss"] == pytest.approx(w["lm loss"], abs=2e-4), g["iteration"]
+        for budget, v in g["budgets"].items():
+            ref = w["budgets"][budget]
+            want_ratio = ref.get("router cost ratio")
+            assert v.get("router cost ratio") == pytest.approx(want_ratio, abs=1e-4)
+
+
+def test_token_router_resume_equals_the_uninterrupted_run(setup, reference, tmp_path):
+    _, want = reference
+    save = str(tmp_path / "ckpt")
+    first = train_history(
+        tmp_path, "a", 1, training_flags(setup, **TOKEN, save=save, exit_interval=8)
+    )
+    rest = train_history(tmp_path, "b", 1, training_flags(setup, **TOKEN, save=save))
+    got = first + rest
+    assert [h["iteration"] for h in got] == list(range(1, 17))
+    for g, w in zip(got, want):
+        assert g["lm loss"] == w["lm loss"], g["iteration"]
+        assert g["budgets"] == w["budgets"], g["iteration"]
+
+
+def test_token_routers_refuse_pipeline_parallelism(setup, tmp_path):
+    with pytest.raises(Exception, match="pipeline parallelism"):
+        train_history(
+            tmp_path, "pp", 2, training_flags(setup, **TOKEN, pipeline_model_parallel_size=2)
+        )
