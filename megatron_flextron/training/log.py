@@ -51,6 +51,9 @@ class TrainingLogger:
             f"DP={a.data_parallel_size} | micro-batches per iteration {a.num_microbatches}"
         )
         for budget in run.step.budget_keys:
+            if run.step.token_routers is not None and budget < 1.0:
+                self.message(f"  budget {budget:g}: token-routed MLP widths, mean {budget:g}")
+                continue
             subnet = budget_subnetwork(budget, m, e)
             params = count_parameters(subnet, m)["total"]
             self.message(f"  budget {budget:g}: {subnet.to_dict()} {params / 1e6:.1f}M parameters")
