@@ -19,7 +19,8 @@
 # Every method is evaluated on the Wikipedia test split (perplexity) and on zero-shot
 # multiple-choice tasks built from it; each sub-network's forward time is measured. Results:
 # $OUT/results.md, $OUT/results.csv, $OUT/results.png (and $OUT/eval/*.json).
-# Environment: OUT (default runs/reproduce_mini_$PRESET), PRESET (gpu | cpu | smoke).
+# Environment: OUT (default runs/reproduce_mini_$PRESET), PRESET (gpu | cpu | smoke),
+# PARALLEL_BASELINES (1: train baseline B's shapes concurrently; default 1 for gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
@@ -43,6 +44,7 @@ case "$PRESET" in
          router=(16 200 100 10); extra=(); latency=(); evalflags=() ;;
   *) echo "unknown PRESET=$PRESET (gpu, cpu or smoke)" >&2; exit 2 ;;
 esac
+PARALLEL_BASELINES=${PARALLEL_BASELINES:-$([ "$PRESET" = gpu ] && echo 1 || echo 0)}
 T=$((gbs * seq * iters))
 echo "== preset $PRESET: SmolLM2-135M ($layers layers), T = $T training tokens per method" \
   "(seq $seq, global batch $gbs, $iters iterations; baseline B: $((iters / 4)) per shape)"
@@ -116,10 +118,23 @@ stage "4. Flextron: elastic training over budgets ${SHAPES[*]} ($iters iteration
 evaluate flextron flextron flextron --budget-list "${SHAPES[@]}"
 
 stage "5. baseline B: each shape pruned and trained alone ($((iters / 4)) iterations each)"
+# PARALLEL_BASELINES=1 (the gpu preset's default) trains the four shapes at once: each is a
+# small job that leaves most of a GPU idle. Their evaluations (which time the forward pass) run
+# one at a time.
 for b in "${SHAPES[@]}"; do
-  [ -f "$OUT/finetune_$b/latest_checkpointed_iteration.txt" ] || \
+  [ -f "$OUT/finetune_$b/latest_checkpointed_iteration.txt" ] && continue
+  if [ "$PARALLEL_BASELINES" = 1 ]; then
+    train "finetune_$b" $((iters / 4)) --budget-list "$b" --original-model-sample-prob 0 \
+      --distill frozen &
+  else
     train "finetune_$b" $((iters / 4)) --budget-list "$b" --original-model-sample-prob 0 \
       --distill frozen
+  fi
+done
+wait
+for b in "${SHAPES[@]}"; do
+  [ -f "$OUT/finetune_$b/latest_checkpointed_iteration.txt" ] ||
+    fail "training finetune_$b" "$OUT/logs/finetune_$b.log"
   evaluate "prune+finetune-$b" prune+finetune "finetune_$b" --budget-list "$b"
 done
 
