@@ -10,7 +10,7 @@
 # BENCHMARKS="check elastic token conversion" (the default) picks the steps to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=$(bash scripts/setup_env.sh)
+PY=$(bash scripts/setup_env.sh) || exit 2
 DIR=${1:-benchmarks/results}
 mkdir -p "$DIR"
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1

@@ -51,6 +51,12 @@ echo "== preset $PRESET: SmolLM2-135M ($layers layers), T = $T training tokens p
 start=$(date +%s)
 stage() { echo "== $1 [$(( $(date +%s) - start )) s]"; }
 mkdir -p "$OUT/eval" "$OUT/logs"
+fail() {  # fail WHAT LOG: the end of the log, then stop
+  echo "$1 failed; the end of $2:" >&2
+  tail -n 30 "$2" >&2
+  exit 1
+}
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # no background training outlives the script
 
 if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   stage "1. SmolLM2 GGUF -> importance-ranked flextron checkpoint"
@@ -80,11 +86,6 @@ for kind in cloze continuation; do
     --split test --output "$OUT/data/$kind.jsonl" >/dev/null
 done
 
-fail() {  # fail WHAT LOG: the end of the log, then stop
-  echo "$1 failed; the end of $2:" >&2
-  tail -n 30 "$2" >&2
-  exit 1
-}
 train() {  # train OUTDIR ITERS [flags...]: elastic training from the ranked checkpoint
   local save=$1 n=$2
   shift 2
@@ -121,17 +122,19 @@ stage "5. baseline B: each shape pruned and trained alone ($((iters / 4)) iterat
 # PARALLEL_BASELINES=1 (the gpu preset's default) trains the four shapes at once: each is a
 # small job that leaves most of a GPU idle. Their evaluations (which time the forward pass) run
 # one at a time.
+pids=()
 for b in "${SHAPES[@]}"; do
   [ -f "$OUT/finetune_$b/latest_checkpointed_iteration.txt" ] && continue
   if [ "$PARALLEL_BASELINES" = 1 ]; then
     train "finetune_$b" $((iters / 4)) --budget-list "$b" --original-model-sample-prob 0 \
       --distill frozen &
+    pids+=($!)
   else
     train "finetune_$b" $((iters / 4)) --budget-list "$b" --original-model-sample-prob 0 \
       --distill frozen
   fi
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid" || true; done  # each job's failure: reported below
 for b in "${SHAPES[@]}"; do
   [ -f "$OUT/finetune_$b/latest_checkpointed_iteration.txt" ] ||
     fail "training finetune_$b" "$OUT/logs/finetune_$b.log"

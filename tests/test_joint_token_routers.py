@@ -1,7 +1,7 @@
 """--router token: per-layer token routers trained together with the model (gloo, tiny Llama):
 the routed width follows the budget while the model trains, the routers land in the checkpoint
 for tools/evaluate.py --router dynamic, TP=2 equals one process, a resume equals the
-uninterrupted run, pipeline parallelism is refused."""
+uninterrupted run, pipeline parallelism and fp16 are refused."""
 
 from __future__ import annotations
 
@@ -87,8 +87,14 @@ def test_token_router_resume_equals_the_uninterrupted_run(setup, reference, tmp_
         assert g["budgets"] == w["budgets"], g["iteration"]
 
 
-def test_token_routers_refuse_pipeline_parallelism(setup, tmp_path):
-    with pytest.raises(Exception, match="pipeline parallelism"):
-        train_history(
-            tmp_path, "pp", 2, training_flags(setup, **TOKEN, pipeline_model_parallel_size=2)
-        )
+def test_token_routers_refuse_pipeline_parallelism_and_fp16(setup, capsys, monkeypatch):
+    from megatron_flextron.training.arguments import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two ranks: PP=2 fits, the router refuses it
+    with pytest.raises(SystemExit):
+        parse_args(training_flags(setup, **TOKEN, pipeline_model_parallel_size=2))
+    assert "does not support pipeline parallelism" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        parse_args(training_flags(setup, **TOKEN, fp16=True))
+    assert "--router token with --fp16" in capsys.readouterr().err

@@ -54,6 +54,16 @@ def test_report_tables_pool_latency_per_shape_and_plot(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_token_routed_rows_keep_their_own_latency(tmp_path):
+    routed = dict(_result(0.5, FULL, 2.2, 7.0, "routed"), mean_mlp_width_fraction=0.5, params=None)
+    (tmp_path / "a.json").write_text(json.dumps([_result(1.0, FULL, 2.0, 10.0, "A"), routed]))
+    out = write_report([str(tmp_path / "a.json")], str(tmp_path / "r"))
+    with open(out["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["latency (ms)"] for r in rows] == ["10.00", "7.00"]  # same shape, not pooled
+    assert rows[1]["params (M)"] == "" and (tmp_path / "r.png").exists()
+
+
 def test_bad_results_are_refused_before_anything_is_written(tmp_path):
     from tools.make_report import main
 

@@ -151,6 +151,8 @@ def evaluate(args) -> list:
     if args.mc_tasks:
         mc_tokenizer = load_tokenizer(tokenizer)
         tasks = {os.path.splitext(os.path.basename(t))[0]: read_tasks(t) for t in args.mc_tasks}
+        if len(tasks) < len(args.mc_tasks):
+            raise ValueError(f"--mc-tasks {args.mc_tasks}: task files need distinct names")
     for i, spec in enumerate(specs):
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
         if routed is not None:

@@ -92,7 +92,8 @@ def score(model, tokenizer, examples: Sequence[dict], micro_batch_size: int = 8,
         chunk = order[i : i + micro_batch_size]
         batches = pad_microbatches([seqs[j] for j in chunk], micro_batch_size, device)
         for row, j in enumerate(chunk):
-            batches[0]["loss_mask"][row, : spans[j] - 1] = 0  # labels shift: predict from start-1
+            # labels shift: the choice is predicted from position start - 1 on
+            batches[0]["loss_mask"][row, : max(spans[j] - 1, 0)] = 0
         out = forward_backward(model, batches, forward_only=True, per_sequence=True)
         for row, j in enumerate(chunk):
             loglik[j] = -out["nll_per_sequence"][row]

@@ -48,6 +48,8 @@ def load_rows(paths: Sequence[str]) -> List[dict]:
                     "loss": r["loss"],
                     "ppl": r["ppl"],
                     "mc": {k: v["acc"] for k, v in r.get("mc", {}).items()},
+                    # token-routed rows (--router dynamic): the full shape, a mean routed width
+                    "routed_width": r.get("mean_mlp_width_fraction"),
                 }
             )
     _pool_latency(rows)
@@ -57,13 +59,13 @@ def load_rows(paths: Sequence[str]) -> List[dict]:
 
 
 def _pool_latency(rows: List[dict]) -> None:
+    """Fixed shapes share one latency; token-routed rows keep their own timing."""
     by_shape: Dict[str, List[float]] = {}
-    for r in rows:
-        if r["latency_ms"] is not None:
-            by_shape.setdefault(r["subnetwork"], []).append(r["latency_ms"])
-    for r in rows:
-        if r["subnetwork"] in by_shape:
-            r["latency_ms"] = statistics.median(by_shape[r["subnetwork"]])
+    fixed = [r for r in rows if r["routed_width"] is None and r["latency_ms"] is not None]
+    for r in fixed:
+        by_shape.setdefault(r["subnetwork"], []).append(r["latency_ms"])
+    for r in fixed:
+        r["latency_ms"] = statistics.median(by_shape[r["subnetwork"]])
 
 
 def _tasks(rows: Sequence[dict]) -> List[str]:
@@ -128,7 +130,7 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4.2), squeeze=False)
     for method in dict.fromkeys(r["method"] for r in rows):
         # lines follow the budgets (shapes of nearly equal latency must not zigzag)
-        points = [r for r in rows if r["method"] == method]
+        points = [r for r in rows if r["method"] == method and r[x_key] is not None]
         xs = [p[x_key] for p in points]
         axes[0][0].plot(xs, [p["ppl"] for p in points], "o-", label=method)
         for p in points:
@@ -156,7 +158,8 @@ def write_report(paths: Sequence[str], prefix: str, title: str = "") -> Dict[str
     if not rows:
         raise ValueError("no evaluation results to report")
     out = {"md": prefix + ".md", "csv": prefix + ".csv", "png": prefix + ".png"}
-    write_text_atomic(out["md"], (f"## {title}\n\n" if title else "") + markdown(rows) + "\n")
-    write_text_atomic(out["csv"], to_csv(rows))
-    plot(rows, out["png"], title)
+    text, table = (f"## {title}\n\n" if title else "") + markdown(rows) + "\n", to_csv(rows)
+    plot(rows, out["png"], title)  # the step that can fail on odd input: before the tables
+    write_text_atomic(out["md"], text)
+    write_text_atomic(out["csv"], table)
     return out

@@ -81,7 +81,8 @@ def save_token_routers(ckpt_dir: str, routers, widths, budgets, full_at_1: bool 
     """``full_at_1``: budget 1.0 means the full model, not routed (routers trained with the
     model, where budget-1.0 micro-batches run at full size)."""
     with atomic_output_dir(os.path.join(ckpt_dir, TOKEN_ROUTER_DIR), replace=True) as tmp:
-        torch.save([r.state_dict() for r in routers], os.path.join(tmp, "token_routers.pt"))
+        states = [{k: v.cpu() for k, v in r.state_dict().items()} for r in routers]
+        torch.save(states, os.path.join(tmp, "token_routers.pt"))
         meta = {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)}
         write_json(os.path.join(tmp, "token_router.json"), {**meta, "full_at_1": full_at_1})
 
@@ -93,7 +94,9 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
         return None
     meta = read_json(os.path.join(folder, "token_router.json"))
     try:
-        states = torch.load(os.path.join(folder, "token_routers.pt"), weights_only=True)
+        states = torch.load(
+            os.path.join(folder, "token_routers.pt"), map_location="cpu", weights_only=True
+        )
     except Exception as e:
         raise CheckpointError(f"cannot read the token routers in {folder}: {e}") from None
     routers = []

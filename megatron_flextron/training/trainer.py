@@ -151,8 +151,11 @@ def _joint_token_routers(args: TrainingArgs, model, model_cfg, elastic_cfg, comm
         e.router_budget_weight,
         e.budget_tolerance,
         args.run.seed,
-        # anneal to the minimum temperature by 70% of the run, as the static router does
-        GumbelSchedule(tau_min=0.1, steps=steps, decay=math.log(10) / (0.7 * steps)),
+        # anneal from the start temperature to 0.1 by 70% of the run: training then routes as
+        # sharply as the argmax used at evaluation
+        GumbelSchedule(
+            tau_min=0.1, steps=steps, decay=math.log(GumbelSchedule.tau_start / 0.1) / (0.7 * steps)
+        ),
     )
     if "token_routers" in common:
         routers.load_state_dict(common["token_routers"])
@@ -348,7 +351,10 @@ def evaluate_budgets(run: Run) -> dict:
             out = forward_backward(run.model, microbatches, forward_only=True)
         if token is not None and budget < 1.0:
             token.detach(run.model)
-            token.eval_widths[f"{budget:g}"] = token.mean_width()
+            width = torch.tensor(token.mean_width(), device=current_device())
+            torch.distributed.all_reduce(width, group=parallel_state.get_data_parallel_group())
+            dp = parallel_state.get_data_parallel_world_size()
+            token.eval_widths[f"{budget:g}"] = width.item() / dp
         loss = torch.tensor(out["loss"])
         loss = loss.to(current_device())
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
