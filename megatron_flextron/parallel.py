@@ -83,6 +83,27 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_reduce_grads(params, sum_groups=(), average_group=None) -> None:
+    """Reduce the gradients of parameters kept outside megatron's DDP (the routers) in one flat
+    buffer on this rank's device (NCCL reduces GPU tensors only): summed over ``sum_groups``,
+    then averaged over ``average_group``. Missing gradients count as zeros."""
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+    )
+    home = flat.device
+    flat = flat.to(current_device())
+    for group in sum_groups:
+        dist.all_reduce(flat, group=group)
+    if average_group is not None:
+        dist.all_reduce(flat, group=average_group)
+        flat = flat / dist.get_world_size(average_group)
+    flat = flat.to(home)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -143,4 +143,5 @@ class TrainedTokenRouting:
     def mean_width(self) -> float:
         if self.full:
             return 1.0
-        return sum(r.totals[0] for r in self.routings) / sum(r.totals[1] for r in self.routings)
+        tokens = sum(r.totals[1] for r in self.routings)
+        return sum(r.totals[0] for r in self.routings) / tokens if tokens else math.nan

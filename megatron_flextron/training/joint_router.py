@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.parallel import current_device
+from megatron_flextron.parallel import all_reduce_grads
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
 from megatron_flextron.routers.static import GumbelSchedule, StaticRouter, seeded_gumbel_softmax
 
@@ -67,17 +67,11 @@ class JointRouter:
         return self.budget_weight * budget_loss(ratio, budget, self.tolerance), float(ratio)
 
     def finish_grads(self) -> None:
-        params = list(self.router.parameters())
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
-        ).to(current_device())  # the router lives on the CPU; NCCL reduces GPU tensors only
-        torch.distributed.all_reduce(flat, group=parallel_state.get_model_parallel_group())
-        torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat = flat.cpu() / parallel_state.get_data_parallel_world_size()
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        all_reduce_grads(
+            list(self.router.parameters()),
+            sum_groups=[parallel_state.get_model_parallel_group()],
+            average_group=parallel_state.get_data_parallel_group(),
+        )
 
     def step(self) -> None:
         """Adam step; with budget 1.0 among the router's budgets, first a pull of its choices to

@@ -14,7 +14,6 @@ parallelism is refused for now (each stage would own its layers' routers and che
 
 from __future__ import annotations
 
-import math
 from typing import List, Sequence
 
 import torch
@@ -22,12 +21,14 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.elastic.subnetwork import unwrap_model
+from megatron_flextron.parallel import all_reduce_grads
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import (
     TokenRouter,
     disable_token_routing,
     enable_token_routing,
 )
+from megatron_flextron.routers.token_training import TrainedTokenRouting
 
 
 class JointTokenRouters:
@@ -95,32 +96,23 @@ class JointTokenRouters:
 
     def finish_grads(self) -> None:
         """Average the router gradients over data-parallel ranks."""
-        params = self.parameters()
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
-        )
-        torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat /= parallel_state.get_data_parallel_world_size()
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        all_reduce_grads(self.parameters(), average_group=parallel_state.get_data_parallel_group())
 
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def dispatch(self, model, budget: float) -> None:
-        """Inference routing (argmax, token dispatch) for ``budget``: evaluation."""
-        code = encode_budget(self.budgets, budget)
-        for layer, routing in zip(unwrap_model(model).decoder.layers, self.routings):
-            routing.budget, routing.budget_code, routing.mode = budget, code, "dispatch"
-            routing.totals = [0.0, 0]
-            layer.mlp.__dict__["token_routing"] = routing
+        """Inference routing (argmax, token dispatch) for ``budget``: evaluation, served the way
+        tools/evaluate.py --router dynamic serves the saved routers."""
+        for routing in self.routings:
+            routing.mode = "dispatch"
+        self.serving = TrainedTokenRouting(self.routings, self.budgets, model, full_at_1=True)
+        self.serving.condition(budget)
 
     def mean_width(self) -> float:
-        tokens = sum(r.totals[1] for r in self.routings)
-        return sum(r.totals[0] for r in self.routings) / tokens if tokens else math.nan
+        """Mean MLP width fraction of the tokens dispatched since ``dispatch``."""
+        return self.serving.mean_width()
 
     def state_dict(self) -> dict:
         return {

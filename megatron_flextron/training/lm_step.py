@@ -69,9 +69,8 @@ def forward_backward(
     n = len(microbatches) * first.size(0) if per_sequence else 0
     totals = torch.zeros(3 + n, dtype=torch.float64, device=first.device)
     if parallel_state.is_pipeline_last_stage():
-        nll = torch.stack([o["nll_sum"] for o in out]).double()
         totals[0] = torch.stack([o["lm loss"] for o in out]).double().mean()
-        totals[1] = nll.sum()
+        totals[1] = torch.stack([o["nll_sum"] for o in out]).double().sum()
         totals[2] = torch.stack([o["tokens"] for o in out]).double().sum()
         if per_sequence:
             totals[3:] = torch.cat([o["nll_per_sequence"] for o in out]).double()

@@ -329,6 +329,12 @@ def router_costs(run: Run) -> dict:
     return out
 
 
+def _data_parallel_mean(value: float) -> float:
+    total = torch.tensor(value, device=current_device())
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total.item() / parallel_state.get_data_parallel_world_size()
+
+
 def evaluate_budgets(run: Run) -> dict:
     """Validation loss of the full model and of each budget's sub-network (same batches)."""
     args = run.args
@@ -351,14 +357,8 @@ def evaluate_budgets(run: Run) -> dict:
             out = forward_backward(run.model, microbatches, forward_only=True)
         if token is not None and budget < 1.0:
             token.detach(run.model)
-            width = torch.tensor(token.mean_width(), device=current_device())
-            torch.distributed.all_reduce(width, group=parallel_state.get_data_parallel_group())
-            dp = parallel_state.get_data_parallel_world_size()
-            token.eval_widths[f"{budget:g}"] = width.item() / dp
-        loss = torch.tensor(out["loss"])
-        loss = loss.to(current_device())
-        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        losses[f"{budget:g}"] = loss.item() / parallel_state.get_data_parallel_world_size()
+            token.eval_widths[f"{budget:g}"] = _data_parallel_mean(token.mean_width())
+        losses[f"{budget:g}"] = _data_parallel_mean(out["loss"])
     set_subnetwork(run.model, None, run.model_cfg, run.elastic_cfg)
     return losses
 
