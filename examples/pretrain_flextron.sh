@@ -83,7 +83,7 @@ echo "== 3. elastic continued pretraining"
   --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" \
   --train-iters "$iters" --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters $((iters / 10)) \
   --weight-decay 0.01 --clip-grad 1.0 --budget-list 1.0 0.75 0.5 0.35 --distill inplace \
-  --eval-interval "$iters" --eval-iters 2 --log-interval 5 --save-interval $((iters / 2 > 0 ? iters / 2 : 1)) \
+  --eval-interval "$iters" --eval-iters 2 --log-interval 5 --save-interval $((iters / 2 >= 2 ? iters / 2 : iters)) \
   --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" "${extra[@]}" "${train[@]}"
 
 if [ "$node_rank" = 0 ]; then
