@@ -1,7 +1,7 @@
 """--router token: per-layer token routers trained together with the model (gloo, tiny Llama):
 the routed width follows the budget while the model trains, the routers land in the checkpoint
-for tools/evaluate.py --router dynamic, TP=2 equals one process, a resume equals the
-uninterrupted run, pipeline parallelism and fp16 are refused."""
+for tools/evaluate.py --router dynamic, TP=2 and PP=2 equal one process, a resume equals the
+uninterrupted run, fp16 is refused."""
 
 from __future__ import annotations
 
@@ -60,17 +60,38 @@ def test_trained_token_routers_serve_tools_evaluate(reference):
     assert rows[1]["mean_mlp_width_fraction"] < rows[0]["mean_mlp_width_fraction"] - 0.2, rows
 
 
-def test_token_router_run_under_tp2_equals_one_process(setup, reference, tmp_path):
-    _, want = reference
-    got = train_history(
-        tmp_path, "token_tp2", 2, training_flags(setup, **TOKEN, tensor_model_parallel_size=2)
-    )
+@pytest.mark.parametrize(
+    "layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)]
+)
+def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference, tmp_path, layout):
+    """TP: the routers' LM gradient is summed over ranks; PP: each stage owns its layers'
+    routers (seeded per global layer), widths are averaged over all stages' layers, and the
+    checkpoint gathers every stage's routers."""
+    import torch
+
+    from megatron_flextron.routers.token_training import TOKEN_ROUTER_DIR
+
+    ref_save, want = reference
+    save = tmp_path / "ckpt"
+    flags = training_flags(setup, **TOKEN, **layout, save=str(save), save_interval=16)
+    got = train_history(tmp_path, "token_parallel", 2, flags)
     for g, w in zip(got, want):
         assert g["lm loss"] == pytest.approx(w["lm loss"], abs=2e-4), g["iteration"]
         for budget, v in g["budgets"].items():
             ref = w["budgets"][budget]
-            want_ratio = ref.get("router cost ratio")
-            assert v.get("router cost ratio") == pytest.approx(want_ratio, abs=1e-4)
+            for key in ("router cost ratio", "router aux loss"):
+                assert v.get(key) == pytest.approx(ref.get(key), abs=1e-4), (key, g["iteration"])
+    assert got[-1]["router cost ratio"] == pytest.approx(want[-1]["router cost ratio"], abs=1e-3)
+
+    def routers(path):
+        file = path / TOKEN_ROUTER_DIR / "token_routers.pt"
+        return torch.load(file, weights_only=True)
+
+    a, b = routers(save), routers(ref_save)
+    assert len(a) == len(b) == 4  # every layer, from both stages under PP
+    for layer_a, layer_b in zip(a, b):
+        for name in layer_b:
+            assert torch.allclose(layer_a[name], layer_b[name], atol=1e-3), name
 
 
 def test_token_router_resume_equals_the_uninterrupted_run(setup, reference, tmp_path):
@@ -87,14 +108,9 @@ def test_token_router_resume_equals_the_uninterrupted_run(setup, reference, tmp_
         assert g["budgets"] == w["budgets"], g["iteration"]
 
 
-def test_token_routers_refuse_pipeline_parallelism_and_fp16(setup, capsys, monkeypatch):
+def test_token_routers_refuse_fp16(setup, capsys):
     from megatron_flextron.training.arguments import parse_args
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # two ranks: PP=2 fits, the router refuses it
-    with pytest.raises(SystemExit):
-        parse_args(training_flags(setup, **TOKEN, pipeline_model_parallel_size=2))
-    assert "does not support pipeline parallelism" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
         parse_args(training_flags(setup, **TOKEN, fp16=True))
     assert "--router token with --fp16" in capsys.readouterr().err

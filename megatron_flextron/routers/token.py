@@ -24,7 +24,7 @@ tree: model checkpoints are unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -169,17 +169,21 @@ class TokenRouting:
 def enable_token_routing(
     model: torch.nn.Module,
     widths: Sequence[int],
-    routers: Optional[Sequence[TokenRouter]] = None,
+    routers: Optional[Union[Sequence[TokenRouter], Mapping[int, TokenRouter]]] = None,
     **settings,
 ) -> List[TokenRouting]:
-    """Give every local ElasticMLP a router (new ones, or ``routers`` in layer order)."""
+    """Give every local ElasticMLP a router: new ones, or ``routers`` indexed by global layer
+    (0-based; a list of all layers' routers, or a mapping that covers this stage's layers), so a
+    pipeline stage picks its own layers' routers."""
     gpt = unwrap_model(model)
     widths = sorted(widths, reverse=True)
     routings = []
-    for i, layer in enumerate(gpt.decoder.layers):
+    for layer in gpt.decoder.layers:
         mlp = layer.mlp
         router = (
-            routers[i] if routers is not None else TokenRouter(mlp.config.hidden_size, len(widths))
+            routers[layer.layer_number - 1]
+            if routers is not None
+            else TokenRouter(mlp.config.hidden_size, len(widths))
         )
         for w in widths:
             if w % mlp.tp_size or not 0 < w <= mlp.full_width:

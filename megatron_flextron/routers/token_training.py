@@ -14,10 +14,12 @@ import random
 from typing import List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_flextron.convert.checkpoint import CheckpointError
 from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.elastic.subnetwork import unwrap_model
+from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
 from megatron_flextron.training.lm_step import loss_func, position_ids
@@ -78,10 +80,14 @@ def train_token_routers(
 
 
 def save_token_routers(ckpt_dir: str, routers, widths, budgets, full_at_1: bool = False) -> None:
-    """``full_at_1``: budget 1.0 means the full model, not routed (routers trained with the
+    """``routers``: every layer's router (or its state dict), in layer order. ``full_at_1``:
+    budget 1.0 means the full model, not routed (routers trained with the
     model, where budget-1.0 micro-batches run at full size)."""
     with atomic_output_dir(os.path.join(ckpt_dir, TOKEN_ROUTER_DIR), replace=True) as tmp:
-        states = [{k: v.cpu() for k, v in r.state_dict().items()} for r in routers]
+        states = [
+            {k: v.cpu() for k, v in (r if isinstance(r, dict) else r.state_dict()).items()}
+            for r in routers
+        ]
         torch.save(states, os.path.join(tmp, "token_routers.pt"))
         meta = {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)}
         write_json(os.path.join(tmp, "token_router.json"), {**meta, "full_at_1": full_at_1})
@@ -141,7 +147,17 @@ class TrainedTokenRouting:
             r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
 
     def mean_width(self) -> float:
+        """Over every layer: this stage's, and under pipeline parallelism the other stages'."""
         if self.full:
             return 1.0
-        tokens = sum(r.totals[1] for r in self.routings)
-        return sum(r.totals[0] for r in self.routings) / tokens if tokens else math.nan
+        totals = torch.tensor(
+            [sum(r.totals[0] for r in self.routings), sum(r.totals[1] for r in self.routings)],
+            dtype=torch.float64,
+            device=current_device(),
+        )
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_pipeline_model_parallel_group()
+            if torch.distributed.get_world_size(group) > 1:
+                torch.distributed.all_reduce(totals, group=group)
+        width_sum, tokens = totals.tolist()
+        return width_sum / tokens if tokens else math.nan

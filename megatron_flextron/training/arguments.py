@@ -265,8 +265,6 @@ def validate(args: TrainingArgs) -> None:
             "--router token with --fp16: the token routers' aux loss and Adam step do not follow "
             "fp16 loss scaling; use --bf16"
         )
-    if e.router == "token" and args.parallel.pipeline_model_parallel_size > 1:
-        raise ValueError("--router token does not support pipeline parallelism yet")
     if e.router_cost_metric == "latency" and not e.latency_table:
         raise ValueError("--router-cost-metric latency needs --latency-table")
     if r.save_interval is not None and r.save is None:

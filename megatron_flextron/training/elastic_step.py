@@ -113,9 +113,7 @@ class ElasticStep:
             return {}
         return {m: o["logits"] for m, o in zip(wanted, out)}
 
-    def _loss_func(
-        self, m: int, budget: float, batch: dict, teacher, routed, token_stats, logits: torch.Tensor
-    ):
+    def _loss_func(self, m: int, budget: float, batch: dict, teacher, routed, logits: torch.Tensor):
         labels, mask = batch["labels"], batch.get("loss_mask")
         mask = torch.ones_like(labels, dtype=torch.float) if mask is None else mask
         # megatron's vocab-parallel cross entropy works in place on fp32 logits: give it a copy
@@ -133,8 +131,6 @@ class ElasticStep:
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 loss = loss + term
             stats["router cost ratio"] = ratio
-        if token_stats is not None:  # token routing: mean MLP width, budget aux loss (logged)
-            stats.update(token_stats)
         return loss, stats
 
     def run(self, iteration: int, microbatches: List[dict], forward_only: bool = False) -> dict:
@@ -146,7 +142,7 @@ class ElasticStep:
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
             budget, subnet = plan[m]
-            routed = token_stats = None
+            routed = None
             token = self.token_routers if subnet != full else None
             if self.joint_router is not None and subnet != full:
                 self._set(model, full)
@@ -162,10 +158,10 @@ class ElasticStep:
                 self.weight_decay.record()
             output = model(batch["tokens"], position_ids(batch), None)
             if token is not None:  # backward replays the recorded graph: routing can go now
-                token_stats = token.forward_stats()
+                token.record_forward(budget)
                 token.detach(model)
             teacher = teachers.get(m)
-            return output, partial(self._loss_func, m, budget, batch, teacher, routed, token_stats)
+            return output, partial(self._loss_func, m, budget, batch, teacher, routed)
 
         out = _schedule(self.model, forward_step, list(enumerate(microbatches)), forward_only)
         self._set(self.model, Subnetwork.full(self.model_cfg))
@@ -173,18 +169,21 @@ class ElasticStep:
 
     def reduce_stats(self, outputs: Sequence[dict], num_microbatches: int) -> dict:
         """Per budget: mean LM and KD loss, the micro-batch count and the routers' cost ratio (and
-        token routers' aux loss), summed over data-parallel
-        ranks and handed from the last pipeline stage to all ranks."""
+        token routers' aux loss), summed over data-parallel ranks and pipeline stages (losses
+        come from the last stage, token routers' widths from every stage's layers)."""
         keys = self.budget_keys
         device = current_device()
         totals = torch.zeros(len(keys), 5, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
             for o in outputs:
                 row = keys.index(o["budget"])
-                ratio, aux = o.get("router cost ratio", 0.0), o.get("router aux loss", 0.0)
+                ratio = o.get("router cost ratio", 0.0)
                 totals[row] += torch.tensor(
-                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio, aux], device=device
+                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio, 0.0], device=device
                 )
+        if self.token_routers is not None:
+            for budget, (width, aux) in self.token_routers.take_step_totals().items():
+                totals[keys.index(budget), 3:] += torch.tensor([width, aux], device=device)
         for group in (
             parallel_state.get_data_parallel_group(),
             parallel_state.get_pipeline_model_parallel_group(),

@@ -1,15 +1,18 @@
 """--router token: input-adaptive token routers trained together with the model.
 
 Budget micro-batches run the full-size model with every layer's MLP routed per token (straight-
-through Gumbel-softmax samples, seeded by (seed, iteration, micro-batch, layer) so that TP ranks
-and resumed runs draw alike), the routers conditioned on the micro-batch's budget, which is a
-target mean MLP width fraction; attention keeps every head. The budget auxiliary loss rides on
-each MLP output through megatron's MoEAuxLossAutoScaler, scaled like the LM loss (1 / number of
-micro-batches). Full-model micro-batches and the teacher pass run without routing.
+through Gumbel-softmax samples, seeded by (seed, iteration, micro-batch, layer) so that TP ranks,
+pipeline layouts and resumed runs draw alike), the routers conditioned on the micro-batch's
+budget, which is a target mean MLP width fraction; attention keeps every head. The budget
+auxiliary loss rides on each MLP output through megatron's MoEAuxLossAutoScaler, scaled like the
+LM loss (1 / number of micro-batches). Full-model micro-batches and the teacher pass run without
+routing.
 
-Gradients: the mixture sums each router's LM gradient over TP ranks itself (routers/token.py), so
-TP ranks hold identical gradients; they are averaged over data-parallel ranks here. Pipeline
-parallelism is refused for now (each stage would own its layers' routers and checkpoint them).
+Each pipeline stage owns the routers of its layers (created from a seed per global layer, each
+with its own Adam, so any layout trains the same routers). Gradients: the mixture sums each
+router's LM gradient over TP ranks itself (routers/token.py), so TP ranks hold identical
+gradients; they are averaged over data-parallel ranks here. Checkpoints gather every stage's
+routers, indexed by global layer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_flextron.convert.checkpoint import CheckpointError
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.parallel import all_reduce_grads
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
@@ -43,20 +47,21 @@ class JointTokenRouters:
         seed: int = 1234,
         schedule: GumbelSchedule = None,
     ):
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("--router token does not support pipeline parallelism yet")
         check_budget_list(budgets)
         self.widths = sorted(widths, reverse=True)
         self.budgets = list(budgets)
         self.seed = seed
         self.schedule = schedule or GumbelSchedule(tau_min=0.1)
         gpt = unwrap_model(model)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the same initial routers on every rank
-            self.routers = [
-                TokenRouter(gpt.config.hidden_size, len(self.widths), len(self.budgets))
-                for _ in gpt.decoder.layers
-            ]
+        self.num_layers = gpt.config.num_layers
+        self.layer_ids = [layer.layer_number - 1 for layer in gpt.decoder.layers]  # global
+        self.routers = {}
+        for i in self.layer_ids:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)  # layer i's router alike on every rank and layout
+                self.routers[i] = TokenRouter(
+                    gpt.config.hidden_size, len(self.widths), len(self.budgets)
+                )
         self.routings = enable_token_routing(
             model,
             self.widths,
@@ -66,11 +71,14 @@ class JointTokenRouters:
             tolerance=tolerance,
         )
         disable_token_routing(model)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.optimizers = {
+            i: torch.optim.Adam(router.parameters(), lr=lr) for i, router in self.routers.items()
+        }
         self.eval_widths = {}  # budget -> mean MLP width fraction in the last evaluation
+        self.step_totals = {}  # budget -> [width fraction sum, aux loss sum] / layers, this step
 
     def parameters(self) -> List[torch.nn.Parameter]:
-        return [p for r in self.routers for p in r.parameters()]
+        return [p for r in self.routers.values() for p in r.parameters()]
 
     def attach(self, model, budget: float, iteration: int, microbatch: int, num_mb: int) -> None:
         """Route ``model``'s MLPs for ``budget`` in this micro-batch's forward pass."""
@@ -78,7 +86,7 @@ class JointTokenRouters:
         tau = self.schedule.temperature(iteration)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))
         layers = unwrap_model(model).decoder.layers
-        for i, (layer, routing) in enumerate(zip(layers, self.routings)):
+        for i, layer, routing in zip(self.layer_ids, layers, self.routings):
             routing.budget, routing.budget_code, routing.temperature = budget, code, tau
             routing.mode = "hard"
             routing.noise_seed = hash((self.seed, iteration, microbatch, i)) & 0x7FFFFFFF
@@ -87,20 +95,27 @@ class JointTokenRouters:
     def detach(self, model) -> None:
         disable_token_routing(model)
 
-    def forward_stats(self) -> dict:
-        """Mean MLP width fraction and budget aux loss of the last routed forward (layer mean)."""
-        widths = [r.stats["mean_width_fraction"] for r in self.routings]
-        aux = [r.stats.get("aux_loss", 0.0) for r in self.routings]
-        n = len(self.routings)
-        return {"router cost ratio": sum(widths) / n, "router aux loss": sum(aux) / n}
+    def record_forward(self, budget: float) -> None:
+        """Add the last routed forward's width and aux loss (this stage's layers, as a share of
+        the layer mean over all stages) to this step's totals for ``budget``."""
+        totals = self.step_totals.setdefault(budget, [0.0, 0.0])
+        for r in self.routings:
+            totals[0] += r.stats["mean_width_fraction"] / self.num_layers
+            totals[1] += r.stats.get("aux_loss", 0.0) / self.num_layers
+
+    def take_step_totals(self) -> dict:
+        """This step's totals per budget (summed over micro-batches); resets them."""
+        totals, self.step_totals = self.step_totals, {}
+        return totals
 
     def finish_grads(self) -> None:
         """Average the router gradients over data-parallel ranks."""
         all_reduce_grads(self.parameters(), average_group=parallel_state.get_data_parallel_group())
 
     def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def dispatch(self, model, budget: float) -> None:
         """Inference routing (argmax, token dispatch) for ``budget``: evaluation, served the way
@@ -111,16 +126,47 @@ class JointTokenRouters:
         self.serving.condition(budget)
 
     def mean_width(self) -> float:
-        """Mean MLP width fraction of the tokens dispatched since ``dispatch``."""
+        """Mean MLP width fraction of the tokens dispatched since ``dispatch`` (all stages)."""
         return self.serving.mean_width()
 
     def state_dict(self) -> dict:
-        return {
-            "routers": [r.state_dict() for r in self.routers],
-            "optimizer": self.optimizer.state_dict(),
+        """Collective over the pipeline stages: every layer's router and Adam state (CPU),
+        in global layer order, on every rank."""
+        local = {
+            i: {
+                "router": _to_cpu(self.routers[i].state_dict()),
+                "optimizer": _to_cpu(self.optimizers[i].state_dict()),
+            }
+            for i in self.layer_ids
         }
+        merged = {}
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+            group = parallel_state.get_pipeline_model_parallel_group()
+            torch.distributed.all_gather_object(parts, local, group=group)
+            for part in parts:
+                merged.update(part)
+        else:
+            merged = local
+        return {"layers": [merged[i] for i in range(self.num_layers)]}
 
     def load_state_dict(self, state: dict) -> None:
-        for router, s in zip(self.routers, state["routers"]):
-            router.load_state_dict(s)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "layers" not in state or len(state["layers"]) != self.num_layers:
+            raise CheckpointError(
+                "the checkpoint's token routers do not cover this model's "
+                f"{self.num_layers} layers (saved by an older version, or another model): "
+                "resume with --no-load-optim or without --router token"
+            )
+        for i in self.layer_ids:
+            self.routers[i].load_state_dict(state["layers"][i]["router"])
+            self.optimizers[i].load_state_dict(state["layers"][i]["optimizer"])
+
+
+def _to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state

@@ -381,6 +381,7 @@ def save(run: Run) -> None:
         "tokens": run.consumed_train_samples * run.args.data.seq_length,
     }
     tokenizer = os.path.join(run.source, "tokenizer")
+    routers = _router_states(run.step)  # collective: gathers the token routers of every stage
     save_training_checkpoint(
         run.args.run.save,
         run.iteration,
@@ -392,14 +393,19 @@ def save(run: Run) -> None:
         run.elastic_cfg,
         metadata,
         tokenizer if os.path.isdir(tokenizer) else None,
-        extra=_router_states(run.step),
+        extra=routers,
     )
     token = run.step.token_routers
     if token is not None and torch.distributed.get_rank() == 0:  # for --router dynamic
         from megatron_flextron.routers.token_training import save_token_routers
 
+        layers = routers["token_routers"]["layers"]
         save_token_routers(
-            run.args.run.save, token.routers, token.widths, token.budgets, full_at_1=True
+            run.args.run.save,
+            [layer["router"] for layer in layers],
+            token.widths,
+            token.budgets,
+            full_at_1=True,
         )
     if joint is not None and torch.distributed.get_rank() == 0:  # for --budget in the tools
         from megatron_flextron.routers.checkpoint import save_router
