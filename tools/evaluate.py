@@ -70,6 +70,12 @@ def parse_args(argv=None):
         action="store_true",
         help="time each sub-network's forward pass on one micro-batch",
     )
+    p.add_argument(
+        "--compare-static",
+        action="store_true",
+        help="with --router dynamic: also the static sub-networks at the same mean MLP width "
+        "(the two MLP choices around it, interpolated): static_at_mean_width",
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (as served)")
     p.add_argument("--output", help="write the results as a JSON list (atomically)")
     p.add_argument("--label", help="method name stored in every result (for make_report)")
@@ -78,7 +84,12 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compare_static and args.router != "dynamic":
+        p.error(
+            "--compare-static compares token routing with static sub-networks: add --router dynamic"
+        )
+    return args
 
 
 def load_sequences(args, tokenizer_dir):
@@ -107,6 +118,7 @@ def evaluate(args) -> list:
     from megatron_flextron.parallel import current_device
     from megatron_flextron.routers.checkpoint import budget_architecture
     from megatron_flextron.routers.latency import time_ms
+    from megatron_flextron.routers.token import disable_token_routing
     from megatron_flextron.routers.token_training import TrainedTokenRouting
     from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
     from megatron_flextron.training.sampling import check_budgets
@@ -153,16 +165,16 @@ def evaluate(args) -> list:
         tasks = {os.path.splitext(os.path.basename(t))[0]: read_tasks(t) for t in args.mc_tasks}
         if len(tasks) < len(args.mc_tasks):
             raise ValueError(f"--mc-tasks {args.mc_tasks}: task files need distinct names")
-    for i, spec in enumerate(specs):
+
+    def measure(spec) -> dict:
+        """Loss (and latency) of the model as it is set now: ``spec``'s sub-network, routed or
+        not."""
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
-        if routed is not None:
-            routed.condition(budgets[i])
         start = time.perf_counter()
         with torch.no_grad():
             out = forward_backward(model, batches, True)
         seconds = time.perf_counter() - start
         loss = out["nll_sum"] / out["tokens"]
-        width = round(routed.mean_width(), 4) if routed is not None else None
         result = {
             "loss": round(loss, 6),
             "ppl": round(math.exp(loss), 4),
@@ -177,6 +189,14 @@ def evaluate(args) -> list:
                 result["latency_ms"] = round(
                     time_ms(lambda: forward_backward(model, batches[:1], True), repeats=10), 3
                 )
+        return result
+
+    static_cache = {}
+    for i, spec in enumerate(specs):
+        if routed is not None:
+            routed.condition(budgets[i])
+        result = measure(spec)
+        width = round(routed.mean_width(), 4) if routed is not None else None
         if args.mc_tasks:
             result["mc"] = {}
             for name, examples in tasks.items():
@@ -193,8 +213,35 @@ def evaluate(args) -> list:
         if routed is not None:
             result["mean_mlp_width_fraction"] = width  # of the perplexity pass
             result["params"] = None  # per token: see the mean width
+            if args.compare_static and not routed.full:
+                disable_token_routing(model)
+                result["static_at_mean_width"] = static_at_width(
+                    width, model_cfg, elastic, measure, static_cache
+                )
         results.append(result)
     return results
+
+
+def static_at_width(fraction: float, model_cfg, elastic, measure, cache: dict) -> dict:
+    """The static line at a routed mean MLP width: the homogeneous sub-networks (every head) at
+    the two MLP choices around it, measured, and their loss (and latency) interpolated linearly
+    in width: what a static model of the same average MLP FLOPs would give."""
+    choices = sorted(set(elastic.mlp_choices) | {model_cfg.ffn_hidden_size})
+    width = fraction * model_cfg.ffn_hidden_size
+    below = [c for c in choices if c <= width] or choices[:1]
+    above = [c for c in choices if c >= width] or choices[-1:]
+    lo, hi = below[-1], above[0]
+    for c in (lo, hi):
+        if c not in cache:
+            cache[c] = measure({"mlp": c, "heads": model_cfg.num_attention_heads})
+    t = 0.0 if hi == lo else min(max((width - lo) / (hi - lo), 0.0), 1.0)
+    out = {"mlp_widths": [lo, hi]}
+    keys = ["loss"] + (["latency_ms"] if "latency_ms" in cache[lo] else [])
+    for key in keys:
+        out[key] = round((1 - t) * cache[lo][key] + t * cache[hi][key], 6)
+        out[f"{key}_at_widths"] = [cache[lo][key], cache[hi][key]]
+    out["ppl"] = round(math.exp(out["loss"]), 4)
+    return out
 
 
 def _architecture(result: dict) -> str:
@@ -204,9 +251,11 @@ def _architecture(result: dict) -> str:
 
 
 def markdown_table(results: list) -> str:
+    static = any("static_at_mean_width" in r for r in results)
     rows = [
-        "| budget | sub-network | chosen by | params (M) | loss | perplexity | eval time (s) |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
+        "| budget | sub-network | chosen by | params (M) | loss | perplexity | eval time (s) |"
+        + (" static loss at the same mean width |" if static else ""),
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if static else ""),
     ]
     for r in results:
         rows.append(
@@ -214,6 +263,9 @@ def markdown_table(results: list) -> str:
             f"{'per token' if r['params'] is None else format(r['params'] / 1e6, '.1f')} | "
             f"{r['loss']:.3f} | {r['ppl']:.2f} | {r['seconds']:.2f} |"
         )
+        if static:
+            same = r.get("static_at_mean_width")
+            rows[-1] += f" {same['loss']:.3f} |" if same else " - |"
     return "\n".join(rows)
 
 

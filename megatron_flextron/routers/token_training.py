@@ -79,10 +79,13 @@ def train_token_routers(
     return routers
 
 
-def save_token_routers(ckpt_dir: str, routers, widths, budgets, full_at_1: bool = False) -> None:
+def save_token_routers(
+    ckpt_dir: str, routers, widths, budgets, full_at_1: bool = False, calibration=None
+) -> None:
     """``routers``: every layer's router (or its state dict), in layer order. ``full_at_1``:
-    budget 1.0 means the full model, not routed (routers trained with the
-    model, where budget-1.0 micro-batches run at full size)."""
+    budget 1.0 means the full model, not routed (routers trained with the model, where
+    budget-1.0 micro-batches run at full size). ``calibration``: budget prices folded into the
+    routers (routers/token_calibration.py), recorded in token_router.json."""
     with atomic_output_dir(os.path.join(ckpt_dir, TOKEN_ROUTER_DIR), replace=True) as tmp:
         states = [
             {k: v.cpu() for k, v in (r if isinstance(r, dict) else r.state_dict()).items()}
@@ -90,7 +93,10 @@ def save_token_routers(ckpt_dir: str, routers, widths, budgets, full_at_1: bool 
         ]
         torch.save(states, os.path.join(tmp, "token_routers.pt"))
         meta = {"widths": list(widths), "budgets": list(budgets), "layers": len(routers)}
-        write_json(os.path.join(tmp, "token_router.json"), {**meta, "full_at_1": full_at_1})
+        meta["full_at_1"] = full_at_1
+        if calibration:
+            meta["calibration"] = calibration
+        write_json(os.path.join(tmp, "token_router.json"), meta)
 
 
 def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
@@ -115,6 +121,7 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
         "widths": meta["widths"],
         "budgets": meta["budgets"],
         "full_at_1": meta.get("full_at_1", False),
+        "calibration": meta.get("calibration"),
     }
 
 
@@ -122,9 +129,10 @@ class TrainedTokenRouting:
     """A checkpoint's token routers attached to a model in dispatch mode, conditioned per budget;
     counts the mean MLP width they use."""
 
-    def __init__(self, routings, budgets, model=None, full_at_1: bool = False):
+    def __init__(self, routings, budgets, model=None, full_at_1: bool = False, calibration=None):
         self.routings, self.budgets = routings, budgets
         self.model, self.full_at_1, self.full = model, full_at_1, False
+        self.calibration = calibration  # budget prices already folded into the routers
 
     @classmethod
     def attach(cls, ckpt_dir: str, model, hidden_size: int) -> "TrainedTokenRouting":
@@ -134,7 +142,7 @@ class TrainedTokenRouting:
                 f"{ckpt_dir} has no token routers (token_router/): run tools/train_token_router.py"
             )
         routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
-        return cls(routings, found["budgets"], model, found["full_at_1"])
+        return cls(routings, found["budgets"], model, found["full_at_1"], found["calibration"])
 
     def condition(self, budget: float) -> None:
         """Route for ``budget`` from now on; resets the width count."""
