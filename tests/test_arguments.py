@@ -56,6 +56,7 @@ FLAGS = {
     "--latency-table",
     "--router-budget-weight",
     "--budget-tolerance",
+    "--router-layer-skipping",
 }
 
 

@@ -24,6 +24,9 @@ def test_params_cost_is_exact_for_per_layer_architectures(family):
     for widths, counts in [((128,) * 4, (8,) * 4), ((32, 64, 128, 96), (4, 8, 4, 8))]:
         subnet = Subnetwork(widths, counts, (0, 1, 2, 3))
         assert cost.of_subnetwork(widths, counts) == count_parameters(subnet, model)["total"]
+        skipping = Subnetwork(widths, counts, (0, 2))  # layers 1 and 3 skipped: no parameters
+        params = count_parameters(skipping, model)["total"]
+        assert cost.of_subnetwork(widths, counts, (0, 2)) == params
     # expected cost of soft probabilities = probability-weighted costs (linear), with gradients
     p_mlp = torch.full((4, len(mlp)), 1 / len(mlp), dtype=torch.float64, requires_grad=True)
     p_heads = torch.zeros(4, len(heads), dtype=torch.float64)
@@ -82,25 +85,32 @@ def test_budget_encoding_blends_neighbours_and_refuses_outside():
             router.encode(bad)
 
 
-def _synthetic_loss(p_mlp, p_heads, mlp, heads):
-    """A known quality function: each layer loses more the narrower it is; later layers more."""
+SKIP_PENALTY = torch.tensor([3.0, 0.4, 0.2, 3.0])  # what skipping each layer costs in loss
+
+
+def _synthetic_loss(p_mlp, p_heads, mlp, heads, p_keep=None):
+    """A known quality function: each layer loses more the narrower it is; later layers more;
+    a skipped layer loses SKIP_PENALTY instead (the middle layers are cheap to skip)."""
     layers = p_mlp.shape[-2]
     w = torch.linspace(0.5, 1.5, layers)
     mlp_frac = p_mlp @ (torch.tensor(mlp, dtype=torch.float) / mlp[0])
     head_frac = p_heads @ (torch.tensor(heads, dtype=torch.float) / heads[0])
-    return 2.0 + ((1 - mlp_frac) ** 2 * w).sum(-1) + 0.5 * ((1 - head_frac) * w).sum(-1)
+    per_layer = (1 - mlp_frac) ** 2 * w + 0.5 * (1 - head_frac) * w
+    if p_keep is not None:
+        per_layer = p_keep * per_layer + (1 - p_keep) * SKIP_PENALTY
+    return 2.0 + per_layer.sum(-1)
 
 
-def _fitted_surrogate(model, elastic, count=200):
+def _fitted_surrogate(model, elastic, count=200, layer_skipping=False):
     from megatron_flextron.routers.surrogate import sample_architectures
 
     mlp, heads = router_choices(model, elastic)
-    archs = sample_architectures(count, model.num_layers, mlp, heads, seed=1)
-    p_mlp, p_heads = encode(archs, mlp, heads)
-    losses = _synthetic_loss(p_mlp, p_heads, mlp, heads)
+    archs = sample_architectures(count, model.num_layers, mlp, heads, 1, layer_skipping)
+    p_mlp, p_heads, p_keep = encode(archs, mlp, heads)
+    losses = _synthetic_loss(p_mlp, p_heads, mlp, heads, p_keep)
     torch.manual_seed(0)
     surrogate = Surrogate(model.num_layers, len(mlp), len(heads), hidden_size=64)
-    fit = fit_surrogate(surrogate, p_mlp, p_heads, losses, steps=1500)
+    fit = fit_surrogate(surrogate, p_mlp, p_heads, losses, steps=1500, p_keep=p_keep)
     return surrogate, fit
 
 
@@ -138,6 +148,30 @@ def test_router_meets_each_budget_and_interpolates_monotonically():
     costs = [router_report(router, cost, [b])[0]["expected_cost_ratio"] for b in grid]
     assert all(a <= b + 1e-3 for a, b in zip(costs, costs[1:])), costs
     assert router.choose(1.0) == Subnetwork.full(model)
+
+
+def test_router_with_layer_skipping_meets_a_budget_below_the_width_floor():
+    """Narrowest widths in every layer cost 0.50 of the parameters; budget 0.4 needs skipping.
+    The router skips the layers that are cheap to skip (1 and 2 of the synthetic loss) and meets
+    the budget; budget 1.0 keeps every layer."""
+    model = tiny_config("llama")
+    elastic = elastic_choices(model)
+    surrogate, fit = _fitted_surrogate(model, elastic, count=300, layer_skipping=True)
+    assert fit["heldout_relative_mae"] < 0.03, fit
+    mlp, heads = router_choices(model, elastic)
+    cost = CostModel(model, elastic, "params")
+    floor = cost.of_subnetwork([mlp[-1]] * 4, [heads[-1]] * 4) / cost.full()
+    assert floor > 0.45
+    budgets = [1.0, 0.7, 0.4]
+    torch.manual_seed(0)
+    router = StaticRouter(budgets, 4, mlp, heads, hidden_size=64, layer_skipping=True)
+    train_static_router(router, surrogate, cost, steps=800, lr=3e-3, tolerance=0.03)
+    rows = {row["budget"]: row for row in router_report(router, cost, budgets)}
+    assert rows[0.4]["feasible"] and abs(rows[0.4]["cost_ratio"] / 0.4 - 1) <= 0.05, rows[0.4]
+    skipped = set(range(4)) - set(router.choose(0.4).layers)
+    assert skipped and skipped <= {1, 2}, rows[0.4]
+    assert router.choose(1.0) == Subnetwork.full(model)
+    assert abs(rows[0.7]["cost_ratio"] / 0.7 - 1) <= 0.05, rows[0.7]
 
 
 def test_router_refuses_an_untrustworthy_surrogate():

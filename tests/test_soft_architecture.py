@@ -82,3 +82,35 @@ def test_mixture_is_the_probability_weighted_sum_and_has_gradients(family):
         layer.self_attention.set_active_heads(None)
     assert torch.allclose(mixed_mlp, want_mlp, atol=1e-5)
     assert torch.allclose(mixed_attn, want_attn, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_layer_keep_weights_skip_layers_exactly_and_have_gradients(family):
+    """Depth: keep = 0 is the skipped layer (== the sliced sub-network without it), 0.5 the mean
+    of running and skipping it; the loss's gradient reaches the keep weights."""
+    model_cfg, elastic, gpt = _model(family)
+    mlp, heads = router_choices(model_cfg, elastic)
+    picks_mlp, picks_heads, kept = (32, 128, 64, 96), (4, 8, 4, 8), (0, 2, 3)
+    tokens, _ = batch()
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+    with torch.no_grad():
+        set_subnetwork(gpt, Subnetwork(picks_mlp, picks_heads, kept), model_cfg, elastic)
+        sliced = gpt(tokens, positions, None)
+        set_subnetwork(gpt, None, model_cfg, elastic)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0], requires_grad=True)
+    one_hots = _one_hot(mlp, picks_mlp), _one_hot(heads, picks_heads)
+    set_soft_architecture(gpt, *one_hots, mlp, heads, keep)
+    soft = gpt(tokens, positions, None)
+    assert torch.allclose(soft, sliced, atol=1e-5), (soft - sliced).abs().max()
+    soft.float().pow(2).mean().backward()
+    assert keep.grad[1].abs() > 0  # the skipped layer's weight still learns whether to run
+    layer = gpt.decoder.layers[1]
+    x = torch.randn(8, 2, model_cfg.hidden_size)
+    rope = gpt.rotary_pos_emb(8) if model_cfg.position_embedding == "rope" else None
+    with torch.no_grad():
+        set_soft_architecture(gpt, *one_hots, mlp, heads, torch.tensor([1.0, 0.5, 1.0, 1.0]))
+        half = layer(x, None, rotary_pos_emb=rope)[0]
+        set_soft_architecture(gpt, *one_hots, mlp, heads)
+        run = layer(x, None, rotary_pos_emb=rope)[0]
+        clear_soft_architecture(gpt)
+    assert torch.allclose(half, (x + run) / 2, atol=1e-5)

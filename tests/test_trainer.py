@@ -163,6 +163,52 @@ def test_joint_router_runs_equal_under_tp_and_pp(setup, joint_reference, tmp_pat
             assert v.get("router cost ratio") == pytest.approx(ref.get("router cost ratio"))
 
 
+SKIP = dict(JOINT, router_layer_skipping=True)
+SKIP["budget_list"] = [1.0, 0.5]
+
+
+@pytest.fixture(scope="module")
+def skipping_reference(setup, tmp_path_factory):
+    save = tmp_path_factory.mktemp("skip_run") / "ckpt"
+    flags = training_flags(setup, **SKIP, save=str(save), save_interval=32)
+    return save, _train(tmp_path_factory.mktemp("skip"), "skip", 1, flags)
+
+
+def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
+    setup, skipping_reference
+):
+    """--router-layer-skipping: the narrowest widths in every layer cost 0.553 of the
+    parameters, so budget 0.5 needs skipping; the router learns to skip and meets it."""
+    from megatron_flextron.config import ElasticConfig, ModelConfig
+    from megatron_flextron.convert.formats.flextron import read_config
+    from megatron_flextron.routers.checkpoint import budget_architecture
+
+    save, history = skipping_reference
+    last = [h for h in history if "eval" in h][-1]["router cost ratio"]
+    assert abs(last["0.5"] / 0.5 - 1) < 0.08 and last["1"] == 1.0, last
+    config = read_config(str(save))
+    model_cfg = ModelConfig.from_dict(config["model"])
+    elastic = ElasticConfig.from_dict(config["elastic"])
+    subnet, info = budget_architecture(str(save), model_cfg, elastic, 0.5, router_only=True)
+    assert len(subnet.layers) < model_cfg.num_layers, (subnet, info)
+    assert info["cost_ratio"] == pytest.approx(last["0.5"], abs=1e-3)
+
+
+def test_joint_router_with_layer_skipping_under_pp2_equals_one_process(
+    setup, skipping_reference, tmp_path
+):
+    """Each stage gates its own layers (by global index) with the replicated router's keep
+    choices; the router's gradient is summed over the stages."""
+    _, want = skipping_reference
+    flags = training_flags(setup, **SKIP, pipeline_model_parallel_size=2)
+    history = _train(tmp_path, "skip_pp2", 2, flags)
+    for got, ref in zip(history, want):
+        assert got["lm loss"] == pytest.approx(ref["lm loss"], abs=2e-4), got["iteration"]
+        for budget, v in got["budgets"].items():
+            r = ref["budgets"][budget]
+            assert v.get("router cost ratio") == pytest.approx(r.get("router cost ratio"))
+
+
 def test_frozen_teacher_starts_equal_to_the_student(setup, tmp_path):
     history = _train(
         tmp_path, "frozen", 1, training_flags(setup, train_iters=4, distill="frozen", lr=1e-2)

@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget-tolerance", type=float, default=0.02)
     p.add_argument("--max-surrogate-error", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--router-layer-skipping",
+        action="store_true",
+        help="the router also chooses which layers to skip (phase 1 then samples skipping too)",
+    )
     args = p.parse_args(argv)
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.routers.training import train_router_for_checkpoint
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
             args.budget_tolerance,
             args.max_surrogate_error,
             args.seed,
+            args.router_layer_skipping,
             log=lambda text: print(text, file=sys.stderr, flush=True),
         )
     except (CheckpointError, ValueError, OSError) as e:

@@ -8,15 +8,17 @@ units are scaled by the probability that they are kept:
 - attention: the input of linear_proj (the per-head outputs) times the same for query heads.
 
 Both are exact because W2 and the output projection are linear in those units and units do not
-interact before them. With one-hot p (straight-through samples) the forward equals the sliced
-sub-network (computed at full width), and gradients reach p: this is how a router is trained
-jointly with the model. Masks follow the TP layout: the first w/p local neurons, and for GQA the
-first h/G query heads of every local group (MHA: the first h/p local heads).
+interact before them. Depth (layer skipping): a layer's output is x + keep x (layer(x) - x), so
+keep = 1 runs it and keep = 0 is the skipped layer's identity. With one-hot p (straight-through
+samples) the forward equals the sliced sub-network (computed at full width), and gradients reach
+p: this is how a router is trained jointly with the model. Masks follow the TP layout: the first
+w/p local neurons, and for GQA the first h/G query heads of every local group (MHA: the first h/p
+local heads).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -58,15 +60,28 @@ def scale_input(mask: torch.Tensor, repeat: int = 1):
     return hook
 
 
+def _gate_layer(keep: torch.Tensor):
+    """A forward hook: output hidden states x + keep x (layer(x) - x)."""
+
+    def hook(module, args, kwargs, output):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden, context = output
+        return x + keep.to(hidden.dtype) * (hidden - x), context
+
+    return hook
+
+
 def set_soft_architecture(
     model: torch.nn.Module,
     p_mlp: torch.Tensor,
     p_heads: torch.Tensor,
     mlp_choices: Sequence[int],
     head_choices: Sequence[int],
+    p_keep: Optional[torch.Tensor] = None,
 ) -> None:
-    """p_mlp [L, n_mlp], p_heads [L, n_heads] (global layers, choices largest first). The model
-    must be at full size (set_subnetwork(model, None, ...)); replaces earlier masks."""
+    """p_mlp [L, n_mlp], p_heads [L, n_heads] (global layers, choices largest first), p_keep [L]
+    (each layer's weight; None: every layer runs). The model must be at full size
+    (set_subnetwork(model, None, ...)); replaces earlier masks."""
     clear_soft_architecture(model)
     for layer in unwrap_model(model).decoder.layers:
         index = layer.layer_number - 1
@@ -82,6 +97,9 @@ def set_soft_architecture(
             mlp.linear_fc2.register_forward_pre_hook(scale_input(m_mlp)),
             attn.linear_proj.register_forward_pre_hook(scale_input(m_heads, d)),
         ]
+        if p_keep is not None:
+            keep = p_keep[index].float().to(keep_mlp.device)
+            handles.append(layer.register_forward_hook(_gate_layer(keep), with_kwargs=True))
         layer.__dict__["_soft_architecture"] = handles
 
 

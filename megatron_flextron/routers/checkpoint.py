@@ -43,6 +43,7 @@ def load_router(
         cfg["mlp_choices"],
         cfg["head_choices"],
         cfg["hidden_size"],
+        cfg.get("layer_skipping", False),
     )
     try:
         state = torch.load(os.path.join(folder, "static_router.pt"), weights_only=True)
@@ -85,10 +86,11 @@ def budget_architecture(
         return budget_subnetwork(budget, model, elastic), {"chosen_by": "nearest choices"}
     router, cost, settings = found
     subnet = router.choose(budget)
-    p_mlp, p_heads = router.expected(budget)
+    expected = [None if p is None else p.double() for p in router.expected(budget)]
+    exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers)
     return subnet, {
         "chosen_by": "static router",
         "metric": settings["metric"],
-        "cost_ratio": round(cost.of_subnetwork(subnet.mlp, subnet.heads) / cost.full(), 4),
-        "predicted_cost_ratio": round(float(cost.ratio(p_mlp.double(), p_heads.double())), 4),
+        "cost_ratio": round(exact / cost.full(), 4),
+        "predicted_cost_ratio": round(float(cost.ratio(*expected)), 4),
     }

@@ -1,11 +1,13 @@
 """What a sub-network costs, as a differentiable function of router probabilities.
 
 A router gives, for every layer, probabilities over the MLP width choices and over the head-count
-choices. Every cost here is linear in those probabilities (an expectation over the choices):
+choices, and with layer skipping the probability that the layer runs. Every cost here is the
+expectation over the choices:
 
-    cost = constant + sum_l  p_mlp[l] . c_mlp  +  p_heads[l] . c_heads
+    cost = outside + sum_l keep[l] x (layer + p_mlp[l] . c_mlp + p_heads[l] . c_heads)
 
-so a one-hot choice gives the exact cost of that architecture and gradients reach the router.
+(keep = 1 without layer skipping), so a one-hot choice gives the exact cost of that architecture
+and gradients reach the router.
 Metrics: ``params`` (parameter count), ``flops`` (forward FLOPs per token at a sequence length:
 2 x multiply-adds of every matmul incl. the output layer, plus causal attention scores),
 ``kv_cache`` (bytes per token of the KV cache: constant under GQA, whose KV groups are all kept),
@@ -136,27 +138,40 @@ class CostModel:
             c_head = [latency.attention_ms[n] for n in self.head_choices]
         self.c_mlp = torch.tensor(c_mlp, dtype=torch.float64)
         self.c_head = torch.tensor(c_head, dtype=torch.float64)
-        self.constant = float(outside + m.num_layers * layer_const)
+        self.outside, self.layer_const = float(outside), float(layer_const)
 
-    def __call__(self, p_mlp: torch.Tensor, p_heads: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, p_mlp: torch.Tensor, p_heads: torch.Tensor, p_keep: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         c_mlp, c_head = self.c_mlp.to(p_mlp), self.c_head.to(p_heads)
-        return self.constant + (p_mlp @ c_mlp).sum() + (p_heads @ c_head).sum()
+        per_layer = self.layer_const + p_mlp @ c_mlp + p_heads @ c_head  # [L]
+        if p_keep is not None:
+            per_layer = p_keep.to(per_layer) * per_layer
+        return self.outside + per_layer.sum()
 
     def full(self) -> float:
         n = self.model.num_layers
-        return self.constant + n * float(self.c_mlp[0] + self.c_head[0])
+        return self.outside + n * (self.layer_const + float(self.c_mlp[0] + self.c_head[0]))
 
-    def ratio(self, p_mlp: torch.Tensor, p_heads: torch.Tensor) -> torch.Tensor:
-        return self(p_mlp, p_heads) / self.full()
+    def ratio(
+        self, p_mlp: torch.Tensor, p_heads: torch.Tensor, p_keep: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return self(p_mlp, p_heads, p_keep) / self.full()
 
-    def of_subnetwork(self, mlp: Sequence[int], heads: Sequence[int]) -> float:
-        """Exact cost of a per-layer architecture (all layers kept)."""
+    def of_subnetwork(
+        self, mlp: Sequence[int], heads: Sequence[int], layers: Optional[Sequence[int]] = None
+    ) -> float:
+        """Exact cost of a per-layer architecture (``layers``: the kept ones; default all)."""
         p_mlp = torch.zeros(len(mlp), len(self.mlp_choices), dtype=torch.float64)
         p_heads = torch.zeros(len(heads), len(self.head_choices), dtype=torch.float64)
         for layer, (k, n) in enumerate(zip(mlp, heads)):
             p_mlp[layer, self.mlp_choices.index(k)] = 1
             p_heads[layer, self.head_choices.index(n)] = 1
-        return float(self(p_mlp, p_heads))
+        p_keep = None
+        if layers is not None:
+            p_keep = torch.zeros(len(mlp), dtype=torch.float64)
+            p_keep[list(layers)] = 1
+        return float(self(p_mlp, p_heads, p_keep))
 
 
 def budget_loss(cost_ratio: torch.Tensor, budget: float, tolerance: float = 0.02) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Input: the budget as a one-hot over the trained budgets; a budget between two trained ones is the
 linear blend of their one-hots. A 2-layer MLP (hidden 256, LeakyReLU) gives, for every layer,
-logits over the MLP width choices and over the head-count choices (largest first). Training
+logits over the MLP width choices and over the head-count choices (largest first), and with
+``layer_skipping`` logits over (keep, skip) from one more output head (depth elasticity). Training
 samples architectures with Gumbel-softmax (temperature annealed, logits scaled up over time;
 straight-through hard samples or soft mixtures); inference takes the argmax.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,16 @@ class GumbelSchedule:
         return 1.0 + (self.scale_end - 1.0) * min(step / max(self.steps, 1), 1.0)
 
 
+class Choices(NamedTuple):
+    """Per-layer router outputs: logits or probabilities over the MLP widths [L, n_mlp] and the
+    head counts [L, n_heads]; ``keep``: the probability that each layer runs [L] (``None``
+    without layer skipping: every layer runs)."""
+
+    mlp: torch.Tensor
+    heads: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+
+
 class StaticRouter(torch.nn.Module):
     def __init__(
         self,
@@ -89,6 +100,7 @@ class StaticRouter(torch.nn.Module):
         mlp_choices: Sequence[int],
         head_choices: Sequence[int],
         hidden_size: int = 256,
+        layer_skipping: bool = False,
     ):
         super().__init__()
         check_budget_list(budgets)
@@ -101,39 +113,66 @@ class StaticRouter(torch.nn.Module):
             torch.nn.LeakyReLU(),
             torch.nn.Linear(hidden_size, num_layers * (self.n_mlp + self.n_heads)),
         )
+        self.layer_skipping = layer_skipping
+        if layer_skipping:  # logits (keep, skip) per layer, starting at "keep" (bias +3)
+            self.depth = torch.nn.Linear(hidden_size, num_layers * 2)
+            with torch.no_grad():
+                self.depth.bias.view(num_layers, 2)[:, 0] += 3.0
 
     def encode(self, budget: float) -> torch.Tensor:
         return encode_budget(self.budgets, budget)
 
-    def forward(self, budget: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits [L, n_mlp] and [L, n_heads]."""
+    def forward(self, budget: float) -> Choices:
+        """Logits [L, n_mlp], [L, n_heads] and, with layer skipping, [L, 2] (keep, skip)."""
         x = self.encode(budget).to(self.net[0].weight)
-        out = self.net(x).view(self.num_layers, self.n_mlp + self.n_heads)
-        return out[:, : self.n_mlp], out[:, self.n_mlp :]
+        hidden = self.net[1](self.net[0](x))
+        out = self.net[2](hidden).view(self.num_layers, self.n_mlp + self.n_heads)
+        depth = self.depth(hidden).view(self.num_layers, 2) if self.layer_skipping else None
+        return Choices(out[:, : self.n_mlp], out[:, self.n_mlp :], depth)
 
-    def probabilities(
-        self, budget: float, temperature: float = 1.0, scale: float = 1.0, hard: bool = False
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gumbel-softmax samples (``hard``: one-hot forward, soft gradient)."""
-        mlp, heads = self(budget)
-        return (
-            F.gumbel_softmax(mlp * scale, tau=temperature, hard=hard),
-            F.gumbel_softmax(heads * scale, tau=temperature, hard=hard),
+    def sample(self, budget: float, temperature: float, scale: float = 1.0, generator=None):
+        """Straight-through Gumbel-softmax one-hot choices (forward: the sampled architecture;
+        backward: the soft sample's gradient); ``keep`` is the kept column. With ``generator``,
+        seeded noise (the same on every rank)."""
+        logits = self(budget)
+
+        def draw(x):
+            if generator is not None:
+                return seeded_gumbel_softmax(x * scale, temperature, generator)
+            return F.gumbel_softmax(x * scale, tau=temperature, hard=True)
+
+        keep = draw(logits.keep)[:, 0] if logits.keep is not None else None
+        return Choices(draw(logits.mlp), draw(logits.heads), keep)
+
+    def largest_pull(self, budget: float) -> torch.Tensor:
+        """-log p(largest choice), averaged per axis over layers (and -log p(keep)): the pull of
+        budget 1.0 to the full model."""
+        logits = self(budget)
+        pull = -(
+            logits.mlp.log_softmax(-1)[:, 0].mean() + logits.heads.log_softmax(-1)[:, 0].mean()
         )
+        if logits.keep is not None:
+            pull = pull - logits.keep.log_softmax(-1)[:, 0].mean()
+        return pull
 
     @torch.no_grad()
-    def expected(self, budget: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def expected(self, budget: float) -> Choices:
         """Deterministic softmax probabilities (no noise)."""
-        mlp, heads = self(budget)
-        return mlp.softmax(-1), heads.softmax(-1)
+        logits = self(budget)
+        keep = logits.keep.softmax(-1)[:, 0] if logits.keep is not None else None
+        return Choices(logits.mlp.softmax(-1), logits.heads.softmax(-1), keep)
 
     @torch.no_grad()
     def choose(self, budget: float) -> Subnetwork:
-        """The argmax architecture of a budget."""
-        mlp, heads = self(budget)
-        widths: List[int] = [self.mlp_choices[i] for i in mlp.argmax(-1).tolist()]
-        counts: List[int] = [self.head_choices[i] for i in heads.argmax(-1).tolist()]
-        return Subnetwork(tuple(widths), tuple(counts), tuple(range(self.num_layers)))
+        """The argmax architecture of a budget (at least one layer kept: the likeliest)."""
+        logits = self(budget)
+        widths: List[int] = [self.mlp_choices[i] for i in logits.mlp.argmax(-1).tolist()]
+        counts: List[int] = [self.head_choices[i] for i in logits.heads.argmax(-1).tolist()]
+        layers = list(range(self.num_layers))
+        if logits.keep is not None:
+            margin = logits.keep[:, 0] - logits.keep[:, 1]
+            layers = [i for i in layers if margin[i] >= 0] or [int(margin.argmax())]
+        return Subnetwork(tuple(widths), tuple(counts), tuple(layers))
 
     def config(self) -> dict:
         return {
@@ -142,4 +181,5 @@ class StaticRouter(torch.nn.Module):
             "mlp_choices": self.mlp_choices,
             "head_choices": self.head_choices,
             "hidden_size": self.net[0].out_features,
+            "layer_skipping": self.layer_skipping,
         }

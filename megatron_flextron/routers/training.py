@@ -51,15 +51,12 @@ def train_static_router(
     for step in range(steps):
         budget = rng.choice(router.budgets) if rng.random() < 0.5 else rng.uniform(lo, hi)
         tau, scale = schedule.temperature(step), schedule.logit_scale(step)
-        p_mlp, p_heads = router.probabilities(budget, tau, scale, hard=True)
-        quality = (surrogate(p_mlp, p_heads) - surrogate.mean) / surrogate.std
-        ratio = cost.ratio(p_mlp.double(), p_heads.double()).float()
+        choices = router.sample(budget, tau, scale)
+        quality = (surrogate(*choices) - surrogate.mean) / surrogate.std
+        ratio = cost.ratio(*_double(choices)).float()
         loss = quality + budget_weight * budget_loss(ratio, budget, tolerance)
         if budget == 1.0:
-            mlp_logits, head_logits = router(budget)
-            loss = loss - (
-                mlp_logits.log_softmax(-1)[:, 0].mean() + head_logits.log_softmax(-1)[:, 0].mean()
-            )
+            loss = loss + router.largest_pull(budget)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -67,23 +64,30 @@ def train_static_router(
     return history
 
 
+def _double(choices):
+    return tuple(None if c is None else c.double() for c in choices)
+
+
 def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
     """Per budget: the argmax architecture, its exact cost ratio and the expected (soft) one."""
     rows = []
     full = cost.full()
     n = router.num_layers
-    smallest = cost.of_subnetwork([router.mlp_choices[-1]] * n, [router.head_choices[-1]] * n)
+    smallest = cost.of_subnetwork(
+        [router.mlp_choices[-1]] * n,
+        [router.head_choices[-1]] * n,
+        [0] if router.layer_skipping else None,
+    )
     for b in budgets:
         subnet = router.choose(b)
-        p_mlp, p_heads = router.expected(b)
         rows.append(
             {
                 "budget": b,
                 "subnetwork": subnet.to_dict(),
-                "cost_ratio": round(cost.of_subnetwork(subnet.mlp, subnet.heads) / full, 4),
-                "expected_cost_ratio": round(
-                    float(cost.ratio(p_mlp.double(), p_heads.double())), 4
+                "cost_ratio": round(
+                    cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full, 4
                 ),
+                "expected_cost_ratio": round(float(cost.ratio(*_double(router.expected(b)))), 4),
                 # below the smallest architecture's cost no choice can meet the budget
                 "feasible": b >= smallest / full - 1e-9,
             }
@@ -107,6 +111,7 @@ def train_router_for_checkpoint(
     tolerance: float = 0.02,
     max_surrogate_error: float = 0.1,
     seed: int = 0,
+    layer_skipping: bool = False,
     log=print,
 ) -> dict:
     """Phases 1 and 2 on a flextron checkpoint (one process): measure architectures, fit the
@@ -133,6 +138,8 @@ def train_router_for_checkpoint(
     config = read_config(ckpt_dir)
     model_cfg = ModelConfig.from_dict(config["model"])
     elastic = ElasticConfig.from_dict(config["elastic"])
+    if layer_skipping and not elastic.allow_layer_skipping:
+        raise ValueError(f"{ckpt_dir}: this elastic model does not allow layer skipping")
     table = LatencyTable.load(latency_table) if latency_table else None
     cost = CostModel(model_cfg, elastic, metric, cost_seq_length, table)
     mlp_choices, head_choices = router_choices(model_cfg, elastic)
@@ -148,17 +155,21 @@ def train_router_for_checkpoint(
     load_flextron_into_model(model, ckpt_dir)
 
     archs = sample_architectures(
-        num_architectures, model_cfg.num_layers, mlp_choices, head_choices, seed
+        num_architectures, model_cfg.num_layers, mlp_choices, head_choices, seed, layer_skipping
     )
     log(f"phase 1: measuring the loss of {len(archs)} architectures on {samples} x {seq_length}")
     losses = measure_losses(model, archs, batches, model_cfg, elastic)
-    p_mlp, p_heads = encode(archs, mlp_choices, head_choices)
+    p_mlp, p_heads, p_keep = encode(archs, mlp_choices, head_choices)
     surrogate = Surrogate(model_cfg.num_layers, len(mlp_choices), len(head_choices))
-    fit = fit_surrogate(surrogate, p_mlp, p_heads, losses, steps=surrogate_steps, seed=seed)
+    fit = fit_surrogate(
+        surrogate, p_mlp, p_heads, losses, steps=surrogate_steps, seed=seed, p_keep=p_keep
+    )
     log(f"surrogate: {fit}")
 
     log(f"phase 2: router on surrogate + {metric} budget loss ({router_steps} steps)")
-    router = StaticRouter(budgets, model_cfg.num_layers, mlp_choices, head_choices)
+    router = StaticRouter(
+        budgets, model_cfg.num_layers, mlp_choices, head_choices, layer_skipping=layer_skipping
+    )
     train_static_router(
         router,
         surrogate,

@@ -83,6 +83,7 @@ class ElasticArgs:
     latency_table: Optional[str] = None
     router_budget_weight: float = 30.0
     budget_tolerance: float = 0.02
+    router_layer_skipping: bool = False
 
 
 @dataclass
@@ -168,6 +169,7 @@ _HELP = {
     "latency_table": "JSON from tools/measure_latency.py (--router-cost-metric latency)",
     "router_budget_weight": "weight of the router's budget loss (token routers: of the aux loss)",
     "budget_tolerance": "relative cost error inside which the budget loss is zero",
+    "router_layer_skipping": "--router joint: the router also chooses which layers to skip",
 }
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
@@ -265,6 +267,8 @@ def validate(args: TrainingArgs) -> None:
             "--router token with --fp16: the token routers' aux loss and Adam step do not follow "
             "fp16 loss scaling; use --bf16"
         )
+    if e.router_layer_skipping and e.router != "joint":
+        raise ValueError("--router-layer-skipping needs --router joint")
     if e.router_cost_metric == "latency" and not e.latency_table:
         raise ValueError("--router-cost-metric latency needs --latency-table")
     if r.save_interval is not None and r.save is None:

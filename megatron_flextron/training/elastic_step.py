@@ -127,7 +127,7 @@ class ElasticStep:
         # clones: megatron's schedule divides the returned loss in place by the micro-batch count
         stats = {"lm loss": lm.detach().clone(), "kd loss": kd.detach().clone(), "budget": budget}
         if routed is not None:  # the router's budget loss, counted once (TP rank 0, last stage)
-            term, ratio = self.joint_router.budget_term(*routed, budget)
+            term, ratio = self.joint_router.budget_term(routed, budget)
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 loss = loss + term
             stats["router cost ratio"] = ratio
@@ -148,7 +148,7 @@ class ElasticStep:
                 self._set(model, full)
                 routed = self.joint_router.sample(budget, iteration, m)
                 mlp, heads = self.joint_router.mlp_choices, self.joint_router.head_choices
-                set_soft_architecture(model, *routed, mlp, heads)
+                set_soft_architecture(model, routed.mlp, routed.heads, mlp, heads, routed.keep)
             elif token is not None:  # the full model, every token's MLP width routed
                 self._set(model, full)
                 token.attach(model, budget, iteration, m, len(microbatches))

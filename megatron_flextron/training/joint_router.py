@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.parallel import all_reduce_grads
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
-from megatron_flextron.routers.static import GumbelSchedule, StaticRouter, seeded_gumbel_softmax
+from megatron_flextron.routers.static import Choices, GumbelSchedule, StaticRouter
 
 
 class JointRouter:
@@ -35,12 +35,19 @@ class JointRouter:
         tolerance: float = 0.02,
         seed: int = 1234,
         schedule: GumbelSchedule = None,
+        layer_skipping: bool = False,
     ):
         self.mlp_choices, self.head_choices = router_choices(model_cfg, elastic_cfg)
+        if layer_skipping and not elastic_cfg.allow_layer_skipping:
+            raise ValueError("--router-layer-skipping: this elastic model does not allow it")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same initial router on every rank
             self.router = StaticRouter(
-                budgets, model_cfg.num_layers, self.mlp_choices, self.head_choices
+                budgets,
+                model_cfg.num_layers,
+                self.mlp_choices,
+                self.head_choices,
+                layer_skipping=layer_skipping,
             )
         self.cost, self.budget_weight, self.tolerance = cost, budget_weight, tolerance
         self.cost_table_dict = cost.latency.to_dict() if cost.latency is not None else None
@@ -48,22 +55,19 @@ class JointRouter:
         self.schedule = schedule or GumbelSchedule()
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
 
-    def sample(self, budget: float, iteration: int, microbatch: int) -> Tuple[torch.Tensor, ...]:
-        """Straight-through one-hot choices [L, n] for MLP and heads; identical on all ranks."""
+    def sample(self, budget: float, iteration: int, microbatch: int) -> Choices:
+        """Straight-through one-hot choices [L, n] for MLP and heads (and kept layers [L]);
+        identical on all ranks."""
         generator = torch.Generator().manual_seed(
             hash((self.seed, iteration, microbatch)) & 0xFFFFFFFF
         )
         tau = self.schedule.temperature(iteration)
         scale = self.schedule.logit_scale(iteration)
-        mlp, heads = self.router(budget)
-        return (
-            seeded_gumbel_softmax(mlp * scale, tau, generator),
-            seeded_gumbel_softmax(heads * scale, tau, generator),
-        )
+        return self.router.sample(budget, tau, scale, generator)
 
-    def budget_term(self, p_mlp, p_heads, budget: float) -> Tuple[torch.Tensor, float]:
+    def budget_term(self, choices: Choices, budget: float) -> Tuple[torch.Tensor, float]:
         """(weighted budget loss, cost ratio) of sampled choices."""
-        ratio = self.cost.ratio(p_mlp.double(), p_heads.double()).float()
+        ratio = self.cost.ratio(*[None if c is None else c.double() for c in choices]).float()
         return self.budget_weight * budget_loss(ratio, budget, self.tolerance), float(ratio)
 
     def finish_grads(self) -> None:
@@ -77,10 +81,8 @@ class JointRouter:
         """Adam step; with budget 1.0 among the router's budgets, first a pull of its choices to
         the largest ones (training runs budget 1.0 as the full model, never through the router,
         so the tools' --budget 1.0 would otherwise read an untrained output)."""
-        if self.router.budgets[0] == 1.0:
-            mlp, heads = self.router(1.0)
-            pull = -(mlp.log_softmax(-1)[:, 0].mean() + heads.log_softmax(-1)[:, 0].mean())
-            pull.backward()  # the same on every rank, after the gradient reduction
+        if self.router.budgets[0] == 1.0:  # the same on every rank, after the reduction
+            self.router.largest_pull(1.0).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

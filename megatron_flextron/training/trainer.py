@@ -125,6 +125,7 @@ def _joint_router(args: TrainingArgs, model_cfg, elastic_cfg, common: dict):
         GumbelSchedule(
             steps=args.run.train_iters, decay=math.log(10) / (0.7 * args.run.train_iters)
         ),
+        e.router_layer_skipping,
     )
     if "joint_router" in common:
         joint.load_state_dict(common["joint_router"])
@@ -325,7 +326,9 @@ def router_costs(run: Run) -> dict:
     out = {}
     for budget in joint.router.budgets:
         subnet = joint.router.choose(budget)
-        out[f"{budget:g}"] = joint.cost.of_subnetwork(subnet.mlp, subnet.heads) / full
+        out[f"{budget:g}"] = (
+            joint.cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full
+        )
     return out
 
 
