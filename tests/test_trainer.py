@@ -163,6 +163,41 @@ def test_joint_router_runs_equal_under_tp_and_pp(setup, joint_reference, tmp_pat
             assert v.get("router cost ratio") == pytest.approx(ref.get("router cost ratio"))
 
 
+def test_joint_router_starts_from_the_checkpoints_phase2_router(setup, tmp_path):
+    """Phase 3 after phase 2: a trained static router in the --load checkpoint (same budgets and
+    choices) is where --router joint starts; here one that picks the narrowest choices."""
+    import shutil
+
+    from megatron_flextron.config import ElasticConfig, ModelConfig
+    from megatron_flextron.convert.formats.flextron import read_config
+    from megatron_flextron.routers.checkpoint import save_router
+    from megatron_flextron.routers.cost import CostModel, router_choices
+    from megatron_flextron.routers.static import StaticRouter
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["load"], ckpt)
+    config = read_config(str(ckpt))
+    model_cfg = ModelConfig.from_dict(config["model"])
+    elastic = ElasticConfig.from_dict(config["elastic"])
+    mlp, heads = router_choices(model_cfg, elastic)
+    router = StaticRouter(JOINT["budget_list"], model_cfg.num_layers, mlp, heads)
+    with torch.no_grad():
+        bias = router.net[2].bias.view(model_cfg.num_layers, len(mlp) + len(heads))
+        bias[:, len(mlp) - 1] = bias[:, -1] = 100.0  # the narrowest MLP and head count
+    save_router(str(ckpt), router, {"metric": "params", "seq_length": 2048, "latency_table": None})
+    flags = training_flags(setup, **dict(JOINT, train_iters=3, eval_interval=0), load=str(ckpt))
+    history = _train(tmp_path, "phase3", 1, flags)
+    cost = CostModel(model_cfg, elastic, "params")
+    smallest = cost.of_subnetwork([mlp[-1]] * 4, [heads[-1]] * 4) / cost.full()
+    ratios = [
+        v["router cost ratio"]
+        for h in history
+        for v in h["budgets"].values()
+        if "router cost ratio" in v
+    ]
+    assert ratios and all(r == pytest.approx(smallest) for r in ratios), (ratios, smallest)
+
+
 SKIP = dict(JOINT, router_layer_skipping=True)
 SKIP["budget_list"] = [1.0, 0.5]
 

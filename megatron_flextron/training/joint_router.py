@@ -52,6 +52,7 @@ class JointRouter:
         self.cost, self.budget_weight, self.tolerance = cost, budget_weight, tolerance
         self.cost_table_dict = cost.latency.to_dict() if cost.latency is not None else None
         self.seed = seed
+        self.origin = "a new router"  # where the router starts (for the log)
         self.schedule = schedule or GumbelSchedule()
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
 
@@ -85,6 +86,24 @@ class JointRouter:
             self.router.largest_pull(1.0).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def start_from(self, ckpt_dir: str, model_cfg: ModelConfig, elastic_cfg: ElasticConfig) -> str:
+        """Phase 3 after phase 2: start from the checkpoint's trained static router
+        (tools/train_router.py) when it has the same budgets, layers and choices. Returns
+        where the router starts, for the log."""
+        from megatron_flextron.routers.checkpoint import load_router
+
+        found = load_router(ckpt_dir, model_cfg, elastic_cfg)
+        if found is None:
+            return "a new router"
+        trained = found[0]
+        if trained.config() != self.router.config():
+            return (
+                f"a new router ({ckpt_dir}/router was trained for {trained.config()}, "
+                f"this run needs {self.router.config()})"
+            )
+        self.router.load_state_dict(trained.state_dict())
+        return f"the trained router in {ckpt_dir}/router (phase 2)"
 
     def state_dict(self) -> dict:
         return {"router": self.router.state_dict(), "optimizer": self.optimizer.state_dict()}

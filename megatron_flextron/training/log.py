@@ -50,9 +50,15 @@ class TrainingLogger:
             f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
             f"DP={a.data_parallel_size} | micro-batches per iteration {a.num_microbatches}"
         )
+        joint = run.step.joint_router
+        if joint is not None:
+            self.message(f"  joint router: starting from {joint.origin}")
         for budget in run.step.budget_keys:
             if run.step.token_routers is not None and budget < 1.0:
                 self.message(f"  budget {budget:g}: token-routed MLP widths, mean {budget:g}")
+                continue
+            if joint is not None and budget < 1.0:
+                self.message(f"  budget {budget:g}: the joint router's sampled architecture")
                 continue
             subnet = budget_subnetwork(budget, m, e)
             params = count_parameters(subnet, m)["total"]

@@ -129,6 +129,9 @@ def _joint_router(args: TrainingArgs, model_cfg, elastic_cfg, common: dict):
     )
     if "joint_router" in common:
         joint.load_state_dict(common["joint_router"])
+        joint.origin = "the training checkpoint's router (resumed)"
+    elif args.run.load:
+        joint.origin = joint.start_from(args.run.load, model_cfg, elastic_cfg)
     return joint
 
 
