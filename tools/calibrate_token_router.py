@@ -46,19 +46,14 @@ def parse_args(argv=None):
 def calibrate(args) -> dict:
     from megatron_flextron.config import ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import token_sequences
+    from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.routers.token_calibration import calibrate_budget_prices
     from megatron_flextron.routers.token_training import TrainedTokenRouting, save_token_routers
     from megatron_flextron.training.lm_step import pad_microbatches
 
     model_cfg = ModelConfig.from_dict(read_config(args.load)["model"])
-    tokenizer = os.path.join(args.load, "tokenizer")
-    seqs = token_sequences(
-        args.data, tokenizer if os.path.isdir(tokenizer) else None, args.seq_length
-    )[: args.samples]
-    if not seqs:
-        raise ValueError(f"{args.data} gives no calibration sequence")
+    seqs = checkpoint_sequences(args.load, args.data, args.seq_length, args.samples)
     model = build_gpt_model(model_cfg, model_cfg.transformer_config())
     load_flextron_into_model(model, args.load)
     model.eval()

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import token_sequences
+    from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.routers.cost import router_choices
@@ -50,12 +50,7 @@ def main(argv=None) -> int:
         config = read_config(args.load)
         model_cfg = ModelConfig.from_dict(config["model"])
         widths, _ = router_choices(model_cfg, ElasticConfig.from_dict(config["elastic"]))
-        tokenizer = os.path.join(args.load, "tokenizer")
-        seqs = token_sequences(
-            args.data, tokenizer if os.path.isdir(tokenizer) else None, args.seq_length
-        )[: args.samples]
-        if not seqs:
-            raise ValueError(f"{args.data} gives no training sequence")
+        seqs = checkpoint_sequences(args.load, args.data, args.seq_length, args.samples)
         model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
         load_flextron_into_model(model, args.load)
         routers = train_token_routers(

@@ -115,3 +115,17 @@ def token_sequences(
         raise ValueError(f"{source} is text: it needs a checkpoint with a tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
     return packed_sequences(iter_documents(source), tokenizer, seq_length, max_sequences)
+
+
+def checkpoint_sequences(
+    ckpt_dir: str, source: str, seq_length: int, max_sequences: Optional[int] = None
+) -> List[List[int]]:
+    """``token_sequences`` tokenized with the checkpoint's own tokenizer (``CKPT/tokenizer``);
+    raises ValueError when ``source`` gives none."""
+    tokenizer = os.path.join(ckpt_dir, "tokenizer")
+    seqs = token_sequences(
+        source, tokenizer if os.path.isdir(tokenizer) else None, seq_length, max_sequences
+    )
+    if not seqs:
+        raise ValueError(f"{source} gives no sequence of {seq_length} tokens")
+    return seqs

@@ -116,11 +116,10 @@ def train_router_for_checkpoint(
 ) -> dict:
     """Phases 1 and 2 on a flextron checkpoint (one process): measure architectures, fit the
     surrogate, train the router, store it in ``ckpt_dir/router/``. Returns the report."""
-    import os
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import token_sequences
+    from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.parallel import current_device
     from megatron_flextron.routers.checkpoint import save_router
@@ -144,8 +143,7 @@ def train_router_for_checkpoint(
     cost = CostModel(model_cfg, elastic, metric, cost_seq_length, table)
     mlp_choices, head_choices = router_choices(model_cfg, elastic)
 
-    tokenizer = os.path.join(ckpt_dir, "tokenizer")
-    seqs = token_sequences(data, tokenizer if os.path.isdir(tokenizer) else None, seq_length)
+    seqs = checkpoint_sequences(ckpt_dir, data, seq_length, samples)
     if len(seqs) < samples:
         raise ValueError(f"{data} gives {len(seqs)} sequences of {seq_length}, need {samples}")
     device = current_device()
