@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from datetime import timedelta
@@ -74,6 +75,17 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random draws inside come from ``seed`` and every generator this rank uses (CPU and its
+    GPU) is restored afterwards: identical replicated modules (routers) on every rank without
+    disturbing the rank's own random state."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def current_device() -> torch.device:

@@ -1,5 +1,4 @@
 import os
-import shutil
 import sys
 import warnings
 
@@ -21,20 +20,3 @@ def megatron_single_process():
     initialize_model_parallel(1, 1, seed=1234)
     yield
     destroy_model_parallel()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = (yield).get_result()
-    if report.when == "call":
-        item.call_passed = report.passed
-
-
-@pytest.fixture(autouse=True)
-def _free_disk_after_passing_test(request):
-    """Delete a passed test's tmp_path at once: the example tests write GBs of checkpoints, and the
-    suite's peak disk use would otherwise be the sum of all of them."""
-    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
-    yield
-    if tmp is not None and getattr(request.node, "call_passed", False):
-        shutil.rmtree(tmp, ignore_errors=True)

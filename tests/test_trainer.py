@@ -229,13 +229,17 @@ def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
     assert info["cost_ratio"] == pytest.approx(last["0.5"], abs=1e-3)
 
 
-def test_joint_router_with_layer_skipping_under_pp2_equals_one_process(
-    setup, skipping_reference, tmp_path
+@pytest.mark.parametrize(
+    "layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)]
+)
+def test_joint_router_with_layer_skipping_under_tp2_and_pp2_equals_one_process(
+    setup, skipping_reference, tmp_path, layout
 ):
     """Each stage gates its own layers (by global index) with the replicated router's keep
-    choices; the router's gradient is summed over the stages."""
+    choices; the router's gradient is summed over the stages, and the gate's (the residual
+    stream is replicated over TP) counted once over TP ranks."""
     _, want = skipping_reference
-    flags = training_flags(setup, **SKIP, pipeline_model_parallel_size=2)
+    flags = training_flags(setup, **SKIP, **layout)
     history = _train(tmp_path, "skip_pp2", 2, flags)
     for got, ref in zip(history, want):
         assert got["lm loss"] == pytest.approx(ref["lm loss"], abs=2e-4), got["iteration"]

@@ -63,7 +63,11 @@ def calibrate(args) -> dict:
     )
     before = serving.calibration or {}
     for budget, result in found.items():  # the saved routers carry every earlier price too
-        result["price"] += before.get(budget, {}).get("price", 0.0)
+        earlier = before.get(budget, {})
+        result["price"] += earlier.get("price", 0.0)
+        result["uncalibrated_width"] = earlier.get(
+            "uncalibrated_width", result["uncalibrated_width"]
+        )
         result["calibration_tokens"] = len(seqs) * args.seq_length
     save_token_routers(
         args.load,

@@ -166,14 +166,15 @@ def evaluate(args) -> list:
         if len(tasks) < len(args.mc_tasks):
             raise ValueError(f"--mc-tasks {args.mc_tasks}: task files need distinct names")
 
-    def measure(spec) -> dict:
-        """Loss (and latency) of the model as it is set now: ``spec``'s sub-network, routed or
-        not."""
+    def measure(spec, routed_now: bool = False) -> dict:
+        """Loss (and latency) of ``spec``'s sub-network; ``routed_now``: token routing is on, and
+        the mean width of the perplexity pass (not of the timing passes) is recorded."""
         subnet = set_subnetwork(model, spec, model_cfg, elastic)
         start = time.perf_counter()
         with torch.no_grad():
             out = forward_backward(model, batches, True)
         seconds = time.perf_counter() - start
+        width = round(routed.mean_width(), 4) if routed_now else None
         loss = out["nll_sum"] / out["tokens"]
         result = {
             "loss": round(loss, 6),
@@ -189,14 +190,15 @@ def evaluate(args) -> list:
                 result["latency_ms"] = round(
                     time_ms(lambda: forward_backward(model, batches[:1], True), repeats=10), 3
                 )
+        if routed_now:
+            result["mean_mlp_width_fraction"] = width
         return result
 
     static_cache = {}
     for i, spec in enumerate(specs):
         if routed is not None:
             routed.condition(budgets[i])
-        result = measure(spec)
-        width = round(routed.mean_width(), 4) if routed is not None else None
+        result = measure(spec, routed_now=routed is not None)
         if args.mc_tasks:
             result["mc"] = {}
             for name, examples in tasks.items():
@@ -211,12 +213,12 @@ def evaluate(args) -> list:
         if args.label:
             result = {"method": args.label, **result}
         if routed is not None:
-            result["mean_mlp_width_fraction"] = width  # of the perplexity pass
+            result["mean_mlp_width_fraction"] = result.pop("mean_mlp_width_fraction")  # last
             result["params"] = None  # per token: see the mean width
             if args.compare_static and not routed.full:
                 disable_token_routing(model)
                 result["static_at_mean_width"] = static_at_width(
-                    width, model_cfg, elastic, measure, static_cache
+                    result["mean_mlp_width_fraction"], model_cfg, elastic, measure, static_cache
                 )
         results.append(result)
     return results

@@ -30,7 +30,8 @@ def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to ``path`` only if the block succeeds.
 
     A failed write leaves nothing at ``path``. An existing non-empty ``path`` is refused, or,
-    with ``replace``, replaced once the new one is complete.
+    with ``replace``, replaced once the new one is complete: the old one is moved aside, the new
+    one renamed in, and only then the old one deleted (put back if the rename fails).
     """
     path = os.path.abspath(path)
     if not replace and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -40,9 +41,21 @@ def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
+        old = None
         if os.path.isdir(path):
-            shutil.rmtree(path) if replace else os.rmdir(path)
-        os.replace(tmp, path)
+            if not replace:
+                os.rmdir(path)  # empty (checked above)
+            else:
+                old = f"{tmp}.old"
+                os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

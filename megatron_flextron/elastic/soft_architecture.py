@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
@@ -83,6 +84,11 @@ def set_soft_architecture(
     (each layer's weight; None: every layer runs). The model must be at full size
     (set_subnetwork(model, None, ...)); replaces earlier masks."""
     clear_soft_architecture(model)
+    tp_rank = (
+        parallel_state.get_tensor_model_parallel_rank()
+        if parallel_state.model_parallel_is_initialized()
+        else 0
+    )
     for layer in unwrap_model(model).decoder.layers:
         index = layer.layer_number - 1
         mlp, attn = layer.mlp, layer.self_attention
@@ -99,6 +105,8 @@ def set_soft_architecture(
         ]
         if p_keep is not None:
             keep = p_keep[index].float().to(keep_mlp.device)
+            if tp_rank != 0:  # the residual stream is replicated over TP: one rank's gradient
+                keep = keep.detach()  # of the gate is the whole of it (routers sum over TP)
             handles.append(layer.register_forward_hook(_gate_layer(keep), with_kwargs=True))
         layer.__dict__["_soft_architecture"] = handles
 

@@ -4,10 +4,11 @@ Token routers are trained on Gumbel-softmax samples with a budget loss that has 
 inference every token takes the argmax width, and the mean of those can land off the budget (the
 0.75 budget of a short SmolLM2 run dispatched a mean width of 0.85). A price p per trained budget
 subtracts p x (width fraction) from every layer's logits for that budget, folded into the
-budget's learned bias row. A higher price never widens any token's choice (the argmax of
-logit_c - p f_c moves to smaller f as p grows), so the dispatched mean width falls monotonically
-in p and a bisection finds the smallest price that meets the budget on calibration text.
-Budgets between the trained ones blend the calibrated rows as before.
+budget's learned bias row. For fixed inputs a higher price never widens a layer's choice (the
+argmax of logit_c - p f_c moves to smaller f as p grows); later layers see changed hidden states,
+so across the model the width is monotone in p in practice rather than by construction. A
+bisection on calibration text finds a price, as small as it can tell, whose dispatched mean width
+meets the budget. Budgets between the trained ones blend the calibrated rows as before.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.routers.token_training import TrainedTokenRouting
 from megatron_flextron.training.lm_step import forward_backward
 
@@ -43,25 +45,31 @@ def _price_setter(serving: TrainedTokenRouting, row: int) -> Callable[[float], N
     return set_price
 
 
-def _bracket(width_at, budget: float):
-    """(too_wide, meets): two prices whose widths lie above and at/below ``budget``; ``None``
-    for a side that no price reaches (every token already at its narrowest or widest)."""
-    if width_at(0.0) > budget:
-        meets, too_wide = 1.0, 0.0
-        while width_at(meets) > budget:
-            too_wide, meets = meets, meets * 2
-            if meets > MAX_PRICE:
-                return too_wide, None
-        return too_wide, meets
-    too_wide, meets = -1.0, 0.0
-    while width_at(too_wide) <= budget:
-        meets, too_wide = too_wide, too_wide * 2
-        if -too_wide > MAX_PRICE:
-            return None, meets
-    return too_wide, meets
+def _bracket(width_at, budget: float, tolerance: float, narrowest: float, widest: float):
+    """(too_wide, meets): prices whose widths lie above ``budget`` and at/below it (``too_wide``
+    None: ``meets`` already lies within the tolerance, or is as wide as it gets). Stops where the
+    widths saturate (every token at its narrowest or widest choice): (price, None) when even the
+    narrowest choices are too wide."""
+    if width_at(0.0) > budget:  # too wide: raise the price
+        too_wide, price = 0.0, 1.0
+        while width_at(price) > budget:
+            if width_at(price) <= narrowest + 1e-9 or price > MAX_PRICE:
+                return price, None  # infeasible: the narrowest choices everywhere
+            too_wide, price = price, price * 2
+        return too_wide, price
+    meets, price = 0.0, -1.0  # too narrow: lower the price until just too wide
+    while width_at(price) <= budget:
+        if width_at(price) >= budget * (1 - tolerance):
+            return None, price
+        if width_at(price) >= widest - 1e-9 or -price > MAX_PRICE:
+            return None, price  # the widest choices everywhere: as wide as it gets
+        meets, price = price, price * 2
+    return price, meets
 
 
-def _calibrate_budget(model, serving, batches, row: int, budget: float, tolerance, max_steps):
+def _calibrate_budget(
+    model, serving, batches, row: int, budget: float, tolerance, max_steps, fractions
+):
     set_price = _price_setter(serving, row)
     widths = {}
 
@@ -74,7 +82,7 @@ def _calibrate_budget(model, serving, batches, row: int, budget: float, toleranc
     uncalibrated = width_at(0.0)
     price = 0.0
     if not budget * (1 - tolerance) <= uncalibrated <= budget:
-        too_wide, meets = _bracket(width_at, budget)
+        too_wide, meets = _bracket(width_at, budget, tolerance, min(fractions), max(fractions))
         if meets is None:  # the narrowest widths everywhere: as close as it gets
             price = too_wide
         else:
@@ -103,12 +111,16 @@ def calibrate_budget_prices(
     tolerance: float = 0.01,
     max_steps: int = 16,
 ) -> Dict[str, dict]:
-    """Give every trained budget (but the full model's) the smallest price whose dispatched mean
-    width is at most the budget, stopping once it lies within ``tolerance`` (relative) below it.
+    """Give every trained budget (but the full model's) a price whose dispatched mean width is at
+    most the budget, bisecting until it lies within ``tolerance`` (relative) below it.
     Changes the routers in place; returns {budget: {"price", "mean_width", "uncalibrated_width",
     "feasible"}} ("feasible" is False where even the narrowest widths exceed the budget)."""
+    full = unwrap_model(model).config.ffn_hidden_size
+    fractions = [w / full for w in serving.routings[0].widths]
     return {
-        f"{budget:g}": _calibrate_budget(model, serving, batches, row, budget, tolerance, max_steps)
+        f"{budget:g}": _calibrate_budget(
+            model, serving, batches, row, budget, tolerance, max_steps, fractions
+        )
         for row, budget in enumerate(serving.budgets)
         if not (serving.full_at_1 and budget >= 1.0)
     }

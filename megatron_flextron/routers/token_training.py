@@ -141,6 +141,12 @@ class TrainedTokenRouting:
             raise CheckpointError(
                 f"{ckpt_dir} has no token routers (token_router/): run tools/train_token_router.py"
             )
+        layers = unwrap_model(model).config.num_layers
+        if len(found["routers"]) != layers:
+            raise CheckpointError(
+                f"{ckpt_dir}/{TOKEN_ROUTER_DIR} holds {len(found['routers'])} layers' routers, "
+                f"the model has {layers} layers"
+            )
         routings = enable_token_routing(model, found["widths"], found["routers"], mode="dispatch")
         return cls(routings, found["budgets"], model, found["full_at_1"], found["calibration"])
 

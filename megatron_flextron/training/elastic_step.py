@@ -83,6 +83,12 @@ class ElasticStep:
         """The routers trained with the model (each has finish_grads and step)."""
         return [r for r in (self.joint_router, self.token_routers) if r is not None]
 
+    def _student(self, budget: float, subnet: Subnetwork, full: Subnetwork) -> bool:
+        """Whether a micro-batch trains something other than the plain full model: a smaller
+        sub-network, or a router's choice (routers serve every budget below 1.0, even one whose
+        nearest homogeneous shape is the full model)."""
+        return subnet != full or (bool(self.routers) and budget < 1.0)
+
     def _set(self, model, subnet: Subnetwork) -> None:
         clear_soft_architecture(model)
         set_subnetwork(model, subnet, self.model_cfg, self.elastic_cfg)
@@ -96,7 +102,7 @@ class ElasticStep:
         else:
             teacher = self.model
             full = Subnetwork.full(self.model_cfg)
-            wanted = [m for m, (_, subnet) in enumerate(plan) if subnet != full]
+            wanted = [m for m, (b, subnet) in enumerate(plan) if self._student(b, subnet, full)]
         if not wanted:
             return {}
 
@@ -143,8 +149,8 @@ class ElasticStep:
             m, batch = next(data_iterator)
             budget, subnet = plan[m]
             routed = None
-            token = self.token_routers if subnet != full else None
-            if self.joint_router is not None and subnet != full:
+            token = self.token_routers if budget < 1.0 else None
+            if self.joint_router is not None and budget < 1.0:
                 self._set(model, full)
                 routed = self.joint_router.sample(budget, iteration, m)
                 mlp, heads = self.joint_router.mlp_choices, self.joint_router.head_choices

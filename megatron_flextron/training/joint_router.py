@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.parallel import all_reduce_grads
+from megatron_flextron.parallel import all_reduce_grads, seeded
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
 from megatron_flextron.routers.static import Choices, GumbelSchedule, StaticRouter
 
@@ -40,8 +40,7 @@ class JointRouter:
         self.mlp_choices, self.head_choices = router_choices(model_cfg, elastic_cfg)
         if layer_skipping and not elastic_cfg.allow_layer_skipping:
             raise ValueError("--router-layer-skipping: this elastic model does not allow it")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the same initial router on every rank
+        with seeded(seed):  # the same initial router on every rank
             self.router = StaticRouter(
                 budgets,
                 model_cfg.num_layers,
@@ -96,11 +95,19 @@ class JointRouter:
         found = load_router(ckpt_dir, model_cfg, elastic_cfg)
         if found is None:
             return "a new router"
-        trained = found[0]
+        trained, _, settings = found
         if trained.config() != self.router.config():
             return (
                 f"a new router ({ckpt_dir}/router was trained for {trained.config()}, "
                 f"this run needs {self.router.config()})"
+            )
+        if settings["metric"] != self.cost.metric or (
+            self.cost.metric == "latency" and settings.get("latency_table") != self.cost_table_dict
+        ):
+            return (
+                f"a new router ({ckpt_dir}/router was trained for the {settings['metric']} cost"
+                f"{' of another latency table' if settings['metric'] == 'latency' else ''}, "
+                f"this run's budgets measure {self.cost.metric})"
             )
         self.router.load_state_dict(trained.state_dict())
         return f"the trained router in {ckpt_dir}/router (phase 2)"

@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.convert.checkpoint import CheckpointError
 from megatron_flextron.elastic.subnetwork import unwrap_model
-from megatron_flextron.parallel import all_reduce_grads
+from megatron_flextron.parallel import all_reduce_grads, seeded
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import (
     TokenRouter,
@@ -57,8 +57,7 @@ class JointTokenRouters:
         self.layer_ids = [layer.layer_number - 1 for layer in gpt.decoder.layers]  # global
         self.routers = {}
         for i in self.layer_ids:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + i)  # layer i's router alike on every rank and layout
+            with seeded(seed + i):  # layer i's router alike on every rank and layout
                 self.routers[i] = TokenRouter(
                     gpt.config.hidden_size, len(self.widths), len(self.budgets)
                 )
@@ -154,8 +153,8 @@ class JointTokenRouters:
         if "layers" not in state or len(state["layers"]) != self.num_layers:
             raise CheckpointError(
                 "the checkpoint's token routers do not cover this model's "
-                f"{self.num_layers} layers (saved by an older version, or another model): "
-                "resume with --no-load-optim or without --router token"
+                f"{self.num_layers} layers (saved by an older version, or for another model): "
+                "start a new run from its weights (--load it, --save to a new folder)"
             )
         for i in self.layer_ids:
             self.routers[i].load_state_dict(state["layers"][i]["router"])
