@@ -5,6 +5,8 @@ uninterrupted run, fp16 is refused."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import train_history, training_flags, write_training_setup
 
@@ -112,6 +114,45 @@ def test_calibration_makes_token_dispatch_meet_the_budget(setup, reference, tmp_
     assert calibrate(["--load", setup["load"], "--seq-length", "32"]) == 2
     assert "has no token routers" in capsys.readouterr().err
     assert "token_router" not in os.listdir(setup["load"])
+
+
+def test_calibration_under_pp2_equals_one_process(reference, tmp_path):
+    """tools/calibrate_token_router.py under torchrun, PP=2: each stage calibrates its own
+    layers' routers with the widths of all stages; rank 0 folds the prices into every layer."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from tools.calibrate_token_router import main as calibrate
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(reference[0], one)
+    shutil.copytree(reference[0], two)
+    flags = ["--data", "wiki:valid", "--samples", "16", "--seq-length", "32"]
+    assert calibrate(["--load", str(one), *flags]) == 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + [os.path.join(root, "tools", "calibrate_token_router.py"), "--load", str(two), *flags]
+        + ["--pipeline-model-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    meta = [json.loads((d / "token_router" / "token_router.json").read_text()) for d in (one, two)]
+    assert meta[1]["calibration"]["0.3"]["price"] == meta[0]["calibration"]["0.3"]["price"]
+    assert meta[1]["calibration"]["0.3"]["mean_width"] == pytest.approx(
+        meta[0]["calibration"]["0.3"]["mean_width"], abs=1e-6
+    )
+    saved = [torch.load(d / "token_router" / "token_routers.pt") for d in (one, two)]
+    for a, b in zip(*saved):  # every layer's routers, from both stages' calibration
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ equals the probability-weighted sum of widths, FLOPs fall with width, TP=2 equal
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -190,6 +192,14 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     assert abs(used[2] - 0.5) < 0.08, used  # measured 0.43-0.49 across seeds and data
     assert used[0] > used[1] > used[2] + 0.1, used
     assert all(r["chosen_by"] == "token routers" for r in rows)
+    # calibration: budget 1.0 (routed here) widens to the widest choices with a modest price
+    # (the search stops where widths saturate), 0.5 lands within 1% below its budget
+    from tools.calibrate_token_router import main as calibrate
+
+    assert calibrate(["--load", ckpt, "--samples", "8", "--seq-length", "32"]) == 0
+    found = json.loads(open(f"{ckpt}/token_router/token_router.json").read())["calibration"]
+    assert found["1"]["mean_width"] >= 0.99 and abs(found["1"]["price"]) < 100, found
+    assert 0.495 <= found["0.5"]["mean_width"] <= 0.5, found
 
 
 def _router_grads(gpt, model_cfg, tokens, labels):

@@ -40,7 +40,11 @@ def main(argv=None) -> int:
     from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
-    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.parallel import (
+        current_device,
+        destroy_model_parallel,
+        initialize_model_parallel,
+    )
     from megatron_flextron.routers.cost import router_choices
     from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
     from megatron_flextron.training.lm_step import pad_microbatches
@@ -51,13 +55,15 @@ def main(argv=None) -> int:
         model_cfg = ModelConfig.from_dict(config["model"])
         widths, _ = router_choices(model_cfg, ElasticConfig.from_dict(config["elastic"]))
         seqs = checkpoint_sequences(args.load, args.data, args.seq_length, args.samples)
+        device = current_device()
         model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
+        model = model.to(device)
         load_flextron_into_model(model, args.load)
         routers = train_token_routers(
             model,
             widths,
             args.router_budgets,
-            pad_microbatches(seqs, args.micro_batch_size),
+            pad_microbatches(seqs, args.micro_batch_size, device),
             args.steps,
             args.lr,
             args.aux_loss_coeff,

@@ -32,6 +32,12 @@ def dispatched_width(serving: TrainedTokenRouting, model, batches: List[dict], b
     return serving.mean_width()
 
 
+def _width_penalty(widths, like: torch.Tensor) -> torch.Tensor:
+    """Each choice's width fraction (choices largest first, as the routers' logits are)."""
+    widths = sorted(widths, reverse=True)
+    return (torch.tensor(widths, dtype=torch.float64) / widths[0]).to(like)
+
+
 def _price_setter(serving: TrainedTokenRouting, row: int) -> Callable[[float], None]:
     """set(p): budget ``row``'s bias = its trained value - p x width fraction, in every layer."""
     originals = [r.router.budget_bias.detach()[row].clone() for r in serving.routings]
@@ -39,10 +45,19 @@ def _price_setter(serving: TrainedTokenRouting, row: int) -> Callable[[float], N
     def set_price(price: float) -> None:
         with torch.no_grad():
             for r, original in zip(serving.routings, originals):
-                fractions = torch.tensor(r.widths, dtype=original.dtype) / max(r.widths)
-                r.router.budget_bias[row] = original - price * fractions.to(original.device)
+                r.router.budget_bias[row] = original - price * _width_penalty(r.widths, original)
 
     return set_price
+
+
+def apply_budget_prices(routers, widths, budgets, prices: Dict[str, float]) -> None:
+    """Fold found prices ({budget: price}) into every router's budget rows, e.g. into all layers'
+    routers read from the checkpoint when each pipeline stage calibrated only its own."""
+    with torch.no_grad():
+        for row, budget in enumerate(budgets):
+            price = prices.get(f"{budget:g}", 0.0)
+            for router in routers:
+                router.budget_bias[row] -= price * _width_penalty(widths, router.budget_bias)
 
 
 def _bracket(width_at, budget: float, tolerance: float, narrowest: float, widest: float):
