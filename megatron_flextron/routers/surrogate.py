@@ -40,7 +40,9 @@ def sample_architectures(
     layer_skipping: bool = False,
 ) -> List[Subnetwork]:
     """Every homogeneous architecture, then per-layer ones under random caps (varied sizes);
-    with ``layer_skipping`` half of those also skip a random number of layers (up to half)."""
+    with ``layer_skipping`` half of those also skip a random number of layers (up to a quarter,
+    at least 2: skipping more is rarely worth its loss, and such outliers make the surrogate
+    fit poorly)."""
     rng = random.Random(seed)
     every = tuple(range(num_layers))
     archs = [
@@ -56,7 +58,8 @@ def sample_architectures(
         )
         kept = every
         if layer_skipping and rng.random() < 0.5:
-            skipped = set(rng.sample(every, rng.randint(1, max(1, num_layers // 2))))
+            most = min(num_layers - 1, max(2, num_layers // 4))
+            skipped = set(rng.sample(every, rng.randint(1, max(1, most))))
             kept = tuple(i for i in every if i not in skipped) or every
         archs.append(Subnetwork(mlp, heads, kept))
     rng.shuffle(archs)
