@@ -86,11 +86,10 @@ def budget_architecture(
         return budget_subnetwork(budget, model, elastic), {"chosen_by": "nearest choices"}
     router, cost, settings = found
     subnet = router.choose(budget)
-    expected = [None if p is None else p.double() for p in router.expected(budget)]
     exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers)
     return subnet, {
         "chosen_by": "static router",
         "metric": settings["metric"],
         "cost_ratio": round(exact / cost.full(), 4),
-        "predicted_cost_ratio": round(float(cost.ratio(*expected)), 4),
+        "predicted_cost_ratio": round(float(cost.ratio(*router.expected(budget).double())), 4),
     }

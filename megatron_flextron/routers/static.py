@@ -91,6 +91,10 @@ class Choices(NamedTuple):
     heads: torch.Tensor
     keep: Optional[torch.Tensor] = None
 
+    def double(self) -> "Choices":
+        """In float64, as the cost models compute."""
+        return Choices(*(None if c is None else c.double() for c in self))
+
 
 class StaticRouter(torch.nn.Module):
     def __init__(

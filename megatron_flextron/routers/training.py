@@ -53,7 +53,7 @@ def train_static_router(
         tau, scale = schedule.temperature(step), schedule.logit_scale(step)
         choices = router.sample(budget, tau, scale)
         quality = (surrogate(*choices) - surrogate.mean) / surrogate.std
-        ratio = cost.ratio(*_double(choices)).float()
+        ratio = cost.ratio(*choices.double()).float()
         loss = quality + budget_weight * budget_loss(ratio, budget, tolerance)
         if budget == 1.0:
             loss = loss + router.largest_pull(budget)
@@ -62,10 +62,6 @@ def train_static_router(
         opt.step()
         history.append({"step": step, "budget": budget, "loss": float(loss), "ratio": float(ratio)})
     return history
-
-
-def _double(choices):
-    return tuple(None if c is None else c.double() for c in choices)
 
 
 def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
@@ -87,7 +83,7 @@ def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
                 "cost_ratio": round(
                     cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full, 4
                 ),
-                "expected_cost_ratio": round(float(cost.ratio(*_double(router.expected(b)))), 4),
+                "expected_cost_ratio": round(float(cost.ratio(*router.expected(b).double())), 4),
                 # below the smallest architecture's cost no choice can meet the budget
                 "feasible": b >= smallest / full - 1e-9,
             }

@@ -67,7 +67,7 @@ class JointRouter:
 
     def budget_term(self, choices: Choices, budget: float) -> Tuple[torch.Tensor, float]:
         """(weighted budget loss, cost ratio) of sampled choices."""
-        ratio = self.cost.ratio(*[None if c is None else c.double() for c in choices]).float()
+        ratio = self.cost.ratio(*choices.double()).float()
         return self.budget_weight * budget_loss(ratio, budget, self.tolerance), float(ratio)
 
     def finish_grads(self) -> None:
