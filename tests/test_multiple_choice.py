@@ -28,7 +28,7 @@ def test_generated_tasks_are_well_formed_and_deterministic(kind):
 def test_scores_are_the_models_log_likelihoods(tmp_path):
     from helpers import write_training_setup
 
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model
     from megatron_flextron.data.corpus import load_tokenizer
     from megatron_flextron.elastic import build_gpt_model
     from tools.evaluate import evaluate, parse_args

@@ -195,7 +195,7 @@ def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
     from helpers import write_training_setup
 
     from megatron_flextron.convert import ConvertOptions, convert
-    from megatron_flextron.convert.checkpoint import CheckpointError
+    from megatron_flextron.checkpoint.state import CheckpointError
     from megatron_flextron.routers.checkpoint import save_router
     from tools.evaluate import evaluate, parse_args
 

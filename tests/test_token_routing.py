@@ -158,10 +158,10 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     per token; tools/evaluate.py --router dynamic reports it, interpolating between budgets."""
     from helpers import write_training_setup
 
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model
     from megatron_flextron.data.corpus import token_sequences
     from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
-    from megatron_flextron.training.lm_step import pad_microbatches
+    from megatron_flextron.lm_step import pad_microbatches
     from tools.evaluate import evaluate, parse_args
 
     setup = write_training_setup(str(tmp_path), docs=100)

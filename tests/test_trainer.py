@@ -94,7 +94,7 @@ def test_data_parallel_run_trains_every_budget(setup, tmp_path):
     ids=["dp2-distributed-optimizer", "pp2", "tp2-joint-router"],
 )
 def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path, layout):
-    from megatron_flextron.convert.formats.flextron import read_flextron
+    from megatron_flextron.checkpoint.flextron import read_flextron
 
     flags = dict(train_iters=8, weight_decay=0.1, **layout)
     whole = _train(
@@ -169,7 +169,7 @@ def test_joint_router_starts_from_the_checkpoints_phase2_router(setup, tmp_path)
     import shutil
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import read_config
+    from megatron_flextron.checkpoint.flextron import read_config
     from megatron_flextron.routers.checkpoint import save_router
     from megatron_flextron.routers.cost import CostModel, router_choices
     from megatron_flextron.routers.static import StaticRouter
@@ -215,7 +215,7 @@ def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
     """--router-layer-skipping: the narrowest widths in every layer cost 0.553 of the
     parameters, so budget 0.5 needs skipping; the router learns to skip and meets it."""
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import read_config
+    from megatron_flextron.checkpoint.flextron import read_config
     from megatron_flextron.routers.checkpoint import budget_architecture
 
     save, history = skipping_reference

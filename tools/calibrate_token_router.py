@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def calibrate(args) -> dict:
     import torch
 
     from megatron_flextron.config import ModelConfig
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.parallel import current_device
@@ -65,7 +65,7 @@ def calibrate(args) -> dict:
         load_token_routers,
         save_token_routers,
     )
-    from megatron_flextron.training.lm_step import pad_microbatches
+    from megatron_flextron.lm_step import pad_microbatches
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     model_cfg = ModelConfig.from_dict(read_config(args.load)["model"])

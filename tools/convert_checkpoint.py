@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 
 
 def _ratios(text: str):

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork  # noqa: E402
 from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel  # noqa: E402
-from megatron_flextron.training.lm_step import forward_backward  # noqa: E402
+from megatron_flextron.lm_step import forward_backward  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
-from megatron_flextron.convert.io import write_json  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.io import write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -111,7 +111,7 @@ def evaluate(args) -> list:
     import time
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import load_tokenizer
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
     from megatron_flextron.evaluation.multiple_choice import read_tasks, score
@@ -120,8 +120,8 @@ def evaluate(args) -> list:
     from megatron_flextron.routers.latency import time_ms
     from megatron_flextron.routers.token import disable_token_routing
     from megatron_flextron.routers.token_training import TrainedTokenRouting
-    from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
-    from megatron_flextron.training.sampling import check_budgets
+    from megatron_flextron.lm_step import forward_backward, pad_microbatches
+    from megatron_flextron.routers.sampling import check_budgets
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    from megatron_flextron.convert.io import write_text_atomic
+    from megatron_flextron.checkpoint.io import write_text_atomic
     from megatron_flextron.data.corpus import wiki_documents
     from megatron_flextron.evaluation.multiple_choice import make_tasks
 

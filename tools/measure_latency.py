@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import read_config
-    from megatron_flextron.convert.io import write_json
+    from megatron_flextron.checkpoint.flextron import read_config
+    from megatron_flextron.checkpoint.io import write_json
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.routers.latency import measure_latency
 

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.convert.checkpoint import CheckpointError  # noqa: E402
+from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.parallel import (
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     )
     from megatron_flextron.routers.cost import router_choices
     from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
-    from megatron_flextron.training.lm_step import pad_microbatches
+    from megatron_flextron.lm_step import pad_microbatches
 
     try:
         initialize_model_parallel(1, 1, args.seed)

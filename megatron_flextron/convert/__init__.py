@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from megatron_flextron.config import ElasticConfig
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
-from megatron_flextron.convert.io import atomic_output_dir
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.io import atomic_output_dir
 
 LOADERS = ("hf", "gguf", "megatron_legacy", "flextron")
 SAVERS = ("flextron", "hf", "megatron")
@@ -27,7 +27,7 @@ def load_checkpoint(loader: str, path: str) -> Checkpoint:
 
         return load_megatron_legacy(path)
     if loader == "flextron":
-        from megatron_flextron.convert.formats.flextron import read_flextron
+        from megatron_flextron.checkpoint.flextron import read_flextron
 
         return read_flextron(path)
     raise CheckpointError(f"unknown loader {loader!r}; expected one of {LOADERS}")
@@ -35,7 +35,7 @@ def load_checkpoint(loader: str, path: str) -> Checkpoint:
 
 def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_size: int) -> None:
     if saver == "flextron":
-        from megatron_flextron.convert.formats.flextron import save_flextron
+        from megatron_flextron.checkpoint.flextron import save_flextron
 
         save_flextron(ckpt, path, tensor_parallel_size)
     elif saver == "hf":

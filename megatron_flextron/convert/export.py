@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from megatron_flextron.convert.checkpoint import Checkpoint
+from megatron_flextron.checkpoint.state import Checkpoint
 from megatron_flextron.elastic.subnetwork import Subnetwork
 
 

@@ -14,7 +14,7 @@ import torch
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.convert.checkpoint import CheckpointError
+from megatron_flextron.checkpoint.state import CheckpointError
 
 Tensor = torch.Tensor
 

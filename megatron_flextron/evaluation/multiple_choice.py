@@ -76,7 +76,7 @@ def read_tasks(path: str) -> List[dict]:
 def score(model, tokenizer, examples: Sequence[dict], micro_batch_size: int = 8, device=None):
     """{"acc", "acc_norm", "examples", "loglik" (per choice, in order)}: one forward pass over
     every (context, choice) pair, under any TP/PP (megatron's schedule)."""
-    from megatron_flextron.training.lm_step import forward_backward, pad_microbatches
+    from megatron_flextron.lm_step import forward_backward, pad_microbatches
 
     seqs, spans = [], []
     for ex in examples:

@@ -20,7 +20,7 @@ import os
 import statistics
 from typing import Dict, List, Sequence
 
-from megatron_flextron.convert.io import write_text_atomic
+from megatron_flextron.checkpoint.io import write_text_atomic
 
 
 def load_rows(paths: Sequence[str]) -> List[dict]:

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.importance.collect import collect_statistics, head_ablation_scores
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import permute_state
@@ -37,7 +37,7 @@ def calibration_sequences(
 
 
 def _held_out_loss(model, batches) -> float:
-    from megatron_flextron.training.lm_step import forward_backward
+    from megatron_flextron.lm_step import forward_backward
 
     with torch.no_grad():
         out = forward_backward(model, batches, forward_only=True)
@@ -59,7 +59,7 @@ def rank_and_permute(
     """
     from megatron_flextron.elastic import build_gpt_model, set_subnetwork
     from megatron_flextron.parallel import current_device
-    from megatron_flextron.training.lm_step import pad_microbatches
+    from megatron_flextron.lm_step import pad_microbatches
 
     if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
         raise ValueError(f"unknown head estimator {head_estimator!r}")

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_flextron.training.lm_step import forward_backward
+from megatron_flextron.lm_step import forward_backward
 
 
 class _Stats:

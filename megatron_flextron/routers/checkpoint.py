@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.convert.checkpoint import CheckpointError
-from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
+from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.routers.cost import CostModel, LatencyTable
 from megatron_flextron.routers.static import StaticRouter
 
@@ -75,7 +75,7 @@ def budget_architecture(
     """(sub-network, how it was chosen) for a budget: the checkpoint's trained static router
     (with the exact and the router's predicted cost ratio), or, without a router and unless
     ``router_only``, the elastic choices nearest to the budget (training's rule)."""
-    from megatron_flextron.training.sampling import budget_subnetwork
+    from megatron_flextron.routers.sampling import budget_subnetwork
 
     found = load_router(ckpt_dir, model, elastic)
     if found is None:

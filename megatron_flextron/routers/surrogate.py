@@ -133,7 +133,7 @@ def fit_surrogate(
 def measure_losses(model, subnets, microbatches, model_cfg, elastic) -> torch.Tensor:
     """The LLM's mean loss on ``microbatches`` for each architecture (forward only)."""
     from megatron_flextron.elastic import set_subnetwork
-    from megatron_flextron.training.lm_step import forward_backward
+    from megatron_flextron.lm_step import forward_backward
 
     losses = []
     with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.routers.token_training import TrainedTokenRouting
-from megatron_flextron.training.lm_step import forward_backward
+from megatron_flextron.lm_step import forward_backward
 
 MAX_PRICE = 1e4  # logits move by at most this much per unit width fraction
 

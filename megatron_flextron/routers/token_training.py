@@ -16,13 +16,13 @@ from typing import List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_flextron.convert.checkpoint import CheckpointError
-from megatron_flextron.convert.io import atomic_output_dir, read_json, write_json
+from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
-from megatron_flextron.training.lm_step import loss_func, position_ids
+from megatron_flextron.lm_step import loss_func, position_ids
 
 TOKEN_ROUTER_DIR = "token_router"
 

@@ -114,7 +114,7 @@ def train_router_for_checkpoint(
     surrogate, train the router, store it in ``ckpt_dir/router/``. Returns the report."""
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
     from megatron_flextron.data.corpus import checkpoint_sequences
     from megatron_flextron.elastic import build_gpt_model
     from megatron_flextron.parallel import current_device
@@ -127,7 +127,7 @@ def train_router_for_checkpoint(
         measure_losses,
         sample_architectures,
     )
-    from megatron_flextron.training.lm_step import pad_microbatches
+    from megatron_flextron.lm_step import pad_microbatches
 
     check_budget_list(budgets)
     config = read_config(ckpt_dir)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_flextron.data.gpt_data import check_data_path
-from megatron_flextron.training.sampling import check_budgets
+from megatron_flextron.routers.sampling import check_budgets
 
 TRACKER = "latest_checkpointed_iteration.txt"
 

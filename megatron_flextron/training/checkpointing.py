@@ -22,8 +22,8 @@ from megatron_flextron.compat.torch_adam import (
     unshare_torch_adam_steps,
 )
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
-from megatron_flextron.convert.formats.flextron import (
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     iteration_dir,
     load_flextron_into_model,

@@ -31,8 +31,8 @@ from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
 from megatron_flextron.parallel import current_device
 from megatron_flextron.training.distillation import kl_divergence
-from megatron_flextron.training.lm_step import position_ids
-from megatron_flextron.training.sampling import BudgetSampler
+from megatron_flextron.lm_step import position_ids
+from megatron_flextron.routers.sampling import BudgetSampler
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_flextron.convert.checkpoint import CheckpointError
+from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.parallel import all_reduce_grads, seeded
 from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget

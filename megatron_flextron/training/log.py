@@ -12,7 +12,7 @@ import time
 import torch.distributed as dist
 
 from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
-from megatron_flextron.training.sampling import budget_subnetwork
+from megatron_flextron.routers.sampling import budget_subnetwork
 
 
 class TrainingLogger:

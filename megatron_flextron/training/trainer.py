@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.convert.formats.flextron import load_flextron_into_model, read_config
+from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
 from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatches
 from megatron_flextron.data.tokenizer import build_tokenizer
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
@@ -37,8 +37,8 @@ from megatron_flextron.training.checkpointing import (
     save_training_checkpoint,
 )
 from megatron_flextron.training.elastic_step import ElasticStep
-from megatron_flextron.training.lm_step import forward_backward
-from megatron_flextron.training.sampling import BudgetSampler, budget_subnetwork
+from megatron_flextron.lm_step import forward_backward
+from megatron_flextron.routers.sampling import BudgetSampler, budget_subnetwork
 
 
 @dataclass

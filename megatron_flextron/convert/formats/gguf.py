@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 

@@ -7,8 +7,8 @@ import os
 from safetensors.torch import save_file
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
-from megatron_flextron.convert.io import copy_tokenizer, read_json, tensor_getter, write_json
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_getter, write_json
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
 _ACTIVATIONS = {

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.convert.checkpoint import Checkpoint
-from megatron_flextron.convert.formats.flextron import TRACKER_FILE, load_state_strict
-from megatron_flextron.convert.io import copy_tokenizer, write_json, write_text_atomic
+from megatron_flextron.checkpoint.state import Checkpoint
+from megatron_flextron.checkpoint.flextron import TRACKER_FILE, load_state_strict
+from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
 
 
 def megatron_lm_flags(m: ModelConfig) -> list:

@@ -20,8 +20,8 @@ import torch
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
-from megatron_flextron.convert.formats.flextron import iteration_dir
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.flextron import iteration_dir
 
 # both naming generations -> canonical per-layer names
 _LAYER_NAMES = {

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from megatron_flextron.convert.checkpoint import CheckpointError
+from megatron_flextron.checkpoint.state import CheckpointError
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -20,8 +20,8 @@ from typing import Dict, Optional
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.convert.checkpoint import Checkpoint, CheckpointError
-from megatron_flextron.convert.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
 CONFIG_FILE = "flextron_config.json"
