@@ -191,7 +191,9 @@ def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference,
         assert g["lm loss"] == pytest.approx(w["lm loss"], abs=2e-4), g["iteration"]
         for budget, v in g["budgets"].items():
             ref = w["budgets"][budget]
-            assert v["n"] == ref["n"], g["iteration"]
+            assert v["n"] == ref["n"] and v.keys() == ref.keys(), g["iteration"]
+            if "router cost ratio" not in ref:  # the full model: not routed
+                continue
             # discrete: a token whose sampled width is near a tie may flip between layouts
             tol = width_tolerance(tokens * v["n"])
             assert v["router cost ratio"] == pytest.approx(ref["router cost ratio"], abs=tol), (

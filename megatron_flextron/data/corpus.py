@@ -101,6 +101,18 @@ def read_token_lists(path: str, seq_length: int) -> List[List[int]]:
     return seqs
 
 
+def check_token_ids(seqs: List[List[int]], vocab_size: int, where: str) -> None:
+    """Every id a row of the embedding: an id out of range would index past it (an IndexError
+    deep in the model, or, on a GPU, a device assert)."""
+    for i, seq in enumerate(seqs):
+        bad = [t for t in seq if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{where}: sequence {i} holds token id {bad[0]}, outside the model's vocabulary "
+                f"[0, {vocab_size})"
+            )
+
+
 def token_sequences(
     source: str, tokenizer_dir: Optional[str], seq_length: int, max_sequences: Optional[int] = None
 ) -> List[List[int]]:
