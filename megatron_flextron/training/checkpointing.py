@@ -26,6 +26,8 @@ from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     iteration_dir,
+    load_common,
+    load_dist_checkpoint,
     load_flextron_into_model,
     load_state_strict,
     read_config,
@@ -100,7 +102,7 @@ def load_training_checkpoint(
     """
     config = read_config(path)
     shards = iteration_dir(path)
-    common = dist_checkpointing.load_common_state_dict(shards)
+    common = load_common(shards)
     if "iteration" not in common or not load_optim:
         load_flextron_into_model(model, path)
         optimizer.reload_model_params()  # bf16/fp16: the fp32 master copies follow the weights
@@ -124,7 +126,7 @@ def load_training_checkpoint(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
         ),
     }
-    loaded = dist_checkpointing.load(request, shards)
+    loaded = load_dist_checkpoint(request, shards)
     load_state_strict(gpt, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     unshare_torch_adam_steps(optimizer)
