@@ -184,7 +184,8 @@ def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference,
     flags = training_flags(setup, **TOKEN, **layout, save=str(save), save_interval=16)
     got = train_history(tmp_path, "token_parallel", 2, flags)
     base = training_flags(setup)
-    tokens = int(base[base.index("--seq-length") + 1]) * int(base[base.index("--micro-batch-size") + 1])
+    flag = {k: int(base[base.index(k) + 1]) for k in ("--seq-length", "--micro-batch-size")}
+    tokens = flag["--seq-length"] * flag["--micro-batch-size"]  # per routed micro-batch
     eval_tokens = tokens * int(base[base.index("--eval-iters") + 1])
     for g, w in zip(got, want):
         # continuous: the LM loss (reduced in another order under TP/PP) matches tightly

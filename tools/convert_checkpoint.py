@@ -100,6 +100,9 @@ def main(argv=None) -> int:
         ),
     )
     t0 = time.time()
+    if not os.path.exists(args.load_dir):
+        print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
+        return 2
     try:
         ckpt = convert(opts)
     except (CheckpointError, ValueError) as e:

@@ -112,7 +112,11 @@ def evaluate(args) -> list:
     import time
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.flextron import (
+        check_stored_shapes,
+        load_flextron_into_model,
+        read_config,
+    )
     from megatron_flextron.data.corpus import check_token_ids, load_tokenizer
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
     from megatron_flextron.evaluation.multiple_choice import read_tasks, score
@@ -127,6 +131,7 @@ def evaluate(args) -> list:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)
     model_cfg = ModelConfig.from_dict(config["model"])
+    check_stored_shapes(args.load, model_cfg)  # before anything is read with a wrong config
     elastic = (
         ElasticConfig.from_dict(config["elastic"])
         if config.get("elastic")

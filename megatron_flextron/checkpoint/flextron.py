@@ -55,6 +55,9 @@ def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
 
 
 def read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
     config = read_json(os.path.join(path, CONFIG_FILE))
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown flextron format {config.get('format_version')!r}")
@@ -179,7 +182,8 @@ def _load_shards(shards: str, state: dict, **kwargs) -> dict:
 def _first_line(error: BaseException) -> str:
     """torch's CheckpointException lists a traceback per rank: its last line is the cause."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    line = lines[-1] if lines else type(error).__name__
+    return line.split(". ")[0] if len(line) > 160 else line  # torch's miniz advice: dropped
 
 
 def read_flextron(path: str) -> Checkpoint:
@@ -192,6 +196,7 @@ def read_flextron(path: str) -> Checkpoint:
     shards = iteration_dir(path)
     metadata = read_dcp_metadata(shards)
     check_stored_shapes(path, model, metadata)
+    load_common(shards)  # readable (not used here): a truncated common.pt fails training later
     stored = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -234,6 +239,7 @@ def load_dist_checkpoint(request: dict, shards: str) -> dict:
     from torch.distributed.checkpoint.api import CheckpointException
 
     read_dcp_metadata(shards)
+    load_common(shards)  # names common.pt when it is the unreadable file
     try:
         return dist_checkpointing.load(request, shards)
     except CheckpointError:

@@ -194,7 +194,9 @@ def check_tokenizer_file(path: str) -> None:
         return
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"tokenizer file {path} is unreadable (truncated?): {first}") from None
+        raise CheckpointError(
+            f"tokenizer file {path} is unreadable (truncated?): {first}"
+        ) from None
 
 
 def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:

@@ -79,7 +79,7 @@ def read_dcp_metadata(path: str):
 
 
 def safe_filesystem_reader(path: str):
-    """torch's ``FileSystemReader`` over ``path`` whose metadata comes from ``read_dcp_metadata``."""
+    """torch's ``FileSystemReader`` over ``path``, its metadata read by ``read_dcp_metadata``."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class _Reader(FileSystemReader):

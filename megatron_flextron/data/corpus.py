@@ -80,11 +80,16 @@ def iter_documents(source: str, json_key: str = "text") -> Iterator[str]:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)[json_key]
+                        text = json.loads(line)[json_key]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(
                             f"{source}:{n}: not a JSON object with {json_key!r}: {e}"
                         ) from None
+                    if not isinstance(text, str):
+                        raise ValueError(
+                            f"{source}:{n}: {json_key!r} holds a {type(text).__name__}, not text"
+                        )
+                    yield text
         else:
             yield from (d for d in f.read().split("\n\n") if d.strip())
 

@@ -35,6 +35,8 @@ def write_indexed_dataset(
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
             builder.end_document()
             docs, tokens = docs + 1, tokens + len(ids)
+        if not docs:  # megatron's dataset builder would fail on it much later
+            raise ValueError(f"no document to write to {output_prefix}: the input is empty")
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, f"{output_prefix}.bin")
         os.replace(tmp_idx, f"{output_prefix}.idx")
