@@ -365,3 +365,38 @@ def test_missing_load_dir_says_it_does_not_exist(tmp_path):
     assert_refused(out, f"--load-dir {missing} {REFUSED['a missing --load-dir'][1]}")
     out = run_tool("evaluate.py", "--load", missing, "--wiki-split", "test")
     assert_refused(out, f"checkpoint {missing} {REFUSED['a missing --load'][1]}")
+
+
+# (tool, flags, part of argparse's message): sizes and counts of the tools are integers >= 1
+TOOL_FLAGS = [
+    ("convert_checkpoint.py", ["--target-tensor-parallel-size", "0"], "0 must be >= 1"),
+    ("convert_checkpoint.py", ["--target-pipeline-parallel-size", "-2"], "-2 must be >= 1"),
+    ("convert_checkpoint.py", ["--calibration-samples", "x"], "'x' is not an integer"),
+    ("evaluate.py", ["--seq-length", "0"], "argument --seq-length: 0 must be >= 1"),
+    ("evaluate.py", ["--micro-batch-size", "0"], "argument --micro-batch-size: 0 must be >= 1"),
+    ("evaluate.py", ["--tensor-model-parallel-size", "0"], "0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("tool, flags, message", TOOL_FLAGS)
+def test_tool_sizes_are_positive_integers(tool, flags, message, capsys):
+    import importlib
+
+    base = {
+        "convert_checkpoint.py": ["--loader", "hf", "--saver", "flextron"],
+        "evaluate.py": ["--load", "x", "--wiki-split", "test"],
+    }[tool]
+    base += ["--load-dir", "x", "--save-dir", "y"] if tool == "convert_checkpoint.py" else []
+    parse_args = importlib.import_module(f"tools.{tool[:-3]}").parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(base + flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_error_table_in_the_docs_is_current():
+    """docs/errors.md is what scripts/make_error_table.py makes from the cases above."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from make_error_table import table
+
+    with open(os.path.join(ROOT, "docs", "errors.md")) as f:
+        assert f.read() == table(), "run: python scripts/make_error_table.py"
