@@ -400,3 +400,27 @@ def test_error_table_in_the_docs_is_current():
 
     with open(os.path.join(ROOT, "docs", "errors.md")) as f:
         assert f.read() == table(), "run: python scripts/make_error_table.py"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("vocab_size", 256, "embedding.word_embeddings.weight is stored with shape (320, 64)"),
+        ("ffn_hidden_size", 96, "mlp.linear_fc1.weight is stored with shape (256, 64)"),
+        ("hidden_size", 32, "embedding.word_embeddings.weight is stored with shape (320, 64)"),
+        ("num_layers", 3, "unexpected ['decoder.layers.3."),
+        ("num_layers", 5, "missing ['decoder.layers.4."),
+        ("tie_embeddings", True, "unexpected ['output_layer.weight']"),
+    ],
+)
+def test_every_config_shape_is_checked_against_the_stored_tensors(setup, key, value, message):
+    """From the shard metadata only (no tensor is read)."""
+    from megatron_flextron.checkpoint.flextron import check_stored_shapes, read_config
+    from megatron_flextron.checkpoint.state import CheckpointError
+    from megatron_flextron.config import ModelConfig
+
+    config = read_config(setup["load"])["model"]
+    check_stored_shapes(setup["load"], ModelConfig.from_dict(config))
+    with pytest.raises(CheckpointError) as refused:
+        check_stored_shapes(setup["load"], ModelConfig.from_dict({**config, key: value}))
+    assert message in str(refused.value)

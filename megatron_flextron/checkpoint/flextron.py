@@ -143,9 +143,7 @@ def check_stored_shapes(path: str, model: ModelConfig, metadata=None) -> None:
     nothing else is stored: a config that disagrees with the tensors (e.g. another vocab_size)
     would otherwise load a slice, or garbage, with exit status 0. Reads the metadata only."""
     metadata = metadata or read_dcp_metadata(iteration_dir(path))
-    stored = stored_shapes(metadata)
-    if model.tie_embeddings:
-        stored.pop("output_layer.weight", None)
+    stored = stored_shapes(metadata)  # megatron stores no output layer for tied embeddings
     expected = expected_shapes(model)
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))

@@ -25,6 +25,7 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
+    check_stored_shapes,
     iteration_dir,
     load_common,
     load_dist_checkpoint,
@@ -111,6 +112,7 @@ def load_training_checkpoint(
             int(common.get("consumed_train_samples", 0)),
             common,
         )
+    check_stored_shapes(path, ModelConfig.from_dict(config["model"]))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config["dealt_tensor_parallel_size"] != tp:
         raise CheckpointError(
