@@ -15,8 +15,12 @@
 #
 # torchrun's flags (--nnodes --node-rank --master-addr --master-port --nproc-per-node
 # --rdzv-backend --rdzv-endpoint --rdzv-id --max-restarts) go to torchrun; every other flag goes
-# to tools/pretrain_flextron.py and overrides the preset. A restarted run resumes from the last
-# checkpoint in $OUT/elastic. Environment: OUT (run folder, default runs/pretrain_flextron),
+# to tools/pretrain_flextron.py and overrides the preset; every stage follows the overrides:
+# --load (a flextron checkpoint to start from instead of converting SmolLM2), --save (default
+# $OUT/elastic; calibrated and evaluated), --train-iters (the warmup, eval and save intervals
+# scale with it unless --lr-warmup-iters etc. are given too), --seq-length (also of calibration
+# and evaluation), --budget-list and --router (evaluation). A restarted run resumes from the last
+# checkpoint in --save. Environment: OUT (run folder, default runs/pretrain_flextron),
 # PRESET (cpu | gpu | smoke; default gpu when CUDA is available, else cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +35,20 @@ launcher=()
 train=()
 nproc=1
 node_rank=0
+load=""
+save=""
+iters_flag=""
+seq_flag=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --node-rank) node_rank=$2; launcher+=("$1" "$2"); shift 2 ;;
     --nnodes|--master-addr|--master-port|--rdzv-backend|--rdzv-endpoint|--rdzv-id|--max-restarts)
       launcher+=("$1" "$2"); shift 2 ;;
     --nproc-per-node) nproc=$2; shift 2 ;;
+    --load) load=$2; shift 2 ;;
+    --save) save=$2; shift 2 ;;
+    --train-iters) iters_flag=$2; shift 2 ;;
+    --seq-length) seq_flag=$2; shift 2 ;;
     *) train+=("$1"); shift ;;
   esac
 done
@@ -50,18 +62,27 @@ case "$PRESET" in
   smoke) calib=(8 64);   seq=64;   mbs=1; gbs=2;  iters=3;   evalseqs=4;   extra=() ;;
   *) echo "unknown PRESET=$PRESET (cpu, gpu or smoke)" >&2; exit 2 ;;
 esac
+iters=${iters_flag:-$iters}
+seq=${seq_flag:-$seq}
+SAVE=${save:-$OUT/elastic}
+RANKED=${load:-$OUT/ranked}
 echo "== preset $PRESET: whole SmolLM2-135M, sequence length $seq, global batch $gbs," \
   "$iters iterations ($((gbs * seq * iters)) tokens)$([ "$PRESET" = gpu ] || echo '; a short CPU run, not a full conversion')"
 start=$(date +%s)
 
 if [ "$node_rank" != 0 ]; then  # node 0 prepares checkpoint and data on shared storage
-  echo "== waiting for node 0 to prepare $OUT/ranked and $OUT/data"
-  until [ -f "$OUT/ranked/latest_checkpointed_iteration.txt" ] && [ -f "$OUT/data/.complete" ]; do
+  echo "== waiting for node 0 to prepare $RANKED and $OUT/data"
+  until [ -f "$RANKED/latest_checkpointed_iteration.txt" ] && [ -f "$OUT/data/.complete" ]; do
     sleep 10
   done
 fi
 GGUF=$("$PY" -c "from megatron_flextron.convert.formats.gguf import bundled_smollm2 as f; print(f())")
-if [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
+if [ -n "$load" ]; then
+  echo "== 1. start from --load $load (no conversion)"
+  if [ ! -f "$load/flextron_config.json" ]; then
+    echo "error: --load $load is not a flextron checkpoint (no flextron_config.json)" >&2; exit 2
+  fi
+elif [ ! -f "$OUT/ranked/latest_checkpointed_iteration.txt" ]; then
   echo "== 1. convert + rank importance (${calib[0]} x ${calib[1]} calibration tokens)"
   rm -rf "$OUT/ranked"
   "$PY" tools/convert_checkpoint.py --loader gguf --saver flextron --load-dir "$GGUF" \
@@ -73,14 +94,14 @@ DATA="$OUT/data/wiki_train_text_document"
 if [ ! -f "$DATA.idx" ]; then
   echo "== 2. tokenize the Wikipedia train split"
   "$PY" tools/preprocess_data.py --input wiki:train --output-prefix "$OUT/data/wiki_train" \
-    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/ranked/tokenizer" --append-eod
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$RANKED/tokenizer" --append-eod
 fi
 touch "$OUT/data/.complete"
 
 echo "== 3. elastic continued pretraining"
 "$PY" -m torch.distributed.run "${launcher[@]}" --nproc-per-node "$nproc" \
   tools/pretrain_flextron.py \
-  --load "$OUT/ranked" --save "$OUT/elastic" --data-path "$DATA" --split 99,1,0 \
+  --load "$RANKED" --save "$SAVE" --data-path "$DATA" --split 99,1,0 \
   --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" \
   --train-iters "$iters" --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters $((iters / 10)) \
   --weight-decay 0.01 --clip-grad 1.0 --budget-list 1.0 0.75 0.5 0.35 --distill inplace \
@@ -105,17 +126,17 @@ if [ "$node_rank" = 0 ]; then
   routed=()
   if [ "$router" = token ]; then
     echo "== 4a. calibrate the token routers' budget prices (Wikipedia validation split)"
-    "$PY" tools/calibrate_token_router.py --load "$OUT/elastic" --data wiki:valid \
+    "$PY" tools/calibrate_token_router.py --load "$SAVE" --data wiki:valid \
       --seq-length "$seq" --samples "$evalseqs"
     routed=(--router dynamic)
   fi
   echo "== 4. held-out evaluation (Wikipedia test split, $evalseqs x $seq tokens)"
-  for ckpt in ranked elastic; do
-    echo "-- $ckpt: $([ $ckpt = ranked ] && echo 'after ranking, before training' || echo 'after elastic training')"
+  for ckpt in "$RANKED" "$SAVE"; do
+    echo "-- $ckpt: $([ "$ckpt" = "$RANKED" ] && echo 'before training' || echo 'after elastic training')"
     how=()
-    if [ $ckpt = elastic ]; then how=("${routed[@]}"); fi
-    "$PY" tools/evaluate.py --load "$OUT/$ckpt" --wiki-split test --seq-length "$seq" \
+    if [ "$ckpt" = "$SAVE" ]; then how=("${routed[@]}"); fi
+    "$PY" tools/evaluate.py --load "$ckpt" --wiki-split test --seq-length "$seq" \
       --max-sequences "$evalseqs" --budget-list "${budgets[@]}" "${how[@]}" | grep '^|'
   done
-  echo "== done in $(( $(date +%s) - start )) s (preset $PRESET); checkpoints in $OUT"
+  echo "== done in $(( $(date +%s) - start )) s (preset $PRESET); trained checkpoint in $SAVE"
 fi

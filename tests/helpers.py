@@ -164,9 +164,9 @@ def training_flags(setup: dict, **flags) -> list:
     return argv
 
 
-def run_example(script: str, out_dir: str, timeout: int = 1500, **env_vars):
-    """Run ``examples/<script>`` with PRESET=smoke, OUT=out_dir (and ``env_vars``) outside any
-    torchrun environment of the test process; asserts exit 0 and returns the CompletedProcess."""
+def run_example(script: str, out_dir: str, *args: str, timeout: int = 1500, **env_vars):
+    """Run ``examples/<script> args`` with PRESET=smoke, OUT=out_dir (and ``env_vars``) outside
+    any torchrun environment of the test process; asserts exit 0, returns the CompletedProcess."""
     import os
     import subprocess
 
@@ -174,7 +174,7 @@ def run_example(script: str, out_dir: str, timeout: int = 1500, **env_vars):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(PRESET="smoke", OUT=out_dir, **env_vars)
     out = subprocess.run(
-        ["bash", f"examples/{script}"],
+        ["bash", f"examples/{script}", *args],
         cwd=root,
         env=env,
         capture_output=True,

@@ -107,22 +107,46 @@ def test_megatron_flags_map_onto_dataclasses(data, monkeypatch):
     assert args.elastic.budget_list == [1.0, 0.5] and args.elastic.distill == "inplace"
 
 
+# refused settings and (part of) their message; scripts/make_error_table.py lists them
+REFUSED_FLAGS = [
+    (
+        ["--global-batch-size", "6", "--micro-batch-size", "4"],
+        "not divisible by --micro-batch-size",
+    ),
+    (["--bf16", "--fp16"], "mutually exclusive"),
+    (["--budget-list", "0.5", "1.0"], "sorted descending"),
+    (["--budget-list", "1.0", "0"], "must lie in"),
+    (["--min-lr", "1", "--lr", "0.1"], "above --lr"),
+    (["--save-interval", "5"], "needs --save"),
+    (["--load", "/nonexistent"], "is not a flextron checkpoint"),
+    (["--mlp-choices", "1.0", "1.5"], "must lie in (0, 1]"),
+    (["--budget-probs", "0.5", "0.5"], "2 values for 4 budgets"),
+    (["--kd-temperature", "0"], "--kd-temperature 0.0 must be > 0"),
+    (["--kd-temperature", "-1"], "--kd-temperature -1.0 must be > 0"),
+    (["--kd-temperature", "nan"], "--kd-temperature nan is not a finite number"),
+    (["--micro-batch-size", "0"], "--micro-batch-size 0 must be >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size 0 must be >= 1"),
+    (["--seq-length", "0"], "--seq-length 0 must be >= 1"),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size 0 must be >= 1"),
+    (["--pipeline-model-parallel-size", "0"], "--pipeline-model-parallel-size 0 must be >= 1"),
+    (["--train-iters", "0"], "--train-iters 0 must be >= 1"),
+    (["--lr", "-1"], "--lr -1.0 must be >= 0"),
+    (["--lr", "inf"], "--lr inf is not a finite number"),
+    (["--eval-iters", "0"], "--eval-iters 0 must be >= 1"),
+    (["--log-interval", "0"], "--log-interval 0 must be >= 1"),
+    (["--original-model-sample-prob", "1.5"], "--original-model-sample-prob 1.5 must be >= 0"),
+    (["--router-lr", "0"], "--router-lr 0.0 must be > 0"),
+    (["--split", "abc"], "--split 'abc': expected up to three non-negative"),
+    (["--split", "0,0,0"], "--split '0,0,0': the weights sum to 0"),
+    (["--split", "1,2,3,4"], "--split '1,2,3,4': expected up to three"),
+    (["--lr-decay-iters", "ten"], "--lr-decay-iters: invalid int value: 'ten'"),
+    (["--seq-length", "1.5"], "--seq-length: invalid int value: '1.5'"),
+]
+
+
 @pytest.mark.parametrize(
     "extra, message",
-    [
-        (
-            ["--global-batch-size", "6", "--micro-batch-size", "4"],
-            "not divisible by --micro-batch-size",
-        ),
-        (["--bf16", "--fp16"], "mutually exclusive"),
-        (["--budget-list", "0.5", "1.0"], "sorted descending"),
-        (["--budget-list", "1.0", "0"], "must lie in"),
-        (["--min-lr", "1", "--lr", "0.1"], "above --lr"),
-        (["--save-interval", "5"], "needs --save"),
-        (["--load", "/nonexistent"], "is not a flextron checkpoint"),
-        (["--mlp-choices", "1.0", "1.5"], "must lie in (0, 1]"),
-        (["--budget-probs", "0.5", "0.5"], "2 values for 4 budgets"),
-    ],
+    REFUSED_FLAGS,
 )
 def test_inconsistent_settings_fail_before_training(data, extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -135,3 +159,45 @@ def test_missing_data_path_is_named(tmp_path, capsys):
         parse_args(["--data-path", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert "--data-path: missing" in err and "nowhere.bin" in err
+
+
+def _value_of(kind, choices):
+    """A command-line value of the declared type, other than the default."""
+    if choices:
+        return [str(choices[-1])]
+    return {int: ["3"], float: ["0.25"], str: ["some-text"]}[kind]
+
+
+def test_every_flag_parses_to_its_declared_type():
+    """Types come from the dataclass hints (not from defaults): --lr-decay-iters (default None)
+    is an int, list flags hold their element type, switches are bools."""
+    import typing
+
+    from megatron_flextron.training.arguments import _GROUPS, _unwrap
+
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    argv, expected = [], {}
+    for cls in _GROUPS.values():
+        for name, hint in typing.get_type_hints(cls).items():
+            kind, is_list = _unwrap(hint)
+            flag = "--" + name.replace("_", "-")
+            if kind is bool:
+                argv.append(flag)
+                expected[name] = True
+                continue
+            value = _value_of(kind, actions[name].choices) * (2 if is_list else 1)
+            argv += [flag, *value]
+            parsed = [kind(v) for v in value]
+            expected[name] = parsed if is_list else parsed[0]
+    ns = vars(parser.parse_args(argv))
+    for name, want in expected.items():
+        assert ns[name] == want and type(ns[name]) is type(want), (name, ns[name])
+        if isinstance(want, list):
+            assert all(type(v) is type(want[0]) for v in ns[name]), name
+    assert ns["lr_decay_iters"] == 3 and ns["save_interval"] == 3
+
+
+def test_lr_decay_iters_is_an_int(data):
+    args = parse_args(["--data-path", *data, "--lr-decay-iters", "100", "--train-iters", "50"])
+    assert args.optimizer.lr_decay_iters == 100 and isinstance(args.optimizer.lr_decay_iters, int)

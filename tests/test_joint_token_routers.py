@@ -155,6 +155,19 @@ def test_calibration_under_pp2_equals_one_process(reference, tmp_path):
             assert torch.equal(a[name], b[name]), name
 
 
+LAYERS, WIDTH_SPAN = 4, 0.75  # tiny model: 4 layers, MLP width choices 1.0 ... 0.25
+
+
+def width_tolerance(tokens: int) -> float:
+    """Allowed difference of a mean routed MLP width fraction over ``tokens`` tokens x LAYERS
+    layers between two process layouts: 1% of the token-layer choices (at least 2) may flip,
+    each moving the mean by at most WIDTH_SPAN / choices. Near-tie flips are rare (one in a
+    16-iteration run was seen) and a wrong layout (e.g. an unsummed router gradient) moves the
+    widths by far more (the routers then train differently)."""
+    choices = tokens * LAYERS
+    return max(2, 0.01 * choices) * WIDTH_SPAN / choices
+
+
 @pytest.mark.parametrize(
     "layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)]
 )
@@ -170,13 +183,30 @@ def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference,
     save = tmp_path / "ckpt"
     flags = training_flags(setup, **TOKEN, **layout, save=str(save), save_interval=16)
     got = train_history(tmp_path, "token_parallel", 2, flags)
+    base = training_flags(setup)
+    flag = {k: int(base[base.index(k) + 1]) for k in ("--seq-length", "--micro-batch-size")}
+    tokens = flag["--seq-length"] * flag["--micro-batch-size"]  # per routed micro-batch
+    eval_tokens = tokens * int(base[base.index("--eval-iters") + 1])
     for g, w in zip(got, want):
+        # continuous: the LM loss (reduced in another order under TP/PP) matches tightly
         assert g["lm loss"] == pytest.approx(w["lm loss"], abs=2e-4), g["iteration"]
         for budget, v in g["budgets"].items():
             ref = w["budgets"][budget]
-            for key in ("router cost ratio", "router aux loss"):
-                assert v.get(key) == pytest.approx(ref.get(key), abs=1e-4), (key, g["iteration"])
-    assert got[-1]["router cost ratio"] == pytest.approx(want[-1]["router cost ratio"], abs=1e-3)
+            assert v["n"] == ref["n"] and v.keys() == ref.keys(), g["iteration"]
+            if "router cost ratio" not in ref:  # the full model: not routed
+                continue
+            # discrete: a token whose sampled width is near a tie may flip between layouts
+            tol = width_tolerance(tokens * v["n"])
+            assert v["router cost ratio"] == pytest.approx(ref["router cost ratio"], abs=tol), (
+                g["iteration"]
+            )
+            aux = tol / float(budget)  # the aux loss is (1/budget)-Lipschitz in the width
+            assert v["router aux loss"] == pytest.approx(ref["router aux loss"], abs=aux), (
+                g["iteration"]
+            )
+    last = got[-1]["router cost ratio"]  # the evaluation's argmax dispatch, also discrete
+    for budget, ratio in want[-1]["router cost ratio"].items():
+        assert last[budget] == pytest.approx(ratio, abs=width_tolerance(eval_tokens)), budget
 
     def routers(path):
         file = path / TOKEN_ROUTER_DIR / "token_routers.pt"

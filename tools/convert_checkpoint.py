@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
 from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
 def _ratios(text: str):
@@ -43,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--save-dir", required=True, help="output directory (must not exist or be empty)"
     )
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1)
     p.add_argument("--subnetwork", help="export this sub-network (JSON or a JSON file)")
     p.add_argument("--budget", type=float, help="export the static router's choice for a budget")
     p.add_argument(
@@ -52,8 +53,8 @@ def parse_args(argv=None):
         help="rank units by importance on this data (flextron "
         "saver): a text file, a jsonl of token lists, or 'wiki' (bundled corpus)",
     )
-    p.add_argument("--calibration-samples", type=int, default=64)
-    p.add_argument("--calibration-seq-length", type=int, default=256)
+    p.add_argument("--calibration-samples", type=positive_int, default=64)
+    p.add_argument("--calibration-seq-length", type=positive_int, default=256)
     p.add_argument(
         "--head-estimator",
         default="auto",
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
         ),
     )
     t0 = time.time()
+    if not os.path.exists(args.load_dir):
+        print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
+        return 2
     try:
         ckpt = convert(opts)
     except (CheckpointError, ValueError) as e:

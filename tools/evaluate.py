@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 from megatron_flextron.checkpoint.io import write_json  # noqa: E402
+from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,11 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (as served)")
     p.add_argument("--output", help="write the results as a JSON list (atomically)")
     p.add_argument("--label", help="method name stored in every result (for make_report)")
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--max-sequences", type=int, default=None)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--seq-length", type=positive_int, default=512)
+    p.add_argument("--max-sequences", type=positive_int, default=None)
+    p.add_argument("--micro-batch-size", type=positive_int, default=4)
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     args = p.parse_args(argv)
     if args.compare_static and args.router != "dynamic":
         p.error(
@@ -111,8 +112,12 @@ def evaluate(args) -> list:
     import time
 
     from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import load_tokenizer
+    from megatron_flextron.checkpoint.flextron import (
+        check_stored_shapes,
+        load_flextron_into_model,
+        read_config,
+    )
+    from megatron_flextron.data.corpus import check_token_ids, load_tokenizer
     from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork
     from megatron_flextron.evaluation.multiple_choice import read_tasks, score
     from megatron_flextron.parallel import current_device
@@ -126,6 +131,7 @@ def evaluate(args) -> list:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     config = read_config(args.load)
     model_cfg = ModelConfig.from_dict(config["model"])
+    check_stored_shapes(args.load, model_cfg)  # before anything is read with a wrong config
     elastic = (
         ElasticConfig.from_dict(config["elastic"])
         if config.get("elastic")
@@ -147,6 +153,7 @@ def evaluate(args) -> list:
     specs = [subnet for subnet, _ in chosen] or [args.subnetwork]
     tokenizer = os.path.join(args.load, "tokenizer")
     seqs = load_sequences(args, tokenizer if os.path.isdir(tokenizer) else None)
+    check_token_ids(seqs, model_cfg.vocab_size, args.tokens_jsonl or "the tokenizer's ids")
 
     device = current_device()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -290,6 +297,11 @@ def main(argv=None) -> int:
             print(json.dumps(r))
         if len(result) > 1:
             print(markdown_table(result))
+    bad = [r for r in result if not math.isfinite(r["loss"])]
+    if bad:  # e.g. a checkpoint with non-finite weights: not a result to report as success
+        which = f"budget {bad[0]['budget']:g}" if "budget" in bad[0] else "the sub-network"
+        print(f"error: the loss of {which} is {bad[0]['loss']} (non-finite)", file=sys.stderr)
+        return 2
     return 0
 
 

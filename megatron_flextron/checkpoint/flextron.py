@@ -20,7 +20,8 @@ from typing import Dict, Optional
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
@@ -35,6 +36,7 @@ _NORM_KEYS = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
+_STACKED = re.compile(r"^decoder\.layers\.(.+)$")  # megatron's per-layer tensors, stacked
 
 
 def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
@@ -53,6 +55,9 @@ def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
 
 
 def read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
     config = read_json(os.path.join(path, CONFIG_FILE))
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown flextron format {config.get('format_version')!r}")
@@ -114,27 +119,88 @@ def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
         )
 
 
+def stored_shapes(metadata) -> Dict[str, tuple]:
+    """Canonical names and shapes of the model tensors a dist checkpoint's metadata lists (the
+    stacked per-layer keys split per layer); optimizer state and non-tensors are left out."""
+    from torch.distributed.checkpoint import TensorStorageMetadata
+
+    shapes = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata) or key.startswith("optimizer."):
+            continue
+        size = tuple(meta.size)
+        match = _STACKED.match(key)
+        if match:
+            name = _NORM_KEYS.get(match.group(1), match.group(1))
+            shapes.update({f"decoder.layers.{i}.{name}": size[1:] for i in range(size[0])})
+        else:
+            shapes[key] = size
+    return shapes
+
+
+def check_stored_shapes(path: str, model: ModelConfig, metadata=None) -> None:
+    """Every tensor ``flextron_config.json`` implies is stored with the shape it implies, and
+    nothing else is stored: a config that disagrees with the tensors (e.g. another vocab_size)
+    would otherwise load a slice, or garbage, with exit status 0. Reads the metadata only."""
+    metadata = metadata or read_dcp_metadata(iteration_dir(path))
+    stored = stored_shapes(metadata)  # megatron stores no output layer for tied embeddings
+    expected = expected_shapes(model)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the stored tensors do not match {CONFIG_FILE}: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''}"
+        )
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise CheckpointError(
+                f"{path}: {name} is stored with shape {stored[name]}, but {CONFIG_FILE} "
+                f"implies {shape}"
+            )
+
+
+def _load_shards(shards: str, state: dict, **kwargs) -> dict:
+    """torch's dist-checkpoint load with the safe metadata reader; every read failure of a
+    missing, empty or truncated shard (torch raises CheckpointException, a BaseException) is a
+    CheckpointError."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load(state, storage_reader=safe_filesystem_reader(shards), **kwargs)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot read the shards in {shards}: {_first_line(e)}") from None
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    """torch's CheckpointException lists a traceback per rank: its last line is the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return line.split(". ")[0] if len(line) > 160 else line  # torch's miniz advice: dropped
+
+
 def read_flextron(path: str) -> Checkpoint:
     """The canonical checkpoint from any flextron directory; reads files only (no collectives).
     Optimizer state of a training checkpoint is skipped."""
-    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata, load
+    from torch.distributed.checkpoint import TensorStorageMetadata
 
     config = read_config(path)
     model = ModelConfig.from_dict(config["model"])
     shards = iteration_dir(path)
-    try:
-        reader = FileSystemReader(shards)
-        metadata = reader.read_metadata()
-        stored = {
-            key: torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
-        }
-        load(stored, storage_reader=reader, no_dist=True)
-    except CheckpointError:
-        raise
-    except Exception as e:  # missing or truncated shard files
-        raise CheckpointError(f"cannot read the shards in {shards}: {e}") from None
+    metadata = read_dcp_metadata(shards)
+    check_stored_shapes(path, model, metadata)
+    load_common(shards)  # readable (not used here): a truncated common.pt fails training later
+    stored = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
+    }
+    _load_shards(shards, stored, no_dist=True)
     tp = config["dealt_tensor_parallel_size"]
     state = {}
     for key, tensor in stored.items():
@@ -155,9 +221,6 @@ def read_flextron(path: str) -> Checkpoint:
     return ckpt
 
 
-_STACKED = re.compile(r"^decoder\.layers\.(.+)$")
-
-
 def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
     """megatron stacks per-layer tensors along a leading layer axis under one key."""
     match = _STACKED.match(key)
@@ -167,25 +230,52 @@ def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {f"decoder.layers.{i}.{name}": tensor[i].clone() for i in range(tensor.size(0))}
 
 
+def load_dist_checkpoint(request: dict, shards: str) -> dict:
+    """megatron's ``dist_checkpointing.load`` after ``read_dcp_metadata`` accepted the metadata
+    (megatron unpickles it again, unrestricted); read failures become CheckpointErrors."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(shards)
+    load_common(shards)  # names common.pt when it is the unreadable file
+    try:
+        return dist_checkpointing.load(request, shards)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot read the shards in {shards}: {_first_line(e)}") from None
+
+
+def load_common(shards: str) -> dict:
+    """megatron's ``common.pt`` (torch.load, weights only); a CheckpointError when unreadable."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(shards)
+    except Exception as e:  # truncated: megatron wraps torch's error in its own
+        raise CheckpointError(f"cannot read {shards}/common.pt: {_first_line(e)}") from None
+
+
 def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
     """Load a flextron checkpoint into this rank's model (any TP/PP); returns its config.
 
     Collective when the TP size matches the stored one (megatron's sharded load); otherwise each
     rank reads the full tensors and deals its own shard.
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megatron_flextron.elastic.subnetwork import unwrap_model
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
 
     config = read_config(path)
+    check_stored_shapes(path, ModelConfig.from_dict(config["model"]))  # also: safe metadata
     gpt = unwrap_model(model)
     if (
         config["dealt_tensor_parallel_size"]
         == parallel_state.get_tensor_model_parallel_world_size()
     ):
         request = gpt.sharded_state_dict()
-        state = dist_checkpointing.load(request, iteration_dir(path))
+        state = load_dist_checkpoint(request, iteration_dir(path))
         load_state_strict(gpt, {k: v for k, v in state.items() if k in request})
     else:
         ckpt = read_flextron(path)

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from typing import Callable, Dict, Iterator, Optional
 
@@ -25,40 +27,115 @@ TOKENIZER_FILES = (
 )
 
 
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _is_dead(owner: str) -> bool:
+    """``pid@host`` names a process of this host that no longer runs (another host's process
+    cannot be checked, so it counts as alive)."""
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _output_lock(path: str) -> Iterator[None]:
+    """``.NAME.lock`` next to ``path``, created exclusively and holding ``pid@host``: a second
+    writer of the same output is refused instead of racing; a dead owner's lock is taken over."""
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = open(lock).read().strip()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if not _is_dead(owner):
+                raise CheckpointError(
+                    f"another process ({owner}) is writing {path} (lock {lock}; delete it if "
+                    "that process is gone)"
+                ) from None
+            print(f"removing the stale lock {lock} of {owner} (no longer running)", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_owner())
+        break
+    else:
+        raise CheckpointError(f"cannot take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete ``.NAME.tmp-PID@HOST-*`` folders of ``path`` whose writer no longer runs (left by
+    a killed run), saying so; a live writer's, another host's and an unnamed owner's stay."""
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    prefix = f".{base}.tmp-"
+    for name in sorted(os.listdir(parent)):
+        if not name.startswith(prefix) or name.endswith(".old"):
+            continue
+        owner = name[len(prefix):].rpartition("-")[0]
+        if _is_dead(owner):
+            print(
+                f"removing {os.path.join(parent, name)}: a temporary of {path} left by "
+                f"process {owner}, which no longer runs",
+                file=sys.stderr,
+            )
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to ``path`` only if the block succeeds.
 
     A failed write leaves nothing at ``path``. An existing non-empty ``path`` is refused, or,
     with ``replace``, replaced once the new one is complete: the old one is moved aside, the new
-    one renamed in, and only then the old one deleted (put back if the rename fails).
+    one renamed in, and only then the old one deleted (put back if the rename fails). One writer
+    per output at a time (a lock file); the temporary's name records its writer (pid@host), so
+    the next run removes those of writers that were killed.
     """
     path = os.path.abspath(path)
-    if not replace and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise CheckpointError(f"output {path} already exists and is not empty")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.isdir(path):
-            if not replace:
-                os.rmdir(path)  # empty (checked above)
-            else:
-                old = f"{tmp}.old"
-                os.replace(path, old)
+    with _output_lock(path):
+        if not replace and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise CheckpointError(f"output {path} already exists and is not empty")
+        _remove_stale_temporaries(path)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
         try:
-            os.replace(tmp, path)
-        except BaseException:
+            yield tmp
+            old = None
+            if os.path.isdir(path):
+                if not replace:
+                    os.rmdir(path)  # empty (checked above)
+                else:
+                    old = f"{tmp}.old"
+                    os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)
+                raise
             if old is not None:
-                os.replace(old, path)
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -83,12 +160,43 @@ def write_json(path: str, data: dict) -> None:
 
 
 def copy_tokenizer(src: Optional[str], dst: str) -> None:
+    """Copy the tokenizer files, each checked readable first: a truncated file would otherwise
+    be copied into every output and fail only when someone tokenizes with it."""
     if not src or os.path.abspath(src) == os.path.abspath(dst):
         return
+    files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in files:
+        check_tokenizer_file(os.path.join(src, name))
     os.makedirs(dst, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    for name in files:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def check_tokenizer_file(path: str) -> None:
+    """JSON files parse (tokenizer.json also loads), a sentencepiece model loads, text decodes."""
+    name = os.path.basename(path)
+    try:
+        if name == "tokenizer.json":
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(path)
+        elif name.endswith(".json"):
+            with open(path) as f:
+                json.load(f)
+        elif name == "tokenizer.model":
+            import sentencepiece
+
+            sentencepiece.SentencePieceProcessor(model_file=path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+    except ImportError:
+        return
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"tokenizer file {path} is unreadable (truncated?): {first}"
+        ) from None
 
 
 def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:

@@ -80,11 +80,16 @@ def iter_documents(source: str, json_key: str = "text") -> Iterator[str]:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)[json_key]
+                        text = json.loads(line)[json_key]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(
                             f"{source}:{n}: not a JSON object with {json_key!r}: {e}"
                         ) from None
+                    if not isinstance(text, str):
+                        raise ValueError(
+                            f"{source}:{n}: {json_key!r} holds a {type(text).__name__}, not text"
+                        )
+                    yield text
         else:
             yield from (d for d in f.read().split("\n\n") if d.strip())
 
@@ -99,6 +104,18 @@ def read_token_lists(path: str, seq_length: int) -> List[List[int]]:
     ):
         raise ValueError(f"{path}: every line must be a JSON list of at least 2 token ids")
     return seqs
+
+
+def check_token_ids(seqs: List[List[int]], vocab_size: int, where: str) -> None:
+    """Every id a row of the embedding: an id out of range would index past it (an IndexError
+    deep in the model, or, on a GPU, a device assert)."""
+    for i, seq in enumerate(seqs):
+        bad = [t for t in seq if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{where}: sequence {i} holds token id {bad[0]}, outside the model's vocabulary "
+                f"[0, {vocab_size})"
+            )
 
 
 def token_sequences(

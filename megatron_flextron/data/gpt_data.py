@@ -3,7 +3,9 @@ BlendedMegatronDatasetBuilder (``--data-path`` with optional weights, ``--split`
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Iterable, List, Optional, Sequence
 
 import numpy
@@ -33,6 +35,8 @@ def write_indexed_dataset(
             builder.add_item(torch.tensor(ids, dtype=torch.int64))
             builder.end_document()
             docs, tokens = docs + 1, tokens + len(ids)
+        if not docs:  # megatron's dataset builder would fail on it much later
+            raise ValueError(f"no document to write to {output_prefix}: the input is empty")
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, f"{output_prefix}.bin")
         os.replace(tmp_idx, f"{output_prefix}.idx")
@@ -49,6 +53,23 @@ def check_data_path(data_path: Sequence[str]) -> None:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise FileNotFoundError(f"--data-path: missing {prefix + ext}")
+
+
+def check_split(split: str) -> None:
+    """megatron's ``--split``: up to three train,valid,test weights (``,`` or ``/``), not all 0.
+    megatron itself reads whatever digits it finds, so ``abc`` would divide by zero there."""
+    parts = re.split(r"[,/]", split.strip())
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(
+            f"--split {split!r}: expected up to three non-negative train,valid,test weights, "
+            "e.g. 969,30,1"
+        )
+    if sum(weights) == 0:
+        raise ValueError(f"--split {split!r}: the weights sum to 0")
 
 
 def build_gpt_datasets(

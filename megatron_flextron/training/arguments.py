@@ -6,11 +6,13 @@ Every inconsistent combination is refused here, before any process group or mode
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_flextron.data.gpt_data import check_data_path
+from megatron_flextron.data.gpt_data import check_data_path, check_split
 from megatron_flextron.routers.sampling import check_budgets
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -178,34 +180,82 @@ _CHOICES = {
     "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }
-_LISTS = {
-    "data_path": str,
-    "budget_list": float,
-    "budget_probs": float,
-    "mlp_choices": float,
-    "head_choices": float,
+# numeric ranges, checked before any process group starts: (lowest, lowest allowed?, highest)
+_RANGES = {
+    "tensor_model_parallel_size": (1, True, None),
+    "pipeline_model_parallel_size": (1, True, None),
+    "seq_length": (1, True, None),
+    "micro_batch_size": (1, True, None),
+    "global_batch_size": (1, True, None),
+    "lr": (0, True, None),
+    "min_lr": (0, True, None),
+    "lr_warmup_iters": (0, True, None),
+    "lr_decay_iters": (1, True, None),
+    "weight_decay": (0, True, None),
+    "clip_grad": (0, True, None),
+    "train_iters": (1, True, None),
+    "seed": (0, True, None),
+    "save_interval": (1, True, None),
+    "exit_interval": (1, True, None),
+    "eval_interval": (0, True, None),  # 0: no evaluation
+    "eval_iters": (1, True, None),
+    "log_interval": (1, True, None),
+    "budget_probs": (0, True, 1),
+    "original_model_sample_prob": (0, True, 1),
+    "kd_temperature": (0, False, None),
+    "kd_weight": (0, True, None),
+    "router_lr": (0, False, None),
+    "router_budget_weight": (0, True, None),
+    "budget_tolerance": (0, True, 1),
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type of the tools' sizes and counts: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap(hint):
+    """(element type, is a list) of a field's type hint: int, Optional[float], List[str], ..."""
+    origin, inner = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        (hint,) = [t for t in inner if t is not type(None)]
+        origin, inner = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, List):
+        return inner[0], True
+    return hint, False
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every dataclass field is a flag; its argparse type comes from the field's type hint."""
     parser = argparse.ArgumentParser(description="Elastic (Flextron) continued pretraining")
     for group_name, cls in _GROUPS.items():
         group = parser.add_argument_group(group_name)
+        hints = typing.get_type_hints(cls)
         for name, f in cls.__dataclass_fields__.items():
-            flag = "--" + name.replace("_", "-")
             default = f.default_factory() if callable(f.default_factory) else f.default
-            if f.type in ("bool",) or isinstance(default, bool):
-                group.add_argument(flag, action="store_true", help=_HELP[name])
-            elif name in _LISTS:
-                group.add_argument(
-                    flag, nargs="+", type=_LISTS[name], default=default, help=_HELP[name]
-                )
-            else:
-                kind = type(default) if default is not None else str
-                kind = int if name.endswith(("_interval", "_size")) and default is None else kind
-                group.add_argument(
-                    flag, type=kind, default=default, choices=_CHOICES.get(name), help=_HELP[name]
-                )
+            kind, is_list = _unwrap(hints[name])
+            if kind is bool:
+                group.add_argument(_flag(name), action="store_true", help=_HELP[name])
+                continue
+            group.add_argument(
+                _flag(name),
+                type=kind,
+                nargs="+" if is_list else None,
+                default=default,
+                choices=_CHOICES.get(name),
+                help=_HELP[name],
+            )
     return parser
 
 
@@ -225,6 +275,8 @@ def parse_args(argv=None) -> TrainingArgs:
 def validate(args: TrainingArgs) -> None:
     """Refuse inconsistent settings with a message naming them."""
     p, d, o, r, e = args.parallel, args.data, args.optimizer, args.run, args.elastic
+    check_ranges(args)
+    check_split(d.split)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if world % model_parallel:
@@ -273,3 +325,24 @@ def validate(args: TrainingArgs) -> None:
         raise ValueError("--router-cost-metric latency needs --latency-table")
     if r.save_interval is not None and r.save is None:
         raise ValueError("--save-interval needs --save")
+
+
+def check_ranges(args: TrainingArgs) -> None:
+    """Every numeric flag finite and inside its range (a zero size divides by zero later, a zero
+    --kd-temperature trains to NaN)."""
+    for group in (args.parallel, args.data, args.optimizer, args.run, args.elastic):
+        for name in group.__dataclass_fields__:
+            value = getattr(group, name)
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if not math.isfinite(v):
+                    raise ValueError(f"{_flag(name)} {v} is not a finite number")
+                if name not in _RANGES:
+                    continue
+                low, inclusive, high = _RANGES[name]
+                if v < low or (v == low and not inclusive) or (high is not None and v > high):
+                    bound = f">= {low}" if inclusive else f"> {low}"
+                    bound += f" and <= {high}" if high is not None else ""
+                    raise ValueError(f"{_flag(name)} {v} must be {bound}")

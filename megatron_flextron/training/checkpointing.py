@@ -25,7 +25,10 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
+    check_stored_shapes,
     iteration_dir,
+    load_common,
+    load_dist_checkpoint,
     load_flextron_into_model,
     load_state_strict,
     read_config,
@@ -100,7 +103,7 @@ def load_training_checkpoint(
     """
     config = read_config(path)
     shards = iteration_dir(path)
-    common = dist_checkpointing.load_common_state_dict(shards)
+    common = load_common(shards)
     if "iteration" not in common or not load_optim:
         load_flextron_into_model(model, path)
         optimizer.reload_model_params()  # bf16/fp16: the fp32 master copies follow the weights
@@ -109,6 +112,7 @@ def load_training_checkpoint(
             int(common.get("consumed_train_samples", 0)),
             common,
         )
+    check_stored_shapes(path, ModelConfig.from_dict(config["model"]))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config["dealt_tensor_parallel_size"] != tp:
         raise CheckpointError(
@@ -124,7 +128,7 @@ def load_training_checkpoint(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
         ),
     }
-    loaded = dist_checkpointing.load(request, shards)
+    loaded = load_dist_checkpoint(request, shards)
     load_state_strict(gpt, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     unshare_torch_adam_steps(optimizer)

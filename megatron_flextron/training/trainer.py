@@ -31,6 +31,7 @@ from megatron_flextron.elastic import build_gpt_model, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
 from megatron_flextron.parallel import current_device, initialize_model_parallel
 from megatron_flextron.training.arguments import TrainingArgs
+from megatron_flextron.training.guards import check_parameters, check_step
 from megatron_flextron.training.checkpointing import (
     has_checkpoint,
     load_training_checkpoint,
@@ -307,7 +308,8 @@ def train_step(run: Run) -> dict:
         run.step.weight_decay.apply(lr)
     for router in run.step.routers:
         router.finish_grads()
-    _, grad_norm, _ = run.optimizer.step()
+    updated, grad_norm, _ = run.optimizer.step()
+    check_step(stats, grad_norm, run.iteration + 1, skipped=not updated)
     for router in run.step.routers:
         router.step()
     run.scheduler.step(increment=1)
@@ -379,6 +381,7 @@ def _router_states(step) -> Optional[dict]:
 
 
 def save(run: Run) -> None:
+    check_parameters(run.model, run.iteration)  # collective: never a non-finite checkpoint
     joint = run.step.joint_router
     metadata = dict(run.config.get("metadata") or {})
     metadata["training"] = {
