@@ -58,7 +58,8 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
         raise _refuse(kind, "attention_bias=True", "biases on q/k/v and o_proj (q/k/v only: qwen2)")
     if cfg.get("mlp_bias"):
         raise _refuse(kind, "mlp_bias=True", "MLP biases without attention biases")
-    partial = float(cfg.get("partial_rotary_factor", 1.0) or 1.0)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
     if partial != 1.0:
         raise _refuse(kind, f"partial_rotary_factor={partial}", "RoPE on every head dimension")
     window = cfg.get("sliding_window")

@@ -95,7 +95,7 @@ def resolve_tokenizer(
         folder, note = stage_tokenizer(override), f"--tokenizer-model {override}"
     else:
         folder, note = _from_args(args)
-        if folder is None and beside and os.path.isdir(beside):
+        if folder is None and beside and _has_files(beside):
             folder, note = stage_tokenizer(beside), f"the checkpoint's {beside}"
     info = {"type": getattr(args, "tokenizer_type", None), "carried": folder is not None}
     if folder is None:
