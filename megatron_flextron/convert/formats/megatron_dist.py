@@ -29,11 +29,13 @@ from typing import Dict, Optional
 import torch
 
 from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
+from megatron_flextron.checkpoint.io import read_json
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.formats.megatron_args import model_config_from_args
 from megatron_flextron.convert.formats.megatron_tokenizer import resolve_tokenizer
 
+Tensor = torch.Tensor
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SKIPPED = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -94,7 +96,7 @@ def read_common(folder: str) -> dict:
             common = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {file} with weights_only=True: {e}") from None
-    if not isinstance(common, dict) or "args" not in common:
+    if not isinstance(common, dict):
         raise CheckpointError(f"{file} holds no 'args': cannot infer the model")
     return common
 
@@ -151,10 +153,10 @@ def _split(key: str, tensor: torch.Tensor, m: ModelConfig) -> Dict[str, torch.Te
     return {f"decoder.layers.{i}.{rest}": tensor[i].clone() for i in range(m.num_layers)}
 
 
-def _read_state(stored: StoredTensors, m: ModelConfig) -> Dict[str, torch.Tensor]:
+def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Dict[str, Tensor]:
     from tqdm import tqdm
 
-    expected = expected_shapes(m)
+    expected = expected_shapes(m, layer_shapes)
     state: Dict[str, torch.Tensor] = {}
     unused = []
     tied_head = None
@@ -184,11 +186,15 @@ _EMBED = "embedding.word_embeddings.weight"
 
 def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoint:
     folder = shard_dir(path)
+    root = os.path.dirname(os.path.abspath(folder))
     common = read_common(folder)
-    args = common["args"]
-    model = model_config_from_args(args)
-    state = _read_state(StoredTensors(folder), model)
-    beside = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
+    args, layer_shapes = common.get("args"), None
+    if args is not None:
+        model = model_config_from_args(args)
+    else:
+        model, layer_shapes = _heterogeneous_config(root, folder)
+    state = _read_state(StoredTensors(folder), model, layer_shapes)
+    beside = os.path.join(root, "tokenizer")
     tokenizer_dir, tokenizer_info = resolve_tokenizer(args, tokenizer_model, beside)
     real = tokenizer_info.get("vocab_size")
     if real is not None and real > model.vocab_size:
@@ -205,9 +211,22 @@ def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoin
         "tokenizer": tokenizer_info,
         "vocabulary": vocabulary_note(model.vocab_size, real, args),
     }
-    ckpt = Checkpoint(model=model, state=state, tokenizer_dir=tokenizer_dir, metadata=metadata)
+    ckpt = Checkpoint(model, state, tokenizer_dir, metadata=metadata, layer_shapes=layer_shapes)
     ckpt.validate()
     return ckpt
+
+
+def _heterogeneous_config(root: str, folder: str):
+    """A per-layer sub-network from the megatron saver has no Megatron-LM args (they describe
+    one layer shape); its model_config.json records the model and the layer shapes."""
+    config_file = os.path.join(root, "model_config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{folder}/common.pt holds no 'args': cannot infer the model")
+    config = read_json(config_file)
+    shapes = config.get("layer_shapes")
+    if not shapes:
+        raise CheckpointError(f"{folder}/common.pt holds no 'args' and {config_file} no shapes")
+    return ModelConfig.from_dict(config["model"]), [tuple(s) for s in shapes]
 
 
 def vocabulary_note(padded: int, real: Optional[int], args=None) -> dict:
