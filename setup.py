@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1; python_version<'3.12'",
-        "megatron-core>=0.16.1; python_version>='3.12'",
+        "megatron-core>=0.16.1,<=0.19.2; python_version>='3.12'",  # verified: compat/version.py
         "numpy",
         "psutil",
     ],

@@ -62,6 +62,10 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
     init_method_std: float = 0.02
+    add_qkv_bias: bool = False  # a bias on the QKV projection only (Qwen2); add_bias_linear: all
+    # Llama 3.x RoPE scaling (megatron-core's rope_scaling: low/high frequency factors 1 and 4,
+    # original context 8192); None: no scaling
+    rope_scaling_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.family not in _FAMILY_DEFAULTS:
@@ -87,6 +91,10 @@ class ModelConfig:
     def is_gqa(self) -> bool:
         """True when query heads share KV heads (elastic heads are trimmed inside each group)."""
         return self.heads_per_group > 1
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return bool(self.add_bias_linear or self.add_qkv_bias)
 
     @property
     def gated(self) -> bool:
@@ -118,6 +126,7 @@ class ModelConfig:
             activation_func=activation_func,
             gated_linear_unit=self.gated,
             add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,
@@ -149,6 +158,8 @@ class ModelConfig:
             share_embeddings_and_output_weights=self.tie_embeddings,
             position_embedding_type=self.position_embedding,
             rotary_base=self.rotary_base,
+            rope_scaling=self.rope_scaling_factor is not None,
+            rope_scaling_factor=self.rope_scaling_factor or 8.0,
         )
 
     def to_dict(self) -> dict:

@@ -152,6 +152,10 @@ def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path, spec):
     else:
         dense = build_gpt_model(small.model, small.model.transformer_config(), elastic=False)
         assert "--num-layers 3" in (tmp_path / "meg" / "megatron_args.txt").read_text()
+    back = load_checkpoint("megatron", str(tmp_path / "meg"))  # --loader megatron reads it back
+    assert back.model == small.model and back.layer_shapes == small.layer_shapes
+    assert back.state.keys() == small.state.keys()
+    assert all(torch.equal(back.state[k], v) for k, v in small.state.items())
     from megatron_flextron.elastic import count_parameters
 
     subnet = Subnetwork.parse(spec, m)

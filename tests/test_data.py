@@ -137,3 +137,19 @@ def test_gpt2_bpe_tokenizer_matches_transformers(tmp_path, tokenizer_dir):
     )
     with pytest.raises(FileNotFoundError, match="--merge-file"):
         build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=str(tmp_path / "nope"))
+
+
+def test_tokenizers_use_megatron_core_tokenizers_without_the_legacy_warning(tokenizer_dir, caplog):
+    """Built on megatron.core.tokenizers' base class: no legacy-system deprecation warning."""
+    import logging
+
+    from megatron.core.tokenizers.base_tokenizer import MegatronTokenizerBase
+
+    from megatron_flextron.data.tokenizer import build_tokenizer
+
+    with caplog.at_level(logging.WARNING):
+        tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
+    assert isinstance(tok, MegatronTokenizerBase)
+    assert "legacy tokenizer" not in caplog.text
+    assert tok.unique_identifiers["class"] == "HuggingFaceTokenizer"
+    assert tok.detokenize(tok.tokenize("hello world")) == "hello world"

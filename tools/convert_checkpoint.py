@@ -5,8 +5,10 @@
   python tools/convert_checkpoint.py --loader flextron --saver hf \\
       --load-dir ckpt/smollm2 --save-dir out/smollm2-half --subnetwork '{"mlp": 768, "heads": 6}'
 
-Loaders: hf (transformers dir, Llama family / GPT-2), gguf (Llama family), megatron_legacy (Megatron
+Loaders: hf (transformers dir: Llama, Mistral, Qwen2, GPT-2), gguf (Llama family), megatron
+(Megatron-LM torch_dist checkpoints: the root or one iteration folder), megatron_legacy (Megatron
 GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust), flextron.
+Every loader is exact or refuses (exit 2) naming the field or tensor it cannot represent.
 Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock).
 A failed conversion exits non-zero and leaves nothing at --save-dir.
 """
@@ -43,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--load-dir", required=True, help="source directory (gguf: the .gguf file)")
     p.add_argument(
         "--save-dir", required=True, help="output directory (must not exist or be empty)"
+    )
+    p.add_argument(
+        "--tokenizer-model",
+        help="tokenizer to carry into the output (a folder, tokenizer.json or sentencepiece "
+        ".model), e.g. when a Megatron checkpoint's tokenizer_model is not on this machine",
     )
     p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1)
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
             seq_length=args.calibration_seq_length,
             head_estimator=args.head_estimator,
         ),
+        tokenizer_model=args.tokenizer_model,
     )
     t0 = time.time()
     if not os.path.exists(args.load_dir):
@@ -111,6 +119,9 @@ def main(argv=None) -> int:
     finally:
         destroy_model_parallel()
     m = ckpt.model
+    tokenizer = ckpt.metadata.get("tokenizer") or {}
+    if tokenizer and not tokenizer.get("carried"):
+        print(f"note: tokenizer {tokenizer['note']}", file=sys.stderr)
     print(
         json.dumps(
             {

@@ -201,7 +201,7 @@ def check_tokenizer_file(path: str) -> None:
 
 def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
     """A lazy name -> tensor reader over an HF weights folder (safetensors, sharded or not,
-    or pytorch_model.bin loaded with weights_only=True)."""
+    or pytorch_model.bin loaded with weights_only=True). ``get.names`` lists what is stored."""
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -216,7 +216,12 @@ def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
             raise CheckpointError(f"cannot read {single}: {e}") from None
     elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
         state = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
-        return lambda name: _lookup(state, name, directory)
+
+        def lookup(name: str) -> torch.Tensor:
+            return _lookup(state, name, directory)
+
+        lookup.names = frozenset(state)
+        return lookup
     else:
         raise CheckpointError(f"{directory} holds no model.safetensors or pytorch_model.bin")
     handles: Dict[str, object] = {}
@@ -232,6 +237,7 @@ def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
         except Exception as e:  # a truncated or corrupt file
             raise CheckpointError(f"cannot read {name!r} from {path}: {e}") from None
 
+    get.names = frozenset(files)
     return get
 
 

@@ -67,8 +67,9 @@ def expected_shapes(
         shapes[f"{p}self_attention.linear_proj.weight"] = (h, heads * d)
         shapes[f"{p}mlp.linear_fc1.weight"] = (blocks * ffn, h)
         shapes[f"{p}mlp.linear_fc2.weight"] = (h, ffn)
-        if m.add_bias_linear:
+        if m.has_qkv_bias:
             shapes[f"{p}self_attention.linear_qkv.bias"] = (qkv,)
+        if m.add_bias_linear:
             shapes[f"{p}self_attention.linear_proj.bias"] = (h,)
             shapes[f"{p}mlp.linear_fc1.bias"] = (blocks * ffn,)
             shapes[f"{p}mlp.linear_fc2.bias"] = (h,)

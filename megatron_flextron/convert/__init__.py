@@ -9,11 +9,25 @@ from megatron_flextron.config import ElasticConfig
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.io import atomic_output_dir
 
-LOADERS = ("hf", "gguf", "megatron_legacy", "flextron")
+LOADERS = ("hf", "gguf", "megatron", "megatron_legacy", "flextron")
 SAVERS = ("flextron", "hf", "megatron")
 
 
-def load_checkpoint(loader: str, path: str) -> Checkpoint:
+def load_checkpoint(loader: str, path: str, tokenizer_model: Optional[str] = None) -> Checkpoint:
+    """``tokenizer_model`` (a tokenizer folder or file) replaces the source's tokenizer."""
+    if loader == "megatron":
+        from megatron_flextron.convert.formats.megatron_dist import load_megatron
+
+        return load_megatron(path, tokenizer_model)
+    ckpt = _load_other(loader, path)
+    if tokenizer_model:
+        from megatron_flextron.convert.formats.megatron_tokenizer import stage_tokenizer
+
+        ckpt.tokenizer_dir = stage_tokenizer(tokenizer_model)
+    return ckpt
+
+
+def _load_other(loader: str, path: str) -> Checkpoint:
     if loader == "hf":
         from megatron_flextron.convert.formats.hf import load_hf
 
@@ -64,6 +78,7 @@ class ConvertOptions:
     mlp_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     head_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     ranking: dict = field(default_factory=dict)  # options for importance ranking
+    tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
 
 
 def check_parallel_sizes(ckpt: Checkpoint, tp: int, pp: int) -> None:
@@ -103,7 +118,7 @@ def convert(opts: ConvertOptions) -> Checkpoint:
     if opts.budget is not None and opts.calibration_data:
         raise CheckpointError("--budget picks from a trained model: no --calibration-data")
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
-    ckpt = load_checkpoint(opts.loader, opts.load_dir)
+    ckpt = load_checkpoint(opts.loader, opts.load_dir, opts.tokenizer_model)
     if ckpt.elastic is None:
         ckpt.elastic = ElasticConfig.from_ratios(
             ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp

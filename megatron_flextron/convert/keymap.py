@@ -57,6 +57,16 @@ class KeyMap:
     def source_names(self, m: ModelConfig):
         return [s for _, sources, _ in self._rules(m) for s in sources]
 
+    def check_consumed(self, m: ModelConfig, available, ignored=()) -> None:
+        """Exact or refuse: a source tensor no rule reads would be dropped silently; name it."""
+        left = sorted(set(available) - set(self.source_names(m)) - set(ignored))
+        if left:
+            more = f" (and {len(left) - 8} more)" if len(left) > 8 else ""
+            raise CheckpointError(
+                f"{self.name}: source tensors this architecture does not use: {left[:8]}{more}; "
+                "converting would drop them"
+            )
+
     def to_canonical(self, m: ModelConfig, get: Callable[[str], Tensor]) -> Dict[str, Tensor]:
         """Build the canonical state from a tensor getter keyed by source name."""
         from tqdm import tqdm
@@ -120,6 +130,11 @@ HF_LLAMA = KeyMap(
         Rule("input_layernorm.weight", ("input_layernorm.weight",)),
         _qkv_rule(
             ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+        ),
+        _qkv_rule(
+            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+            when=lambda m: m.add_qkv_bias,
+            suffix="bias",
         ),
         Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
         Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),

@@ -4,27 +4,51 @@
 the ``tokenizers`` library alone), ``SentencePieceTokenizer`` (a .model file) and
 ``GPT2BPETokenizer`` (GPT-2's byte-level BPE from ``--vocab-file`` vocab.json and ``--merge-file``
 merges.txt, or a folder holding both).
+
+They derive from ``megatron.core.tokenizers``' base class (``MegatronTokenizerBase``), not the
+deprecated legacy one (which prints a deprecation warning on every construction), and carry the
+``unique_identifiers`` megatron's dataset cache keys on.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections import OrderedDict
 from typing import List
 
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from megatron.core.tokenizers.base_tokenizer import MegatronTokenizerBase
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
 _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
-class HuggingFaceTokenizer(MegatronLegacyTokenizer):
+class _Tokenizer(MegatronTokenizerBase):
+    """What megatron's datasets and our tools use: tokenize, detokenize, vocab, eod."""
+
+    def __init__(self, path: str, library: str):
+        super().__init__(path, {"library": library, "model_type": "gpt", "chat_template": None})
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_path", [path])]
+        )
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4)
+
+    @property
+    def pad(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} has no padding token")
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+
+
+class HuggingFaceTokenizer(_Tokenizer):
     def __init__(self, path: str, tokenizer=None):
         from tokenizers import Tokenizer
 
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if tokenizer is None and not os.path.isfile(file):
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        super().__init__(file)
+        super().__init__(file, "huggingface")
         self._tok = tokenizer or Tokenizer.from_file(file)
         eod = next(
             (
@@ -76,13 +100,13 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         super().__init__(vocab_file, tokenizer=tok)
 
 
-class SentencePieceTokenizer(MegatronLegacyTokenizer):
+class SentencePieceTokenizer(_Tokenizer):
     def __init__(self, path: str):
         import sentencepiece
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no sentencepiece model at {path}")
-        super().__init__(path)
+        super().__init__(path, "sentencepiece")
         self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         self._eod = self._sp.eos_id() if self._sp.eos_id() >= 0 else self._sp.piece_to_id("</s>")
 
@@ -114,7 +138,7 @@ def build_tokenizer(
     tokenizer_model: str = None,
     vocab_file: str = None,
     merge_file: str = None,
-) -> MegatronLegacyTokenizer:
+) -> MegatronTokenizerBase:
     """``vocab_file``/``merge_file`` (GPT2BPETokenizer) default to the files in the
     ``tokenizer_model`` folder."""
     if tokenizer_type == "GPT2BPETokenizer":

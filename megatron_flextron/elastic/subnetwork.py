@@ -178,6 +178,7 @@ def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
     """Parameter counts of a sub-network: transformer layers, and total with embeddings."""
     h, d, g = model.hidden_size, model.kv_channels, model.num_query_groups
     bias = 1 if model.add_bias_linear else 0
+    qkv_bias = 1 if model.has_qkv_bias else 0
     blocks = 2 if model.gated else 1
     norm = 2 * h if model.normalization == "LayerNorm" else h
     layer_params = 0
@@ -185,7 +186,7 @@ def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
         k, heads = subnet.mlp[i], subnet.heads[i]
         kv_heads = g if model.is_gqa else heads
         qkv_out = (heads + 2 * kv_heads) * d
-        layer_params += qkv_out * (h + bias) + heads * d * h + bias * h
+        layer_params += qkv_out * (h + qkv_bias) + heads * d * h + bias * h
         layer_params += blocks * k * (h + bias) + k * h + bias * h + 2 * norm
     embed = model.vocab_size * h * (1 if model.tie_embeddings else 2)
     if model.position_embedding == "learned_absolute":

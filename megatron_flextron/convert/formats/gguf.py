@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp) of the Llama family, dequantized to fp32 with the ``gguf`` package.
 
 Q and K rows are stored in llama.cpp's RoPE layout and are un-permuted by the key map. The
-tokenizer inside the file is converted to ``tokenizer.json`` by transformers.
+tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
+partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), experts,
+sliding windows and any tensor the key map does not read stop the conversion, named.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def model_config_from_gguf(reader) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     heads = int(_field(reader, "llama.attention.head_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
+    head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
+    _check_supported(reader, head_dim)
     vocab = reader.fields.get("llama.vocab_size")
     return ModelConfig(
         "llama",
@@ -59,13 +63,36 @@ def model_config_from_gguf(reader) -> ModelConfig:
         ffn_hidden_size=int(_field(reader, "llama.feed_forward_length")),
         num_attention_heads=heads,
         num_query_groups=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        kv_channels=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
+        kv_channels=head_dim,
         vocab_size=int(vocab.contents()) if vocab else len(_field(reader, "tokenizer.ggml.tokens")),
         max_position_embeddings=int(_field(reader, "llama.context_length")),
         norm_epsilon=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         rotary_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         tie_embeddings="output.weight" not in names,
     )
+
+
+def _check_supported(reader, head_dim: int) -> None:
+    """Exact or refuse: metadata that changes the function and has no megatron equivalent."""
+
+    def refuse(what, why):
+        return CheckpointError(f"GGUF {what} is not supported ({why})")
+
+    rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise refuse(f"llama.rope.dimension_count={rope_dim}", f"partial RoPE of {head_dim}")
+    value_dim = int(_field(reader, "llama.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise refuse(f"llama.attention.value_length={value_dim}", "values wider than keys")
+    scaling = reader.fields.get("llama.rope.scaling.type")
+    if scaling is not None and scaling.contents() != "none":
+        raise refuse(f"llama.rope.scaling.type={scaling.contents()!r}", "plain RoPE only")
+    for key, why in (
+        ("llama.expert_count", "mixture of experts"),
+        ("llama.attention.sliding_window", "sliding-window attention"),
+    ):
+        if key in reader.fields and int(reader.fields[key].contents() or 0):
+            raise refuse(f"{key}={reader.fields[key].contents()}", why)
 
 
 def _convert_tokenizer(path: str) -> str:
@@ -101,6 +128,8 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
         return torch.from_numpy(array.reshape(shape).copy()).float()
 
+    # a leftover tensor is refused by name, e.g. rope_freqs.weight (Llama-3 RoPE scaling factors)
+    GGUF_LLAMA.check_consumed(model, tensors)
     ckpt = Checkpoint(model=model, state=GGUF_LLAMA.to_canonical(model, get))
     ckpt.validate()
     if with_tokenizer:

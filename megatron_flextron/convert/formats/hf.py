@@ -1,9 +1,16 @@
-"""Hugging Face transformers directories: Llama family (GQA, SwiGLU, RMSNorm, RoPE) and GPT-2."""
+"""Hugging Face transformers directories: Llama family (GQA, SwiGLU, RMSNorm, RoPE; Qwen2's q/k/v
+biases, Llama-3 RoPE scaling) and GPT-2.
+
+Exact or refuse: every config field that changes the function maps to a ModelConfig field or stops
+the conversion naming it, and every stored tensor is read by the key map or named as a leftover.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
+import torch
 from safetensors.torch import save_file
 
 from megatron_flextron.config import ModelConfig
@@ -11,20 +18,63 @@ from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_getter, write_json
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
-_ACTIVATIONS = {
-    "silu": "swiglu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
-}
+# GPT-2 activation_function -> ModelConfig.activation; anything else is refused
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_GPT2_FIXED = (  # (field, the only value megatron represents, why)
+    ("scale_attn_weights", True, "attention scores are scaled by 1/sqrt(head_dim)"),
+    ("scale_attn_by_inverse_layer_idx", False, "no per-layer attention scaling"),
+    ("add_cross_attention", False, "decoder-only, no cross-attention"),
+)
+# Llama 3.x RoPE scaling as megatron-core implements it (only the factor is a parameter)
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def _refuse(kind: str, what: str, why: str) -> CheckpointError:
+    return CheckpointError(f"hf {kind}: {what} is not supported: {why}")
+
+
+def _rope_scaling(kind: str, cfg: dict):
+    """The Llama-3 scaling factor, None for plain RoPE; other scalings are refused by name."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise _refuse(kind, f"rope_type={rope_type!r}", "only plain RoPE and Llama-3 scaling")
+    for key, value in LLAMA3_ROPE.items():
+        if float(rope.get(key, value)) != value:
+            raise _refuse(
+                kind, f"llama3 RoPE {key}={rope.get(key)}", f"megatron-core fixes it at {value}"
+            )
+    return float(rope["factor"])
+
+
+def _check_llama_family(kind: str, cfg: dict) -> None:
+    """Refuse, by name, every field that changes the function and has no megatron equivalent."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise _refuse(kind, f"hidden_act={cfg['hidden_act']!r}", "the gated MLP is SwiGLU (silu)")
+    if cfg.get("attention_bias"):
+        raise _refuse(kind, "attention_bias=True", "biases on q/k/v and o_proj (q/k/v only: qwen2)")
+    if cfg.get("mlp_bias"):
+        raise _refuse(kind, "mlp_bias=True", "MLP biases without attention biases")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
+    if partial != 1.0:
+        raise _refuse(kind, f"partial_rotary_factor={partial}", "RoPE on every head dimension")
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types") or []
+    if kind == "qwen2":
+        window = window if cfg.get("use_sliding_window") else None
+    if window is not None or any(t != "full_attention" for t in layer_types):
+        raise _refuse(kind, f"sliding_window={window}", "attention is full (causal) everywhere")
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
     kind = cfg.get("model_type")
     if kind in ("llama", "mistral", "qwen2"):
+        _check_llama_family(kind, cfg)
         rope = cfg.get("rope_parameters") or {}
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise CheckpointError("Llama-family checkpoints with linear biases are not supported")
         heads = cfg["num_attention_heads"]
         return ModelConfig(
             "llama",
@@ -39,9 +89,16 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
             rotary_base=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            activation=_ACTIVATIONS.get(cfg.get("hidden_act", "silu"), "swiglu"),
+            add_qkv_bias=kind == "qwen2",  # Qwen2 always has q/k/v biases and no others
+            rope_scaling_factor=_rope_scaling(kind, cfg),
         )
     if kind == "gpt2":
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in _GPT2_ACTIVATIONS:
+            raise _refuse(kind, f"activation_function={act!r}", f"one of {list(_GPT2_ACTIVATIONS)}")
+        for key, ok, why in _GPT2_FIXED:
+            if bool(cfg.get(key, ok)) != ok:
+                raise _refuse(kind, f"{key}={cfg[key]}", why)
         h = cfg["n_embd"]
         return ModelConfig(
             "gpt3",
@@ -52,41 +109,65 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             vocab_size=cfg["vocab_size"],
             max_position_embeddings=cfg["n_positions"],
             norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
-            activation=_ACTIVATIONS[cfg.get("activation_function", "gelu_new")],
+            activation=_GPT2_ACTIVATIONS[act],
             tie_embeddings=True,
         )
-    raise CheckpointError(f"unsupported Hugging Face model_type {kind!r} (llama family or gpt2)")
+    raise CheckpointError(
+        f"unsupported Hugging Face model_type {kind!r} (llama, mistral, qwen2 or gpt2)"
+    )
+
+
+def _dtype_name(ckpt: Checkpoint) -> str:
+    return str(ckpt.state["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
+
+
+def _llama_family_config(m: ModelConfig) -> dict:
+    if m.add_bias_linear or m.normalization != "RMSNorm" or m.activation != "swiglu":
+        raise CheckpointError("only Llama-style (RMSNorm, SwiGLU, no bias) models export as llama")
+    if m.position_embedding != "rope":
+        raise CheckpointError("Llama-family exports need RoPE position embeddings")
+    rope = {"rope_theta": m.rotary_base, "rope_type": "default"}
+    if m.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=m.rope_scaling_factor, **LLAMA3_ROPE)
+    arch, kind = ("Qwen2ForCausalLM", "qwen2") if m.add_qkv_bias else ("LlamaForCausalLM", "llama")
+    config = {
+        "architectures": [arch],
+        "model_type": kind,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": m.kv_channels,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": m.rotary_base,
+        "rope_parameters": rope,
+        "tie_word_embeddings": m.tie_embeddings,
+        "vocab_size": m.vocab_size,
+    }
+    if kind == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
+    return config
 
 
 def hf_config_from_model(m: ModelConfig) -> dict:
     if m.family == "llama":
-        if m.add_bias_linear or m.normalization != "RMSNorm" or m.activation != "swiglu":
-            raise CheckpointError(
-                "only Llama-style (RMSNorm, SwiGLU, no bias) models export as llama"
-            )
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": m.hidden_size,
-            "intermediate_size": m.ffn_hidden_size,
-            "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_attention_heads,
-            "num_key_value_heads": m.num_query_groups,
-            "head_dim": m.kv_channels,
-            "hidden_act": "silu",
-            "max_position_embeddings": m.max_position_embeddings,
-            "rms_norm_eps": m.norm_epsilon,
-            "rope_theta": m.rotary_base,
-            "rope_parameters": {"rope_theta": m.rotary_base, "rope_type": "default"},
-            "tie_word_embeddings": m.tie_embeddings,
-            "vocab_size": m.vocab_size,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": "float32",
-        }
-    if m.is_gqa or not m.tie_embeddings or m.position_embedding != "learned_absolute":
+        return _llama_family_config(m)
+    if (
+        m.is_gqa
+        or not m.tie_embeddings
+        or m.position_embedding != "learned_absolute"
+        or not m.add_bias_linear
+        or m.normalization != "LayerNorm"
+        or m.activation not in ("gelu", "gelu_tanh")
+    ):
         raise CheckpointError(
-            "GPT-3 style models export as gpt2 only with MHA, tied embeddings and learned positions"
+            "GPT-3 style models export as gpt2 only with MHA, tied embeddings, learned positions, "
+            "LayerNorm, GeLU and all linear biases"
         )
     if m.kv_channels * m.num_attention_heads != m.hidden_size:
         raise CheckpointError(
@@ -106,7 +187,6 @@ def hf_config_from_model(m: ModelConfig) -> dict:
         "layer_norm_epsilon": m.norm_epsilon,
         "activation_function": act,
         "tie_word_embeddings": True,
-        "torch_dtype": "float32",
     }
 
 
@@ -114,11 +194,29 @@ def _keymap(m: ModelConfig):
     return HF_LLAMA if m.family == "llama" else HF_GPT2
 
 
+_BUFFERS = re.compile(r"^(.*rotary_emb\.inv_freq|transformer\.h\.\d+\.attn\.(masked_)?bias)$")
+
+
+def _ignored(m: ModelConfig, get) -> set:
+    """Stored tensors that carry nothing: attention-mask and RoPE buffers, and a tied head
+    saved next to the embedding (only when it is the same tensor)."""
+    ignored = {n for n in get.names if _BUFFERS.match(n)}
+    if m.tie_embeddings and "lm_head.weight" in get.names:
+        embed = "model.embed_tokens.weight" if m.family == "llama" else "transformer.wte.weight"
+        if not torch.equal(get("lm_head.weight"), get(embed)):
+            raise CheckpointError("tie_word_embeddings=True but lm_head.weight differs from "
+                                  f"{embed}: the tied model would drop it")
+        ignored.add("lm_head.weight")
+    return ignored
+
+
 def load_hf(path: str) -> Checkpoint:
     if not os.path.isdir(path):
         raise CheckpointError(f"Hugging Face checkpoint {path} is not a directory")
     model = model_config_from_hf(read_json(os.path.join(path, "config.json")))
-    state = _keymap(model).to_canonical(model, tensor_getter(path))
+    keymap, get = _keymap(model), tensor_getter(path)
+    keymap.check_consumed(model, get.names, _ignored(model, get))
+    state = keymap.to_canonical(model, get)
     ckpt = Checkpoint(model=model, state=state, tokenizer_dir=path)
     ckpt.validate()
     return ckpt
@@ -131,7 +229,9 @@ def save_hf(ckpt: Checkpoint, out_dir: str) -> None:
             "a heterogeneous (per-layer) sub-network has no transformers config (Llama and GPT-2 "
             "configs hold one MLP width and head count); export it with --saver megatron"
         )
-    config = hf_config_from_model(ckpt.model)
+    config = {**hf_config_from_model(ckpt.model), "torch_dtype": _dtype_name(ckpt)}
+    if "vocabulary" in ckpt.metadata:  # Megatron's padded vocabulary: say what the rows are
+        config["megatron_vocabulary"] = ckpt.metadata["vocabulary"]
     tensors = _keymap(ckpt.model).from_canonical(ckpt.model, ckpt.state)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(out_dir, "config.json"), config)

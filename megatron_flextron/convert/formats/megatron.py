@@ -1,7 +1,8 @@
 """A plain Megatron-Core GPT checkpoint (torch_dist) of a dense model, for stock Megatron.
 
 Stock Megatron reshards it at load to any TP/PP (contiguous splits: a dense model has no nested
-order to keep). ``megatron_args.txt`` lists the Megatron-LM model flags that match it. A
+order to keep). ``megatron_args.txt`` lists the Megatron-LM model flags that match it and
+``common.pt`` holds them as Megatron-LM's ``args`` (so ``--loader megatron`` reads it back). A
 heterogeneous sub-network (per-layer sizes) is written from megatron's own TransformerLayers, each
 built with its layer's config; ``model_config.json`` records the sizes as ``layer_shapes`` and
 ``elastic.model.build_heterogeneous_gpt_model`` rebuilds the model that loads it.
@@ -9,7 +10,10 @@ built with its layer's config; ``model_config.json`` records the sizes as ``laye
 
 from __future__ import annotations
 
+import argparse
 import os
+
+import torch
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.checkpoint.state import Checkpoint
@@ -48,15 +52,58 @@ def megatron_lm_flags(m: ModelConfig) -> list:
         flags += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
     if m.position_embedding == "rope":
         flags += ["--rotary-base", int(m.rotary_base)]
+        if m.rope_scaling_factor is not None:
+            flags += ["--use-rope-scaling", "--rope-scaling-factor", m.rope_scaling_factor]
     if m.activation == "swiglu":
         flags += ["--swiglu"]
     elif m.activation == "gelu_tanh":
         flags += ["--openai-gelu"]
     if not m.add_bias_linear:
         flags += ["--disable-bias-linear"]
+        if m.add_qkv_bias:
+            flags += ["--add-qkv-bias"]
     if not m.tie_embeddings:
         flags += ["--untie-embeddings-and-output-weights"]
     return [str(f) for f in flags]
+
+
+def megatron_lm_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
+    """The ``args`` Megatron-LM stores in common.pt (model arguments only), so that Megatron-LM
+    (``--use-checkpoint-args``) and ``--loader megatron`` read the architecture back."""
+    gqa = m.num_query_groups != m.num_attention_heads
+    return argparse.Namespace(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        kv_channels=m.kv_channels,
+        group_query_attention=gqa,
+        num_query_groups=m.num_query_groups if gqa else 1,
+        max_position_embeddings=m.max_position_embeddings,
+        position_embedding_type=m.position_embedding,
+        rotary_base=int(m.rotary_base),
+        rotary_percent=1.0,
+        use_rope_scaling=m.rope_scaling_factor is not None,
+        rope_scaling_factor=m.rope_scaling_factor or 8.0,
+        normalization=m.normalization,
+        norm_epsilon=m.norm_epsilon,
+        swiglu=m.activation == "swiglu",
+        openai_gelu=m.activation == "gelu_tanh",
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        untie_embeddings_and_output_weights=not m.tie_embeddings,
+        padded_vocab_size=m.vocab_size,
+        make_vocab_size_divisible_by=1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        transformer_impl="local",
+        ckpt_format="torch_dist",
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        tokenizer_type=None,
+        tokenizer_model=None,
+    )
 
 
 def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
@@ -66,16 +113,20 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
     m = ckpt.model
+    dtype = ckpt.state["embedding.word_embeddings.weight"].dtype  # written as it is held
     if ckpt.layer_shapes:
-        model = build_heterogeneous_gpt_model(m, ckpt.layer_shapes)
+        model = build_heterogeneous_gpt_model(m, ckpt.layer_shapes, params_dtype=dtype)
     else:
-        model = build_gpt_model(
-            m, m.transformer_config(), elastic=False, pre_process=True, post_process=True
-        )
+        config = m.transformer_config(params_dtype=dtype)
+        model = build_gpt_model(m, config, elastic=False, pre_process=True, post_process=True)
+    model.to(dtype)  # norms too, as Megatron-LM's Float16Module holds them
     load_state_strict(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
-    dist_checkpointing.save(model.sharded_state_dict(), shards)
+    state = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}
+    if not ckpt.layer_shapes:  # Megatron-LM's args describe one layer shape only
+        state["args"] = megatron_lm_args(m, dtype)
+    dist_checkpointing.save(state, shards)
     write_json(
         os.path.join(out_dir, "model_config.json"),
         {"model": m.to_dict(), "layer_shapes": ckpt.layer_shapes, **ckpt.metadata},

@@ -22,6 +22,7 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.flextron import iteration_dir
+from megatron_flextron.convert.formats.megatron_args import model_config_from_args
 
 # both naming generations -> canonical per-layer names
 _LAYER_NAMES = {
@@ -67,32 +68,6 @@ def _load_rank(path: str) -> dict:
         return torch.load(file, map_location="cpu", weights_only=False)  # trusted input only
     except Exception as e:
         raise CheckpointError(f"cannot read {file}: {e}") from None
-
-
-def model_config_from_args(args) -> ModelConfig:
-    swiglu = getattr(args, "swiglu", False)
-    heads = args.num_attention_heads
-    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
-    return ModelConfig(
-        "llama" if swiglu else "gpt3",
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
-        vocab_size=args.padded_vocab_size,
-        max_position_embeddings=args.max_position_embeddings,
-        normalization=getattr(args, "normalization", "LayerNorm"),
-        activation="swiglu"
-        if swiglu
-        else ("gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu"),
-        position_embedding=getattr(args, "position_embedding_type", "learned_absolute"),
-        add_bias_linear=getattr(args, "add_bias_linear", True),
-        tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        norm_epsilon=getattr(args, "layernorm_epsilon", getattr(args, "norm_epsilon", 1e-5)),
-        rotary_base=float(getattr(args, "rotary_base", 10000)),
-    )
 
 
 def _qkv_to_current(x: torch.Tensor, version: float, heads: int) -> torch.Tensor:
@@ -161,6 +136,11 @@ def _canonical_items(sd: dict, layer_offset: int):
     """(canonical name, tensor) of one rank's file; layers renumbered to global indices."""
     model = sd["model"]
     lm = model.get("language_model", {})
+    unknown = sorted(set(model) - {"language_model", "word_embeddings_for_head"})
+    unknown += sorted(set(lm) - {"embedding", "encoder", "transformer", "output_layer"})
+    unknown += sorted(set(lm.get("embedding", {})) - {"word_embeddings", "position_embeddings"})
+    if unknown:  # e.g. a pooler or a second head: converting would drop it
+        raise CheckpointError(f"legacy checkpoint parts this loader does not convert: {unknown}")
     embedding = lm.get("embedding", {})
     if "word_embeddings" in embedding:
         yield "embedding.word_embeddings.weight", embedding["word_embeddings"]["weight"]

@@ -1,0 +1,96 @@
+"""Megatron-LM's ``args`` Namespace (saved in every checkpoint) -> ``ModelConfig``, exact or refuse.
+
+Shared by the legacy torch loader and the torch_dist loader. Argument names are Megatron-LM's
+(``arguments.py``); a missing argument takes Megatron-LM's default. Every argument that changes
+the network's function either maps to a ModelConfig field or, when set to anything but its
+neutral value, stops the conversion naming it.
+"""
+
+from __future__ import annotations
+
+from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.config import ModelConfig
+
+# (argument, its neutral value, what it would change); a value other than neutral is refused
+_REFUSED = (
+    ("apply_residual_connection_post_layernorm", False, "residual taken after the norm"),
+    ("apply_layernorm_1p", False, "zero-centred norm weights (1 + gamma)"),
+    ("layernorm_zero_centered_gamma", False, "zero-centred norm weights (1 + gamma)"),
+    ("qk_layernorm", False, "norms on queries and keys"),
+    ("squared_relu", False, "squared-ReLU MLP"),
+    ("quick_geglu", False, "quick-GeGLU MLP"),
+    ("glu_linear_offset", 0.0, "an offset inside the gated MLP"),
+    ("activation_func_clamp_value", None, "a clamped activation"),
+    ("num_experts", None, "mixture-of-experts MLPs"),
+    ("multi_latent_attention", False, "multi-latent attention"),
+    ("window_size", None, "sliding-window attention"),
+    ("attention_output_gate", False, "a gate on the attention output"),
+    ("rotary_interleaved", False, "interleaved RoPE pairs"),
+    ("rotary_seq_len_interpolation_factor", None, "RoPE position interpolation"),
+    ("mtp_num_layers", None, "multi-token-prediction layers"),
+    ("heterogeneous_layers_config_path", None, "per-layer heterogeneous blocks"),
+    ("hybrid_override_pattern", None, "hybrid (Mamba) layers"),
+    ("no_rope_freq", None, "layers without RoPE"),
+    ("softmax_type", "vanilla", "a non-standard attention softmax"),
+    ("experimental_attention_variant", None, "a non-standard attention"),
+)
+_POSITIONS = ("learned_absolute", "rope")
+_NORMS = ("LayerNorm", "RMSNorm")
+
+
+def _refuse(arg: str, value, why: str) -> CheckpointError:
+    return CheckpointError(f"megatron args: {arg}={value!r} is not supported ({why})")
+
+
+def check_supported(args) -> None:
+    """Refuse, by name, every set argument that changes the function and is not represented."""
+    for arg, neutral, why in _REFUSED:
+        value = getattr(args, arg, neutral)
+        if value != neutral and not (arg == "rotary_seq_len_interpolation_factor" and value == 1):
+            raise _refuse(arg, value, why)
+    position = getattr(args, "position_embedding_type", "learned_absolute")
+    if position not in _POSITIONS:
+        raise _refuse("position_embedding_type", position, f"one of {_POSITIONS}")
+    if position == "rope" and float(getattr(args, "rotary_percent", 1.0)) != 1.0:
+        raise _refuse("rotary_percent", args.rotary_percent, "partial RoPE")
+    norm = getattr(args, "normalization", "LayerNorm")
+    if norm not in _NORMS:
+        raise _refuse("normalization", norm, f"one of {_NORMS}")
+    if getattr(args, "swiglu", False) and getattr(args, "openai_gelu", False):
+        raise _refuse("openai_gelu", True, "with --swiglu")
+
+
+def model_config_from_args(args) -> ModelConfig:
+    """The dense architecture a Megatron-LM run trained (vocabulary: the padded size)."""
+    check_supported(args)
+    swiglu = getattr(args, "swiglu", False)
+    heads, hidden = args.num_attention_heads, args.hidden_size
+    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
+    position = getattr(args, "position_embedding_type", "learned_absolute")
+    scaling = position == "rope" and getattr(args, "use_rope_scaling", False)
+    vocab = getattr(args, "padded_vocab_size", None)
+    if not vocab:
+        raise CheckpointError("megatron args: no padded_vocab_size; cannot size the embedding")
+    epsilon = getattr(args, "norm_epsilon", None) or getattr(args, "layernorm_epsilon", 1e-5)
+    return ModelConfig(
+        "llama" if swiglu else "gpt3",
+        num_layers=args.num_layers,
+        hidden_size=hidden,
+        ffn_hidden_size=getattr(args, "ffn_hidden_size", None) or 4 * hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=getattr(args, "kv_channels", None) or hidden // heads,
+        vocab_size=vocab,
+        max_position_embeddings=args.max_position_embeddings,
+        normalization=getattr(args, "normalization", "LayerNorm"),
+        activation="swiglu"
+        if swiglu
+        else ("gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu"),
+        position_embedding=position,
+        add_bias_linear=getattr(args, "add_bias_linear", True),
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
+        tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        norm_epsilon=float(epsilon),
+        rotary_base=float(getattr(args, "rotary_base", 10000)),
+        rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)) if scaling else None,
+    )

@@ -1,0 +1,243 @@
+"""Megatron-LM torch_dist checkpoints (``--ckpt-format torch_dist``, Megatron-LM's default).
+
+Layout: ROOT/latest_checkpointed_iteration.txt, ROOT/iter_NNNNNNN/ or ROOT/release/, each holding
+``.metadata`` + ``*.distcp`` (torch.distributed.checkpoint shards, global tensor names whatever
+TP/PP wrote them), ``common.pt`` (the non-sharded state: ``args``, ``iteration``, ...) and
+megatron's ``metadata.json``. Either the root or one iteration folder may be given.
+
+- Config: the ``args`` Namespace in common.pt, read with ``weights_only=True`` and an allow-list
+  (argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
+- Tensors: read one stored key at a time from the shards (only what is converted), kept in the
+  stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
+  key per layer; norms under local (``input_layernorm``) or Transformer Engine names
+  (``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state`` (TE/fp8 metadata, stored as
+  bytes), ``optimizer.*`` and rng state are skipped; any other tensor the architecture does not
+  use stops the conversion naming it.
+- Vocabulary: the embedding has ``padded_vocab_size`` rows; the rows past the tokenizer's vocabulary
+  are kept (the same function) and recorded in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import importlib
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
+from megatron_flextron.checkpoint.io import read_json
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
+from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert.formats.megatron_args import model_config_from_args
+from megatron_flextron.convert.formats.megatron_tokenizer import resolve_tokenizer
+
+Tensor = torch.Tensor
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SKIPPED = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_ENUM_MODULES = ("megatron.", "torch.")  # allow-listed enum classes may come only from these
+
+
+def shard_dir(path: str) -> str:
+    """The iteration folder of a root (its tracker file's) or the folder itself."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Megatron checkpoint {path} is not a directory")
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        if not os.path.isfile(os.path.join(path, TRACKER_FILE)):
+            raise CheckpointError(
+                f"{path} is neither a torch_dist iteration folder (no .metadata) nor a checkpoint "
+                f"root (no {TRACKER_FILE})"
+            )
+        path = iteration_dir(path)
+    if any(name.startswith("mp_rank_") for name in os.listdir(path)):
+        raise CheckpointError(f"{path} is a legacy torch checkpoint: use --loader megatron_legacy")
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path} holds no torch_dist .metadata: not a torch_dist checkpoint")
+    return path
+
+
+def _allowed_global(name: str):
+    """The class a pickled global names, if it is allow-listed: argparse.Namespace or an enum
+    defined in megatron or torch (Megatron stores e.g. AttnBackend in its args)."""
+    if name == "argparse.Namespace":
+        return argparse.Namespace
+    module, _, qualname = name.rpartition(".")
+    if not module.startswith(_ENUM_MODULES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module), qualname)
+    except Exception:
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, enum.Enum) else None
+
+
+def read_common(folder: str) -> dict:
+    """common.pt without unpickling arbitrary objects; refuses naming what is not allow-listed."""
+    file = os.path.join(folder, "common.pt")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{folder} has no common.pt (Megatron's args): no model config")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    allowed = {name: _allowed_global(name) for name in names}
+    refused = sorted(name for name, obj in allowed.items() if obj is None)
+    if refused:
+        raise CheckpointError(
+            f"{file} stores objects outside the allow-list {refused}; they are not unpickled "
+            "(weights_only): re-save the checkpoint's args without them"
+        )
+    try:
+        with torch.serialization.safe_globals(list(allowed.values())):
+            common = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file} with weights_only=True: {e}") from None
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{file} holds no 'args': cannot infer the model")
+    return common
+
+
+class StoredTensors:
+    """Lazy reader of a torch_dist folder: one global tensor per call, read from the shards."""
+
+    def __init__(self, folder: str):
+        from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+
+        self.folder = folder
+        self.reader = FileSystemReader(folder)
+        try:
+            self.metadata = self.reader.read_metadata()
+        except Exception as e:
+            raise CheckpointError(f"cannot read {folder}/.metadata: {e}") from None
+        self.reader.read_metadata = lambda: self.metadata  # read once, not once per tensor
+        self.tensors = {
+            key: meta
+            for key, meta in self.metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata) and not _SKIPPED.search(key)
+        }
+
+    def read(self, key: str) -> torch.Tensor:
+        from torch.distributed.checkpoint import load
+
+        meta = self.tensors[key]
+        if meta.properties.dtype not in _DTYPES:
+            raise CheckpointError(f"{key} is stored as {meta.properties.dtype}; expected {_DTYPES}")
+        out = torch.empty(meta.size, dtype=meta.properties.dtype)
+        try:
+            load({key: out}, storage_reader=self.reader, no_dist=True)
+        except Exception as e:  # missing or truncated shard files
+            raise CheckpointError(f"cannot read {key} from {self.folder}: {e}") from None
+        return out
+
+
+def _canonical(rest: str) -> str:
+    return _NORM_KEYS.get(rest, rest)
+
+
+def _split(key: str, tensor: torch.Tensor, m: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Canonical (name, tensor) of one stored key: stacked layers split, TE norm names renamed."""
+    match = _PER_LAYER.match(key)
+    if match:
+        return {f"decoder.layers.{match.group(1)}.{_canonical(match.group(2))}": tensor}
+    if not key.startswith("decoder.layers."):
+        return {key: tensor}
+    rest = _canonical(key[len("decoder.layers.") :])
+    if tensor.dim() == 0 or tensor.size(0) != m.num_layers:
+        raise CheckpointError(
+            f"{key}: stacked layers of shape {tuple(tensor.shape)}, expected {m.num_layers} first"
+        )
+    return {f"decoder.layers.{i}.{rest}": tensor[i].clone() for i in range(m.num_layers)}
+
+
+def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Dict[str, Tensor]:
+    from tqdm import tqdm
+
+    expected = expected_shapes(m, layer_shapes)
+    state: Dict[str, torch.Tensor] = {}
+    unused = []
+    tied_head = None
+    for key in tqdm(sorted(stored.tensors), desc="reading torch_dist", leave=False):
+        if key == "output_layer.weight" and m.tie_embeddings:
+            tied_head = stored.read(key)
+            continue
+        for name, value in _split(key, stored.read(key), m).items():
+            if name not in expected:
+                unused.append(key)
+                break
+            if name in state:
+                raise CheckpointError(f"{name} is stored twice (local and TE names?): {key}")
+            state[name] = value
+    if unused:
+        raise CheckpointError(
+            f"megatron: stored tensors this architecture does not use: {sorted(set(unused))}; "
+            "converting would drop them"
+        )
+    if tied_head is not None and not torch.equal(tied_head, state.get(_EMBED, tied_head[:0])):
+        raise CheckpointError("tied embeddings but output_layer.weight differs from the embedding")
+    return state
+
+
+_EMBED = "embedding.word_embeddings.weight"
+
+
+def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoint:
+    folder = shard_dir(path)
+    root = os.path.dirname(os.path.abspath(folder))
+    common = read_common(folder)
+    args, layer_shapes = common.get("args"), None
+    if args is not None:
+        model = model_config_from_args(args)
+    else:
+        model, layer_shapes = _heterogeneous_config(root, folder)
+    state = _read_state(StoredTensors(folder), model, layer_shapes)
+    beside = os.path.join(root, "tokenizer")
+    tokenizer_dir, tokenizer_info = resolve_tokenizer(args, tokenizer_model, beside)
+    real = tokenizer_info.get("vocab_size")
+    if real is not None and real > model.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {real} tokens, the embedding only {model.vocab_size} rows"
+        )
+    metadata = {
+        "source": {
+            "format": "megatron torch_dist",
+            "iteration": common.get("iteration"),
+            "params_dtype": str(getattr(args, "params_dtype", "")).replace("torch.", ""),
+            "transformer_impl": getattr(args, "transformer_impl", None),
+        },
+        "tokenizer": tokenizer_info,
+        "vocabulary": vocabulary_note(model.vocab_size, real, args),
+    }
+    ckpt = Checkpoint(model, state, tokenizer_dir, metadata=metadata, layer_shapes=layer_shapes)
+    ckpt.validate()
+    return ckpt
+
+
+def _heterogeneous_config(root: str, folder: str):
+    """A per-layer sub-network from the megatron saver has no Megatron-LM args (they describe
+    one layer shape); its model_config.json records the model and the layer shapes."""
+    config_file = os.path.join(root, "model_config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{folder}/common.pt holds no 'args': cannot infer the model")
+    config = read_json(config_file)
+    shapes = config.get("layer_shapes")
+    if not shapes:
+        raise CheckpointError(f"{folder}/common.pt holds no 'args' and {config_file} no shapes")
+    return ModelConfig.from_dict(config["model"]), [tuple(s) for s in shapes]
+
+
+def vocabulary_note(padded: int, real: Optional[int], args=None) -> dict:
+    """What the exported models do with Megatron's padded vocabulary rows."""
+    return {
+        "padded_vocab_size": padded,
+        "tokenizer_vocab_size": real,
+        "make_vocab_size_divisible_by": getattr(args, "make_vocab_size_divisible_by", None),
+        "padded_rows": (
+            "kept: the embedding and output layer keep all padded_vocab_size rows, so the model "
+            "is the same function (logits over the padded size); rows from tokenizer_vocab_size "
+            "on are Megatron's padding, which the tokenizer never produces"
+        ),
+    }
