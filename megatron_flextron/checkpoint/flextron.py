@@ -161,15 +161,15 @@ def check_stored_shapes(path: str, model: ModelConfig, metadata=None) -> None:
             )
 
 
-def _load_shards(shards: str, state: dict, **kwargs) -> dict:
-    """torch's dist-checkpoint load with the safe metadata reader; every read failure of a
-    missing, empty or truncated shard (torch raises CheckpointException, a BaseException) is a
-    CheckpointError."""
+def load_shards(shards: str, state: dict, reader=None, **kwargs) -> dict:
+    """torch's dist-checkpoint load with the safe metadata reader (or ``reader``, one made by
+    ``safe_filesystem_reader``); every read failure of a missing, empty or truncated shard (torch
+    raises CheckpointException, a BaseException) is a CheckpointError."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        load(state, storage_reader=safe_filesystem_reader(shards), **kwargs)
+        load(state, storage_reader=reader or safe_filesystem_reader(shards), **kwargs)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:
@@ -200,7 +200,7 @@ def read_flextron(path: str) -> Checkpoint:
         for key, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
     }
-    _load_shards(shards, stored, no_dist=True)
+    load_shards(shards, stored, no_dist=True)
     tp = config["dealt_tensor_parallel_size"]
     state = {}
     for key, tensor in stored.items():

@@ -28,7 +28,8 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
+from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir, load_shards
 from megatron_flextron.checkpoint.io import read_json
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
 from megatron_flextron.config import ModelConfig
@@ -105,15 +106,13 @@ class StoredTensors:
     """Lazy reader of a torch_dist folder: one global tensor per call, read from the shards."""
 
     def __init__(self, folder: str):
-        from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+        from torch.distributed.checkpoint import TensorStorageMetadata
 
         self.folder = folder
-        self.reader = FileSystemReader(folder)
-        try:
-            self.metadata = self.reader.read_metadata()
-        except Exception as e:
-            raise CheckpointError(f"cannot read {folder}/.metadata: {e}") from None
-        self.reader.read_metadata = lambda: self.metadata  # read once, not once per tensor
+        # the metadata is unpickled with an allow-list: loading never runs code from a checkpoint
+        self.reader = safe_filesystem_reader(folder)
+        self.metadata = read_dcp_metadata(folder)
+        self.reader.read_metadata = lambda *a, **k: self.metadata  # read once, not per tensor
         self.tensors = {
             key: meta
             for key, meta in self.metadata.state_dict_metadata.items()
@@ -121,16 +120,11 @@ class StoredTensors:
         }
 
     def read(self, key: str) -> torch.Tensor:
-        from torch.distributed.checkpoint import load
-
         meta = self.tensors[key]
         if meta.properties.dtype not in _DTYPES:
             raise CheckpointError(f"{key} is stored as {meta.properties.dtype}; expected {_DTYPES}")
         out = torch.empty(meta.size, dtype=meta.properties.dtype)
-        try:
-            load({key: out}, storage_reader=self.reader, no_dist=True)
-        except Exception as e:  # missing or truncated shard files
-            raise CheckpointError(f"cannot read {key} from {self.folder}: {e}") from None
+        load_shards(self.folder, {key: out}, reader=self.reader, no_dist=True)
         return out
 
 
