@@ -31,13 +31,13 @@ from megatron_flextron.elastic import build_gpt_model, set_subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
 from megatron_flextron.parallel import current_device, initialize_model_parallel
 from megatron_flextron.training.arguments import TrainingArgs
-from megatron_flextron.training.guards import check_parameters, check_step
 from megatron_flextron.training.checkpointing import (
     has_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
 )
 from megatron_flextron.training.elastic_step import ElasticStep
+from megatron_flextron.training.guards import check_parameters, check_step
 from megatron_flextron.lm_step import forward_backward
 from megatron_flextron.routers.sampling import BudgetSampler, budget_subnetwork
 
