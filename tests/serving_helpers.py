@@ -57,19 +57,20 @@ def hf_model(ckpt, spec):
             save_hf(dense, out)
             model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         return model.eval()
-    m = dense.model
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_from_model(m)))
-    outer = {k: v for k, v in dense.state.items() if not k.startswith("decoder.layers.")}
+    m = ckpt.model
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_from_model(dense.model)))
+    outer = {k: v for k, v in ckpt.state.items() if not k.startswith("decoder.layers.")}
     state = {}
-    for i, (width, heads) in enumerate(dense.layer_shapes):
+    for i, (src, (width, heads)) in enumerate(zip(subnet.layers, dense.layer_shapes)):
         mi = dataclasses.replace(m, num_layers=1, ffn_hidden_size=width, num_attention_heads=heads)
-        layer = slice_layer(dense.state, m, i, 0, width, heads)
+        layer = slice_layer(ckpt.state, m, src, 0, width, heads)
         for name, t in _keymap(mi).from_canonical(mi, {**outer, **layer}).items():
             if name.startswith("model.layers.0."):
                 state[name.replace("model.layers.0.", f"model.layers.{i}.")] = t
             else:
                 state[name] = t
         config = transformers.LlamaConfig(**hf_config_from_model(mi))
+        config._attn_implementation = model.config._attn_implementation
         model.model.layers[i] = LlamaDecoderLayer(config, layer_idx=i)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
