@@ -168,6 +168,44 @@ def test_tp2_and_pp2_generate_what_one_process_generates():
     run_distributed(_tp_pp_body, 2, state, expected)
 
 
+def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
+    """--router dynamic: the checkpoint's token routers pick each token's MLP width inside the
+    cached decode steps exactly as in one full forward pass; budgets change what is generated."""
+    from megatron_flextron.routers.token import TokenRouter
+    from megatron_flextron.routers.token_training import save_token_routers
+
+    m = tiny_config("llama")
+    torch.manual_seed(3)
+    routers = [TokenRouter(m.hidden_size, 3, 2) for _ in range(m.num_layers)]
+    for r in routers:
+        with torch.no_grad():
+            r.linear.weight.mul_(50)  # decisive routing: widths far from argmax ties
+            r.budget_bias.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]))
+    save_token_routers(str(tmp_path), routers, [128, 64, 32], [1.0, 0.5])
+    generator, _, model = _tiny_generator("llama")
+    selector = SubnetworkSelector(str(tmp_path), m, elastic_choices(m), router="dynamic")
+    selector.attach(model)
+    generator.selector = selector
+    widths = {}
+    for budget in (1.0, 0.5):
+        requests = [generator.request(p, Sampling.greedy(10), budget=budget) for p in TINY_PROMPTS]
+        results = generator.generate(requests)
+        assert results[0].architecture.describe() == {
+            "budget": budget, "router": "dynamic", "chosen_by": "token routers"}
+        selector.activate(model, results[0].architecture)
+        for prompt, result in zip(TINY_PROMPTS, results):
+            logits = _full_recompute(model, prompt, result.tokens)
+            top2 = logits.topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+            assert logits.argmax(-1).tolist() == result.tokens
+        widths[budget] = selector.token_routing.mean_width()
+    assert widths[0.5] < widths[1.0]
+    with pytest.raises(ValueError, match="outside the trained range"):
+        generator.request([1, 2], Sampling.greedy(2), budget=0.3)
+    with pytest.raises(ValueError, match="give a budget"):
+        generator.request([1, 2], Sampling.greedy(2))
+
+
 @pytest.fixture(scope="module")
 def smol():
     from megatron_flextron.inference import build_generator
