@@ -58,7 +58,8 @@ def hf_model(ckpt, spec):
             model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         return model.eval()
     m = ckpt.model
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_from_model(dense.model)))
+    config = transformers.LlamaConfig(**hf_config_from_model(dense.model))
+    model = transformers.LlamaForCausalLM(config)
     outer = {k: v for k, v in ckpt.state.items() if not k.startswith("decoder.layers.")}
     state = {}
     for i, (src, (width, heads)) in enumerate(zip(subnet.layers, dense.layer_shapes)):

@@ -58,7 +58,8 @@ def _tiny_state(family):
     (the margins are asserted where it matters)."""
     m = tiny_config(family)
     state = random_canonical_state(m)
-    key = "output_layer.weight" if "output_layer.weight" in state else "embedding.word_embeddings.weight"
+    tied = "output_layer.weight" not in state
+    key = "embedding.word_embeddings.weight" if tied else "output_layer.weight"
     state[key] = state[key] * 30
     return state
 
@@ -107,7 +108,9 @@ def test_decode_with_kv_cache_equals_full_recomputation(family):
     mha = [None, {"mlp": 64}, {"mlp": [128, 64, 32, 64], "layers": [0, 2, 3]}]
     specs = TINY_SPECS if family == "llama" else mha  # MHA: heads are not trimmed (see below)
     for spec in specs:
-        requests = [generator.request(p, Sampling.greedy(12), subnetwork=spec) for p in TINY_PROMPTS]
+        requests = [
+            generator.request(p, Sampling.greedy(12), subnetwork=spec) for p in TINY_PROMPTS
+        ]
         results = generator.generate(requests)
         set_subnetwork(model, spec, m, elastic_choices(m))
         for prompt, result in zip(TINY_PROMPTS, results):

@@ -157,9 +157,7 @@ class ElasticGenerator:
                 self.controller, max_batch_size=max_batch_size, legacy=True
             )
 
-    def request(
-        self, prompt, sampling: Sampling, subnetwork=None, budget=None
-    ) -> Request:
+    def request(self, prompt, sampling: Sampling, subnetwork=None, budget=None) -> Request:
         """Validate one request (ValueError names the problem): prompt text or token ids."""
         if isinstance(prompt, str):
             tokens = self.tokenizer.tokenize(prompt)

@@ -271,8 +271,13 @@ def make_handler(generator: ElasticGenerator, worker: BatchingWorker):
 class TextGenerationServer:
     """``serve_forever`` on rank 0; ``shutdown`` stops HTTP and the worker (and the followers)."""
 
-    def __init__(self, generator: ElasticGenerator, host: str = "0.0.0.0", port: int = 5000,
-                 batch_window_s: float = 0.05):
+    def __init__(
+        self,
+        generator: ElasticGenerator,
+        host: str = "0.0.0.0",
+        port: int = 5000,
+        batch_window_s: float = 0.05,
+    ):
         self.worker = BatchingWorker(generator, batch_window_s).start()
         self.httpd = ThreadingHTTPServer((host, port), make_handler(generator, self.worker))
         self.httpd.daemon_threads = True
