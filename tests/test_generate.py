@@ -1,0 +1,259 @@
+"""Generation on megatron-core's inference engine: the decode-step mask, KV-cache decoding against
+full recomputation, SmolLM2's greedy output against transformers', TP/PP against one process,
+the generate tool, and the MHA refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from distributed import run_distributed
+from helpers import elastic_choices, random_canonical_state, tiny_config
+from serving_helpers import (
+    HOMOGENEOUS,
+    PER_LAYER,
+    PROMPTS,
+    hf_greedy,
+    hf_model,
+    smollm2_flextron,
+)
+
+from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+from megatron_flextron.inference import ElasticGenerator, Sampling, SubnetworkSelector
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEW_TOKENS = 24
+
+
+def test_one_query_against_a_longer_cache_attends_to_every_cached_key():
+    """SDPA's is_causal=True with 1 query and 6 keys lets the query see only the first key
+    (top-left alignment); the decode step must see all of them, like the last row of full
+    causal attention."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_flextron.elastic.sdpa_attention import SDPAttention
+
+    m = tiny_config("llama")
+    attention = SDPAttention(m.transformer_config(), 1, AttnMaskType.causal).eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, h, 16, generator=g) for h in (8, 4, 4))  # [s, b, heads, d]
+    full = attention(q, k, v, None)
+    last = attention(q[-1:], k, v, None)  # decode: 1 query, causal, 6 cached keys
+    assert torch.allclose(last, full[-1:], atol=1e-6)
+    top_left = torch.nn.functional.scaled_dot_product_attention(
+        q[-1:].permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+        is_causal=True, enable_gqa=True, scale=attention.softmax_scale,
+    ).permute(2, 0, 1, 3).reshape(1, 2, -1)
+    assert (top_left - full[-1:]).abs().max() > 1e-2  # the trap is real
+
+
+def _tiny_state(family):
+    """Random weights whose output layer is scaled up, so that greedy choices are far from ties
+    (the margins are asserted where it matters)."""
+    m = tiny_config(family)
+    state = random_canonical_state(m)
+    tied = "output_layer.weight" not in state
+    key = "embedding.word_embeddings.weight" if tied else "output_layer.weight"
+    state[key] = state[key] * 30
+    return state
+
+
+def _tiny_generator(family="llama", tp=1, state=None, pp=1):
+    """A tiny elastic model (this rank's TP shard / PP stage) in an ElasticGenerator."""
+    m = tiny_config(family)
+    state = state if state is not None else _tiny_state(family)
+    model = build_gpt_model(m, m.transformer_config(tp, pp))
+    load_canonical_state_dict(model, state, m)
+    model.eval()
+    selector = SubnetworkSelector(None, m, elastic_choices(m), tp)
+    generator = ElasticGenerator(model, _IdTokenizer(), selector, 4, max_sequence_length=48)
+    return generator, m, model
+
+
+class _IdTokenizer:
+    eod, vocab_size = 0, 128
+
+    def tokenize(self, text):
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids):
+        return " ".join(map(str, ids))
+
+
+TINY_PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43]]
+TINY_SPECS = [None, {"mlp": 64, "heads": 4}, {"mlp": [128, 64, 32, 64], "heads": [8, 4, 4, 8],
+                                              "layers": [0, 1, 3]}]
+
+
+def _full_recompute(model, prompt, tokens):
+    """Logits of every generated position from one forward pass without a cache."""
+    seq = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(seq, torch.arange(seq.size(1))[None], None)
+    return logits[0, len(prompt) - 1 : len(prompt) + len(tokens) - 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt3"])
+def test_decode_with_kv_cache_equals_full_recomputation(family):
+    """Batched prompts of different lengths (prefill, then 1-token decode steps on megatron's
+    static KV cache) give, for every sub-network, the argmax of a full forward pass at every
+    generated position; and the cached logits equal the recomputed ones."""
+    generator, m, model = _tiny_generator(family)
+    mha = [None, {"mlp": 64}, {"mlp": [128, 64, 32, 64], "layers": [0, 2, 3]}]
+    specs = TINY_SPECS if family == "llama" else mha  # MHA: heads are not trimmed (see below)
+    for spec in specs:
+        requests = [
+            generator.request(p, Sampling.greedy(12), subnetwork=spec) for p in TINY_PROMPTS
+        ]
+        results = generator.generate(requests)
+        set_subnetwork(model, spec, m, elastic_choices(m))
+        for prompt, result in zip(TINY_PROMPTS, results):
+            assert len(result.tokens) == 12, result
+            logits = _full_recompute(model, prompt, result.tokens)
+            top2 = logits.topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # far from ties
+            assert logits.argmax(-1).tolist() == result.tokens, spec
+    # the logits themselves: one decode step after a prefill, through megatron's context
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    set_subnetwork(model, specs[2], m, elastic_choices(m))
+    seq = torch.tensor([TINY_PROMPTS[0] + [3, 4, 5]])
+    context = StaticInferenceContext(1, 32)
+    with torch.no_grad():
+        full = model(seq, torch.arange(9)[None], None)
+        kw = dict(inference_context=context, runtime_gather_output=True)
+        steps = [model(seq[:, :6], torch.arange(6)[None], None, **kw)]
+        for pos in range(6, 9):
+            context.sequence_len_offset = pos
+            steps.append(model(seq[:, pos : pos + 1], torch.tensor([[pos]]), None, **kw))
+    cached = torch.cat([steps[0][:, -1:]] + steps[1:], dim=1)
+    assert (cached - full[:, 5:]).abs().max() <= 1e-4  # |logits| ~ 20
+
+
+def test_mha_head_trimming_is_refused_with_a_clear_message():
+    generator, m, _ = _tiny_generator("gpt3")
+    with pytest.raises(ValueError, match="MHA head trimming changes the number of KV heads"):
+        generator.request([1, 2, 3], Sampling.greedy(4), subnetwork={"heads": 4})
+    with pytest.raises(ValueError, match="exceeds the maximum sequence length 48"):
+        generator.request([1] * 40, Sampling.greedy(9))
+
+
+def _tp_pp_body(rank, world_size, state, expected):
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    for tp, pp in ((2, 1), (1, 2)):
+        initialize_model_parallel(tp, pp, seed=1234)
+        generator, _, _ = _tiny_generator("llama", tp, state, pp)
+        for spec, want in zip(TINY_SPECS, expected):
+            requests = [generator.request(p, Sampling.greedy(12), subnetwork=spec)
+                        for p in TINY_PROMPTS]
+            got = [r.tokens for r in generator.generate(requests)]
+            assert got == want, (tp, pp, spec, got, want)
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+
+
+def test_tp2_and_pp2_generate_what_one_process_generates():
+    state = _tiny_state("llama")
+    generator, _, _ = _tiny_generator("llama", state=state)
+    expected = [
+        [r.tokens for r in generator.generate(
+            [generator.request(p, Sampling.greedy(12), subnetwork=s) for p in TINY_PROMPTS])]
+        for s in TINY_SPECS
+    ]
+    run_distributed(_tp_pp_body, 2, state, expected)
+
+
+def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
+    """--router dynamic: the checkpoint's token routers pick each token's MLP width inside the
+    cached decode steps exactly as in one full forward pass; budgets change what is generated."""
+    from megatron_flextron.routers.token import TokenRouter
+    from megatron_flextron.routers.token_training import save_token_routers
+
+    m = tiny_config("llama")
+    torch.manual_seed(3)
+    routers = [TokenRouter(m.hidden_size, 3, 2) for _ in range(m.num_layers)]
+    for r in routers:
+        with torch.no_grad():
+            r.linear.weight.mul_(50)  # decisive routing: widths far from argmax ties
+            r.budget_bias.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]))
+    save_token_routers(str(tmp_path), routers, [128, 64, 32], [1.0, 0.5])
+    generator, _, model = _tiny_generator("llama")
+    selector = SubnetworkSelector(str(tmp_path), m, elastic_choices(m), router="dynamic")
+    selector.attach(model)
+    generator.selector = selector
+    widths = {}
+    for budget in (1.0, 0.5):
+        requests = [generator.request(p, Sampling.greedy(10), budget=budget) for p in TINY_PROMPTS]
+        results = generator.generate(requests)
+        assert results[0].architecture.describe() == {
+            "budget": budget, "router": "dynamic", "chosen_by": "token routers"}
+        selector.activate(model, results[0].architecture)
+        for prompt, result in zip(TINY_PROMPTS, results):
+            logits = _full_recompute(model, prompt, result.tokens)
+            top2 = logits.topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+            assert logits.argmax(-1).tolist() == result.tokens
+        widths[budget] = selector.token_routing.mean_width()
+    assert widths[0.5] < widths[1.0]
+    with pytest.raises(ValueError, match="outside the trained range"):
+        generator.request([1, 2], Sampling.greedy(2), budget=0.3)
+    with pytest.raises(ValueError, match="give a budget"):
+        generator.request([1, 2], Sampling.greedy(2))
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from megatron_flextron.inference import build_generator
+
+    ckpt, path = smollm2_flextron()
+    return ckpt, path, build_generator(path, max_batch_size=4, max_sequence_length=64)
+
+
+@pytest.mark.parametrize("spec", [None, HOMOGENEOUS, PER_LAYER], ids=["full", "homogeneous",
+                                                                       "per-layer"])
+def test_smollm2_greedy_equals_transformers_generate(smol, spec):
+    ckpt, _, generator = smol
+    requests = [generator.request(p, Sampling.greedy(NEW_TOKENS), subnetwork=spec) for p in PROMPTS]
+    results = generator.generate(requests)  # the two prompts batched (different lengths)
+    reference = hf_model(ckpt, spec)
+    for request, result in zip(requests, results):
+        want, margin = hf_greedy(reference, request.prompt_tokens, NEW_TOKENS,
+                                 generator.tokenizer.eod)
+        assert margin > 1e-3, f"reference path passes a near-tie ({margin}): pick another prompt"
+        assert result.tokens == want and len(want) == NEW_TOKENS
+    if spec is None:
+        assert results[0].text.startswith(" Paris")
+
+
+def _tool(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *args],
+                          capture_output=True, text=True, env=env)
+
+
+def test_generate_tool_prints_one_line_per_prompt_and_refuses_bad_input(smol):
+    _, path, generator = smol
+    out = _tool("--load", path, "--budget", "0.5", "--max-new-tokens", "8",
+                "--prompt", PROMPTS[0], "--prompt", PROMPTS[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    arch = generator.selector.resolve(budget=0.5)
+    want = generator.generate([generator.request(p, Sampling.greedy(8), budget=0.5)
+                               for p in PROMPTS])
+    assert [line["tokens"] for line in lines] == [r.tokens for r in want]
+    assert [line["text"] for line in lines] == [r.text for r in want]
+    assert lines[0]["subnetwork"] == arch.subnetwork.to_dict() == {"mlp": 768, "heads": 6}
+    assert lines[0]["chosen_by"] == "nearest choices" and lines[0]["budget"] == 0.5
+    bad = _tool("--load", path, "--subnetwork", '{"mlp": 1000}', "--prompt", "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: layer 0: MLP width 1000 is not one of the configured choices "
+        "[384, 768, 1152, 1536]"
+    ]
