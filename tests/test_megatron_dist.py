@@ -83,6 +83,9 @@ def write_megatron_dist(directory, ckpt: Checkpoint, args, names="te", dtype=tor
             )
         },
         "rng_state": ShardedObject("rng_state", {"random_rng_state": [1, 2]}, (1,), (0,)),
+        "te_extra": ShardedObject(  # what TE's core attention stores (fp8 metadata)
+            "decoder.layers.self_attention.core_attention._extra_state", b"", (1,), (0,)
+        ),
         "opt_param_scheduler": {"num_steps": 10},
     }
     os.makedirs(directory / "iter_0000010")
@@ -203,6 +206,12 @@ def test_local_names_and_iteration_dir_read_the_same(tmp_path):
     the same tensors as the TE-named root."""
     llama_fixture(tmp_path / "te")
     llama_fixture(tmp_path / "local", names="local")
+    from megatron_flextron.convert.formats.megatron_dist import StoredTensors
+
+    stored = StoredTensors(str(tmp_path / "te" / "meg" / "iter_0000010"))
+    everything = stored.metadata.state_dict_metadata
+    assert any(k.startswith("optimizer.") for k in everything)  # stored, but never read
+    assert not any(k.startswith("optimizer.") or "_extra_state" in k for k in stored.tensors)
     te = load_checkpoint("megatron", str(tmp_path / "te" / "meg"))
     local = load_checkpoint("megatron", str(tmp_path / "local" / "meg" / "iter_0000010"))
     assert te.state.keys() == local.state.keys()

@@ -42,13 +42,22 @@ def _refuse(arg: str, value, why: str) -> CheckpointError:
     return CheckpointError(f"megatron args: {arg}={value!r} is not supported ({why})")
 
 
+def position_embedding(args) -> str:
+    """``position_embedding_type``, or what older Megatron-LM args said with booleans."""
+    if getattr(args, "position_embedding_type", None):
+        return args.position_embedding_type
+    if getattr(args, "use_rotary_position_embeddings", False):
+        return "rope"
+    return "learned_absolute" if getattr(args, "add_position_embedding", True) else "none"
+
+
 def check_supported(args) -> None:
     """Refuse, by name, every set argument that changes the function and is not represented."""
     for arg, neutral, why in _REFUSED:
         value = getattr(args, arg, neutral)
         if value != neutral and not (arg == "rotary_seq_len_interpolation_factor" and value == 1):
             raise _refuse(arg, value, why)
-    position = getattr(args, "position_embedding_type", "learned_absolute")
+    position = position_embedding(args)
     if position not in _POSITIONS:
         raise _refuse("position_embedding_type", position, f"one of {_POSITIONS}")
     if position == "rope" and float(getattr(args, "rotary_percent", 1.0)) != 1.0:
@@ -66,7 +75,7 @@ def model_config_from_args(args) -> ModelConfig:
     swiglu = getattr(args, "swiglu", False)
     heads, hidden = args.num_attention_heads, args.hidden_size
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
-    position = getattr(args, "position_embedding_type", "learned_absolute")
+    position = position_embedding(args)
     scaling = position == "rope" and getattr(args, "use_rope_scaling", False)
     vocab = getattr(args, "padded_vocab_size", None)
     if not vocab:
