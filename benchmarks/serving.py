@@ -154,10 +154,11 @@ def main(argv=None) -> int:
         timed_batch(shared, first, 2, specs[b], clock)
         timed_batch(dense[b], first, 2, None, clock)
     runs = {(b, kind): [] for b in args.budgets for kind in ("elastic", "dense")}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for b in args.budgets:
-            runs[b, "elastic"].append(timed_batch(shared, first, args.new_tokens, specs[b], clock))
-            runs[b, "dense"].append(timed_batch(dense[b], first, args.new_tokens, None, clock))
+            pair = [("elastic", shared, specs[b]), ("dense", dense[b], None)]
+            for kind, gen, spec in pair[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
+                runs[b, kind].append(timed_batch(gen, first, args.new_tokens, spec, clock))
     rows = []
     for b in args.budgets:
         e = summarize(runs[b, "elastic"], args.batch, args.prompt_length)

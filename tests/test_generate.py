@@ -140,6 +140,9 @@ def test_mha_head_trimming_is_refused_with_a_clear_message():
     generator, m, _ = _tiny_generator("gpt3")
     with pytest.raises(ValueError, match="MHA head trimming changes the number of KV heads"):
         generator.request([1, 2, 3], Sampling.greedy(4), subnetwork={"heads": 4})
+    with pytest.raises(ValueError, match="MHA head trimming"):  # a budget's nearest choices
+        generator.request([1, 2, 3], Sampling.greedy(4), budget=0.5)
+    assert generator.request([1, 2], Sampling.greedy(4), subnetwork={"mlp": 64}).architecture
     with pytest.raises(ValueError, match="exceeds the maximum sequence length 48"):
         generator.request([1] * 40, Sampling.greedy(9))
 
