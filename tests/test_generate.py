@@ -147,6 +147,21 @@ def test_mha_head_trimming_is_refused_with_a_clear_message():
         generator.request([1] * 40, Sampling.greedy(9))
 
 
+def test_generation_stops_at_the_end_of_document_token():
+    generator, _, _ = _tiny_generator("llama")
+    prompts = TINY_PROMPTS[:2]
+    full = generator.generate([generator.request(p, Sampling.greedy(12)) for p in prompts])
+    assert [r.finish_reason for r in full] == ["length", "length"]
+    first = full[0].tokens
+    # the first token that is not a repeat: generation stops just before it
+    stop = next((t for j, t in enumerate(first) if j and t not in first[:j]), first[0])
+    generator.tokenizer.eod = stop  # the controller reads its tokenizer's EOD per batch
+    cut = generator.generate([generator.request(p, Sampling.greedy(12)) for p in prompts])
+    assert cut[0].tokens == first[: first.index(stop)] and cut[0].finish_reason == "eod"
+    other = full[1].tokens  # the other request of the batch stops at its own EOD, if any
+    assert cut[1].tokens == (other[: other.index(stop)] if stop in other else other)
+
+
 def _tp_pp_body(rank, world_size, state, expected):
     from megatron_flextron.parallel import initialize_model_parallel
 
