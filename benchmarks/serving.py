@@ -6,14 +6,16 @@ with convert/export.py, SDPA core attention like the elastic model), both run by
 engine (megatron-core's static inference engine through ElasticGenerator), in interleaved
 rounds (medians reported):
 
-- prefill: one engine step over batch x prompt tokens (tokens/s and ms);
-- decode: the following one-token steps with the KV cache (tokens/s over the batch, ms/step);
+- prefill: a run that generates one token (batch x prompt tokens through the model);
+- decode: a run of N new tokens minus the prefill, per one-token step with the KV cache;
 - memory: weights + KV cache of one elastic model serving all budgets vs the dense models;
 - a mixed-budget stream: requests cycling over the budgets, served by the elastic model in one
   call (grouped by architecture) vs by each budget's dense model.
 
-  python benchmarks/serving.py                                  # CPU: batch 4, 64 + 32 tokens
   python benchmarks/serving.py --output benchmarks/results/cpu_serving.json
+
+Times are the process's CPU time (--clock cpu, the default, with one thread: what a run costs,
+robust to other load on a shared machine) or wall time (--clock wall, for a machine of its own).
 
 The sub-networks of a conversion that was neither ranked nor trained generate poor text; the
 cost of running them is what this measures.
@@ -52,9 +54,11 @@ class DenseSelector(SubnetworkSelector):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prompt-length", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stream-requests", type=int, default=16)
     p.add_argument("--bf16", action="store_true")
@@ -85,11 +89,16 @@ def cache_bytes(generator: ElasticGenerator) -> int:
                for t in kv)
 
 
-def timed_batch(generator, batch, sampling, spec) -> dict:
-    """One engine run: prefill = the first step, decode = the remaining one-token steps."""
-    requests = [generator.request(p, sampling, subnetwork=spec) for p in batch]
-    steps = generator.generate(requests)[0].step_seconds
-    return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "decode_steps": len(steps) - 1}
+def timed_batch(generator, batch, new_tokens, spec, clock) -> dict:
+    """Prefill: a run that generates one token; decode: a run of ``new_tokens`` minus that."""
+    times = []
+    for n in (1, new_tokens):
+        requests = [generator.request(p, Sampling.greedy(n), subnetwork=spec) for p in batch]
+        start = clock()
+        results = generator.generate(requests)
+        times.append(clock() - start)
+    steps = max(len(r.tokens) for r in results) - 1  # an early EOD ends the batch sooner
+    return {"prefill_s": times[0], "decode_s": times[1] - times[0], "decode_steps": steps}
 
 
 def summarize(runs, batch: int, prompt_length: int) -> dict:
@@ -110,6 +119,8 @@ def main(argv=None) -> int:
     from megatron_flextron.parallel import initialize_model_parallel
 
     initialize_model_parallel(1, 1)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = os.getloadavg()[0]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -119,7 +130,6 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer("HuggingFaceTokenizer", ckpt.tokenizer_dir)
     batch = prompts(tokenizer, max(args.batch, args.stream_requests), args.prompt_length)
     max_len = args.prompt_length + args.new_tokens
-    sampling = Sampling.greedy(args.new_tokens)
 
     def generator(model_cfg, state, elastic_model: bool) -> ElasticGenerator:
         model = build_gpt_model(model_cfg, model_cfg.transformer_config(params_dtype=dtype),
@@ -139,14 +149,16 @@ def main(argv=None) -> int:
     del ckpt
 
     # warm-up, then interleaved rounds so that load on the machine hits every row alike
+    first = batch[: args.batch]
     for b in args.budgets:
-        timed_batch(shared, batch[: args.batch], sampling, specs[b])
-        timed_batch(dense[b], batch[: args.batch], sampling, None)
+        timed_batch(shared, first, 2, specs[b], clock)
+        timed_batch(dense[b], first, 2, None, clock)
     runs = {(b, kind): [] for b in args.budgets for kind in ("elastic", "dense")}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for b in args.budgets:
-            runs[b, "elastic"].append(timed_batch(shared, batch[: args.batch], sampling, specs[b]))
-            runs[b, "dense"].append(timed_batch(dense[b], batch[: args.batch], sampling, None))
+            pair = [("elastic", shared, specs[b]), ("dense", dense[b], None)]
+            for kind, gen, spec in pair[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
+                runs[b, kind].append(timed_batch(gen, first, args.new_tokens, spec, clock))
     rows = []
     for b in args.budgets:
         e = summarize(runs[b, "elastic"], args.batch, args.prompt_length)
@@ -172,13 +184,14 @@ def main(argv=None) -> int:
         )
 
     stream = [(batch[i], args.budgets[i % len(args.budgets)]) for i in range(args.stream_requests)]
-    start = time.perf_counter()
+    sampling = Sampling.greedy(args.new_tokens)
+    start = clock()
     out = shared.generate([shared.request(p, sampling, subnetwork=specs[b]) for p, b in stream])
-    elastic_s = time.perf_counter() - start
-    start = time.perf_counter()
+    elastic_s = clock() - start
+    start = clock()
     for b in args.budgets:
         dense[b].generate([dense[b].request(p, sampling) for p, pb in stream if pb == b])
-    dense_s = time.perf_counter() - start
+    dense_s = clock() - start
     tokens = sum(len(r.tokens) for r in out)
     result = {
         "command": " ".join(["python benchmarks/serving.py", *(argv or sys.argv[1:])]),
@@ -189,6 +202,7 @@ def main(argv=None) -> int:
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
+        "clock": f"{args.clock} time, {args.threads} thread(s)",
         # other processes on the machine slow every row alike (interleaved rounds), not the ratios
         "load_average_start_end": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "rows": rows,

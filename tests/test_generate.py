@@ -140,8 +140,26 @@ def test_mha_head_trimming_is_refused_with_a_clear_message():
     generator, m, _ = _tiny_generator("gpt3")
     with pytest.raises(ValueError, match="MHA head trimming changes the number of KV heads"):
         generator.request([1, 2, 3], Sampling.greedy(4), subnetwork={"heads": 4})
+    with pytest.raises(ValueError, match="MHA head trimming"):  # a budget's nearest choices
+        generator.request([1, 2, 3], Sampling.greedy(4), budget=0.5)
+    assert generator.request([1, 2], Sampling.greedy(4), subnetwork={"mlp": 64}).architecture
     with pytest.raises(ValueError, match="exceeds the maximum sequence length 48"):
         generator.request([1] * 40, Sampling.greedy(9))
+
+
+def test_generation_stops_at_the_end_of_document_token():
+    generator, _, _ = _tiny_generator("llama")
+    prompts = TINY_PROMPTS[:2]
+    full = generator.generate([generator.request(p, Sampling.greedy(12)) for p in prompts])
+    assert [r.finish_reason for r in full] == ["length", "length"]
+    first = full[0].tokens
+    # the first token that is not a repeat: generation stops just before it
+    stop = next((t for j, t in enumerate(first) if j and t not in first[:j]), first[0])
+    generator.tokenizer.eod = stop  # the controller reads its tokenizer's EOD per batch
+    cut = generator.generate([generator.request(p, Sampling.greedy(12)) for p in prompts])
+    assert cut[0].tokens == first[: first.index(stop)] and cut[0].finish_reason == "eod"
+    other = full[1].tokens  # the other request of the batch stops at its own EOD, if any
+    assert cut[1].tokens == (other[: other.index(stop)] if stop in other else other)
 
 
 def _tp_pp_body(rank, world_size, state, expected):

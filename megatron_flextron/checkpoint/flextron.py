@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -129,12 +129,8 @@ def stored_shapes(metadata) -> Dict[str, tuple]:
         if not isinstance(meta, TensorStorageMetadata) or key.startswith("optimizer."):
             continue
         size = tuple(meta.size)
-        match = _STACKED.match(key)
-        if match:
-            name = _NORM_KEYS.get(match.group(1), match.group(1))
-            shapes.update({f"decoder.layers.{i}.{name}": size[1:] for i in range(size[0])})
-        else:
-            shapes[key] = size
+        names = _layer_names(key, size[0] if size else 0)
+        shapes.update({n: size[1:] for n in names} if names else {key: size})
     return shapes
 
 
@@ -221,13 +217,21 @@ def read_flextron(path: str) -> Checkpoint:
     return ckpt
 
 
-def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """megatron stacks per-layer tensors along a leading layer axis under one key."""
+def _layer_names(key: str, layers: int) -> Optional[List[str]]:
+    """The per-layer names of a stacked key (None for any other key): megatron stacks per-layer
+    tensors along a leading layer axis under one key."""
     match = _STACKED.match(key)
     if not match:
-        return {key: tensor}
+        return None
     name = _NORM_KEYS.get(match.group(1), match.group(1))
-    return {f"decoder.layers.{i}.{name}": tensor[i].clone() for i in range(tensor.size(0))}
+    return [f"decoder.layers.{i}.{name}" for i in range(layers)]
+
+
+def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    names = _layer_names(key, tensor.size(0) if tensor.dim() else 0)
+    if names is None:
+        return {key: tensor}
+    return {name: tensor[i].clone() for i, name in enumerate(names)}
 
 
 def load_dist_checkpoint(request: dict, shards: str) -> dict:

@@ -20,6 +20,7 @@ from typing import Optional
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
 from megatron_flextron.routers.checkpoint import budget_architecture
+from megatron_flextron.routers.sampling import budget_subnetwork
 from megatron_flextron.routers.static import encode_budget
 from megatron_flextron.routers.token import disable_token_routing
 from megatron_flextron.routers.token_training import TrainedTokenRouting
@@ -51,11 +52,13 @@ class Architecture:
 
 
 class SubnetworkSelector:
-    """Resolves requests to architectures (cached per budget) and activates them in the model."""
+    """Resolves requests to architectures (cached per budget) and activates them in the model.
+    ``ckpt_dir`` holds the routers; None (a model built in memory): budgets take the nearest
+    elastic choices."""
 
     def __init__(
         self,
-        ckpt_dir: str,
+        ckpt_dir: Optional[str],
         model_config: ModelConfig,
         elastic: ElasticConfig,
         tp_size: int = 1,
@@ -83,7 +86,7 @@ class SubnetworkSelector:
         if budget is not None:
             return self._budget(_check_budget(budget))
         if self.router == "dynamic" and subnetwork is None:
-            raise ValueError("the server routes tokens (--router dynamic): give a budget")
+            raise ValueError("with token routing (--router dynamic), give a budget")
         subnet = Subnetwork.parse(subnetwork, self.model_config)
         return self._static(subnet, None, {})
 
@@ -98,6 +101,9 @@ class SubnetworkSelector:
                     routed=True,
                     info={"chosen_by": "token routers"},
                 )
+            elif self.ckpt_dir is None:
+                subnet = budget_subnetwork(budget, self.model_config, self.elastic)
+                arch = self._static(subnet, budget, {"chosen_by": "nearest choices"})
             else:
                 subnet, info = budget_architecture(
                     self.ckpt_dir, self.model_config, self.elastic, budget, router_only=False

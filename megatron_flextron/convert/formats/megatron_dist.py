@@ -24,7 +24,8 @@ import enum
 import importlib
 import os
 import re
-from typing import Dict, Optional
+from collections import Counter
+from typing import Dict, List, Optional
 
 import torch
 
@@ -132,46 +133,51 @@ def _canonical(rest: str) -> str:
     return _NORM_KEYS.get(rest, rest)
 
 
-def _split(key: str, tensor: torch.Tensor, m: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Canonical (name, tensor) of one stored key: stacked layers split, TE norm names renamed."""
+def _names(key: str, m: ModelConfig) -> List[str]:
+    """The canonical names one stored key holds: stacked layers (leading axis) or one layer or
+    a global tensor; TE-fused norm names renamed to the norms'."""
     match = _PER_LAYER.match(key)
     if match:
-        return {f"decoder.layers.{match.group(1)}.{_canonical(match.group(2))}": tensor}
+        return [f"decoder.layers.{match.group(1)}.{_canonical(match.group(2))}"]
     if not key.startswith("decoder.layers."):
-        return {key: tensor}
+        return [key]
     rest = _canonical(key[len("decoder.layers.") :])
-    if tensor.dim() == 0 or tensor.size(0) != m.num_layers:
-        raise CheckpointError(
-            f"{key}: stacked layers of shape {tuple(tensor.shape)}, expected {m.num_layers} first"
-        )
-    return {f"decoder.layers.{i}.{rest}": tensor[i].clone() for i in range(m.num_layers)}
+    return [f"decoder.layers.{i}.{rest}" for i in range(m.num_layers)]
 
 
 def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Dict[str, Tensor]:
+    """Every stored key mapped to canonical names first (a key the architecture does not use is
+    refused before anything is read), then each key read once and split into its layers."""
     from tqdm import tqdm
 
     expected = expected_shapes(m, layer_shapes)
-    state: Dict[str, torch.Tensor] = {}
-    unused = []
-    tied_head = None
-    for key in tqdm(sorted(stored.tensors), desc="reading torch_dist", leave=False):
-        if key == "output_layer.weight" and m.tie_embeddings:
-            tied_head = stored.read(key)
-            continue
-        for name, value in _split(key, stored.read(key), m).items():
-            if name not in expected:
-                unused.append(key)
-                break
-            if name in state:
-                raise CheckpointError(f"{name} is stored twice (local and TE names?): {key}")
-            state[name] = value
+    plan = {key: _names(key, m) for key in sorted(stored.tensors)}
+    tied_head = plan.pop("output_layer.weight", None) if m.tie_embeddings else None
+    unused = sorted(k for k, names in plan.items() if any(n not in expected for n in names))
     if unused:
         raise CheckpointError(
-            f"megatron: stored tensors this architecture does not use: {sorted(set(unused))}; "
+            f"megatron: stored tensors this architecture does not use: {unused}; "
             "converting would drop them"
         )
-    if tied_head is not None and not torch.equal(tied_head, state.get(_EMBED, tied_head[:0])):
-        raise CheckpointError("tied embeddings but output_layer.weight differs from the embedding")
+    counts = Counter(n for names in plan.values() for n in names)
+    twice = sorted(n for n, c in counts.items() if c > 1)
+    if twice:
+        raise CheckpointError(f"stored twice (local and TE names?): {twice[:4]}")
+    state: Dict[str, Tensor] = {}
+    for key, names in tqdm(plan.items(), desc="reading torch_dist", leave=False):
+        tensor = stored.read(key)
+        if not key.startswith("decoder.layers.") or _PER_LAYER.match(key):  # not stacked
+            state[names[0]] = tensor
+            continue
+        if tensor.dim() == 0 or tensor.size(0) != len(names):
+            raise CheckpointError(
+                f"{key}: stacked layers of shape {tuple(tensor.shape)}, expected {len(names)} first"
+            )
+        state.update({name: tensor[i].clone() for i, name in enumerate(names)})
+    if tied_head is not None:
+        head = stored.read("output_layer.weight")
+        if _EMBED not in state or not torch.equal(head, state[_EMBED]):
+            raise CheckpointError("tied embeddings, but output_layer.weight differs from them")
     return state
 
 
