@@ -192,23 +192,21 @@ def test_router_refuses_an_untrustworthy_surrogate():
 
 @pytest.mark.usefixtures("megatron_single_process")
 def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
-    from helpers import write_training_setup
+    from helpers import evaluate_rows, write_training_setup
 
-    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.checkpoint.state import CheckpointError
+    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.routers.checkpoint import save_router
-    from tools.evaluate import evaluate, parse_args
 
     setup = write_training_setup(str(tmp_path), docs=100)
     model, ckpt = setup["model"], setup["load"]
     elastic = elastic_choices(model)
-    flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "4"]
+    flags = dict(data="wiki:test", seq_length=32, max_sequences=4)
+    budget = dict(budgets=[0.7], require_router=True)  # tools/evaluate.py --budget 0.7
     with pytest.raises(CheckpointError, match="no trained static router"):
-        evaluate(parse_args([*flags, "--budget", "0.7"]))
+        evaluate_rows(ckpt, **flags, **budget)
     # without a router, --budget-list falls back to training's nearest-choice rule
-    assert evaluate(parse_args([*flags, "--budget-list", "1.0"]))[0]["chosen_by"] == (
-        "nearest choices"
-    )
+    assert evaluate_rows(ckpt, **flags, budgets=[1.0])[0]["chosen_by"] == ("nearest choices")
 
     surrogate, fit = _fitted_surrogate(model, elastic)
     mlp, heads = router_choices(model, elastic)
@@ -236,8 +234,8 @@ def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
     shapes = out.layer_shapes or [(model.ffn_hidden_size, model.num_attention_heads)] * 4
     assert [tuple(s) for s in shapes] == list(zip(expected.mlp, expected.heads))
 
-    result = evaluate(parse_args([*flags, "--budget", "0.7"]))[0]
+    result = evaluate_rows(ckpt, **flags, **budget)[0]
     assert result["subnetwork"] == expected.to_dict() and result["chosen_by"] == "static router"
     assert result["params"] == count_parameters(expected, model)["total"]
     with pytest.raises(ValueError, match="outside the trained range"):
-        evaluate(parse_args([*flags, "--budget", "0.5"]))
+        evaluate_rows(ckpt, **flags, budgets=[0.5], require_router=True)
