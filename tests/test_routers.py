@@ -239,3 +239,31 @@ def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
     assert result["params"] == count_parameters(expected, model)["total"]
     with pytest.raises(ValueError, match="outside the trained range"):
         evaluate_rows(ckpt, **flags, budgets=[0.5], require_router=True)
+
+
+def test_budget_policies_answer_which_subnetwork_a_budget_runs():
+    """The one answer to "which sub-network is budget b": the nearest choices without a router
+    (training's rule), the router's argmax with its exact cost ratio with one."""
+    from megatron_flextron.routers.policy import NearestChoices, StaticRouterPolicy
+    from megatron_flextron.routers.sampling import budget_subnetwork
+
+    model = tiny_config("llama")
+    elastic = elastic_choices(model)
+    nearest = NearestChoices(model, elastic)
+    for b in (1.0, 0.75, 0.5, 0.3):
+        choice = nearest.choose(b)
+        assert choice.subnetwork == budget_subnetwork(b, model, elastic) and not nearest.routes(b)
+        assert choice.info == {"chosen_by": "nearest choices"}
+    params = count_parameters(nearest.choose(0.5).subnetwork, model)["total"]
+    assert nearest.describe(0.5).endswith(f"{params / 1e6:.1f}M parameters")
+    mlp, heads = router_choices(model, elastic)
+    torch.manual_seed(0)
+    router = StaticRouter([1.0, 0.5], model.num_layers, mlp, heads, hidden_size=32)
+    cost = CostModel(model, elastic, "params")
+    static = StaticRouterPolicy(model, elastic, router, cost, {"metric": "params"})
+    choice = static.choose(0.7)
+    subnet = router.choose(0.7)
+    assert choice.subnetwork == subnet and static.routes(0.7)
+    exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / cost.full()
+    assert choice.info["chosen_by"] == "static router"
+    assert choice.info["cost_ratio"] == round(exact, 4) and choice.info["metric"] == "params"
