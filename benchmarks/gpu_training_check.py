@@ -27,8 +27,7 @@ def main() -> int:
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.training.arguments import parse_args
     from megatron_flextron.training.trainer import pretrain
-    from tools.evaluate import evaluate
-    from tools.evaluate import parse_args as eval_args
+    from megatron_flextron.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
 
     start = time.time()
     work = tempfile.mkdtemp(prefix="flextron-gpu-check-")
@@ -49,9 +48,10 @@ def main() -> int:
         for t in make_tasks(wiki_documents("test"), "cloze", 16):
             f.write(json.dumps(t) + "\n")
     initialize_model_parallel(1, 1)
-    rows = evaluate(eval_args(["--load", save, "--wiki-split", "test", "--seq-length", "32",
-                               "--max-sequences", "8", "--budget-list", "1.0", "0.5",
-                               "--mc-tasks", tasks, "--measure-latency"]))  # fmt: skip
+    options = PerplexityOptions(load=save, data="wiki:test", seq_length=32, max_sequences=8,
+                                budgets=[1.0, 0.5], mc_tasks=[tasks],
+                                measure_latency=True)  # fmt: skip
+    rows = [r.to_dict() for r in evaluate_perplexity(options)]
     destroy_model_parallel()
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

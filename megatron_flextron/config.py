@@ -1,8 +1,10 @@
-"""Configuration dataclasses: the dense architecture and its elastic choices.
+"""Configuration dataclasses: the dense architecture, its elastic choices, how it runs.
 
-``ModelConfig`` describes one GPT-3-style or Llama-style architecture and turns it into the
-megatron-core ``TransformerConfig`` and ``GPTModel`` arguments. ``ElasticConfig`` lists the widths
-each elastic axis may take. They compose; nothing is injected into megatron's config.
+``ModelConfig`` describes one GPT-3-style or Llama-style architecture (stored in checkpoints) and
+gives the megatron-core ``TransformerConfig`` fields and ``GPTModel`` arguments of it.
+``ElasticConfig`` lists the widths each elastic axis may take (stored too). ``Runtime`` is the
+parallel layout, precision and device of one run; ``Runtime.transformer_config(model)`` composes
+them into megatron's config. Nothing is injected into megatron's config.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -100,21 +102,18 @@ class ModelConfig:
     def gated(self) -> bool:
         return self.activation == "swiglu"
 
-    def transformer_config(
-        self,
-        tensor_model_parallel_size: int = 1,
-        pipeline_model_parallel_size: int = 1,
-        params_dtype: torch.dtype = torch.float32,
-        sequence_parallel: bool = False,
-        **overrides,
-    ):
-        """The megatron-core TransformerConfig of this architecture (fusions off: portable)."""
-        from megatron.core.transformer.transformer_config import TransformerConfig
+    def head_unit(self, tensor_model_parallel_size: int = 1) -> int:
+        """Head counts are multiples of this: every KV group keeps as many query heads (GQA),
+        or every TP rank as many whole heads (MHA)."""
+        return self.num_query_groups if self.is_gqa else tensor_model_parallel_size
 
+    def architecture_kwargs(self) -> dict:
+        """The megatron TransformerConfig fields that describe this architecture (nothing about
+        where or how it runs: that is ``Runtime``)."""
         activation_func = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": F.silu}[
             self.activation
         ]
-        kwargs = dict(
+        return dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size,
@@ -130,25 +129,25 @@ class ModelConfig:
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            sequence_parallel=sequence_parallel,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            fp16=params_dtype == torch.float16,
-            use_cpu_initialization=True,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            # The post-p2p CUDA synchronize exists for a GPU race; there is nothing to sync on CPU.
-            batch_p2p_sync=torch.cuda.is_available(),
         )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+
+    def transformer_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
+        **overrides,
+    ):
+        """Shorthand for ``Runtime(...).transformer_config(self, **overrides)`` on this
+        machine's device."""
+        runtime = Runtime(
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            params_dtype,
+            sequence_parallel,
+        )
+        return runtime.transformer_config(self, **overrides)
 
     def gpt_model_kwargs(self) -> dict:
         """Arguments of megatron's GPTModel besides config, spec and pipeline stage flags."""
@@ -168,6 +167,57 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: parallel layout, precision and device. Not part of a
+    checkpoint; with a ``ModelConfig`` it makes megatron's TransformerConfig."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    params_dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
+    device: Optional[torch.device] = None  # None: this machine's accelerator, else the CPU
+
+    @property
+    def on_accelerator(self) -> bool:
+        if self.device is None:
+            return torch.accelerator.current_accelerator() is not None
+        return torch.device(self.device).type != "cpu"
+
+    def transformer_config(self, model: ModelConfig, **overrides):
+        """megatron-core's TransformerConfig of ``model`` run this way. Fusions stay off and
+        weights are initialised on the CPU on every device: the kernels are portable and a
+        seed gives the same weights at every TP size and on every machine."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        dtype = self.params_dtype
+        kwargs = model.architecture_kwargs()
+        kwargs.update(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu_initialization=True,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            # the post-p2p synchronize exists for a GPU race; there is nothing to sync on CPU
+            batch_p2p_sync=self.on_accelerator,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+# the width ratios of each elastic axis when none are given (the checkpoint's choices win)
+DEFAULT_RATIOS = (1.0, 0.75, 0.5, 0.25)
 
 
 def _scaled(full: int, ratio: float, unit: int) -> int:
@@ -191,21 +241,27 @@ class ElasticConfig:
     def from_ratios(
         cls,
         model: ModelConfig,
-        mlp_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-        head_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+        mlp_ratios: Sequence[float] = DEFAULT_RATIOS,
+        head_ratios: Sequence[float] = DEFAULT_RATIOS,
         tensor_model_parallel_size: int = 1,
         allow_layer_skipping: bool = True,
     ) -> "ElasticConfig":
         """Choices from ratios, rounded to what the layout can express at this TP size."""
         tp = tensor_model_parallel_size
         mlp = {_scaled(model.ffn_hidden_size, r, tp) for r in mlp_ratios}
-        head_unit = model.num_query_groups if model.is_gqa else tp
-        heads = {_scaled(model.num_attention_heads, r, head_unit) for r in head_ratios}
+        heads = {_scaled(model.num_attention_heads, r, model.head_unit(tp)) for r in head_ratios}
         return cls(
             mlp_choices=tuple(sorted(mlp, reverse=True)),
             head_choices=tuple(sorted(heads, reverse=True)),
             allow_layer_skipping=allow_layer_skipping,
         )
+
+    def choices_with_full(self, model: ModelConfig) -> Tuple[List[int], List[int]]:
+        """(MLP widths, head counts), each largest first with the full size among them: what a
+        router or the budget rule picks from and what a sub-network may use."""
+        mlp = sorted(set(self.mlp_choices) | {model.ffn_hidden_size}, reverse=True)
+        heads = sorted(set(self.head_choices) | {model.num_attention_heads}, reverse=True)
+        return mlp, heads
 
     def to_dict(self) -> dict:
         return {

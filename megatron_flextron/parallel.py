@@ -116,6 +116,13 @@ def all_reduce_grads(params, sum_groups=(), average_group=None) -> None:
         offset += p.numel()
 
 
+def data_parallel_mean(value: float) -> float:
+    """The mean of a number over the data-parallel ranks (collective over that group)."""
+    total = torch.tensor(value, device=current_device())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total.item() / parallel_state.get_data_parallel_world_size()
+
+
 def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -134,6 +134,14 @@ def write_training_setup(directory: str, family: str = "llama", docs: int = 300)
     return {"load": ckpt_dir, "data_path": prefix, "model": model}
 
 
+def evaluate_rows(load: str, **options) -> list:
+    """The JSON rows tools/evaluate.py prints, from the library: ``options`` are the fields of
+    megatron_flextron.evaluation.perplexity.PerplexityOptions."""
+    from megatron_flextron.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
+
+    return [r.to_dict() for r in evaluate_perplexity(PerplexityOptions(load=load, **options))]
+
+
 def training_flags(setup: dict, **flags) -> list:
     """Command-line flags of a short tiny-model run; keyword arguments override/extend them."""
     base = {

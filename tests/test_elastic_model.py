@@ -233,3 +233,20 @@ def test_validation_rules_for_tp_and_head_layout():
     with pytest.raises(ValueError, match="does not allow layer skipping"):
         fixed = dataclasses.replace(loose, allow_layer_skipping=False)
         Subnetwork.parse({"layers": [0, 1]}, mha).validate(mha, fixed)
+
+
+def test_transformer_config_is_architecture_plus_runtime():
+    """The stored architecture gives megatron's architecture fields; the runtime (parallel
+    layout, precision, device) the rest: only the device decides the post-p2p synchronize."""
+    from megatron_flextron.config import Runtime
+
+    m = tiny_config("llama")
+    cpu = Runtime(2, 2, torch.bfloat16, device=torch.device("cpu")).transformer_config(m)
+    gpu = Runtime(2, 2, torch.bfloat16, device=torch.device("cuda")).transformer_config(m)
+    for key, value in m.architecture_kwargs().items():
+        assert getattr(cpu, key) == value == getattr(gpu, key), key
+    assert (cpu.tensor_model_parallel_size, cpu.pipeline_model_parallel_size) == (2, 2)
+    assert cpu.bf16 and not cpu.fp16 and cpu.params_dtype == torch.bfloat16
+    assert not cpu.batch_p2p_sync and gpu.batch_p2p_sync
+    assert not cpu.bias_activation_fusion and cpu.use_cpu_initialization
+    assert m.transformer_config(2, 2, torch.bfloat16).batch_p2p_sync == torch.cuda.is_available()

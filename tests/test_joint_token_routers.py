@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import train_history, training_flags, write_training_setup
+from helpers import evaluate_rows, train_history, training_flags, write_training_setup
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -23,6 +23,10 @@ TOKEN = dict(
     budget_list=[1.0, 0.3],
     original_model_sample_prob=0.25,
 )
+
+
+# the per-budget stat of the routed mean MLP width fraction (a joint router logs a cost ratio)
+WIDTH = "router mean mlp width"
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +47,23 @@ def test_token_routers_follow_the_budget_while_the_model_trains(reference):
     assert evals[-1]["eval"]["1"] < evals[0]["eval"]["1"]  # the model trains meanwhile
     # routed micro-batches log their mean MLP width and the budget aux loss (MoEAuxLossAutoScaler)
     routed = [h["budgets"]["0.3"] for h in history if "0.3" in h["budgets"]]
-    assert routed and all("router cost ratio" in r and "router aux loss" in r for r in routed)
+    assert routed and all(WIDTH in r and "router aux loss" in r for r in routed)
     # sampled widths start near the mean of the choices (0.625) and settle on the 0.3 budget
-    assert routed[0]["router cost ratio"] > 0.45 and routed[0]["router aux loss"] > 0, routed[0]
-    late = [r["router cost ratio"] for r in routed[-4:]]
+    assert routed[0][WIDTH] > 0.45 and routed[0]["router aux loss"] > 0, routed[0]
+    late = [r[WIDTH] for r in routed[-4:]]
     assert abs(sum(late) / len(late) - 0.3) < 0.06, late  # measured 0.297
     # the evaluation's argmax routing (token dispatch) lands near it too (measured 0.25)
-    assert 0.15 < evals[-1]["router cost ratio"]["0.3"] < 0.4, evals[-1]["router cost ratio"]
+    assert 0.15 < evals[-1][WIDTH]["0.3"] < 0.4, evals[-1][WIDTH]
 
 
 def test_trained_token_routers_serve_tools_evaluate(reference):
-    from tools.evaluate import evaluate, parse_args
+    import subprocess
+    import sys
 
     save, _ = reference
-    flags = ["--load", str(save), "--wiki-split", "test", "--seq-length", "32"]
-    flags += ["--max-sequences", "8"]
-    routed = ["--router", "dynamic", "--budget-list", "1.0", "0.3", "--compare-static"]
-    rows = evaluate(parse_args(flags + routed))
+    flags = dict(data="wiki:test", seq_length=32, max_sequences=8)
+    routed = dict(router="dynamic", budgets=[1.0, 0.3], compare_static=True)
+    rows = evaluate_rows(str(save), **flags, **routed)
     assert rows[1]["mean_mlp_width_fraction"] < rows[0]["mean_mlp_width_fraction"] - 0.2, rows
     # --compare-static: the static line at the routed mean width, from the two MLP choices
     # around it (tiny model: 128 neurons, choices 128/96/64/32), each as evaluated on its own
@@ -67,12 +71,14 @@ def test_trained_token_routers_serve_tools_evaluate(reference):
     lo, hi = static["mlp_widths"]
     assert lo <= rows[1]["mean_mlp_width_fraction"] * 128 <= hi and hi - lo == 32, static
     for width, loss in zip((lo, hi), static["loss_at_widths"]):
-        alone = evaluate(parse_args(flags + ["--subnetwork", f'{{"mlp": {width}}}']))[0]
+        alone = evaluate_rows(str(save), **flags, subnetwork=f'{{"mlp": {width}}}')[0]
         assert loss == alone["loss"], (width, loss, alone["loss"])
     assert min(static["loss_at_widths"]) <= static["loss"] <= max(static["loss_at_widths"])
     assert "static_at_mean_width" not in rows[0]  # budget 1.0: the full model itself
-    with pytest.raises(SystemExit):  # only meaningful next to token routing
-        parse_args(flags + ["--compare-static"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cli = [sys.executable, os.path.join(root, "tools", "evaluate.py"), "--load", str(save)]
+    cli += ["--wiki-split", "test", "--compare-static"]  # only meaningful next to token routing
+    assert subprocess.run(cli, capture_output=True).returncode == 2
 
 
 def test_calibration_makes_token_dispatch_meet_the_budget(setup, reference, tmp_path, capsys):
@@ -83,15 +89,13 @@ def test_calibration_makes_token_dispatch_meet_the_budget(setup, reference, tmp_
     import shutil
 
     from tools.calibrate_token_router import main as calibrate
-    from tools.evaluate import evaluate, parse_args
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0], ckpt)
 
     def held_out():
-        flags = ["--load", str(ckpt), "--wiki-split", "test", "--seq-length", "32"]
-        flags += ["--max-sequences", "16", "--router", "dynamic", "--budget-list", "1.0", "0.3"]
-        return evaluate(parse_args(flags))
+        flags = dict(data="wiki:test", seq_length=32, max_sequences=16)
+        return evaluate_rows(str(ckpt), **flags, router="dynamic", budgets=[1.0, 0.3])
 
     before = held_out()
     flags = ["--load", str(ckpt), "--data", "wiki:valid", "--samples", "16", "--seq-length", "32"]
@@ -193,19 +197,19 @@ def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference,
         for budget, v in g["budgets"].items():
             ref = w["budgets"][budget]
             assert v["n"] == ref["n"] and v.keys() == ref.keys(), g["iteration"]
-            if "router cost ratio" not in ref:  # the full model: not routed
+            if WIDTH not in ref:  # the full model: not routed
                 continue
             # discrete: a token whose sampled width is near a tie may flip between layouts
             tol = width_tolerance(tokens * v["n"])
-            assert v["router cost ratio"] == pytest.approx(ref["router cost ratio"], abs=tol), (
+            assert v[WIDTH] == pytest.approx(ref[WIDTH], abs=tol), (
                 g["iteration"]
             )
             aux = tol / float(budget)  # the aux loss is (1/budget)-Lipschitz in the width
             assert v["router aux loss"] == pytest.approx(ref["router aux loss"], abs=aux), (
                 g["iteration"]
             )
-    last = got[-1]["router cost ratio"]  # the evaluation's argmax dispatch, also discrete
-    for budget, ratio in want[-1]["router cost ratio"].items():
+    last = got[-1][WIDTH]  # the evaluation's argmax dispatch, also discrete
+    for budget, ratio in want[-1][WIDTH].items():
         assert last[budget] == pytest.approx(ratio, abs=width_tolerance(eval_tokens)), budget
 
     def routers(path):

@@ -26,17 +26,14 @@ def test_generated_tasks_are_well_formed_and_deterministic(kind):
 
 
 def test_scores_are_the_models_log_likelihoods(tmp_path):
-    from helpers import write_training_setup
+    from helpers import evaluate_rows, write_training_setup
 
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model
+    from megatron_flextron.checkpoint.load import load_elastic_model
     from megatron_flextron.data.corpus import load_tokenizer
-    from megatron_flextron.elastic import build_gpt_model
-    from tools.evaluate import evaluate, parse_args
 
     setup = write_training_setup(str(tmp_path), docs=100)
-    model_cfg, ckpt = setup["model"], setup["load"]
-    gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True).eval()
-    load_flextron_into_model(gpt, ckpt)
+    ckpt = setup["load"]
+    gpt = load_elastic_model(ckpt).model
     tok = load_tokenizer(f"{ckpt}/tokenizer")
     tasks = make_tasks(wiki_documents("test"), "cloze", 6)
     path = tmp_path / "cloze.jsonl"
@@ -54,8 +51,8 @@ def test_scores_are_the_models_log_likelihoods(tmp_path):
                 assert result["loglik"][k] == pytest.approx(want, abs=1e-4)
                 k += 1
     assert result["examples"] == 6 and 0 <= result["acc"] <= 1
-    flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "4"]
-    row = evaluate(parse_args([*flags, "--mc-tasks", str(path), "--measure-latency"]))[0]
+    flags = dict(data="wiki:test", seq_length=32, max_sequences=4)
+    row = evaluate_rows(ckpt, **flags, mc_tasks=[str(path)], measure_latency=True)[0]
     assert row["mc"]["cloze"] == {
         "acc": round(result["acc"], 4),
         "acc_norm": round(result["acc_norm"], 4),

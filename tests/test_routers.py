@@ -192,23 +192,21 @@ def test_router_refuses_an_untrustworthy_surrogate():
 
 @pytest.mark.usefixtures("megatron_single_process")
 def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
-    from helpers import write_training_setup
+    from helpers import evaluate_rows, write_training_setup
 
-    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.checkpoint.state import CheckpointError
+    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.routers.checkpoint import save_router
-    from tools.evaluate import evaluate, parse_args
 
     setup = write_training_setup(str(tmp_path), docs=100)
     model, ckpt = setup["model"], setup["load"]
     elastic = elastic_choices(model)
-    flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "4"]
+    flags = dict(data="wiki:test", seq_length=32, max_sequences=4)
+    budget = dict(budgets=[0.7], require_router=True)  # tools/evaluate.py --budget 0.7
     with pytest.raises(CheckpointError, match="no trained static router"):
-        evaluate(parse_args([*flags, "--budget", "0.7"]))
+        evaluate_rows(ckpt, **flags, **budget)
     # without a router, --budget-list falls back to training's nearest-choice rule
-    assert evaluate(parse_args([*flags, "--budget-list", "1.0"]))[0]["chosen_by"] == (
-        "nearest choices"
-    )
+    assert evaluate_rows(ckpt, **flags, budgets=[1.0])[0]["chosen_by"] == ("nearest choices")
 
     surrogate, fit = _fitted_surrogate(model, elastic)
     mlp, heads = router_choices(model, elastic)
@@ -236,8 +234,36 @@ def test_budget_flag_of_convert_and_evaluate_uses_the_trained_router(tmp_path):
     shapes = out.layer_shapes or [(model.ffn_hidden_size, model.num_attention_heads)] * 4
     assert [tuple(s) for s in shapes] == list(zip(expected.mlp, expected.heads))
 
-    result = evaluate(parse_args([*flags, "--budget", "0.7"]))[0]
+    result = evaluate_rows(ckpt, **flags, **budget)[0]
     assert result["subnetwork"] == expected.to_dict() and result["chosen_by"] == "static router"
     assert result["params"] == count_parameters(expected, model)["total"]
     with pytest.raises(ValueError, match="outside the trained range"):
-        evaluate(parse_args([*flags, "--budget", "0.5"]))
+        evaluate_rows(ckpt, **flags, budgets=[0.5], require_router=True)
+
+
+def test_budget_policies_answer_which_subnetwork_a_budget_runs():
+    """The one answer to "which sub-network is budget b": the nearest choices without a router
+    (training's rule), the router's argmax with its exact cost ratio with one."""
+    from megatron_flextron.routers.policy import NearestChoices, StaticRouterPolicy
+    from megatron_flextron.routers.sampling import budget_subnetwork
+
+    model = tiny_config("llama")
+    elastic = elastic_choices(model)
+    nearest = NearestChoices(model, elastic)
+    for b in (1.0, 0.75, 0.5, 0.3):
+        choice = nearest.choose(b)
+        assert choice.subnetwork == budget_subnetwork(b, model, elastic) and not nearest.routes(b)
+        assert choice.info == {"chosen_by": "nearest choices"}
+    params = count_parameters(nearest.choose(0.5).subnetwork, model)["total"]
+    assert nearest.describe(0.5).endswith(f"{params / 1e6:.1f}M parameters")
+    mlp, heads = router_choices(model, elastic)
+    torch.manual_seed(0)
+    router = StaticRouter([1.0, 0.5], model.num_layers, mlp, heads, hidden_size=32)
+    cost = CostModel(model, elastic, "params")
+    static = StaticRouterPolicy(model, elastic, router, cost, {"metric": "params"})
+    choice = static.choose(0.7)
+    subnet = router.choose(0.7)
+    assert choice.subnetwork == subnet and static.routes(0.7)
+    exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / cost.full()
+    assert choice.info["chosen_by"] == "static router"
+    assert choice.info["cost_ratio"] == round(exact, 4) and choice.info["metric"] == "params"

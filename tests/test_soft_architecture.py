@@ -114,3 +114,48 @@ def test_layer_keep_weights_skip_layers_exactly_and_have_gradients(family):
         run = layer(x, None, rotary_pos_emb=rope)[0]
         clear_soft_architecture(gpt)
     assert torch.allclose(half, (x + run) / 2, atol=1e-5)
+
+
+def test_elastic_state_sets_one_mode_and_restores_the_full_model():
+    """elastic_state: a sub-network, a soft architecture or token routing inside the block (each
+    through the modules' own API, no hooks), exactly the full model after it, even on an error;
+    two modes at once are refused."""
+    from megatron_flextron.elastic.state import SoftArchitecture, elastic_state
+    from megatron_flextron.routers.token import TokenRouter, TokenRouting
+
+    model_cfg, elastic, gpt = _model("llama")
+    mlp, heads = router_choices(model_cfg, elastic)
+    tokens, _ = batch()
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+    half = Subnetwork((64,) * 4, (4,) * 4, (0, 1, 2, 3))
+    soft = SoftArchitecture(_one_hot(mlp, half.mlp), _one_hot(heads, half.heads), mlp, heads)
+    routings = [TokenRouting(TokenRouter(64, len(mlp)), mlp) for _ in range(4)]
+    with torch.no_grad():
+        full = gpt(tokens, positions, None)
+        with elastic_state(gpt, model_cfg, elastic, subnetwork=half) as subnet:
+            sliced = gpt(tokens, positions, None)
+        assert subnet == half
+        assert torch.equal(gpt(tokens, positions, None), full)
+        with elastic_state(gpt, soft=soft):
+            masked = gpt(tokens, positions, None)
+        assert torch.equal(gpt(tokens, positions, None), full)
+        with elastic_state(gpt, token_routing=routings):
+            routed = gpt(tokens, positions, None)
+        # every layer routed every token, some narrower than the full width
+        assert all(r.totals[1] == tokens.numel() for r in routings)
+        assert sum(r.totals[0] for r in routings) < 4 * tokens.numel() - 1
+        assert torch.equal(gpt(tokens, positions, None), full)
+        with pytest.raises(RuntimeError, match="inside"):
+            with elastic_state(gpt, model_cfg, elastic, subnetwork=half):
+                raise RuntimeError("inside")
+        after = gpt(tokens, positions, None)
+    assert torch.allclose(masked, sliced, atol=1e-5), (masked - sliced).abs().max()
+    assert (sliced - full).abs().max() > 1e-2 and routed.shape == full.shape
+    assert torch.equal(after, full)
+    layers = gpt.decoder.layers
+    assert all(layer.mlp.token_routing is None and layer.keep is None for layer in layers)
+    assert all(layer.mlp.linear_fc2.input_scale is None for layer in layers)
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    with pytest.raises(ValueError, match="exclude each other"):
+        with elastic_state(gpt, model_cfg, elastic, subnetwork=half, soft=soft):
+            pass

@@ -156,18 +156,16 @@ def test_token_routing_under_tp2_equals_tp1():
 def test_trained_token_routers_follow_their_budgets(tmp_path):
     """Routers trained on a frozen model (LM + budget aux loss) use about the budgeted mean width
     per token; tools/evaluate.py --router dynamic reports it, interpolating between budgets."""
-    from helpers import write_training_setup
+    from helpers import evaluate_rows, write_training_setup
 
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model
+    from megatron_flextron.checkpoint.load import load_elastic_model
     from megatron_flextron.data.corpus import token_sequences
-    from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
     from megatron_flextron.lm_step import pad_microbatches
-    from tools.evaluate import evaluate, parse_args
+    from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
 
     setup = write_training_setup(str(tmp_path), docs=100)
-    model_cfg, ckpt = setup["model"], setup["load"]
-    gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
-    load_flextron_into_model(gpt, ckpt)
+    ckpt = setup["load"]
+    gpt = load_elastic_model(ckpt).model.train()
     seqs = token_sequences("wiki:train", f"{ckpt}/tokenizer", 32)[:32]
     lines = []
     routers = train_token_routers(
@@ -184,10 +182,8 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     # the log reports the LM loss, the budget aux loss (MoEAuxLossAutoScaler) and the width
     assert len(lines) == 2 and all("aux loss" in x and "mean MLP width" in x for x in lines)
     save_token_routers(ckpt, routers, WIDTHS, [1.0, 0.5])
-    flags = ["--load", ckpt, "--wiki-split", "test", "--seq-length", "32", "--max-sequences", "8"]
-    rows = evaluate(
-        parse_args([*flags, "--router", "dynamic", "--budget-list", "1.0", "0.75", "0.5"])
-    )
+    flags = dict(data="wiki:test", seq_length=32, max_sequences=8)
+    rows = evaluate_rows(ckpt, **flags, router="dynamic", budgets=[1.0, 0.75, 0.5])
     used = [r["mean_mlp_width_fraction"] for r in rows]
     assert abs(used[2] - 0.5) < 0.08, used  # measured 0.43-0.49 across seeds and data
     assert used[0] > used[1] > used[2] + 0.1, used

@@ -47,60 +47,6 @@ def parse_args(argv=None):
     return args
 
 
-def calibrate(args) -> dict:
-    """Collective (every rank of a torchrun launch); rank 0 rewrites CKPT/token_router/."""
-    import torch
-
-    from megatron_flextron.config import ModelConfig
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import checkpoint_sequences
-    from megatron_flextron.elastic import build_gpt_model
-    from megatron_flextron.parallel import current_device
-    from megatron_flextron.routers.token_calibration import (
-        apply_budget_prices,
-        calibrate_budget_prices,
-    )
-    from megatron_flextron.routers.token_training import (
-        TrainedTokenRouting,
-        load_token_routers,
-        save_token_routers,
-    )
-    from megatron_flextron.lm_step import pad_microbatches
-
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    model_cfg = ModelConfig.from_dict(read_config(args.load)["model"])
-    seqs = checkpoint_sequences(args.load, args.data, args.seq_length, args.samples)
-    device = current_device()
-    model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
-    load_flextron_into_model(model, args.load)
-    model.eval()
-    serving = TrainedTokenRouting.attach(args.load, model, model_cfg.hidden_size)
-    batches = pad_microbatches(seqs, args.micro_batch_size, device)
-    found = calibrate_budget_prices(model, serving, batches, args.tolerance)
-    if torch.distributed.get_rank() == 0:  # every rank found the same prices
-        saved = load_token_routers(args.load, model_cfg.hidden_size)  # every layer's routers
-        prices = {budget: result["price"] for budget, result in found.items()}
-        apply_budget_prices(saved["routers"], saved["widths"], saved["budgets"], prices)
-        before = saved["calibration"] or {}
-        for budget, result in found.items():  # the saved routers carry earlier prices too
-            earlier = before.get(budget, {})
-            result["price"] += earlier.get("price", 0.0)
-            result["uncalibrated_width"] = earlier.get(
-                "uncalibrated_width", result["uncalibrated_width"]
-            )
-            result["calibration_tokens"] = len(seqs) * args.seq_length
-        save_token_routers(
-            args.load,
-            saved["routers"],
-            saved["widths"],
-            saved["budgets"],
-            saved["full_at_1"],
-            calibration=found,
-        )
-    torch.distributed.barrier()
-    return found
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
@@ -113,7 +59,18 @@ def main(argv=None) -> int:
             initialize_model_parallel(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             )
-        found = calibrate(args)
+        from megatron_flextron.routers.token_calibration import calibrate_checkpoint
+
+        found = calibrate_checkpoint(
+            args.load,
+            args.data,
+            args.samples,
+            args.seq_length,
+            args.micro_batch_size,
+            args.tolerance,
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+        )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

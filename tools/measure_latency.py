@@ -32,16 +32,13 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="time bfloat16 (default float32)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
-    from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.checkpoint.flextron import read_config
     from megatron_flextron.checkpoint.io import write_json
+    from megatron_flextron.checkpoint.load import read_model_configs
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.routers.latency import measure_latency
 
     try:
-        config = read_config(args.load)
-        model = ModelConfig.from_dict(config["model"])
-        elastic = ElasticConfig.from_dict(config["elastic"])
+        _, model, elastic = read_model_configs(args.load)
         initialize_model_parallel(1, 1)
         result = measure_latency(
             model,

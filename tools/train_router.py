@@ -50,28 +50,29 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
-    from megatron_flextron.routers.training import train_router_for_checkpoint
+    from megatron_flextron.routers.training import RouterPipeline, train_router_for_checkpoint
 
     try:
         initialize_model_parallel(1, 1, args.seed)
+        pipeline = RouterPipeline(
+            budgets=args.router_budgets,
+            metric=args.cost_metric,
+            latency_table=args.latency_table,
+            cost_seq_length=args.cost_seq_length,
+            data=args.calibration_data,
+            num_architectures=args.num_architectures,
+            samples=args.calibration_samples,
+            seq_length=args.calibration_seq_length,
+            micro_batch_size=args.micro_batch_size,
+            surrogate_steps=args.surrogate_steps,
+            router_steps=args.router_steps,
+            tolerance=args.budget_tolerance,
+            max_surrogate_error=args.max_surrogate_error,
+            seed=args.seed,
+            layer_skipping=args.router_layer_skipping,
+        )
         report = train_router_for_checkpoint(
-            args.load,
-            args.router_budgets,
-            args.cost_metric,
-            args.latency_table,
-            args.cost_seq_length,
-            args.calibration_data,
-            args.num_architectures,
-            args.calibration_samples,
-            args.calibration_seq_length,
-            args.micro_batch_size,
-            args.surrogate_steps,
-            args.router_steps,
-            args.budget_tolerance,
-            args.max_surrogate_error,
-            args.seed,
-            args.router_layer_skipping,
-            log=lambda text: print(text, file=sys.stderr, flush=True),
+            args.load, pipeline, log=lambda text: print(text, file=sys.stderr, flush=True)
         )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

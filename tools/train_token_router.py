@@ -36,10 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-interval", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.checkpoint.load import load_elastic_model
     from megatron_flextron.data.corpus import checkpoint_sequences
-    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.lm_step import pad_microbatches
     from megatron_flextron.parallel import (
         current_device,
         destroy_model_parallel,
@@ -47,18 +46,14 @@ def main(argv=None) -> int:
     )
     from megatron_flextron.routers.cost import router_choices
     from megatron_flextron.routers.token_training import save_token_routers, train_token_routers
-    from megatron_flextron.lm_step import pad_microbatches
 
     try:
         initialize_model_parallel(1, 1, args.seed)
-        config = read_config(args.load)
-        model_cfg = ModelConfig.from_dict(config["model"])
-        widths, _ = router_choices(model_cfg, ElasticConfig.from_dict(config["elastic"]))
+        loaded = load_elastic_model(args.load)
+        widths, _ = router_choices(loaded.model_cfg, loaded.elastic)
         seqs = checkpoint_sequences(args.load, args.data, args.seq_length, args.samples)
         device = current_device()
-        model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
-        model = model.to(device)
-        load_flextron_into_model(model, args.load)
+        model = loaded.model.train()
         routers = train_token_routers(
             model,
             widths,

@@ -131,15 +131,15 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         ckpt = rank_and_permute(ckpt, opts.calibration_data, **opts.ranking)
     subnet = None
     if opts.budget is not None:
-        from megatron_flextron.routers.checkpoint import budget_architecture
+        from megatron_flextron.routers.checkpoint import load_budget_policy
 
-        subnet, how = budget_architecture(
-            opts.load_dir, ckpt.model, ckpt.elastic, opts.budget, router_only=True
-        )
+        policy = load_budget_policy(opts.load_dir, ckpt.model, ckpt.elastic, require_router=True)
+        choice = policy.choose(opts.budget)
+        subnet = choice.subnetwork
         ckpt.metadata["router_choice"] = {
             "budget": opts.budget,
             "subnetwork": subnet.to_dict(),
-            **how,
+            **choice.info,
         }
     elif opts.subnetwork is not None:
         subnet = Subnetwork.parse(opts.subnetwork, ckpt.model)

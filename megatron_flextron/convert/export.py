@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from megatron_flextron.checkpoint.state import Checkpoint
+from megatron_flextron.elastic.layout import fc1_blocks, keep_proj, keep_qkv, kept_per_group
 from megatron_flextron.elastic.subnetwork import Subnetwork
 
 
@@ -19,22 +18,18 @@ def slice_layer(state: dict, m, src: int, dst: int, width: int, heads: int) -> d
     """Layer ``src`` of a canonical state at (width, heads), renamed to layer ``dst``."""
     g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
     blocks = 2 if m.gated else 1
-    kept = heads // g if m.is_gqa else heads
+    kept = kept_per_group(m, heads)
     prefix, out = f"decoder.layers.{src}.", {}
     for key, value in state.items():
         if not key.startswith(prefix):
             continue
         name = key[len(prefix) :]
         if name.startswith("self_attention.linear_qkv."):
-            x = value.reshape(g, n + 2, d, *value.shape[1:])
-            x = torch.cat([x[:, :kept], x[:, n:]], 1) if m.is_gqa else x[:kept]
-            value = x.reshape(-1, *value.shape[1:])
+            value = keep_qkv(value, g, n, d, kept)
         elif name == "self_attention.linear_proj.weight":
-            x = value.reshape(value.shape[0], g, n, d)
-            x = x[:, :, :kept] if m.is_gqa else x[:, :kept]
-            value = x.reshape(value.shape[0], -1)
+            value = keep_proj(value, g, n, d, kept)
         elif name.startswith("mlp.linear_fc1."):
-            x = value.reshape(blocks, m.ffn_hidden_size, *value.shape[1:])[:, :width]
+            x = fc1_blocks(value, m)[:, :width]
             value = x.reshape(blocks * width, *value.shape[1:])
         elif name == "mlp.linear_fc2.weight":
             value = value[:, :width]

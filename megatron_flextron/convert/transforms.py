@@ -10,6 +10,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from megatron_flextron.elastic.layout import qkv_blocks
+
 
 def qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
     """Separate q [G*n*d, ...], k, v [G*d, ...] (weights or biases) -> megatron's fused rows."""
@@ -23,7 +25,7 @@ def qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> 
 def qkv_split(qkv: torch.Tensor, groups: int, heads_per_group: int) -> Tuple[torch.Tensor, ...]:
     """Inverse of ``qkv_fuse``: megatron's fused rows -> (q, k, v)."""
     rest = qkv.shape[1:]
-    x = qkv.reshape(groups, heads_per_group + 2, -1, *rest)  # [G, n + 2, d, ...]
+    x = qkv_blocks(qkv, groups, heads_per_group, -1)  # [G, n + 2, d, ...]
     q, k, v = x[:, :heads_per_group], x[:, heads_per_group], x[:, heads_per_group + 1]
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from megatron_flextron.elastic.layout import proj_col_index, qkv_row_index
+
 
 class ElasticSelfAttention(SelfAttention):
     def __init__(self, *args, **kwargs):
@@ -59,11 +61,8 @@ class ElasticSelfAttention(SelfAttention):
                     f"{self.config.num_query_groups} KV groups, at most {total}"
                 )
             kept = heads // self.config.num_query_groups
-            group = torch.arange(groups, device=device).unsqueeze(1)
-            q_rows = group * (n + 2) * d + torch.arange(kept * d, device=device)
-            kv_rows = group * (n + 2) * d + n * d + torch.arange(2 * d, device=device)
-            rows = torch.cat([q_rows, kv_rows], dim=1).reshape(-1)
-            cols = (group * n * d + torch.arange(kept * d, device=device)).reshape(-1)
+            rows = qkv_row_index(groups, n, d, kept, device)
+            cols = proj_col_index(groups, n, d, kept, device)
             self._active_groups, self._active_heads_per_group = groups, kept
         else:
             if heads <= 0 or heads > total or heads % self.world_size:

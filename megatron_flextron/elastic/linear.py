@@ -81,22 +81,34 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
 
 
 class ElasticRowParallelLinear(RowParallelLinear):
-    """RowParallelLinear that reads only a selection of its local input columns.
+    """RowParallelLinear that reads only a selection of its local input columns, or scales them.
 
     The input must already hold only the active units ([s, b, selected]), as produced by the
     elastic layer before it. The output keeps the full hidden size; the bias is not sliced.
+    ``input_scale`` (soft architectures, token-routing mixtures) multiplies the local input units
+    by weights [..., units] (each repeated ``scale_repeat`` times along the features; leading
+    dims broadcast, e.g. per token).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active_cols: Optional[Selection] = None
+        self.input_scale: Optional[torch.Tensor] = None
+        self.scale_repeat = 1
 
     def set_active_cols(self, cols: Optional[Selection]) -> None:
         if cols is not None and not self.input_is_parallel:
             raise ValueError("elastic row-parallel linear needs input_is_parallel=True")
         self.active_cols = cols
 
+    def set_input_scale(self, scale: Optional[torch.Tensor], repeat: int = 1) -> None:
+        """Multiply the input by ``scale`` (None: no scaling); the gradient reaches ``scale``."""
+        self.input_scale, self.scale_repeat = scale, repeat
+
     def forward(self, input_):
+        if self.input_scale is not None:
+            scale = self.input_scale.repeat_interleave(self.scale_repeat, dim=-1)
+            input_ = input_ * scale.to(input_.dtype)
         if self.active_cols is None:
             return super().forward(input_)
         width = selection_size(self.active_cols, self.input_size_per_partition)

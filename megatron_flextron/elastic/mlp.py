@@ -9,7 +9,7 @@ Shapes: x [s, b, h]; local fc1 weight [blocks * F/p, h] with blocks = 2 (gate; u
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron.core.transformer.mlp import MLP
 
@@ -19,9 +19,10 @@ class ElasticMLP(MLP):
         ffn_hidden_size = ffn_hidden_size or config.ffn_hidden_size
         super().__init__(config, submodules, *args, ffn_hidden_size=ffn_hidden_size, **kwargs)
         self.active_width: Optional[int] = None
-        # input-adaptive routing (routers/token.py) replaces forward when set; kept out of the
-        # module tree so that checkpoints of the model do not change
-        self.__dict__["token_routing"] = None
+        # input-adaptive routing (routers/token.py): a callable (mlp, hidden) -> (out, bias)
+        # that replaces forward when set; a plain attribute, outside the module tree, so that
+        # checkpoints of the model do not change
+        self.token_routing: Optional[Callable] = None
 
     @property
     def full_width(self) -> int:
@@ -51,6 +52,10 @@ class ElasticMLP(MLP):
         self.active_width = width
         self.linear_fc1.set_active_rows(rows)
         self.linear_fc2.set_active_cols(slice(0, local))
+
+    def set_token_routing(self, routing: Optional[Callable]) -> None:
+        """Route every token's width with ``routing(mlp, hidden)`` (None: the MLP as set)."""
+        self.token_routing = routing
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if self.token_routing is not None:

@@ -13,7 +13,8 @@ keep = 1 runs it and keep = 0 is the skipped layer's identity. With one-hot p (s
 samples) the forward equals the sliced sub-network (computed at full width), and gradients reach
 p: this is how a router is trained jointly with the model. Masks follow the TP layout: the first
 w/p local neurons, and for GQA the first h/G query heads of every local group (MHA: the first h/p
-local heads).
+local heads). They are set through the elastic modules' own API (``set_input_scale`` of the row-
+parallel linears, ``set_keep`` of the layer), not hooks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
+from megatron_flextron.elastic.layout import head_position
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
 
@@ -45,31 +47,9 @@ def _head_keep(attn, heads: Sequence[int]) -> torch.Tensor:
     n_local = attn.num_attention_heads_per_partition
     if attn.is_gqa:  # within-group index of every local query head, groups one after another
         per_group = attn.num_attention_heads_per_partition // attn.num_query_groups_per_partition
-        position = torch.arange(n_local, device=device) % per_group
+        position = head_position(n_local, per_group, device)
         return _keep(position, [h // attn.config.num_query_groups for h in heads])
     return _keep(torch.arange(n_local, device=device), [h // attn.world_size for h in heads])
-
-
-def scale_input(mask: torch.Tensor, repeat: int = 1):
-    """A forward pre-hook multiplying a linear layer's input by ``mask`` (each entry repeated
-    ``repeat`` times along the features; leading dims broadcast, e.g. a per-token mask)."""
-
-    def hook(module, args):
-        x = args[0]
-        return (x * mask.repeat_interleave(repeat, dim=-1).to(x.dtype),) + tuple(args[1:])
-
-    return hook
-
-
-def _gate_layer(keep: torch.Tensor):
-    """A forward hook: output hidden states x + keep x (layer(x) - x)."""
-
-    def hook(module, args, kwargs, output):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        hidden, context = output
-        return x + keep.to(hidden.dtype) * (hidden - x), context
-
-    return hook
 
 
 def set_soft_architecture(
@@ -98,20 +78,17 @@ def set_soft_architecture(
         keep_mlp, keep_heads = mlp_keep_matrix(mlp, mlp_choices), _head_keep(attn, head_choices)
         m_mlp = p_mlp[index].float().to(keep_mlp.device) @ keep_mlp
         m_heads = p_heads[index].float().to(keep_heads.device) @ keep_heads
-        d = attn.hidden_size_per_attention_head
-        handles = [
-            mlp.linear_fc2.register_forward_pre_hook(scale_input(m_mlp)),
-            attn.linear_proj.register_forward_pre_hook(scale_input(m_heads, d)),
-        ]
+        mlp.linear_fc2.set_input_scale(m_mlp)
+        attn.linear_proj.set_input_scale(m_heads, attn.hidden_size_per_attention_head)
         if p_keep is not None:
             keep = p_keep[index].float().to(keep_mlp.device)
             if tp_rank != 0:  # the residual stream is replicated over TP: one rank's gradient
                 keep = keep.detach()  # of the gate is the whole of it (routers sum over TP)
-            handles.append(layer.register_forward_hook(_gate_layer(keep), with_kwargs=True))
-        layer.__dict__["_soft_architecture"] = handles
+            layer.set_keep(keep)
 
 
 def clear_soft_architecture(model: torch.nn.Module) -> None:
     for layer in unwrap_model(model).decoder.layers:
-        for handle in layer.__dict__.pop("_soft_architecture", []):
-            handle.remove()
+        layer.mlp.linear_fc2.set_input_scale(None)
+        layer.self_attention.linear_proj.set_input_scale(None)
+        layer.set_keep(None)

@@ -17,6 +17,10 @@ from typing import Tuple, Union
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.attention import ElasticSelfAttention
+from megatron_flextron.elastic.layer import ElasticTransformerLayer
+from megatron_flextron.elastic.layout import count_layer_parameters
+from megatron_flextron.elastic.mlp import ElasticMLP
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,7 @@ class Subnetwork:
     def validate(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int = 1) -> None:
         """Raise ValueError naming the layer and the value the model cannot run."""
         n = model.num_layers
-        mlp_ok = set(elastic.mlp_choices) | {model.ffn_hidden_size}
-        head_ok = set(elastic.head_choices) | {model.num_attention_heads}
+        mlp_ok, head_ok = map(set, elastic.choices_with_full(model))
         for layer, (width, heads) in enumerate(zip(self.mlp, self.heads)):
             if width not in mlp_ok:
                 raise ValueError(
@@ -96,7 +99,7 @@ class Subnetwork:
                     f"layer {layer}: head count {heads} is not one of the configured choices "
                     f"{sorted(head_ok)}"
                 )
-            unit = model.num_query_groups if model.is_gqa else tp_size
+            unit = model.head_unit(tp_size)
             if heads % unit:
                 what = f"the {unit} KV groups (GQA)" if model.is_gqa else f"TP size {unit} (MHA)"
                 raise ValueError(f"layer {layer}: head count {heads} is not a multiple of {what}")
@@ -149,10 +152,6 @@ def set_subnetwork(
 
     Validates the whole spec first, then sets each local layer from its global layer number.
     """
-    from megatron_flextron.elastic.attention import ElasticSelfAttention
-    from megatron_flextron.elastic.layer import ElasticTransformerLayer
-    from megatron_flextron.elastic.mlp import ElasticMLP
-
     subnet = Subnetwork.parse(spec, model_config)
     gpt = unwrap_model(model)
     tp_size = gpt.config.tensor_model_parallel_size
@@ -168,7 +167,7 @@ def set_subnetwork(
             raise TypeError(f"layer {index} does not use the elastic MLP and attention")
     for layer in gpt.decoder.layers:
         index = layer.layer_number - 1
-        layer.skipped = index not in kept
+        layer.set_skipped(index not in kept)
         layer.mlp.set_active_width(subnet.mlp[index])
         layer.self_attention.set_active_heads(subnet.heads[index])
     return subnet
@@ -176,19 +175,4 @@ def set_subnetwork(
 
 def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
     """Parameter counts of a sub-network: transformer layers, and total with embeddings."""
-    h, d, g = model.hidden_size, model.kv_channels, model.num_query_groups
-    bias = 1 if model.add_bias_linear else 0
-    qkv_bias = 1 if model.has_qkv_bias else 0
-    blocks = 2 if model.gated else 1
-    norm = 2 * h if model.normalization == "LayerNorm" else h
-    layer_params = 0
-    for i in subnet.layers:
-        k, heads = subnet.mlp[i], subnet.heads[i]
-        kv_heads = g if model.is_gqa else heads
-        qkv_out = (heads + 2 * kv_heads) * d
-        layer_params += qkv_out * (h + qkv_bias) + heads * d * h + bias * h
-        layer_params += blocks * k * (h + bias) + k * h + bias * h + 2 * norm
-    embed = model.vocab_size * h * (1 if model.tie_embeddings else 2)
-    if model.position_embedding == "learned_absolute":
-        embed += model.max_position_embeddings * h
-    return {"transformer": layer_params, "total": layer_params + embed + norm}
+    return count_layer_parameters(model, subnet.mlp, subnet.heads, subnet.layers)

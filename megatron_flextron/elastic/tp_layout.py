@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.elastic.layout import qkv_unit_rows
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def tp_axis(name: str, model: ModelConfig) -> Optional[TPAxis]:
     match = _LAYER.match(name)
     rest = match.group(2) if match else ""
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        return TPAxis(dim=0, dealt=True, unit_size=(n + 2) * d)
+        return TPAxis(dim=0, dealt=True, unit_size=qkv_unit_rows(model))
     if rest == "self_attention.linear_proj.weight":
         return TPAxis(dim=1, dealt=True, unit_size=n * d)
     if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):

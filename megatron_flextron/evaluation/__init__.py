@@ -1,1 +1,1 @@
-"""Evaluation beyond perplexity: zero-shot multiple-choice tasks."""
+"""Evaluation: perplexity (per sub-network or budget), zero-shot multiple choice, reports."""

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.elastic.layout import fc1_blocks, proj_heads, qkv_blocks
 
 
 def permute_state(
@@ -23,7 +24,6 @@ def permute_state(
     """A new state whose unit i of layer l is the old unit ``orders[l][i]``."""
     out = dict(state)
     g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
-    blocks = 2 if m.gated else 1
     for layer in range(m.num_layers):
         p = f"decoder.layers.{layer}."
         if mlp_orders is not None:
@@ -31,7 +31,7 @@ def permute_state(
             for name in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
                 if p + name in state:
                     x = state[p + name]
-                    x = x.reshape(blocks, m.ffn_hidden_size, *x.shape[1:])[:, order]
+                    x = fc1_blocks(x, m)[:, order]
                     out[p + name] = x.reshape(-1, *state[p + name].shape[1:]).contiguous()
             out[p + "mlp.linear_fc2.weight"] = state[p + "mlp.linear_fc2.weight"][
                 :, order
@@ -42,14 +42,14 @@ def permute_state(
                 if p + name in state:
                     out[p + name] = _permute_qkv(state[p + name], order, g, n, d)
             w = state[p + "self_attention.linear_proj.weight"]
-            heads = w.reshape(w.shape[0], g * n, d)[:, order]
+            heads = proj_heads(w, g, n, d).flatten(1, 2)[:, order]
             out[p + "self_attention.linear_proj.weight"] = heads.reshape(w.shape).contiguous()
     return out
 
 
 def _permute_qkv(x: torch.Tensor, order: torch.Tensor, g: int, n: int, d: int) -> torch.Tensor:
     rest = x.shape[1:]
-    blocks = x.reshape(g, n + 2, d, *rest)
+    blocks = qkv_blocks(x, g, n, d)
     if n == 1:  # MHA: a head's q, k and v rows move together
         return blocks[order].reshape(-1, *rest).contiguous()
     within = order.reshape(g, n) - torch.arange(g).unsqueeze(1) * n  # [G, n] local indices

@@ -1,8 +1,11 @@
-"""A trained static router stored inside a flextron checkpoint: ``DIR/router/``.
+"""Routers stored inside a flextron checkpoint, and the budget policy they give.
 
-``router/static_router.pt`` (the state dict, read with weights_only) and ``router/router.json``
-(its shape, the cost metric and, for latency, the table it was trained against). Written to a
-temporary folder and renamed, so a checkpoint has either a whole router or none.
+A static router lives in ``DIR/router/``: ``static_router.pt`` (the state dict, read with
+weights_only) and ``router.json`` (its shape, the cost metric and, for latency, the table it was
+trained against); written to a temporary folder and renamed, so a checkpoint has either a whole
+router or none. Token routers live in ``DIR/token_router/`` (routers/token_training.py).
+``load_budget_policy`` is what the tools and serving call: it returns the checkpoint's
+``BudgetPolicy`` (routers/policy.py).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_json
+from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.routers.cost import CostModel, LatencyTable
+from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices, StaticRouterPolicy
 from megatron_flextron.routers.static import StaticRouter
+from megatron_flextron.routers.token_training import TrainedTokenRouting
 
 ROUTER_DIR = "router"
 
@@ -69,27 +74,40 @@ def _table_fields(table: dict) -> dict:
     return fields
 
 
+def load_budget_policy(
+    ckpt_dir: str,
+    model: ModelConfig,
+    elastic: ElasticConfig,
+    router: str = "static",
+    require_router: bool = False,
+    gpt=None,
+) -> BudgetPolicy:
+    """The budget policy a checkpoint serves. ``router="static"``: its trained static router, or,
+    without one and unless ``require_router``, the elastic choices nearest to each budget
+    (training's rule). ``router="dynamic"``: its token routers, attached to ``gpt`` (the built
+    elastic model, which every budget then runs at full size with per-token MLP widths)."""
+    if router == "dynamic":
+        if gpt is None:
+            raise ValueError("token routing needs the model to attach the routers to")
+        return TrainedTokenRouting.attach(ckpt_dir, gpt, model.hidden_size)
+    if router != "static":
+        raise ValueError(f"unknown router {router!r}; expected static or dynamic")
+    found = load_router(ckpt_dir, model, elastic)
+    if found is not None:
+        return StaticRouterPolicy(model, elastic, *found)
+    if require_router:
+        raise CheckpointError(
+            f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py"
+        )
+    return NearestChoices(model, elastic)
+
+
 def budget_architecture(
     ckpt_dir: str, model: ModelConfig, elastic: ElasticConfig, budget: float, router_only: bool
 ):
     """(sub-network, how it was chosen) for a budget: the checkpoint's trained static router
     (with the exact and the router's predicted cost ratio), or, without a router and unless
-    ``router_only``, the elastic choices nearest to the budget (training's rule)."""
-    from megatron_flextron.routers.sampling import budget_subnetwork
-
-    found = load_router(ckpt_dir, model, elastic)
-    if found is None:
-        if router_only:
-            raise CheckpointError(
-                f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py"
-            )
-        return budget_subnetwork(budget, model, elastic), {"chosen_by": "nearest choices"}
-    router, cost, settings = found
-    subnet = router.choose(budget)
-    exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers)
-    return subnet, {
-        "chosen_by": "static router",
-        "metric": settings["metric"],
-        "cost_ratio": round(exact / cost.full(), 4),
-        "predicted_cost_ratio": round(float(cost.ratio(*router.expected(budget).double())), 4),
-    }
+    ``router_only``, the elastic choices nearest to the budget (training's rule). Shorthand for
+    ``load_budget_policy(...).choose(budget)``."""
+    choice = load_budget_policy(ckpt_dir, model, elastic, require_router=router_only).choose(budget)
+    return choice.subnetwork, choice.info

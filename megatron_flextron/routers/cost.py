@@ -24,15 +24,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.layout import ParameterUnits
 
 METRICS = ("params", "flops", "kv_cache", "latency")
 
 
 def router_choices(model: ModelConfig, elastic: ElasticConfig) -> Tuple[list, list]:
     """The choices a router picks from, largest first (the full size always among them)."""
-    mlp = sorted(set(elastic.mlp_choices) | {model.ffn_hidden_size}, reverse=True)
-    heads = sorted(set(elastic.head_choices) | {model.num_attention_heads}, reverse=True)
-    return mlp, heads
+    return elastic.choices_with_full(model)
 
 
 @dataclass
@@ -99,20 +98,13 @@ class CostModel:
         self.mlp_choices, self.head_choices = router_choices(model, elastic)
         m = model
         h, d, g = m.hidden_size, m.kv_channels, m.num_query_groups
-        bias = 1 if m.add_bias_linear else 0
         blocks = 2 if m.gated else 1
-        norm = 2 * h if m.normalization == "LayerNorm" else h
-        # per MLP neuron / per query head / per layer constant, for params and for matmul MACs
-        mlp_unit = blocks * (h + bias) + h
-        head_unit = d * (h + bias) + d * h + (0 if m.is_gqa else 2 * d * (h + bias))
-        layer_const = (2 * g * d * (h + bias) if m.is_gqa else 0) + 2 * bias * h + 2 * norm
         embed = m.vocab_size * h
-        if metric == "params":
-            outside = embed * (1 if m.tie_embeddings else 2) + norm
-            if m.position_embedding == "learned_absolute":
-                outside += m.max_position_embeddings * h
-            c_mlp = [mlp_unit * k for k in self.mlp_choices]
-            c_head = [head_unit * n for n in self.head_choices]
+        if metric == "params":  # per MLP neuron / per query head / per layer constant
+            units = ParameterUnits.of(m)
+            layer_const, outside = units.per_layer, units.outside
+            c_mlp = [units.per_neuron * k for k in self.mlp_choices]
+            c_head = [units.per_head * n for n in self.head_choices]
         elif metric == "flops":
             attention = 2 * 2 * (seq_length / 2) * d  # causal QK^T and AV, per head per token
             layer_const = 2 * (2 * g * d * h if m.is_gqa else 0)
@@ -180,5 +172,17 @@ def budget_loss(cost_ratio: torch.Tensor, budget: float, tolerance: float = 0.02
 
 
 def check_budget(budget: float) -> None:
+    """A budget is a cost ratio in (0, 1]: the one rule every budget passes."""
     if not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
         raise ValueError(f"budget {budget!r} must lie in (0, 1]")
+
+
+def check_budget_list(budgets: Sequence[float], name: str = "budgets") -> None:
+    """At least one budget, each valid, distinct and sorted descending (``name``: the flag or
+    setting they came from, for the message)."""
+    if not budgets:
+        raise ValueError(f"{name} is empty: give at least one budget")
+    for b in budgets:
+        check_budget(b)
+    if list(budgets) != sorted(set(budgets), reverse=True):
+        raise ValueError(f"{name} {list(budgets)} must be distinct and sorted descending")

@@ -16,17 +16,12 @@ from typing import Optional, Sequence, Tuple
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.routers.cost import check_budget_list
 
 
 def check_budgets(budgets: Sequence[float], probs: Optional[Sequence[float]] = None) -> None:
     """Budgets lie in (0, 1] and are sorted descending; probabilities match and sum to 1."""
-    if not budgets:
-        raise ValueError("--budget-list is empty")
-    for b in budgets:
-        if not isinstance(b, (int, float)) or math.isnan(b) or not 0 < b <= 1:
-            raise ValueError(f"budget {b!r} must lie in (0, 1]")
-    if list(budgets) != sorted(budgets, reverse=True) or len(set(budgets)) != len(budgets):
-        raise ValueError(f"--budget-list {list(budgets)} must be distinct and sorted descending")
+    check_budget_list(budgets, "--budget-list")
     if probs is not None:
         if len(probs) != len(budgets):
             raise ValueError(f"--budget-probs has {len(probs)} values for {len(budgets)} budgets")
@@ -42,8 +37,7 @@ def budget_subnetwork(
     budget: float, model: ModelConfig, elastic: ElasticConfig, rng: Optional[random.Random] = None
 ) -> Subnetwork:
     """The sub-network of a budget: homogeneous, or per layer when ``rng`` is given."""
-    mlp_choices = sorted(set(elastic.mlp_choices) | {model.ffn_hidden_size})
-    head_choices = sorted(set(elastic.head_choices) | {model.num_attention_heads})
+    mlp_choices, head_choices = (sorted(c) for c in elastic.choices_with_full(model))
     mlp = _nearest(mlp_choices, budget * model.ffn_hidden_size)
     heads = _nearest(head_choices, budget * model.num_attention_heads)
     n = model.num_layers

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_flextron.elastic.subnetwork import Subnetwork
-from megatron_flextron.routers.cost import check_budget
+from megatron_flextron.routers.cost import check_budget, check_budget_list
 
 
 def seeded_gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator):
@@ -33,15 +33,6 @@ def seeded_gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Gen
     soft = ((logits + noise) / tau).softmax(-1)
     hard = F.one_hot(soft.argmax(-1), soft.size(-1)).to(soft)
     return hard - soft.detach() + soft
-
-
-def check_budget_list(budgets: Sequence[float]) -> None:
-    if not budgets:
-        raise ValueError("the router needs at least one trained budget")
-    for b in budgets:
-        check_budget(b)
-    if list(budgets) != sorted(set(budgets), reverse=True):
-        raise ValueError(f"budgets {list(budgets)} must be distinct and sorted descending")
 
 
 def encode_budget(budgets: Sequence[float], budget: float) -> torch.Tensor:
@@ -107,7 +98,7 @@ class StaticRouter(torch.nn.Module):
         layer_skipping: bool = False,
     ):
         super().__init__()
-        check_budget_list(budgets)
+        check_budget_list(budgets, "the router's trained budgets")
         self.budgets = list(budgets)
         self.num_layers = num_layers
         self.mlp_choices, self.head_choices = list(mlp_choices), list(head_choices)

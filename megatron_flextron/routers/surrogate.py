@@ -14,7 +14,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.lm_step import forward_backward
 
 
 def encode(subnets: Sequence[Subnetwork], mlp_choices, head_choices):
@@ -132,14 +134,9 @@ def fit_surrogate(
 
 def measure_losses(model, subnets, microbatches, model_cfg, elastic) -> torch.Tensor:
     """The LLM's mean loss on ``microbatches`` for each architecture (forward only)."""
-    from megatron_flextron.elastic import set_subnetwork
-    from megatron_flextron.lm_step import forward_backward
-
     losses = []
-    with torch.no_grad():
-        for subnet in subnets:
-            set_subnetwork(model, subnet, model_cfg, elastic)
+    for subnet in subnets:
+        with elastic_state(model, model_cfg, elastic, subnetwork=subnet), torch.no_grad():
             out = forward_backward(model, microbatches, forward_only=True)
-            losses.append(out["nll_sum"] / out["tokens"])
-    set_subnetwork(model, None, model_cfg, elastic)
+        losses.append(out["nll_sum"] / out["tokens"])
     return torch.tensor(losses)

@@ -36,7 +36,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.elastic.mlp import ElasticMLP
-from megatron_flextron.elastic.soft_architecture import mlp_keep_matrix, scale_input
+from megatron_flextron.elastic.soft_architecture import mlp_keep_matrix
+from megatron_flextron.elastic.state import clear_token_routing
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.routers.static import seeded_gumbel_softmax
 
@@ -152,11 +153,11 @@ class TokenRouting:
         # sum over ranks: copy_to_..._region is the identity forward and that all-reduce backward
         shared = copy_to_tensor_model_parallel_region(probs)
         mask = shared @ mlp_keep_matrix(mlp, self.widths).to(probs)  # [s, b, local neurons]
-        handle = mlp.linear_fc2.register_forward_pre_hook(scale_input(mask))
+        mlp.linear_fc2.set_input_scale(mask)
         try:
             out, bias = MLP.forward(mlp, hidden)
         finally:
-            handle.remove()
+            mlp.linear_fc2.set_input_scale(None)
         fraction = (probs @ self._fractions(mlp).to(probs)).mean()
         self.stats = {"mean_width_fraction": float(fraction)}
         if self.aux_loss_coeff and out.requires_grad:
@@ -189,14 +190,14 @@ def enable_token_routing(
             if w % mlp.tp_size or not 0 < w <= mlp.full_width:
                 raise ValueError(f"token-routed width {w} does not fit the MLP (TP {mlp.tp_size})")
         routing = TokenRouting(router.to(next(mlp.parameters()).device), widths, **settings)
-        mlp.__dict__["token_routing"] = routing
+        mlp.set_token_routing(routing)
         routings.append(routing)
     return routings
 
 
 def disable_token_routing(model: torch.nn.Module) -> None:
-    for layer in unwrap_model(model).decoder.layers:
-        layer.mlp.__dict__["token_routing"] = None
+    """Every MLP back to its set width (elastic.state.clear_token_routing)."""
+    clear_token_routing(model)
 
 
 def mlp_flops_per_token(mlp_hidden: int, width: int, gated: bool) -> int:

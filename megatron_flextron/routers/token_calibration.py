@@ -17,9 +17,15 @@ from typing import Callable, Dict, List
 
 import torch
 
+from megatron_flextron.checkpoint.load import load_elastic_model
+from megatron_flextron.data.corpus import checkpoint_sequences
 from megatron_flextron.elastic.subnetwork import unwrap_model
-from megatron_flextron.routers.token_training import TrainedTokenRouting
-from megatron_flextron.lm_step import forward_backward
+from megatron_flextron.lm_step import forward_backward, pad_microbatches
+from megatron_flextron.routers.token_training import (
+    TrainedTokenRouting,
+    load_token_routers,
+    save_token_routers,
+)
 
 MAX_PRICE = 1e4  # logits move by at most this much per unit width fraction
 
@@ -139,3 +145,46 @@ def calibrate_budget_prices(
         for row, budget in enumerate(serving.budgets)
         if not (serving.full_at_1 and budget >= 1.0)
     }
+
+
+def calibrate_checkpoint(
+    load: str,
+    data: str = "wiki:valid",
+    samples: int = 32,
+    seq_length: int = 128,
+    micro_batch_size: int = 4,
+    tolerance: float = 0.01,
+    tp: int = 1,
+    pp: int = 1,
+) -> Dict[str, dict]:
+    """Calibrate the token routers stored in ``load`` (tools/calibrate_token_router.py).
+    Collective (every rank of the model-parallel layout); rank 0 rewrites ``load/token_router/``
+    with the prices folded into every layer's routers (added to earlier calibrations')."""
+    seqs = checkpoint_sequences(load, data, seq_length, samples)
+    loaded = load_elastic_model(load, tp, pp)
+    model, hidden = loaded.model, loaded.model_cfg.hidden_size
+    serving = TrainedTokenRouting.attach(load, model, hidden)
+    batches = pad_microbatches(seqs, micro_batch_size, next(model.parameters()).device)
+    found = calibrate_budget_prices(model, serving, batches, tolerance)
+    if torch.distributed.get_rank() == 0:  # every rank found the same prices
+        saved = load_token_routers(load, hidden)  # every layer's routers
+        prices = {budget: result["price"] for budget, result in found.items()}
+        apply_budget_prices(saved["routers"], saved["widths"], saved["budgets"], prices)
+        before = saved["calibration"] or {}
+        for budget, result in found.items():  # the saved routers carry earlier prices too
+            earlier = before.get(budget, {})
+            result["price"] += earlier.get("price", 0.0)
+            result["uncalibrated_width"] = earlier.get(
+                "uncalibrated_width", result["uncalibrated_width"]
+            )
+            result["calibration_tokens"] = len(seqs) * seq_length
+        save_token_routers(
+            load,
+            saved["routers"],
+            saved["widths"],
+            saved["budgets"],
+            saved["full_at_1"],
+            calibration=found,
+        )
+    torch.distributed.barrier()
+    return found

@@ -16,15 +16,19 @@ from typing import List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_json
-from megatron_flextron.elastic.subnetwork import unwrap_model
-from megatron_flextron.parallel import current_device
-from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
-from megatron_flextron.routers.token import TokenRouter, enable_token_routing
+from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.elastic.state import reset_elastic_state
+from megatron_flextron.elastic.subnetwork import Subnetwork, unwrap_model
 from megatron_flextron.lm_step import loss_func, position_ids
+from megatron_flextron.parallel import current_device
+from megatron_flextron.routers.cost import check_budget_list
+from megatron_flextron.routers.policy import BudgetPolicy, Choice
+from megatron_flextron.routers.static import GumbelSchedule, encode_budget
+from megatron_flextron.routers.token import TokenRouter, enable_token_routing
 
 TOKEN_ROUTER_DIR = "token_router"
+MEAN_WIDTH = "router mean mlp width"  # mean MLP width fraction of the routed tokens
 
 
 def train_token_routers(
@@ -125,11 +129,15 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
     }
 
 
-class TrainedTokenRouting:
+class TrainedTokenRouting(BudgetPolicy):
     """A checkpoint's token routers attached to a model in dispatch mode, conditioned per budget;
-    counts the mean MLP width they use."""
+    counts the mean MLP width they use. As a budget policy: every budget runs the full model with
+    each token's MLP width routed (with ``full_at_1``, budget 1.0 the plain full model)."""
+
+    kind = "token routers"
 
     def __init__(self, routings, budgets, model=None, full_at_1: bool = False, calibration=None):
+        super().__init__(None, None)
         self.routings, self.budgets = routings, budgets
         self.model, self.full_at_1, self.full = model, full_at_1, False
         self.calibration = calibration  # budget prices already folded into the routers
@@ -156,9 +164,32 @@ class TrainedTokenRouting:
         self.full = self.full_at_1 and budget >= 1.0
         layers = unwrap_model(self.model).decoder.layers if self.model is not None else []
         for layer, r in zip(layers, self.routings):
-            layer.mlp.__dict__["token_routing"] = None if self.full else r
+            layer.mlp.set_token_routing(None if self.full else r)
         for r in self.routings:
             r.budget, r.budget_code, r.totals = budget, code, [0.0, 0]
+
+    def routes(self, budget: float) -> bool:
+        return not (self.full_at_1 and budget >= 1.0)
+
+    def choose(self, budget: float) -> Choice:
+        info = {"chosen_by": self.kind}
+        if self.routes(budget):
+            return Choice(budget, None, info)
+        config = unwrap_model(self.model).config
+        n = config.num_layers
+        full = Subnetwork(
+            (config.ffn_hidden_size,) * n, (config.num_attention_heads,) * n, tuple(range(n))
+        )
+        return Choice(budget, full, info)
+
+    def apply(self, model, budget: float) -> Choice:
+        reset_elastic_state(model)
+        self.condition(budget)
+        return self.choose(budget)
+
+    def measured(self) -> dict:
+        """The mean MLP width fraction of the tokens routed since ``apply``/``condition``."""
+        return {"mean_mlp_width_fraction": self.mean_width()}
 
     def mean_width(self) -> float:
         """Over every layer: this stage's, and under pipeline parallelism the other stages'."""

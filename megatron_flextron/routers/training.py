@@ -13,13 +13,31 @@ The surrogate is only trusted when its held-out error is under ``max_surrogate_e
 from __future__ import annotations
 
 import random
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_flextron.routers.cost import CostModel, budget_loss
+from megatron_flextron.checkpoint.load import load_elastic_model, read_model_configs
+from megatron_flextron.data.corpus import checkpoint_sequences
+from megatron_flextron.lm_step import pad_microbatches
+from megatron_flextron.parallel import current_device
+from megatron_flextron.routers.checkpoint import save_router
+from megatron_flextron.routers.cost import (
+    CostModel,
+    LatencyTable,
+    budget_loss,
+    check_budget_list,
+    router_choices,
+)
 from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
-from megatron_flextron.routers.surrogate import Surrogate
+from megatron_flextron.routers.surrogate import (
+    Surrogate,
+    encode,
+    fit_surrogate,
+    measure_losses,
+    sample_architectures,
+)
 
 
 def train_static_router(
@@ -91,88 +109,77 @@ def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
     return rows
 
 
+@dataclass
+class RouterPipeline:
+    """Settings of phases 1 and 2 on a checkpoint (tools/train_router.py's flags)."""
+
+    budgets: Sequence[float] = (1.0, 0.75, 0.5, 0.35)
+    metric: str = "params"  # what a budget measures (routers/cost.py METRICS)
+    latency_table: Optional[str] = None  # JSON from tools/measure_latency.py (latency metric)
+    cost_seq_length: int = 2048  # the flops metric counts attention at this length
+    data: str = "wiki:valid"  # calibration text: wiki:SPLIT, .jsonl or text
+    num_architectures: int = 96
+    samples: int = 8  # calibration sequences
+    seq_length: int = 128  # their length
+    micro_batch_size: int = 4
+    surrogate_steps: int = 2000
+    router_steps: int = 500
+    tolerance: float = 0.02  # the budget loss's dead zone
+    max_surrogate_error: float = 0.1  # held-out relative error above which phase 2 is refused
+    seed: int = 0
+    layer_skipping: bool = False
+
+
 def train_router_for_checkpoint(
-    ckpt_dir: str,
-    budgets,
-    metric: str = "params",
-    latency_table: str = None,
-    cost_seq_length: int = 2048,
-    data: str = "wiki:valid",
-    num_architectures: int = 96,
-    samples: int = 8,
-    seq_length: int = 128,
-    micro_batch_size: int = 4,
-    surrogate_steps: int = 2000,
-    router_steps: int = 500,
-    tolerance: float = 0.02,
-    max_surrogate_error: float = 0.1,
-    seed: int = 0,
-    layer_skipping: bool = False,
-    log=print,
+    ckpt_dir: str, pipeline: RouterPipeline = RouterPipeline(), log=print
 ) -> dict:
     """Phases 1 and 2 on a flextron checkpoint (one process): measure architectures, fit the
     surrogate, train the router, store it in ``ckpt_dir/router/``. Returns the report."""
-
-    from megatron_flextron.config import ElasticConfig, ModelConfig
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.data.corpus import checkpoint_sequences
-    from megatron_flextron.elastic import build_gpt_model
-    from megatron_flextron.parallel import current_device
-    from megatron_flextron.routers.checkpoint import save_router
-    from megatron_flextron.routers.cost import LatencyTable, router_choices
-    from megatron_flextron.routers.static import check_budget_list
-    from megatron_flextron.routers.surrogate import (
-        encode,
-        fit_surrogate,
-        measure_losses,
-        sample_architectures,
-    )
-    from megatron_flextron.lm_step import pad_microbatches
-
+    c = pipeline
+    budgets = list(c.budgets)
     check_budget_list(budgets)
-    config = read_config(ckpt_dir)
-    model_cfg = ModelConfig.from_dict(config["model"])
-    elastic = ElasticConfig.from_dict(config["elastic"])
-    if layer_skipping and not elastic.allow_layer_skipping:
+    _, model_cfg, elastic = read_model_configs(ckpt_dir)
+    if c.layer_skipping and not elastic.allow_layer_skipping:
         raise ValueError(f"{ckpt_dir}: this elastic model does not allow layer skipping")
-    table = LatencyTable.load(latency_table) if latency_table else None
-    cost = CostModel(model_cfg, elastic, metric, cost_seq_length, table)
+    table = LatencyTable.load(c.latency_table) if c.latency_table else None
+    cost = CostModel(model_cfg, elastic, c.metric, c.cost_seq_length, table)
     mlp_choices, head_choices = router_choices(model_cfg, elastic)
 
-    seqs = checkpoint_sequences(ckpt_dir, data, seq_length, samples)
-    if len(seqs) < samples:
-        raise ValueError(f"{data} gives {len(seqs)} sequences of {seq_length}, need {samples}")
-    device = current_device()
-    batches = pad_microbatches(seqs[:samples], micro_batch_size, device)
-    model = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=True)
-    model = model.to(device).eval()
-    load_flextron_into_model(model, ckpt_dir)
+    seqs = checkpoint_sequences(ckpt_dir, c.data, c.seq_length, c.samples)
+    if len(seqs) < c.samples:
+        raise ValueError(
+            f"{c.data} gives {len(seqs)} sequences of {c.seq_length}, need {c.samples}"
+        )
+    model = load_elastic_model(ckpt_dir).model
+    batches = pad_microbatches(seqs[: c.samples], c.micro_batch_size, current_device())
 
+    layers = model_cfg.num_layers
     archs = sample_architectures(
-        num_architectures, model_cfg.num_layers, mlp_choices, head_choices, seed, layer_skipping
+        c.num_architectures, layers, mlp_choices, head_choices, c.seed, c.layer_skipping
     )
-    log(f"phase 1: measuring the loss of {len(archs)} architectures on {samples} x {seq_length}")
+    shape = f"{c.samples} x {c.seq_length}"
+    log(f"phase 1: measuring the loss of {len(archs)} architectures on {shape}")
     losses = measure_losses(model, archs, batches, model_cfg, elastic)
     p_mlp, p_heads, p_keep = encode(archs, mlp_choices, head_choices)
     surrogate = Surrogate(model_cfg.num_layers, len(mlp_choices), len(head_choices))
     fit = fit_surrogate(
-        surrogate, p_mlp, p_heads, losses, steps=surrogate_steps, seed=seed, p_keep=p_keep
+        surrogate, p_mlp, p_heads, losses, steps=c.surrogate_steps, seed=c.seed, p_keep=p_keep
     )
     log(f"surrogate: {fit}")
 
-    log(f"phase 2: router on surrogate + {metric} budget loss ({router_steps} steps)")
+    log(f"phase 2: router on surrogate + {c.metric} budget loss ({c.router_steps} steps)")
     router = StaticRouter(
-        budgets, model_cfg.num_layers, mlp_choices, head_choices, layer_skipping=layer_skipping
+        budgets, layers, mlp_choices, head_choices, layer_skipping=c.layer_skipping
     )
     train_static_router(
         router,
         surrogate,
         cost,
-        steps=router_steps,
-        tolerance=tolerance,
+        steps=c.router_steps,
+        tolerance=c.tolerance,
         surrogate_error=fit["heldout_relative_mae"],
-        max_surrogate_error=max_surrogate_error,
-        seed=seed,
+        max_surrogate_error=c.max_surrogate_error,
+        seed=c.seed,
     )
     report = router_report(router, cost, budgets)
     chosen = [router.choose(b) for b in budgets]
@@ -183,9 +190,9 @@ def train_router_for_checkpoint(
         ckpt_dir,
         router,
         {
-            "metric": metric,
-            "seq_length": cost_seq_length,
-            "tolerance": tolerance,
+            "metric": c.metric,
+            "seq_length": c.cost_seq_length,
+            "tolerance": c.tolerance,
             "latency_table": table.to_dict() if table else None,
             "surrogate": fit,
         },

@@ -9,7 +9,9 @@ pipeline parallelism the last stage holds the teacher's logits of each micro-bat
 original model (Nemotron Elastic; every micro-batch, the full one included).
 
 The loss of a micro-batch is LM loss + kd_weight x KL(teacher || student) at kd_temperature,
-each a mean over unmasked tokens; per-budget sums come back for logging.
+each a mean over unmasked tokens, plus the budget policy's term (a router's budget loss);
+per-budget sums come back for logging. What a budget runs is the policy's business
+(routers/policy.py): the step never asks which kind of router it holds.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic.soft_architecture import (
-    clear_soft_architecture,
-    set_soft_architecture,
-)
-from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
+from megatron_flextron.elastic.state import elastic_state, reset_elastic_state
+from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
-from megatron_flextron.parallel import current_device
-from megatron_flextron.training.distillation import kl_divergence
 from megatron_flextron.lm_step import position_ids
+from megatron_flextron.parallel import current_device
+from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices
 from megatron_flextron.routers.sampling import BudgetSampler
+from megatron_flextron.training.distillation import kl_divergence
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,30 +68,22 @@ class ElasticStep:
     kd_weight: float = 1.0
     teacher: Optional[torch.nn.Module] = None  # the frozen original model (distill=frozen)
     weight_decay: Optional[ElasticWeightDecay] = None
-    joint_router: Optional[object] = None  # training.joint_router.JointRouter (--router joint)
-    token_routers: Optional[object] = None  # training.joint_token_routers (--router token)
+    policy: Optional[BudgetPolicy] = None  # what a budget runs; default: the nearest choices
 
     def __post_init__(self):
         if self.distill not in ("none", "inplace", "frozen"):
             raise ValueError(f"--distill {self.distill!r}: expected none, inplace or frozen")
         if self.distill == "frozen" and self.teacher is None:
             raise ValueError("--distill frozen needs the frozen teacher model")
+        if self.policy is None:
+            self.policy = NearestChoices(self.model_cfg, self.elastic_cfg)
         self.budget_keys = sorted({1.0, *self.sampler.budgets}, reverse=True)
-
-    @property
-    def routers(self) -> list:
-        """The routers trained with the model (each has finish_grads and step)."""
-        return [r for r in (self.joint_router, self.token_routers) if r is not None]
 
     def _student(self, budget: float, subnet: Subnetwork, full: Subnetwork) -> bool:
         """Whether a micro-batch trains something other than the plain full model: a smaller
         sub-network, or a router's choice (routers serve every budget below 1.0, even one whose
         nearest homogeneous shape is the full model)."""
-        return subnet != full or (bool(self.routers) and budget < 1.0)
-
-    def _set(self, model, subnet: Subnetwork) -> None:
-        clear_soft_architecture(model)
-        set_subnetwork(model, subnet, self.model_cfg, self.elastic_cfg)
+        return subnet != full or self.policy.routes(budget)
 
     def _teacher_logits(self, plan, microbatches) -> Dict[int, torch.Tensor]:
         """Logits (last stage) of the teacher for the micro-batches that distil."""
@@ -110,8 +102,7 @@ class ElasticStep:
             _, batch = next(data_iterator)
             return model(batch["tokens"], position_ids(batch), None), partial(_capture_logits, None)
 
-        self._set(teacher, Subnetwork.full(self.model_cfg))
-        with torch.no_grad():
+        with elastic_state(teacher), torch.no_grad():
             out = _schedule(
                 teacher, forward_step, [(m, microbatches[m]) for m in wanted], forward_only=True
             )
@@ -119,7 +110,7 @@ class ElasticStep:
             return {}
         return {m: o["logits"] for m, o in zip(wanted, out)}
 
-    def _loss_func(self, m: int, budget: float, batch: dict, teacher, routed, logits: torch.Tensor):
+    def _loss_func(self, m: int, budget: float, batch: dict, teacher, handle, logits: torch.Tensor):
         labels, mask = batch["labels"], batch.get("loss_mask")
         mask = torch.ones_like(labels, dtype=torch.float) if mask is None else mask
         # megatron's vocab-parallel cross entropy works in place on fp32 logits: give it a copy
@@ -132,11 +123,10 @@ class ElasticStep:
             loss = lm + self.kd_weight * kd
         # clones: megatron's schedule divides the returned loss in place by the micro-batch count
         stats = {"lm loss": lm.detach().clone(), "kd loss": kd.detach().clone(), "budget": budget}
-        if routed is not None:  # the router's budget loss, counted once (TP rank 0, last stage)
-            term, ratio = self.joint_router.budget_term(routed, budget)
-            if parallel_state.get_tensor_model_parallel_rank() == 0:
-                loss = loss + term
-            stats["router cost ratio"] = ratio
+        term, policy_stats = self.policy.loss_term(handle, budget)
+        if term is not None:
+            loss = loss + term
+        stats.update(policy_stats)
         return loss, stats
 
     def run(self, iteration: int, microbatches: List[dict], forward_only: bool = False) -> dict:
@@ -148,48 +138,37 @@ class ElasticStep:
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
             budget, subnet = plan[m]
-            routed = None
-            token = self.token_routers if budget < 1.0 else None
-            if self.joint_router is not None and budget < 1.0:
-                self._set(model, full)
-                routed = self.joint_router.sample(budget, iteration, m)
-                mlp, heads = self.joint_router.mlp_choices, self.joint_router.head_choices
-                set_soft_architecture(model, routed.mlp, routed.heads, mlp, heads, routed.keep)
-            elif token is not None:  # the full model, every token's MLP width routed
-                self._set(model, full)
-                token.attach(model, budget, iteration, m, len(microbatches))
-            else:
-                self._set(model, subnet)
+            handle = self.policy.before_forward(
+                model, budget, subnet, iteration, m, len(microbatches)
+            )
             if self.weight_decay is not None and not forward_only:
                 self.weight_decay.record()
             output = model(batch["tokens"], position_ids(batch), None)
-            if token is not None:  # backward replays the recorded graph: routing can go now
-                token.record_forward(budget)
-                token.detach(model)
+            self.policy.after_forward(model, budget, handle)
             teacher = teachers.get(m)
-            return output, partial(self._loss_func, m, budget, batch, teacher, routed)
+            return output, partial(self._loss_func, m, budget, batch, teacher, handle)
 
         out = _schedule(self.model, forward_step, list(enumerate(microbatches)), forward_only)
-        self._set(self.model, Subnetwork.full(self.model_cfg))
+        reset_elastic_state(self.model)
         return self.reduce_stats(out, len(microbatches))
 
     def reduce_stats(self, outputs: Sequence[dict], num_microbatches: int) -> dict:
-        """Per budget: mean LM and KD loss, the micro-batch count and the routers' cost ratio (and
-        token routers' aux loss), summed over data-parallel ranks and pipeline stages (losses
-        come from the last stage, token routers' widths from every stage's layers)."""
+        """Per budget: mean LM and KD loss, the micro-batch count and the policy's stats (e.g. a
+        router's cost ratio), summed over data-parallel ranks and pipeline stages (losses come
+        from the last stage, per-stage policy stats such as token widths from every stage)."""
         keys = self.budget_keys
+        names = list(self.policy.stat_names)
         device = current_device()
-        totals = torch.zeros(len(keys), 5, dtype=torch.float64, device=device)
+        totals = torch.zeros(len(keys), 3 + len(names), dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
             for o in outputs:
                 row = keys.index(o["budget"])
-                ratio = o.get("router cost ratio", 0.0)
-                totals[row] += torch.tensor(
-                    [float(o["lm loss"]), float(o["kd loss"]), 1.0, ratio, 0.0], device=device
-                )
-        if self.token_routers is not None:
-            for budget, (width, aux) in self.token_routers.take_step_totals().items():
-                totals[keys.index(budget), 3:] += torch.tensor([width, aux], device=device)
+                values = [float(o["lm loss"]), float(o["kd loss"]), 1.0]
+                values += [float(o.get(name, 0.0)) for name in names]
+                totals[row] += torch.tensor(values, device=device)
+        for budget, stage in self.policy.stage_stats().items():
+            values = [0.0, 0.0, 0.0] + [stage.get(name, 0.0) for name in names]
+            totals[keys.index(budget)] += torch.tensor(values, device=device)
         for group in (
             parallel_state.get_data_parallel_group(),
             parallel_state.get_pipeline_model_parallel_group(),
@@ -202,12 +181,10 @@ class ElasticStep:
             "kd loss": float(totals[:, 1].sum() / count),
             "budgets": {},
         }
-        for key, (lm, kd, n, ratio, aux) in zip(keys, totals.tolist()):
+        for key, (lm, kd, n, *policy) in zip(keys, totals.tolist()):
             if n:
                 row = {"lm loss": lm / n, "kd loss": kd / n, "n": int(n)}
-                if ratio:
-                    row["router cost ratio"] = ratio / n
-                if self.token_routers is not None and ratio:
-                    row["router aux loss"] = aux / n
+                if self.policy.routes(key):
+                    row.update({name: value / n for name, value in zip(names, policy)})
                 result["budgets"][f"{key:g}"] = row
         return result

@@ -12,7 +12,9 @@ import time
 import torch.distributed as dist
 
 from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
-from megatron_flextron.routers.sampling import budget_subnetwork
+
+# per-budget stats printed under their own short names; any other (a policy's) in full
+_SHORT = {"lm loss": "lm", "kd loss": "kd"}
 
 
 class TrainingLogger:
@@ -50,19 +52,11 @@ class TrainingLogger:
             f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
             f"DP={a.data_parallel_size} | micro-batches per iteration {a.num_microbatches}"
         )
-        joint = run.step.joint_router
-        if joint is not None:
-            self.message(f"  joint router: starting from {joint.origin}")
+        policy = run.step.policy
+        if policy.origin:
+            self.message(f"  {policy.kind}: starting from {policy.origin}")
         for budget in run.step.budget_keys:
-            if run.step.token_routers is not None and budget < 1.0:
-                self.message(f"  budget {budget:g}: token-routed MLP widths, mean {budget:g}")
-                continue
-            if joint is not None and budget < 1.0:
-                self.message(f"  budget {budget:g}: the joint router's sampled architecture")
-                continue
-            subnet = budget_subnetwork(budget, m, e)
-            params = count_parameters(subnet, m)["total"]
-            self.message(f"  budget {budget:g}: {subnet.to_dict()} {params / 1e6:.1f}M parameters")
+            self.message(f"  budget {budget:g}: {policy.describe(budget)}")
         self.message(
             f"  distillation: {a.elastic.distill}; MLP choices {list(e.mlp_choices)}, "
             f"head choices {list(e.head_choices)}"
@@ -88,10 +82,12 @@ class TrainingLogger:
             or it == self.first_iteration + 1
         ):
             per_budget = " | ".join(
-                f"{b}: lm {v['lm loss']:.4f}"
-                + (f" kd {v['kd loss']:.4f}" if v["kd loss"] else "")
-                + (f" cost {v['router cost ratio']:.3f}" if "router cost ratio" in v else "")
-                + (f" aux {v['router aux loss']:.4f}" if "router aux loss" in v else "")
+                f"{b}: "
+                + " ".join(
+                    f"{_SHORT.get(key, key)} {value:.4f}"
+                    for key, value in v.items()
+                    if key != "n" and (value or key != "kd loss")
+                )
                 for b, v in stats["budgets"].items()
             )
             self.message(
@@ -114,12 +110,9 @@ class TrainingLogger:
         w.add_scalar("grad-norm", stats["grad_norm"], it)
         w.add_scalar("tokens-per-sec", tokens / stats["time"], it)
         for budget, v in stats["budgets"].items():
-            if "router cost ratio" in v:
-                w.add_scalar(f"router cost ratio/budget {budget}", v["router cost ratio"], it)
-            if "router aux loss" in v:
-                w.add_scalar(f"router aux loss/budget {budget}", v["router aux loss"], it)
-            w.add_scalar(f"lm loss/budget {budget}", v["lm loss"], it)
-            w.add_scalar(f"kd loss/budget {budget}", v["kd loss"], it)
+            for key, value in v.items():  # losses and the budget policy's stats
+                if key != "n":
+                    w.add_scalar(f"{key}/budget {budget}", value, it)
         for budget, loss in (stats.get("eval") or {}).items():
             w.add_scalar(f"validation loss/budget {budget}", loss, it)
         w.flush()

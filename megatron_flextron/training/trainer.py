@@ -9,7 +9,6 @@ process; resumes from the newest checkpoint in ``--save`` when there is one.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,13 +22,17 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig, ModelConfig, Runtime
 from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
 from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatches
 from megatron_flextron.data.tokenizer import build_tokenizer
-from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic import build_gpt_model
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
-from megatron_flextron.parallel import current_device, initialize_model_parallel
+from megatron_flextron.parallel import (
+    current_device,
+    data_parallel_mean,
+    initialize_model_parallel,
+)
 from megatron_flextron.training.arguments import TrainingArgs
 from megatron_flextron.training.checkpointing import (
     has_checkpoint,
@@ -39,7 +42,8 @@ from megatron_flextron.training.checkpointing import (
 from megatron_flextron.training.elastic_step import ElasticStep
 from megatron_flextron.training.guards import check_parameters, check_step
 from megatron_flextron.lm_step import forward_backward
-from megatron_flextron.routers.sampling import BudgetSampler, budget_subnetwork
+from megatron_flextron.routers.build import RouterSettings, training_policy
+from megatron_flextron.routers.sampling import BudgetSampler
 
 
 @dataclass
@@ -73,9 +77,8 @@ def _elastic_config(args: TrainingArgs, model_cfg: ModelConfig, stored: Optional
     if stored and e.mlp_choices is None and e.head_choices is None:
         elastic = ElasticConfig.from_dict(stored)
     else:
-        default = (1.0, 0.75, 0.5, 0.25)
         elastic = ElasticConfig.from_ratios(
-            model_cfg, e.mlp_choices or default, e.head_choices or default, tp
+            model_cfg, e.mlp_choices or DEFAULT_RATIOS, e.head_choices or DEFAULT_RATIOS, tp
         )
     for width in elastic.mlp_choices:
         if width % tp:
@@ -85,10 +88,14 @@ def _elastic_config(args: TrainingArgs, model_cfg: ModelConfig, stored: Optional
 
 def _build_model(args: TrainingArgs, model_cfg: ModelConfig):
     p = args.parallel
-    tconfig = model_cfg.transformer_config(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, _params_dtype(args)
+    runtime = Runtime(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        _params_dtype(args),
+        device=current_device(),
     )
-    model = build_gpt_model(model_cfg, tconfig, elastic=True).to(current_device())
+    tconfig = runtime.transformer_config(model_cfg)
+    model = build_gpt_model(model_cfg, tconfig, elastic=True).to(runtime.device)
     if args.run.bf16 or args.run.fp16:
         model = Float16Module(tconfig, model)
     return model, tconfig
@@ -102,69 +109,23 @@ def _frozen_teacher(args: TrainingArgs, model_cfg: ModelConfig):
     return teacher.eval()
 
 
-def _joint_router(args: TrainingArgs, model_cfg, elastic_cfg, common: dict):
-    """--router joint: the router trained with the model, resumed from the checkpoint."""
-    from megatron_flextron.routers.cost import CostModel, LatencyTable
-    from megatron_flextron.routers.static import GumbelSchedule
-    from megatron_flextron.training.joint_router import JointRouter
-
+def _policy(args: TrainingArgs, model, model_cfg, elastic_cfg, resume: dict):
+    """The run's budget policy (--router none | joint | token), resumed from the checkpoint."""
     e = args.elastic
-    if e.router != "joint":
-        return None
-    table = LatencyTable.load(e.latency_table) if e.latency_table else None
-    cost = CostModel(model_cfg, elastic_cfg, e.router_cost_metric, args.data.seq_length, table)
-    joint = JointRouter(
-        model_cfg,
-        elastic_cfg,
-        e.budget_list,
-        cost,
-        e.router_lr,
-        e.router_budget_weight,
-        e.budget_tolerance,
-        args.run.seed,
-        # anneal to the minimum temperature by 70% of the run, whatever its length
-        GumbelSchedule(
-            steps=args.run.train_iters, decay=math.log(10) / (0.7 * args.run.train_iters)
-        ),
-        e.router_layer_skipping,
+    settings = RouterSettings(
+        kind=e.router,
+        budgets=e.budget_list,
+        lr=e.router_lr,
+        budget_weight=e.router_budget_weight,
+        tolerance=e.budget_tolerance,
+        cost_metric=e.router_cost_metric,
+        latency_table=e.latency_table,
+        layer_skipping=e.router_layer_skipping,
+        seq_length=args.data.seq_length,
+        train_iters=args.run.train_iters,
+        seed=args.run.seed,
     )
-    if "joint_router" in common:
-        joint.load_state_dict(common["joint_router"])
-        joint.origin = "the training checkpoint's router (resumed)"
-    elif args.run.load:
-        joint.origin = joint.start_from(args.run.load, model_cfg, elastic_cfg)
-    return joint
-
-
-def _joint_token_routers(args: TrainingArgs, model, model_cfg, elastic_cfg, common: dict):
-    """--router token: per-layer token routers trained with the model, resumed from the
-    checkpoint."""
-    from megatron_flextron.routers.cost import router_choices
-    from megatron_flextron.routers.static import GumbelSchedule
-    from megatron_flextron.training.joint_token_routers import JointTokenRouters
-
-    e = args.elastic
-    if e.router != "token":
-        return None
-    widths, _ = router_choices(model_cfg, elastic_cfg)
-    steps = args.run.train_iters
-    routers = JointTokenRouters(
-        model,
-        widths,
-        e.budget_list,
-        e.router_lr,
-        e.router_budget_weight,
-        e.budget_tolerance,
-        args.run.seed,
-        # anneal from the start temperature to 0.1 by 70% of the run: training then routes as
-        # sharply as the argmax used at evaluation
-        GumbelSchedule(
-            tau_min=0.1, steps=steps, decay=math.log(GumbelSchedule.tau_start / 0.1) / (0.7 * steps)
-        ),
-    )
-    if "token_routers" in common:
-        routers.load_state_dict(common["token_routers"])
-    return routers
+    return training_policy(settings, model, model_cfg, elastic_cfg, resume, args.run.load)
 
 
 def setup(args: TrainingArgs) -> Run:
@@ -260,10 +221,7 @@ def setup(args: TrainingArgs) -> Run:
         kd_weight=e.kd_weight,
         teacher=_frozen_teacher(args, model_cfg) if e.distill == "frozen" else None,
         weight_decay=weight_decay,
-        joint_router=_joint_router(args, model_cfg, elastic_cfg, common if resuming else {}),
-        token_routers=_joint_token_routers(
-            args, model, model_cfg, elastic_cfg, common if resuming else {}
-        ),
+        policy=_policy(args, model, model_cfg, elastic_cfg, common if resuming else {}),
     )
     return Run(
         args,
@@ -306,12 +264,10 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]
     if run.step.weight_decay is not None:
         run.step.weight_decay.apply(lr)
-    for router in run.step.routers:
-        router.finish_grads()
+    run.step.policy.finish_grads()
     updated, grad_norm, _ = run.optimizer.step()
     check_step(stats, grad_norm, run.iteration + 1, skipped=not updated)
-    for router in run.step.routers:
-        router.step()
+    run.step.policy.step()
     run.scheduler.step(increment=1)
     run.iteration += 1
     run.consumed_train_samples += args.data.global_batch_size
@@ -319,70 +275,22 @@ def train_step(run: Run) -> dict:
     return stats
 
 
-def router_costs(run: Run) -> dict:
-    """--router joint: the cost ratio of the router's (argmax) architecture for each budget;
-    --router token: the mean MLP width fraction the routers used in the last evaluation."""
-    if run.step.token_routers is not None:
-        return dict(run.step.token_routers.eval_widths)
-    joint = run.step.joint_router
-    if joint is None:
-        return {}
-    full = joint.cost.full()
-    out = {}
-    for budget in joint.router.budgets:
-        subnet = joint.router.choose(budget)
-        out[f"{budget:g}"] = (
-            joint.cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full
-        )
-    return out
-
-
-def _data_parallel_mean(value: float) -> float:
-    total = torch.tensor(value, device=current_device())
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return total.item() / parallel_state.get_data_parallel_world_size()
-
-
 def evaluate_budgets(run: Run) -> dict:
-    """Validation loss of the full model and of each budget's sub-network (same batches)."""
+    """Validation loss of the full model and of what each budget runs (same batches)."""
     args = run.args
     if run.valid_data is None:
         return {}
     microbatches = _microbatches(run, run.valid_data, 0, args.run.eval_iters)
     losses = {}
-    joint, token = run.step.joint_router, run.step.token_routers
     for budget in run.step.budget_keys:
-        if joint is not None and budget < 1.0:  # the router's current architecture
-            subnet = joint.router.choose(budget)
-        elif token is not None:  # full size; budgets route each token's MLP width
-            subnet = None
-        else:
-            subnet = budget_subnetwork(budget, run.model_cfg, run.elastic_cfg)
-        set_subnetwork(run.model, subnet, run.model_cfg, run.elastic_cfg)
-        if token is not None and budget < 1.0:
-            token.dispatch(run.model, budget)
-        with torch.no_grad():
+        with run.step.policy.active(run.model, budget), torch.no_grad():
             out = forward_backward(run.model, microbatches, forward_only=True)
-        if token is not None and budget < 1.0:
-            token.detach(run.model)
-            token.eval_widths[f"{budget:g}"] = _data_parallel_mean(token.mean_width())
-        losses[f"{budget:g}"] = _data_parallel_mean(out["loss"])
-    set_subnetwork(run.model, None, run.model_cfg, run.elastic_cfg)
+        losses[f"{budget:g}"] = data_parallel_mean(out["loss"])
     return losses
-
-
-def _router_states(step) -> Optional[dict]:
-    states = {}
-    if step.joint_router is not None:
-        states["joint_router"] = step.joint_router.state_dict()
-    if step.token_routers is not None:
-        states["token_routers"] = step.token_routers.state_dict()
-    return states or None
 
 
 def save(run: Run) -> None:
     check_parameters(run.model, run.iteration)  # collective: never a non-finite checkpoint
-    joint = run.step.joint_router
     metadata = dict(run.config.get("metadata") or {})
     metadata["training"] = {
         "iteration": run.iteration,
@@ -390,7 +298,8 @@ def save(run: Run) -> None:
         "tokens": run.consumed_train_samples * run.args.data.seq_length,
     }
     tokenizer = os.path.join(run.source, "tokenizer")
-    routers = _router_states(run.step)  # collective: gathers the token routers of every stage
+    policy = run.step.policy
+    state = policy.state_dict()  # collective: gathers e.g. the token routers of every stage
     save_training_checkpoint(
         run.args.run.save,
         run.iteration,
@@ -402,32 +311,10 @@ def save(run: Run) -> None:
         run.elastic_cfg,
         metadata,
         tokenizer if os.path.isdir(tokenizer) else None,
-        extra=routers,
+        extra=None if state is None else {policy.checkpoint_key: state},
     )
-    token = run.step.token_routers
-    if token is not None and torch.distributed.get_rank() == 0:  # for --router dynamic
-        from megatron_flextron.routers.token_training import save_token_routers
-
-        layers = routers["token_routers"]["layers"]
-        save_token_routers(
-            run.args.run.save,
-            [layer["router"] for layer in layers],
-            token.widths,
-            token.budgets,
-            full_at_1=True,
-        )
-    if joint is not None and torch.distributed.get_rank() == 0:  # for --budget in the tools
-        from megatron_flextron.routers.checkpoint import save_router
-
-        e = run.args.elastic
-        settings = {
-            "metric": e.router_cost_metric,
-            "seq_length": run.args.data.seq_length,
-            "tolerance": e.budget_tolerance,
-            "latency_table": joint.cost_table_dict,
-            "trained": "jointly with the model",
-        }
-        save_router(run.args.run.save, joint.router, settings)
+    if torch.distributed.get_rank() == 0:  # the stored form --budget / --router dynamic read
+        policy.export(run.args.run.save, state)
     torch.distributed.barrier()
 
 
@@ -447,8 +334,7 @@ def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
         stats["time"] = time.time() - start
         if r.eval_interval and run.iteration % r.eval_interval == 0:
             stats["eval"] = evaluate_budgets(run)
-            if run.step.routers:
-                stats["router cost ratio"] = router_costs(run)
+            stats.update(run.step.policy.eval_stats())
         log.iteration(stats)
         history.append(stats)
         exiting = bool(r.exit_interval) and run.iteration % r.exit_interval == 0

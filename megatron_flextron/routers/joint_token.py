@@ -17,7 +17,7 @@ routers, indexed by global layer.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -25,20 +25,37 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.elastic.subnetwork import unwrap_model
-from megatron_flextron.parallel import all_reduce_grads, seeded
-from megatron_flextron.routers.static import GumbelSchedule, check_budget_list, encode_budget
+from megatron_flextron.parallel import all_reduce_grads, data_parallel_mean, seeded
+from megatron_flextron.routers.cost import check_budget_list
+from megatron_flextron.routers.policy import BudgetPolicy, Choice
+from megatron_flextron.routers.static import GumbelSchedule, encode_budget
 from megatron_flextron.routers.token import (
     TokenRouter,
     disable_token_routing,
     enable_token_routing,
 )
-from megatron_flextron.routers.token_training import TrainedTokenRouting
+from megatron_flextron.routers.token_training import (
+    MEAN_WIDTH,
+    TrainedTokenRouting,
+    save_token_routers,
+)
+
+AUX_LOSS = "router aux loss"  # the budget auxiliary loss of the routed widths, layer mean
 
 
-class JointTokenRouters:
+class JointTokenRouters(BudgetPolicy):
+    """A budget policy: budgets below 1.0 run the full model with every token's MLP width routed
+    (sampled in training, argmax dispatch in evaluation); 1.0 runs the full model."""
+
+    kind = "token routers"
+    stat_names = (MEAN_WIDTH, AUX_LOSS)
+    checkpoint_key = "token_routers"
+
     def __init__(
         self,
         model,
+        model_cfg,
+        elastic_cfg,
         widths: Sequence[int],
         budgets: Sequence[float],
         lr: float = 1e-3,
@@ -47,6 +64,7 @@ class JointTokenRouters:
         seed: int = 1234,
         schedule: GumbelSchedule = None,
     ):
+        super().__init__(model_cfg, elastic_cfg)
         check_budget_list(budgets)
         self.widths = sorted(widths, reverse=True)
         self.budgets = list(budgets)
@@ -89,7 +107,7 @@ class JointTokenRouters:
             routing.budget, routing.budget_code, routing.temperature = budget, code, tau
             routing.mode = "hard"
             routing.noise_seed = hash((self.seed, iteration, microbatch, i)) & 0x7FFFFFFF
-            layer.mlp.__dict__["token_routing"] = routing
+            layer.mlp.set_token_routing(routing)
 
     def detach(self, model) -> None:
         disable_token_routing(model)
@@ -127,6 +145,62 @@ class JointTokenRouters:
     def mean_width(self) -> float:
         """Mean MLP width fraction of the tokens dispatched since ``dispatch`` (all stages)."""
         return self.serving.mean_width()
+
+    # -- the budget policy ---------------------------------------------------------------------
+    def routes(self, budget: float) -> bool:
+        return budget < 1.0
+
+    def choose(self, budget: float) -> Choice:
+        if not self.routes(budget):
+            return self.nearest(budget)
+        return Choice(budget, None, {"chosen_by": self.kind})
+
+    def apply(self, model, budget: float) -> Choice:
+        if not self.routes(budget):
+            return super().apply(model, budget)
+        self.reset(model)
+        self.dispatch(model, budget)
+        return self.choose(budget)
+
+    def finish_pass(self, budget: float) -> None:
+        """Record the dispatched mean width (averaged over data-parallel ranks)."""
+        if self.routes(budget):
+            self.eval_widths[f"{budget:g}"] = data_parallel_mean(self.mean_width())
+
+    def eval_stats(self) -> dict:
+        """The mean MLP width fraction each budget's routing used in the last evaluation."""
+        return {MEAN_WIDTH: dict(self.eval_widths)}
+
+    def before_forward(self, model, budget, subnet, iteration, microbatch, count):
+        if not self.routes(budget):  # the full model, every token's MLP width routed
+            return super().before_forward(model, budget, subnet, iteration, microbatch, count)
+        self.reset(model)
+        self.attach(model, budget, iteration, microbatch, count)
+        return None
+
+    def after_forward(self, model, budget: float, handle) -> None:
+        """Backward replays the recorded graph: the routing can go now."""
+        if self.routes(budget):
+            self.record_forward(budget)
+            self.detach(model)
+
+    def stage_stats(self) -> dict:
+        return {
+            budget: {MEAN_WIDTH: width, AUX_LOSS: aux}
+            for budget, (width, aux) in self.take_step_totals().items()
+        }
+
+    def export(self, ckpt_dir: str, state: Optional[dict]) -> None:
+        """Every layer's router for --router dynamic in the tools (budget 1.0: the full model)."""
+        layers = state["layers"]
+        save_token_routers(
+            ckpt_dir, [layer["router"] for layer in layers], self.widths, self.budgets, True
+        )
+
+    def describe(self, budget: float) -> str:
+        if self.routes(budget):
+            return f"token-routed MLP widths, mean {budget:g}"
+        return super().describe(budget)
 
     def state_dict(self) -> dict:
         """Collective over the pipeline stages: every layer's router and Adam state (CPU),

@@ -12,18 +12,30 @@ it steps with its own Adam next to megatron's optimizer.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.soft_architecture import set_soft_architecture
 from megatron_flextron.parallel import all_reduce_grads, seeded
+from megatron_flextron.routers.checkpoint import load_router, save_router
 from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
+from megatron_flextron.routers.policy import BudgetPolicy, Choice, StaticRouterPolicy, cost_ratios
 from megatron_flextron.routers.static import Choices, GumbelSchedule, StaticRouter
 
+COST_RATIO = "router cost ratio"  # the cost of the sampled architecture / the full model's
 
-class JointRouter:
+
+class JointRouter(BudgetPolicy):
+    """A budget policy: budgets below 1.0 run the router's sampled architecture (a soft
+    architecture in training, its argmax in evaluation); 1.0 runs the full model."""
+
+    kind = "joint router"
+    stat_names = (COST_RATIO,)
+    checkpoint_key = "joint_router"
+
     def __init__(
         self,
         model_cfg: ModelConfig,
@@ -36,7 +48,9 @@ class JointRouter:
         seed: int = 1234,
         schedule: GumbelSchedule = None,
         layer_skipping: bool = False,
+        cost_seq_length: int = 2048,
     ):
+        super().__init__(model_cfg, elastic_cfg)
         self.mlp_choices, self.head_choices = router_choices(model_cfg, elastic_cfg)
         if layer_skipping and not elastic_cfg.allow_layer_skipping:
             raise ValueError("--router-layer-skipping: this elastic model does not allow it")
@@ -50,6 +64,13 @@ class JointRouter:
             )
         self.cost, self.budget_weight, self.tolerance = cost, budget_weight, tolerance
         self.cost_table_dict = cost.latency.to_dict() if cost.latency is not None else None
+        self.cost_settings = {  # stored next to the exported router (routers/checkpoint.py)
+            "metric": cost.metric,
+            "seq_length": cost_seq_length,
+            "tolerance": tolerance,
+            "latency_table": self.cost_table_dict,
+            "trained": "jointly with the model",
+        }
         self.seed = seed
         self.origin = "a new router"  # where the router starts (for the log)
         self.schedule = schedule or GumbelSchedule()
@@ -86,13 +107,14 @@ class JointRouter:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def start_from(self, ckpt_dir: str, model_cfg: ModelConfig, elastic_cfg: ElasticConfig) -> str:
+    def start_from(self, ckpt_dir: str) -> None:
         """Phase 3 after phase 2: start from the checkpoint's trained static router
-        (tools/train_router.py) when it has the same budgets, layers and choices. Returns
-        where the router starts, for the log."""
-        from megatron_flextron.routers.checkpoint import load_router
+        (tools/train_router.py) when it has the same budgets, layers and choices; ``origin``
+        says where the router starts, for the log."""
+        self.origin = self._trained_router_in(ckpt_dir)
 
-        found = load_router(ckpt_dir, model_cfg, elastic_cfg)
+    def _trained_router_in(self, ckpt_dir: str) -> str:
+        found = load_router(ckpt_dir, self.model_cfg, self.elastic)
         if found is None:
             return "a new router"
         trained, _, settings = found
@@ -118,3 +140,50 @@ class JointRouter:
     def load_state_dict(self, state: dict) -> None:
         self.router.load_state_dict(state["router"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.origin = "the training checkpoint's router (resumed)"
+
+    def export(self, ckpt_dir: str, state: Optional[dict]) -> None:
+        """The router for --budget in the tools (routers/checkpoint.py)."""
+        save_router(ckpt_dir, self.router, self.cost_settings)
+
+    # -- the budget policy ---------------------------------------------------------------------
+    def routes(self, budget: float) -> bool:
+        return budget < 1.0
+
+    def choose(self, budget: float) -> Choice:
+        """The router's argmax architecture below 1.0; the full model (nearest choices) at 1.0
+        (training never runs budget 1.0 through the router)."""
+        if not self.routes(budget):
+            return self.nearest(budget)
+        served = StaticRouterPolicy(
+            self.model_cfg, self.elastic, self.router, self.cost, self.cost_settings
+        ).choose(budget)
+        return Choice(budget, served.subnetwork, {**served.info, "chosen_by": self.kind})
+
+    def before_forward(self, model, budget, subnet, iteration, microbatch, count):
+        if not self.routes(budget):
+            return super().before_forward(model, budget, subnet, iteration, microbatch, count)
+        self.reset(model)
+        routed = self.sample(budget, iteration, microbatch)
+        set_soft_architecture(
+            model, routed.mlp, routed.heads, self.mlp_choices, self.head_choices, routed.keep
+        )
+        return routed
+
+    def loss_term(self, handle, budget: float):
+        """The budget loss, counted once (TP rank 0; the router's gradient is summed over TP)."""
+        if handle is None:
+            return None, {}
+        term, ratio = self.budget_term(handle, budget)
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            term = None
+        return term, {COST_RATIO: ratio}
+
+    def eval_stats(self) -> dict:
+        """The cost ratio of the router's (argmax) architecture for each of its budgets."""
+        return {COST_RATIO: cost_ratios(self.router, self.cost, self.router.budgets)}
+
+    def describe(self, budget: float) -> str:
+        if self.routes(budget):
+            return "the joint router's sampled architecture"
+        return super().describe(budget)
