@@ -199,3 +199,50 @@ def test_ranking_sharded_over_tp_and_pp_equals_single_process(tmp_path):
         str(tmp_path),
         str(tmp_path / "ref"),
     )
+
+
+def test_convert_cli_under_torchrun_equals_single_process(tmp_path):
+    """tools/convert_checkpoint.py on 2 processes (TP=2) writes the single-process checkpoint."""
+    import subprocess
+    import sys
+
+    from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
+    from megatron_flextron.convert import ConvertOptions, convert
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = _calibration_file(tmp_path / "calib.jsonl")
+    os.makedirs(tmp_path / "src")
+    save_flextron(_tiny_checkpoint(), str(tmp_path / "src"))
+    ranking = dict(samples=16, seq_length=SEQ, head_estimator="taylor")
+    convert(
+        ConvertOptions(
+            "flextron", "flextron", str(tmp_path / "src"), str(tmp_path / "one"),
+            calibration_data=data, ranking=ranking,
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    common = [
+        os.path.join(root, "tools", "convert_checkpoint.py"),
+        "--loader", "flextron", "--saver", "flextron", "--load-dir", str(tmp_path / "src"),
+        "--calibration-data", data, "--calibration-samples", "16",
+        "--calibration-seq-length", str(SEQ), "--head-estimator", "taylor",
+    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    out = subprocess.run(
+        torchrun + ["--nproc-per-node=2"] + common
+        + ["--save-dir", str(tmp_path / "two"), "--tensor-model-parallel-size", "2"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = read_flextron(str(tmp_path / "one")), read_flextron(str(tmp_path / "two"))
+    assert a.metadata["importance"]["head_order"] == b.metadata["importance"]["head_order"]
+    assert a.metadata["importance"]["mlp_order"] == b.metadata["importance"]["mlp_order"]
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    # 2 processes cannot hold TP=2 x PP=2: one line on stderr, exit 2, nothing written
+    bad = subprocess.run(
+        torchrun + ["--nproc-per-node=2"] + common + ["--save-dir", str(tmp_path / "bad"),
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "do not hold TP=2 x PP=2" in bad.stderr
+    assert not os.path.exists(tmp_path / "bad")

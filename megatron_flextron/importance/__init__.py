@@ -14,7 +14,11 @@ from typing import Dict, List, Sequence
 import torch
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.importance.collect import collect_statistics, head_ablation_scores
+from megatron_flextron.importance.collect import (
+    progress,
+    collect_statistics,
+    head_ablation_scores,
+)
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import permute_state
 from megatron_flextron.importance.refine import refine_head_orders
@@ -146,7 +150,10 @@ def rank_and_permute(
     def head_losses(orders) -> Dict[int, float]:
         return {h: score({"heads": h}, head_orders=orders) for h in head_levels}
 
-    head_selection = {k: head_losses(v) for k, v in head_candidates.items()}
+    head_selection = {
+        k: head_losses(head_candidates[k])
+        for k in progress(list(head_candidates), "importance: head estimators")
+    }
     mean = {k: sum(v.values()) / max(1, len(v)) for k, v in head_selection.items()}
     best_head = head_estimator if head_estimator != "auto" else min(mean, key=mean.get)
     head_orders = head_candidates[best_head]
@@ -156,11 +163,18 @@ def rank_and_permute(
             model, ckpt, calib, head_orders, head_levels[:-1], best_head
         )
         refined_losses = head_losses(refined)
-        refinement = {"loss": refined_losses, "kept": False}
+        refinement = {
+            "loss": refined_losses,
+            "kept": False,
+            "head_order": [o.tolist() for o in refined],
+        }
         if sum(refined_losses.values()) < sum(head_selection[best_head].values()):
             head_orders, refinement["kept"] = refined, True
 
-    mlp_losses = {k: score({"mlp": test_mlp}, mlp_orders=v) for k, v in mlp_candidates.items()}
+    mlp_losses = {
+        k: score({"mlp": test_mlp}, mlp_orders=mlp_candidates[k])
+        for k in progress(list(mlp_candidates), "importance: MLP estimators")
+    }
     best_mlp = min(mlp_losses, key=mlp_losses.get)
     mlp_orders = mlp_candidates[best_mlp]
 
@@ -174,7 +188,11 @@ def rank_and_permute(
         "seq_length": seq_length,
         "full_loss": held_out_loss(model, heldout),
         "head_estimator": best_head,
-        "head_selection": {"heads": head_levels, "loss": head_selection},
+        "head_selection": {
+            "heads": head_levels,
+            "loss": head_selection,
+            "head_order": {k: [o.tolist() for o in v] for k, v in head_candidates.items()},
+        },
         "head_refinement": refinement,
         "mlp_estimator": best_mlp,
         "mlp_selection": {"mlp": test_mlp, "loss": mlp_losses},

@@ -35,7 +35,7 @@ def _per_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(0) / m.sum(0).clamp(min=1)
 
 
-def _progress(iterable, desc: str, total=None):
+def progress(iterable, desc: str, total=None):
     """A tqdm bar on stderr from the first rank only (quiet elsewhere and when not installed)."""
     try:
         from tqdm import tqdm
@@ -119,7 +119,7 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(st)))
         handles.append(layer.register_forward_hook(layer_hook(st), with_kwargs=True))
     try:
-        for batch in _progress(microbatches, "importance: calibration batches"):
+        for batch in progress(microbatches, "importance: calibration batches"):
             current["mask"] = batch["loss_mask"]
             model.zero_grad(set_to_none=True)
             forward_backward(model, [batch], forward_only=not with_taylor)
@@ -191,7 +191,7 @@ def head_ablation_scores(model, microbatches: list, model_config) -> List[torch.
     base = forward_backward(model, microbatches, forward_only=True)
     base_loss = base["nll_sum"] / base["tokens"]
     scores = []
-    for layer in _progress(list(model.decoder.layers), "importance: head ablation (layers)"):
+    for layer in progress(list(model.decoder.layers), "importance: head ablation (layers)"):
         proj = layer.self_attention.linear_proj
         layer_scores = torch.zeros(heads_per_layer, dtype=torch.float64)
         for h in range(heads_per_layer):
