@@ -86,18 +86,18 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
     def proj_hook(st):
         def hook(module, args):
             a = args[0]  # [s, b, H_local * d]
-            d = model_config.kv_channels
-            heads = a.detach().double().reshape(*a.shape[:2], -1, d)
-            norms = _per_sequence_mean(heads.norm(dim=-1), current["mask"])  # [b, H_local]
-            st.add("head_act", norms.pow(2).sum(0))
-            if with_taylor and a.requires_grad:
-                a.register_hook(taylor_hook(st, heads))
+            shape = (*a.shape[:2], -1, model_config.kv_channels)
+            norms = a.detach().double().reshape(shape).norm(dim=-1)  # [s, b, H_local]
+            st.add("head_act", _per_sequence_mean(norms, current["mask"]).pow(2).sum(0))
+            if with_taylor and a.requires_grad:  # autograd keeps `a` anyway: no extra copy
+                a.register_hook(taylor_hook(st, a.detach(), shape))
 
         return hook
 
-    def taylor_hook(st, heads):
+    def taylor_hook(st, saved, shape):
         def hook(grad):
-            contribution = (heads * grad.double().reshape(heads.shape)).sum(-1)  # [s, b, H]
+            heads = saved.double().reshape(shape)
+            contribution = (heads * grad.double().reshape(shape)).sum(-1)  # [s, b, H]
             mask = current["mask"].t().unsqueeze(-1).double()
             st.add("taylor", (contribution * mask).sum(0).abs().sum(0))
             st.add("taylor_token", (contribution * mask).abs().sum((0, 1)))
