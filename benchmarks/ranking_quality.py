@@ -7,6 +7,12 @@ quarter of it held out for the estimator choice), then evaluates every candidate
 considered, with the ranked MLP order, on the Wikipedia test split. "taylor" is the reference of
 issue 15 (MLP: Minitron activation; heads: per-sequence first-order Taylor); "chosen" is what the
 library wrote into the checkpoint. Prints a markdown table.
+
+  python benchmarks/ranking_quality.py --gqa-diagnostic --calibration-samples 16 --test-sequences 8
+
+instead keeps each layer's top-k heads by every estimator either inside every KV group (what the
+elastic layout can run: k/G per group) or anywhere in the layer (masked; not a prefix sub-network
+of the GQA layout), to measure what the per-group constraint costs.
 """
 
 from __future__ import annotations
@@ -28,12 +34,55 @@ ROWS = (
 )
 
 
+def gqa_diagnostic(source, calib, test) -> dict:
+    """Held-out loss with the top heads kept per KV group vs anywhere in the layer (masked)."""
+    import torch
+
+    from megatron_flextron.importance import held_out_loss, ranking_model
+    from megatron_flextron.importance.collect import collect_statistics
+
+    m = source.model
+    heads, groups, d = m.num_attention_heads, m.num_query_groups, m.kv_channels
+    model = ranking_model(source)
+    stats = collect_statistics(model, calib, m, with_taylor=True)
+    keep = {}
+
+    def mask(i):
+        def hook(module, args):
+            a = args[0]
+            k = keep[i].to(a.dtype).view(1, 1, heads, 1)
+            return ((a.reshape(*a.shape[:2], heads, d) * k).reshape(a.shape),)
+
+        return hook
+
+    for i, layer in enumerate(model.decoder.layers):
+        layer.self_attention.linear_proj.register_forward_pre_hook(mask(i))
+    out = {}
+    for name in ("activation", "taylor", "taylor_token"):
+        for k in (6, 3):
+            for where in ("per KV group", "anywhere"):
+                for i, s in enumerate(stats[name]):
+                    chosen = torch.zeros(heads)
+                    if where == "anywhere":
+                        chosen[torch.argsort(-s, stable=True)[:k]] = 1
+                    else:
+                        n = heads // groups
+                        best = torch.argsort(-s.reshape(groups, n), dim=1, stable=True)
+                        chosen[(best[:, : k // groups] + torch.arange(groups)[:, None] * n)] = 1
+                    keep[i] = chosen
+                key = f"{k} heads, {where}"
+                out.setdefault(key, {})[name] = held_out_loss(model, test)
+                print(name, key, round(out[key][name], 4), file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--test-sequences", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--gqa-diagnostic", action="store_true", help="see the module docstring")
     args = p.parse_args(argv)
 
     import torch
@@ -54,6 +103,24 @@ def main(argv=None) -> int:
     source = load_gguf(bundled_smollm2())
     m = source.model
     source.elastic = ElasticConfig.from_ratios(m, head_ratios=(1.0, 2 / 3, 1 / 3))
+    if args.gqa_diagnostic:
+        splits = (("wiki:train", args.calibration_samples), ("wiki:test", args.test_sequences))
+        calib, test = (
+            pad_microbatches(token_sequences(s, source.tokenizer_dir, args.seq_length, n), 4)
+            for s, n in splits
+        )
+        results = gqa_diagnostic(source, calib, test)
+        destroy_model_parallel()
+        names = ("activation", "taylor", "taylor_token")
+        print("| kept heads | " + " | ".join(names) + " |")
+        print("| --- |" + " ---: |" * len(names))
+        for key, row in results.items():
+            print(f"| {key} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gqa_diagnostic": results, "args": vars(args)}, f, indent=1)
+                f.write("\n")
+        return 0
     ranked = rank_and_permute(
         source, "wiki", samples=args.calibration_samples, seq_length=args.seq_length
     )
