@@ -80,8 +80,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--head-estimator",
         default="auto",
-        choices=["auto", "activation", "taylor", "ablation"],
-        help="head importance; auto picks the best on held-out loss",
+        choices=["auto", "activation", "taylor", "taylor_token", "ablation"],
+        help="head importance (docs/ranking.md); auto picks the best on held-out loss",
     )
     p.add_argument(
         "--mlp-choices",
