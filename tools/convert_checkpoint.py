@@ -11,6 +11,12 @@ GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust)
 Every loader is exact or refuses (exit 2) naming the field or tensor it cannot represent.
 Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock).
 A failed conversion exits non-zero and leaves nothing at --save-dir.
+
+Importance ranking sharded over tensor/pipeline parallelism (each rank holds its shard of the
+model; the checkpoint is written by all ranks, dealt for that TP size):
+  torchrun --nproc-per-node 4 tools/convert_checkpoint.py --loader hf --saver flextron \\
+      --load-dir hf/llama --save-dir ckpt/llama --calibration-data wiki \\
+      --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 """
 
 from __future__ import annotations
@@ -51,8 +57,25 @@ def parse_args(argv=None):
         help="tokenizer to carry into the output (a folder, tokenizer.json or sentencepiece "
         ".model), e.g. when a Megatron checkpoint's tokenizer_model is not on this machine",
     )
-    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1)
+    p.add_argument(
+        "--target-tensor-parallel-size",
+        type=positive_int,
+        help="TP size the checkpoint is dealt for (default 1; under torchrun the "
+        "--tensor-model-parallel-size)",
+    )
     p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1)
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=positive_int,
+        default=1,
+        help="TP size of the model that ranks units (under torchrun)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=positive_int,
+        default=1,
+        help="PP size of the model that ranks units (under torchrun)",
+    )
     p.add_argument("--subnetwork", help="export this sub-network (JSON or a JSON file)")
     p.add_argument("--budget", type=float, help="export the static router's choice for a budget")
     p.add_argument(
@@ -65,8 +88,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--head-estimator",
         default="auto",
-        choices=["auto", "activation", "taylor", "ablation"],
-        help="head importance; auto picks the best on held-out loss",
+        choices=["auto", "activation", "taylor", "taylor_token", "ablation"],
+        help="head importance (docs/ranking.md); auto picks the best on held-out loss",
     )
     p.add_argument(
         "--mlp-choices",
@@ -87,13 +110,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
 
-    initialize_model_parallel(1, 1)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {world} processes do not hold TP={tp} x PP={pp}", file=sys.stderr)
+        return 2
+    if not os.path.exists(args.load_dir):
+        print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
+        return 2
+    initialize_model_parallel(tp, pp)
+    rank = int(os.environ.get("RANK", "0"))
     opts = ConvertOptions(
         loader=args.loader,
         saver=args.saver,
         load_dir=args.load_dir,
         save_dir=args.save_dir,
-        target_tensor_parallel_size=args.target_tensor_parallel_size,
+        target_tensor_parallel_size=args.target_tensor_parallel_size or (tp if world > 1 else 1),
         target_pipeline_parallel_size=args.target_pipeline_parallel_size,
         subnetwork=args.subnetwork,
         budget=args.budget,
@@ -108,9 +141,6 @@ def main(argv=None) -> int:
         tokenizer_model=args.tokenizer_model,
     )
     t0 = time.time()
-    if not os.path.exists(args.load_dir):
-        print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
-        return 2
     try:
         ckpt = convert(opts)
     except (CheckpointError, ValueError) as e:
@@ -118,6 +148,8 @@ def main(argv=None) -> int:
         return 2
     finally:
         destroy_model_parallel()
+    if rank:
+        return 0
     m = ckpt.model
     tokenizer = ckpt.metadata.get("tokenizer") or {}
     if tokenizer and not tokenizer.get("carried"):

@@ -110,6 +110,26 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
 
 
+def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str) -> None:
+    """Collective: every rank writes its shards of ``model`` (holding ``ckpt``'s weights at the
+    current TP/PP layout, so dealt for this TP size), rank 0 the config; ``out_dir`` exists."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    shards = os.path.join(out_dir, "release")
+    if dist.get_rank() == 0:
+        os.makedirs(shards)
+    dist.barrier()
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), shards)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        write_metadata(out_dir, ckpt, tp, iteration=None)
+    dist.barrier()
+
+
 def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

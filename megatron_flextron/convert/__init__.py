@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -118,6 +119,7 @@ def convert(opts: ConvertOptions) -> Checkpoint:
     if opts.budget is not None and opts.calibration_data:
         raise CheckpointError("--budget picks from a trained model: no --calibration-data")
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+    distributed = _check_distributed(opts)
     ckpt = load_checkpoint(opts.loader, opts.load_dir, opts.tokenizer_model)
     if ckpt.elastic is None:
         ckpt.elastic = ElasticConfig.from_ratios(
@@ -153,6 +155,51 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         )
     check_parallel_sizes(ckpt, tp, pp)
     ckpt.metadata["target_pipeline_parallel_size"] = pp
+    if distributed:
+        _save_distributed(ckpt, opts.save_dir)
+        return ckpt
     with atomic_output_dir(opts.save_dir) as tmp:
         save_checkpoint(opts.saver, ckpt, tmp, tp)
     return ckpt
+
+
+def _check_distributed(opts: ConvertOptions) -> bool:
+    """Several processes (torchrun): the model is sharded over the current TP/PP layout and every
+    rank writes its shard of a flextron checkpoint dealt for that TP size."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    model_tp = parallel_state.get_tensor_model_parallel_world_size()
+    if opts.saver != "flextron" or opts.subnetwork is not None or opts.budget is not None:
+        raise CheckpointError("under torchrun the converter ranks and saves flextron checkpoints")
+    if opts.target_tensor_parallel_size != model_tp:
+        raise CheckpointError(
+            f"under torchrun the checkpoint is dealt for the model's TP size {model_tp}, "
+            f"not --target-tensor-parallel-size {opts.target_tensor_parallel_size}"
+        )
+    out = opts.save_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"output {os.path.abspath(out)} already exists and is not empty")
+    return True
+
+
+def _save_distributed(ckpt: Checkpoint, save_dir: str) -> None:
+    """Collective atomic save: rank 0 owns the temporary directory, every rank writes shards."""
+    import torch.distributed as dist
+
+    from megatron_flextron.checkpoint.flextron import save_flextron_sharded
+    from megatron_flextron.importance import ranking_model
+
+    model = ranking_model(ckpt)
+    if dist.get_rank() != 0:
+        path = [None]
+        dist.broadcast_object_list(path, src=0)
+        save_flextron_sharded(model, ckpt, path[0])
+        dist.barrier()  # rank 0 renames the directory
+        return
+    with atomic_output_dir(save_dir) as tmp:
+        dist.broadcast_object_list([tmp], src=0)
+        save_flextron_sharded(model, ckpt, tmp)
+    dist.barrier()

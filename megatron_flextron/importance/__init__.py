@@ -2,22 +2,29 @@
 
 After ranking, a width k means the k most important units (at every TP size, see tp_layout), so
 prefix sub-networks start out as good as the estimator makes them. Several estimators are
-computed and the one with the lowest held-out loss at a reduced size is kept, per axis; the
-comparison is recorded in the checkpoint metadata.
+computed and the one with the lowest held-out loss over the reduced sizes is kept, per axis; the
+comparison is recorded in the checkpoint metadata. Runs in one process or sharded over the
+current TP/PP layout (every rank returns the same ranked checkpoint).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.importance.collect import collect_statistics, head_ablation_scores
+from megatron_flextron.importance.collect import (
+    progress,
+    collect_statistics,
+    head_ablation_scores,
+)
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import permute_state
+from megatron_flextron.importance.refine import refine_head_orders
 
-HEAD_ESTIMATORS = ("activation", "taylor", "ablation")
+HEAD_ESTIMATORS = ("activation", "taylor", "taylor_token", "ablation")
+LOSS_BASED = ("taylor", "taylor_token")
 
 
 def calibration_sequences(
@@ -36,12 +43,35 @@ def calibration_sequences(
     return seqs
 
 
-def _held_out_loss(model, batches) -> float:
+def held_out_loss(model, batches) -> float:
     from megatron_flextron.lm_step import forward_backward
 
     with torch.no_grad():
         out = forward_backward(model, batches, forward_only=True)
     return out["nll_sum"] / out["tokens"]
+
+
+def ranking_model(ckpt: Checkpoint):
+    """The elastic model of this rank (current TP/PP layout, current device) holding ckpt."""
+    from megatron.core import parallel_state
+
+    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+    from megatron_flextron.parallel import current_device
+
+    m = ckpt.model
+    config = m.transformer_config(
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    model = build_gpt_model(m, config, elastic=True).to(current_device())
+    load_canonical_state_dict(model, ckpt.state, m)
+    return model
+
+
+def reduced_sizes(full: int, choices: Sequence[int]) -> List[int]:
+    """The elastic choices below full size, largest first."""
+    return sorted({c for c in choices if c < full}, reverse=True)
 
 
 def rank_and_permute(
@@ -51,18 +81,31 @@ def rank_and_permute(
     seq_length: int = 256,
     head_estimator: str = "auto",
     micro_batch_size: int = 4,
+    refine: bool = True,
 ) -> Checkpoint:
     """Rank MLP neurons and heads on calibration data and permute the checkpoint accordingly.
 
     A quarter of the calibration sequences (at least one micro-batch) is held out to choose
-    between estimators; the source order is always a candidate.
+    between estimators by the mean held-out loss over every reduced head count (MLP: the width
+    nearest half); the source order is always a candidate. With ``refine``, a loss-based head
+    order is re-estimated at each reduced head count in turn (see refine.py) and kept where it
+    lowers the held-out loss. Collective over the model-parallel groups when TP/PP > 1.
     """
-    from megatron_flextron.elastic import build_gpt_model, set_subnetwork
-    from megatron_flextron.parallel import current_device
+    from megatron.core import parallel_state
+
+    from megatron_flextron.elastic import set_subnetwork
+    from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
     from megatron_flextron.lm_step import pad_microbatches
+    from megatron_flextron.parallel import current_device
 
     if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
         raise ValueError(f"unknown head estimator {head_estimator!r}")
+    sharded = (
+        parallel_state.get_tensor_model_parallel_world_size() > 1
+        or parallel_state.get_pipeline_model_parallel_world_size() > 1
+    )
+    if head_estimator == "ablation" and sharded:
+        raise ValueError("--head-estimator ablation runs at TP=1, PP=1 only")
     m, elastic = ckpt.model, ckpt.elastic
     seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
     held = max(micro_batch_size, len(seqs) // 4)
@@ -72,18 +115,16 @@ def rank_and_permute(
     calib = pad_microbatches(seqs[held:], micro_batch_size, device)
     heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
 
-    model = build_gpt_model(
-        m, m.transformer_config(), elastic=True, pre_process=True, post_process=True
-    ).to(device)
-    model.load_state_dict(ckpt.state, strict=False)
-    with_taylor = head_estimator in ("auto", "taylor")
-    stats = collect_statistics(model, calib, m.num_attention_heads, with_taylor)
+    model = ranking_model(ckpt)
+    with_taylor = head_estimator in ("auto",) + LOSS_BASED
+    stats = collect_statistics(model, calib, m, with_taylor)
 
     head_scores: Dict[str, List[torch.Tensor]] = {"activation": stats["activation"]}
     if with_taylor:
         head_scores["taylor"] = stats["taylor"]
+        head_scores["taylor_token"] = stats["taylor_token"]
     if head_estimator == "ablation":
-        head_scores["ablation"] = head_ablation_scores(model, calib, m.num_attention_heads)
+        head_scores["ablation"] = head_ablation_scores(model, calib, m)
     head_candidates = {"original": identity_orders(m.num_layers, m.num_attention_heads)}
     for name, scores in head_scores.items():
         if head_estimator in ("auto", name):
@@ -93,41 +134,66 @@ def rank_and_permute(
         "activation": [neuron_order(s) for s in stats["mlp"]],
     }
 
-    smaller_heads = [h for h in elastic.head_choices if h < m.num_attention_heads]
-    smaller_mlp = [w for w in elastic.mlp_choices if w < m.ffn_hidden_size]
-    test_heads = max(smaller_heads) if smaller_heads else m.num_attention_heads
+    head_levels = reduced_sizes(m.num_attention_heads, elastic.head_choices)
+    smaller_mlp = reduced_sizes(m.ffn_hidden_size, elastic.mlp_choices)
     test_mlp = min(
         smaller_mlp, key=lambda w: abs(w - m.ffn_hidden_size / 2), default=m.ffn_hidden_size
     )
 
     def score(spec, **orders):
-        model.load_state_dict(permute_state(ckpt.state, m, **orders), strict=False)
+        load_canonical_state_dict(model, permute_state(ckpt.state, m, **orders), m)
         set_subnetwork(model, spec, m, elastic)
-        loss = _held_out_loss(model, heldout)
+        loss = held_out_loss(model, heldout)
         set_subnetwork(model, None, m, elastic)
         return loss
 
-    head_losses = {
-        k: score({"heads": test_heads}, head_orders=v) for k, v in head_candidates.items()
+    def head_losses(orders) -> Dict[int, float]:
+        return {h: score({"heads": h}, head_orders=orders) for h in head_levels}
+
+    head_selection = {
+        k: head_losses(head_candidates[k])
+        for k in progress(list(head_candidates), "importance: head estimators")
     }
-    mlp_losses = {k: score({"mlp": test_mlp}, mlp_orders=v) for k, v in mlp_candidates.items()}
-    best_head = (
-        head_estimator if head_estimator != "auto" else min(head_losses, key=head_losses.get)
-    )
+    mean = {k: sum(v.values()) / max(1, len(v)) for k, v in head_selection.items()}
+    best_head = head_estimator if head_estimator != "auto" else min(mean, key=mean.get)
+    head_orders = head_candidates[best_head]
+    refinement = None
+    if refine and best_head in LOSS_BASED and len(head_levels) > 1:
+        refined = refine_head_orders(
+            model, ckpt, calib, head_orders, head_levels[:-1], best_head
+        )
+        refined_losses = head_losses(refined)
+        refinement = {
+            "loss": refined_losses,
+            "kept": False,
+            "head_order": [o.tolist() for o in refined],
+        }
+        if sum(refined_losses.values()) < sum(head_selection[best_head].values()):
+            head_orders, refinement["kept"] = refined, True
+
+    mlp_losses = {
+        k: score({"mlp": test_mlp}, mlp_orders=mlp_candidates[k])
+        for k in progress(list(mlp_candidates), "importance: MLP estimators")
+    }
     best_mlp = min(mlp_losses, key=mlp_losses.get)
-    mlp_orders, head_orders = mlp_candidates[best_mlp], head_candidates[best_head]
+    mlp_orders = mlp_candidates[best_mlp]
 
     state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=head_orders)
-    model.load_state_dict(state, strict=False)
+    load_canonical_state_dict(model, state, m)
     metadata = dict(ckpt.metadata)
     metadata["importance"] = {
         "calibration_data": calibration_data,
         "calibration_sequences": len(seqs) - held,
         "heldout_sequences": held,
         "seq_length": seq_length,
-        "full_loss": _held_out_loss(model, heldout),
+        "full_loss": held_out_loss(model, heldout),
         "head_estimator": best_head,
-        "head_selection": {"heads": test_heads, "loss": head_losses},
+        "head_selection": {
+            "heads": head_levels,
+            "loss": head_selection,
+            "head_order": {k: [o.tolist() for o in v] for k, v in head_candidates.items()},
+        },
+        "head_refinement": refinement,
         "mlp_estimator": best_mlp,
         "mlp_selection": {"mlp": test_mlp, "loss": mlp_losses},
         "layer_scores": stats["layer"],

@@ -5,10 +5,18 @@ Scores per layer (shapes: F MLP neurons, H query heads, d head dim):
   sequence, then L2 over the batch.  -> [F]
 - heads, "activation": the L2 norm of each head's output (input of the output projection), same
   aggregation.  -> [H]
-- heads, "taylor" (loss-based, first order): |sum over tokens of a_h . dL/da_h| per sequence,
-  averaged: the estimated loss change when the head is removed.  -> [H]
+- heads, "taylor" (loss-based, first order): per calibration sequence |sum over its tokens and the
+  head's channels of a . dL/da| (a = the head's input to the output projection, L = the mean
+  token loss), summed over sequences: the estimated loss change when the head is removed.  -> [H]
+- heads, "taylor_token": the same first-order terms with the absolute value per token, summed over
+  tokens and sequences: |a_t . dL/da_t| cannot cancel across the positions of a sequence, so a
+  head that matters a lot at some tokens and little on average still ranks high.  -> [H]
 - heads, "ablation" (loss-based, exact): the loss increase when the head alone is zeroed.  -> [H]
 - layers: 1 - cos(layer input, layer output), averaged over tokens.  -> scalar per layer
+
+Works on any TP/PP layout: hooks see this rank's units (dealt round-robin, see tp_layout), the
+per-unit scores are gathered over TP into the canonical order and over PP into all layers, so
+every rank returns the statistics of the whole model, as a single process would.
 """
 
 from __future__ import annotations
@@ -17,19 +25,8 @@ from typing import Dict, List
 
 import torch
 
+from megatron_flextron.elastic.tp_layout import TPAxis, unshard_tensor
 from megatron_flextron.lm_step import forward_backward
-
-
-class _Stats:
-    def __init__(self, layers: int):
-        self.mlp: List[torch.Tensor] = [None] * layers
-        self.head_act: List[torch.Tensor] = [None] * layers
-        self.head_taylor: List[torch.Tensor] = [None] * layers
-        self.layer_cos: List[List[float]] = [[] for _ in range(layers)]
-
-    @staticmethod
-    def add(store, i, value):
-        store[i] = value if store[i] is None else store[i] + value
 
 
 def _per_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,57 +35,91 @@ def _per_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(0) / m.sum(0).clamp(min=1)
 
 
-def collect_statistics(model, microbatches: list, heads_per_layer: int, with_taylor: bool) -> Dict:
-    """Run the calibration micro-batches through a TP=1, PP=1 elastic model at full size."""
-    layers = list(model.decoder.layers)
-    stats = _Stats(len(layers))
+def progress(iterable, desc: str, total=None):
+    """A tqdm bar on stderr from the first rank only (quiet elsewhere and when not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a requirement
+        return iterable
+    quiet = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    return tqdm(iterable, desc=desc, total=total, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+class _LayerStats:
+    """Accumulators of one local layer (this rank's units)."""
+
+    def __init__(self):
+        self.mlp = None  # sum over sequences of (mean |a|)^2   [F_local]
+        self.head_act = None  # same for the head output norm    [H_local]
+        self.taylor = None  # sum over sequences of |sum a.g|      [H_local]
+        self.taylor_token = None  # sum over tokens of |a.g|       [H_local]
+        self.cos: List[float] = []
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old + value)
+
+
+def collect_statistics(model, microbatches: list, model_config, with_taylor: bool) -> Dict:
+    """Run the calibration micro-batches through an elastic model at full size (any TP/PP).
+
+    Collective over the model-parallel groups; returns the whole model's statistics on every
+    rank, on the CPU in float64: "mlp", "activation", "taylor" (lists over layers, canonical unit
+    order) and "layer".
+    """
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    gpt = unwrap_model(model)
+    layers = list(gpt.decoder.layers)
+    stats = [_LayerStats() for _ in layers]
     current = {}
     handles = []
 
-    def mlp_hook(i):
+    def mlp_hook(st):
         def hook(module, args):
-            a = args[0].detach().float()  # [s, b, F]
-            per_seq = _per_sequence_mean(a.abs(), current["mask"])  # [b, F]
-            stats.add(stats.mlp, i, per_seq.pow(2).sum(0))
+            a = args[0].detach().double()  # [s, b, F_local]
+            per_seq = _per_sequence_mean(a.abs(), current["mask"])  # [b, F_local]
+            st.add("mlp", per_seq.pow(2).sum(0))
 
         return hook
 
-    def proj_hook(i):
+    def proj_hook(st):
         def hook(module, args):
-            a = args[0]
-            s, b = a.shape[:2]
-            heads = a.detach().float().reshape(s, b, heads_per_layer, -1)
-            norms = _per_sequence_mean(heads.norm(dim=-1), current["mask"])  # [b, H]
-            stats.add(stats.head_act, i, norms.pow(2).sum(0))
-            if with_taylor and a.requires_grad:
-                a.register_hook(taylor_hook(i, heads.shape, a.detach()))
+            a = args[0]  # [s, b, H_local * d]
+            shape = (*a.shape[:2], -1, model_config.kv_channels)
+            norms = a.detach().double().reshape(shape).norm(dim=-1)  # [s, b, H_local]
+            st.add("head_act", _per_sequence_mean(norms, current["mask"]).pow(2).sum(0))
+            if with_taylor and a.requires_grad:  # autograd keeps `a` anyway: no extra copy
+                a.register_hook(taylor_hook(st, a.detach(), shape))
 
         return hook
 
-    def taylor_hook(i, shape, saved):
+    def taylor_hook(st, saved, shape):
         def hook(grad):
-            contribution = (saved.float() * grad.float()).reshape(shape).sum(-1)  # [s, b, H]
-            mask = current["mask"].t().unsqueeze(-1).float()
-            stats.add(stats.head_taylor, i, (contribution * mask).sum(0).abs().sum(0))
+            heads = saved.double().reshape(shape)
+            contribution = (heads * grad.double().reshape(shape)).sum(-1)  # [s, b, H]
+            mask = current["mask"].t().unsqueeze(-1).double()
+            st.add("taylor", (contribution * mask).sum(0).abs().sum(0))
+            st.add("taylor_token", (contribution * mask).abs().sum((0, 1)))
 
         return hook
 
-    def layer_hook(i):
+    def layer_hook(st):
         def hook(module, args, kwargs, output):
             x = kwargs.get("hidden_states", args[0] if args else None).detach().float()
             y = output[0].detach().float()
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [s, b]
             valid = current["mask"].t() > 0
-            stats.layer_cos[i].append(float((1 - cos)[valid].mean()))
+            st.cos.append(float((1 - cos)[valid].mean()))
 
         return hook
 
-    for i, layer in enumerate(layers):
-        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(i)))
-        handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
+    for st, layer in zip(stats, layers):
+        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(st)))
+        handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(st)))
+        handles.append(layer.register_forward_hook(layer_hook(st), with_kwargs=True))
     try:
-        for batch in microbatches:
+        for batch in progress(microbatches, "importance: calibration batches"):
             current["mask"] = batch["loss_mask"]
             model.zero_grad(set_to_none=True)
             forward_backward(model, [batch], forward_only=not with_taylor)
@@ -96,24 +127,73 @@ def collect_statistics(model, microbatches: list, heads_per_layer: int, with_tay
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
-    n = len(microbatches)
-    return {  # on the CPU, whatever device the model ran on
-        "mlp": [v.sqrt().cpu() for v in stats.mlp],
-        "activation": [v.sqrt().cpu() for v in stats.head_act],
-        "taylor": [(v / n).cpu() for v in stats.head_taylor] if with_taylor else None,
-        "layer": [sum(v) / len(v) for v in stats.layer_cos],
+    local = {
+        layer.layer_number - 1: {
+            "mlp": st.mlp.sqrt(),
+            "activation": st.head_act.sqrt(),
+            "taylor": st.taylor if with_taylor else None,
+            "taylor_token": st.taylor_token if with_taylor else None,
+            "layer": sum(st.cos) / len(st.cos) if st.cos else 0.0,
+        }
+        for st, layer in zip(stats, layers)
     }
+    return _gather(local, model_config, with_taylor)
+
+
+HEAD_KEYS = ("activation", "taylor", "taylor_token")
+
+
+def _gather(local: Dict[int, dict], model_config, with_taylor: bool) -> Dict:
+    """Per-layer local scores -> every layer's canonical scores, on every rank (CPU, float64).
+
+    Head scores cover the active heads: k per KV group (GQA) or the first heads (MHA), so a
+    sub-network's statistics come back as [G * k] in canonical order (group-major).
+    """
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        group = parallel_state.get_tensor_model_parallel_group()
+        local_groups = model_config.num_query_groups // tp
+        for entry in local.values():
+            for key in ("mlp",) + HEAD_KEYS:
+                if entry[key] is None:
+                    continue
+                unit = 1  # an MLP neuron; a head of MHA
+                if key != "mlp" and model_config.heads_per_group > 1:
+                    unit = entry[key].numel() // local_groups  # the active heads of a KV group
+                shards = [torch.empty_like(entry[key]) for _ in range(tp)]
+                torch.distributed.all_gather(shards, entry[key].contiguous(), group=group)
+                entry[key] = unshard_tensor(shards, TPAxis(dim=0, dealt=True, unit_size=unit))
+    local = {
+        i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in e.items()}
+        for i, e in local.items()
+    }
+    everything = dict(local)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        parts = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(parts, local, group=group)
+        everything = {i: e for part in parts for i, e in part.items()}
+    if sorted(everything) != list(range(model_config.num_layers)):
+        raise RuntimeError(f"statistics gathered for layers {sorted(everything)}")
+    ordered = [everything[i] for i in range(model_config.num_layers)]
+    out = {key: [e[key] for e in ordered] for key in ("mlp", "layer") + HEAD_KEYS}
+    if not with_taylor:
+        out["taylor"] = out["taylor_token"] = None
+    return out
 
 
 @torch.no_grad()
-def head_ablation_scores(model, microbatches: list, heads_per_layer: int) -> List[torch.Tensor]:
-    """Loss increase when each head alone is zeroed (L x H forward passes)."""
+def head_ablation_scores(model, microbatches: list, model_config) -> List[torch.Tensor]:
+    """Loss increase when each head alone is zeroed (L x H forward passes; TP=1, PP=1 only)."""
+    heads_per_layer = model_config.num_attention_heads
     base = forward_backward(model, microbatches, forward_only=True)
     base_loss = base["nll_sum"] / base["tokens"]
     scores = []
-    for layer in model.decoder.layers:
+    for layer in progress(list(model.decoder.layers), "importance: head ablation (layers)"):
         proj = layer.self_attention.linear_proj
-        layer_scores = torch.zeros(heads_per_layer)
+        layer_scores = torch.zeros(heads_per_layer, dtype=torch.float64)
         for h in range(heads_per_layer):
 
             def zero_head(module, args, h=h):
