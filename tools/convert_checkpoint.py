@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
 from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.config import DEFAULT_RATIOS  # noqa: E402
 from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
@@ -94,13 +95,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--mlp-choices",
         type=_ratios,
-        default=(1.0, 0.75, 0.5, 0.25),
+        default=DEFAULT_RATIOS,
         help="MLP width ratios of the elastic model (comma-separated)",
     )
     p.add_argument(
         "--head-choices",
         type=_ratios,
-        default=(1.0, 0.75, 0.5, 0.25),
+        default=DEFAULT_RATIOS,
         help="head-count ratios (rounded to what the layout can express)",
     )
     return p.parse_args(argv)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_flextron.config import ElasticConfig
+from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.io import atomic_output_dir
 
@@ -76,8 +76,8 @@ class ConvertOptions:
     subnetwork: Optional[str] = None
     budget: Optional[float] = None
     calibration_data: Optional[str] = None
-    mlp_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
-    head_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
+    mlp_ratios: Sequence[float] = DEFAULT_RATIOS
+    head_ratios: Sequence[float] = DEFAULT_RATIOS
     ranking: dict = field(default_factory=dict)  # options for importance ranking
     tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
 
