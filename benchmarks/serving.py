@@ -24,6 +24,7 @@ cost of running them is what this measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,8 +48,8 @@ from megatron_flextron.routers.sampling import budget_subnetwork  # noqa: E402
 class DenseSelector(SubnetworkSelector):
     """A plain (non-elastic) model has one architecture: nothing to switch."""
 
-    def activate(self, model, arch) -> None:
-        pass
+    def active(self, model, arch):
+        return contextlib.nullcontext()
 
 
 def parse_args(argv=None):

@@ -192,6 +192,7 @@ def test_tp2_and_pp2_generate_what_one_process_generates():
 def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
     """--router dynamic: the checkpoint's token routers pick each token's MLP width inside the
     cached decode steps exactly as in one full forward pass; budgets change what is generated."""
+    from megatron_flextron.routers.checkpoint import load_budget_policy
     from megatron_flextron.routers.token import TokenRouter
     from megatron_flextron.routers.token_training import save_token_routers
 
@@ -204,8 +205,9 @@ def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
             r.budget_bias.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]))
     save_token_routers(str(tmp_path), routers, [128, 64, 32], [1.0, 0.5])
     generator, _, model = _tiny_generator("llama")
-    selector = SubnetworkSelector(str(tmp_path), m, elastic_choices(m), router="dynamic")
-    selector.attach(model)
+    policy = load_budget_policy(str(tmp_path), m, elastic_choices(m), "dynamic", gpt=model)
+    policy.reset(model)
+    selector = SubnetworkSelector(policy, m, elastic_choices(m))
     generator.selector = selector
     widths = {}
     for budget in (1.0, 0.5):
@@ -213,13 +215,13 @@ def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
         results = generator.generate(requests)
         assert results[0].architecture.describe() == {
             "budget": budget, "router": "dynamic", "chosen_by": "token routers"}
-        selector.activate(model, results[0].architecture)
-        for prompt, result in zip(TINY_PROMPTS, results):
-            logits = _full_recompute(model, prompt, result.tokens)
-            top2 = logits.topk(2, dim=-1).values
-            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
-            assert logits.argmax(-1).tolist() == result.tokens
-        widths[budget] = selector.token_routing.mean_width()
+        with selector.active(model, results[0].architecture):
+            for prompt, result in zip(TINY_PROMPTS, results):
+                logits = _full_recompute(model, prompt, result.tokens)
+                top2 = logits.topk(2, dim=-1).values
+                assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+                assert logits.argmax(-1).tolist() == result.tokens
+            widths[budget] = policy.measured()["mean_mlp_width_fraction"]
     assert widths[0.5] < widths[1.0]
     with pytest.raises(ValueError, match="outside the trained range"):
         generator.request([1, 2], Sampling.greedy(2), budget=0.3)

@@ -267,3 +267,26 @@ def test_budget_policies_answer_which_subnetwork_a_budget_runs():
     exact = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / cost.full()
     assert choice.info["chosen_by"] == "static router"
     assert choice.info["cost_ratio"] == round(exact, 4) and choice.info["metric"] == "params"
+
+
+def test_budget_policy_checks_a_budget_before_running_it():
+    """What serving asks of any policy before batching a request: a number in (0, 1], and, for
+    token routers (conditioned on it), one inside their trained range; they need a budget."""
+    from megatron_flextron.routers.policy import NearestChoices
+    from megatron_flextron.routers.token_training import TrainedTokenRouting
+
+    model = tiny_config("llama")
+    nearest = NearestChoices(model, elastic_choices(model))
+    assert nearest.check_budget(1) == 1.0 and isinstance(nearest.check_budget(1), float)
+    assert nearest.check_budget(0.3) == 0.3 and not nearest.budget_required
+    for bad, message in [("half", "budget must be a number"), (True, "budget must be a number"),
+                         (1.5, r"budget 1.5 must lie in \(0, 1\]"), (0.0, "must lie in"),
+                         (math.nan, "must lie in")]:
+        with pytest.raises(ValueError, match=message):
+            nearest.check_budget(bad)
+    token = TrainedTokenRouting([], [1.0, 0.5])
+    assert token.budget_required and token.check_budget(0.75) == 0.75
+    with pytest.raises(ValueError, match=r"outside the trained range \[0.5, 1.0\]"):
+        token.check_budget(0.3)
+    with pytest.raises(ValueError, match="budget must be a number"):
+        token.check_budget("half")

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     add_model_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or a file); default: full")
-    which.add_argument("--budget", type=float, help="the static router's (or nearest) choice")
+    which.add_argument("--budget", type=float, help="run what the budget policy (--router) picks")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
@@ -57,8 +57,6 @@ def parse_args(argv=None):
     sampled = [args.temperature, args.top_k, args.top_p]
     if args.greedy and any(v is not None for v in sampled):
         p.error("--greedy excludes --temperature/--top-k/--top-p")
-    if args.router == "dynamic" and args.budget is None:
-        p.error("--router dynamic needs --budget (the routers are conditioned on it)")
     return args
 
 

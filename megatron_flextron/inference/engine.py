@@ -190,10 +190,11 @@ class ElasticGenerator:
         results: List[Optional[Result]] = [None] * len(requests)
         for (_, sampling), members in groups.items():
             arch = requests[members[0]].architecture
-            self.selector.activate(self.model, arch)
-            if sampling.seed is not None:
-                self.controller.sampling_rng.manual_seed(sampling.seed)
-            for i, result in zip(members, self._run([requests[i] for i in members], sampling)):
+            with self.selector.active(self.model, arch):
+                if sampling.seed is not None:
+                    self.controller.sampling_rng.manual_seed(sampling.seed)
+                group = self._run([requests[i] for i in members], sampling)
+            for i, result in zip(members, group):
                 results[i] = result
         return results
 

@@ -1,9 +1,10 @@
 """Which sub-network serves a request, and switching the one model copy to it.
 
-A request names a sub-network (a spec), a budget (the checkpoint's static router, or the
-elastic choices nearest to the budget without one) or nothing (the full model); with token
-routers (``router="dynamic"``) a budget conditions the routers instead. Everything that reads
-routers from the checkpoint is in this module, so that a budget-policy API replaces it in one place.
+A request names a sub-network (a spec), a budget or nothing (the full model). A budget goes to
+the checkpoint's budget policy (routers/policy.py: its static router, the elastic choices
+nearest to the budget, or its token routers), the one interface for every kind: serving never
+asks which kind it holds. A choice without a sub-network is the full model with each token's MLP
+width routed; it runs inside ``policy.active``, a named sub-network inside ``elastic_state``.
 
 The KV cache of megatron's static inference context is allocated once per layer with the model's
 KV heads. GQA head trimming keeps every KV group (elastic/attention.py), so one cache layout
@@ -13,19 +14,15 @@ serves every sub-network; MHA trimming drops KV heads with the query heads, so i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ContextManager, Optional
 
+from megatron_flextron.checkpoint.load import load_elastic_model
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
-from megatron_flextron.routers.checkpoint import budget_architecture
-from megatron_flextron.routers.sampling import budget_subnetwork
-from megatron_flextron.routers.static import encode_budget
-from megatron_flextron.routers.token import disable_token_routing
-from megatron_flextron.routers.token_training import TrainedTokenRouting
-
-ROUTERS = ("static", "dynamic")
+from megatron_flextron.elastic.state import elastic_state
+from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.routers.checkpoint import load_budget_policy
+from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices
 
 
 @dataclass(frozen=True)
@@ -52,63 +49,42 @@ class Architecture:
 
 
 class SubnetworkSelector:
-    """Resolves requests to architectures (cached per budget) and activates them in the model.
-    ``ckpt_dir`` holds the routers; None (a model built in memory): budgets take the nearest
-    elastic choices."""
+    """Resolves requests to architectures (cached per budget) and sets the model to them.
+    ``policy``: what a budget runs (None, e.g. a model built in memory: the nearest elastic
+    choices)."""
 
     def __init__(
         self,
-        ckpt_dir: Optional[str],
+        policy: Optional[BudgetPolicy],
         model_config: ModelConfig,
         elastic: ElasticConfig,
         tp_size: int = 1,
-        router: str = "static",
     ):
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
-        self.ckpt_dir, self.model_config, self.elastic = ckpt_dir, model_config, elastic
-        self.tp_size, self.router = tp_size, router
-        self.token_routing: Optional[TrainedTokenRouting] = None
+        self.policy = policy if policy is not None else NearestChoices(model_config, elastic)
+        self.model_config, self.elastic, self.tp_size = model_config, elastic, tp_size
         self._budgets = {}
-
-    def attach(self, model) -> None:
-        """Load the checkpoint's token routers onto ``model`` (router="dynamic" only)."""
-        if self.router == "dynamic":
-            self.token_routing = TrainedTokenRouting.attach(
-                self.ckpt_dir, model, self.model_config.hidden_size
-            )
-            disable_token_routing(model)
 
     def resolve(self, subnetwork=None, budget=None) -> Architecture:
         """The architecture of a request; ValueError names what is wrong with it."""
         if subnetwork is not None and budget is not None:
             raise ValueError("give either a budget or a subnetwork, not both")
         if budget is not None:
-            return self._budget(_check_budget(budget))
-        if self.router == "dynamic" and subnetwork is None:
-            raise ValueError("with token routing (--router dynamic), give a budget")
+            return self._budget(self.policy.check_budget(budget))
+        if subnetwork is None and self.policy.budget_required:
+            kind = self.policy.kind
+            raise ValueError(f"the model serves budgets through its {kind}: give a budget")
         subnet = Subnetwork.parse(subnetwork, self.model_config)
         return self._static(subnet, None, {})
 
     def _budget(self, budget: float) -> Architecture:
         if budget not in self._budgets:
-            if self.router == "dynamic":
-                encode_budget(self.token_routing.budgets, budget)  # in the trained range
-                arch = Architecture(
-                    ("routed", budget),
-                    Subnetwork.full(self.model_config),
-                    budget,
-                    routed=True,
-                    info={"chosen_by": "token routers"},
-                )
-            elif self.ckpt_dir is None:
-                subnet = budget_subnetwork(budget, self.model_config, self.elastic)
-                arch = self._static(subnet, budget, {"chosen_by": "nearest choices"})
+            choice = self.policy.choose(budget)
+            info = dict(choice.info)
+            if choice.per_token:
+                full = Subnetwork.full(self.model_config)
+                arch = Architecture(("routed", budget), full, budget, routed=True, info=info)
             else:
-                subnet, info = budget_architecture(
-                    self.ckpt_dir, self.model_config, self.elastic, budget, router_only=False
-                )
-                arch = self._static(subnet, budget, info)
+                arch = self._static(choice.subnetwork, budget, info)
             self._budgets[budget] = arch
         return self._budgets[budget]
 
@@ -124,47 +100,27 @@ class SubnetworkSelector:
         key = ("static", subnet.mlp, subnet.heads, subnet.layers)
         return Architecture(key, subnet, budget, info=info)
 
-    def activate(self, model, arch: Architecture) -> None:
-        """Switch the shared weights to ``arch`` (views only: no copy of the weights)."""
-        set_subnetwork(model, arch.subnetwork, self.model_config, self.elastic)
+    def active(self, model, arch: Architecture) -> ContextManager:
+        """``model`` runs ``arch`` inside the block (views only: no copy of the weights) and is
+        the full model afterwards: token-routed through the policy, a sub-network directly (a
+        budget's sub-network shares its batch with requests naming the same one)."""
         if arch.routed:
-            self.token_routing.condition(arch.budget)
-        elif self.token_routing is not None:
-            disable_token_routing(model)
-
-
-def _check_budget(budget) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
-    budget = float(budget)
-    if math.isnan(budget) or not 0 < budget <= 1:
-        raise ValueError(f"budget {budget} must lie in (0, 1]")
-    return budget
+            return self.policy.active(model, arch.budget)
+        return elastic_state(model, self.model_config, self.elastic, subnetwork=arch.subnetwork)
 
 
 def load_served_model(ckpt_dir: str, dtype, router: str = "static"):
     """This rank's elastic model loaded from a flextron checkpoint (current TP/PP), and the
-    selector for its sub-networks. Returns (model, selector)."""
+    selector for its sub-networks (``router``: see ``load_budget_policy``). Returns
+    (model, selector)."""
     from megatron.core import parallel_state
-
-    from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
-    from megatron_flextron.elastic import build_gpt_model
-    from megatron_flextron.parallel import current_device
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = read_config(ckpt_dir)
-    m = ModelConfig.from_dict(config["model"])
-    elastic = (
-        ElasticConfig.from_dict(config["elastic"])
-        if config.get("elastic")
-        else ElasticConfig.from_ratios(m, tensor_model_parallel_size=tp)
-    )
-    model = build_gpt_model(m, m.transformer_config(tp, pp, dtype)).to(current_device())
-    load_flextron_into_model(model, ckpt_dir)
-    model.eval()
+    loaded = load_elastic_model(ckpt_dir, tp, pp, dtype)
+    model = loaded.model
     for p in model.parameters():
         p.requires_grad_(False)
-    selector = SubnetworkSelector(ckpt_dir, m, elastic, tp, router)
-    selector.attach(model)
-    return model, selector
+    policy = load_budget_policy(ckpt_dir, loaded.model_cfg, loaded.elastic, router, gpt=model)
+    policy.reset(model)  # the full model until a group's architecture is set
+    return model, SubnetworkSelector(policy, loaded.model_cfg, loaded.elastic, tp)

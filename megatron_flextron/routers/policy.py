@@ -21,6 +21,9 @@ The API, by use:
                        every token's MLP width routed), ``Choice.info`` ({"chosen_by", ...}).
                        ``routes(b)``: whether b is served by a router (a micro-batch of b is then
                        never the plain full model, whatever its nearest shape).
+                       ``check_budget(b)``: b as a float, or ValueError when this policy cannot
+                       serve it (outside a token router's trained range), running nothing.
+                       ``budget_required``: a request must name a budget (token routers).
   run it               ``with policy.active(model, b) as choice:`` sets the model to the choice
                        and restores the full model on exit; ``measured()`` afterwards: what the
                        pass used (token routing: {"mean_mlp_width_fraction": ...}).
@@ -35,7 +38,8 @@ The API, by use:
   logs                 ``describe(b)`` (one line), ``origin`` (where a trained router started).
 
 Serving a budget per request: ``policy = load_budget_policy(ckpt, model_cfg, elastic, router,
-model=model)``, then ``with policy.active(model, b) as choice:`` around the request's forward.
+gpt=model)``, ``policy.check_budget(b)`` when the request arrives, then ``with policy.active(model,
+b) as choice:`` around the request's forward (inference/subnetworks.py).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.state import reset_elastic_state, run_subnetwork
 from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
-from megatron_flextron.routers.cost import CostModel
+from megatron_flextron.routers.cost import CostModel, check_budget
 from megatron_flextron.routers.sampling import budget_subnetwork
 from megatron_flextron.routers.static import StaticRouter
 
@@ -75,6 +79,9 @@ class BudgetPolicy:
     stat_names: Tuple[str, ...] = ()  # per-budget training stats (sums over micro-batches)
     checkpoint_key: Optional[str] = None  # its state in the training checkpoint's common part
     origin: Optional[str] = None  # where a trained router started (for the log)
+    # a request must name a budget: a policy whose every budget routes (token routers) would
+    # otherwise serve the unrouted full model without saying so
+    budget_required = False
 
     def __init__(self, model_cfg: ModelConfig, elastic: ElasticConfig):
         self.model_cfg, self.elastic = model_cfg, elastic
@@ -85,6 +92,15 @@ class BudgetPolicy:
 
     def routes(self, budget: float) -> bool:
         return False
+
+    def check_budget(self, budget) -> float:
+        """``budget`` as a float when this policy serves it; otherwise ValueError naming why.
+        Runs nothing, so a server can refuse a request before batching it."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
+        budget = float(budget)
+        check_budget(budget)
+        return budget
 
     def nearest(self, budget: float) -> Choice:
         """The elastic choices nearest to the budget (training's sampling rule)."""

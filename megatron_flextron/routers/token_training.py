@@ -135,6 +135,7 @@ class TrainedTokenRouting(BudgetPolicy):
     each token's MLP width routed (with ``full_at_1``, budget 1.0 the plain full model)."""
 
     kind = "token routers"
+    budget_required = True
 
     def __init__(self, routings, budgets, model=None, full_at_1: bool = False, calibration=None):
         super().__init__(None, None)
@@ -170,6 +171,12 @@ class TrainedTokenRouting(BudgetPolicy):
 
     def routes(self, budget: float) -> bool:
         return not (self.full_at_1 and budget >= 1.0)
+
+    def check_budget(self, budget) -> float:
+        """A budget in (0, 1] inside the routers' trained range (they are conditioned on it)."""
+        budget = super().check_budget(budget)
+        encode_budget(self.budgets, budget)
+        return budget
 
     def choose(self, budget: float) -> Choice:
         info = {"chosen_by": self.kind}
