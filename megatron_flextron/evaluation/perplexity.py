@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_flextron.checkpoint.flextron import read_config
 from megatron_flextron.checkpoint.load import ElasticModel, load_elastic_model
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.data.corpus import (
@@ -196,6 +197,7 @@ def evaluate_perplexity(opts: PerplexityOptions) -> List[PerplexityResult]:
     opts.validate()
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    read_config(opts.load)  # a missing or foreign checkpoint is named before any text is read
     tokenizer = os.path.join(opts.load, "tokenizer")
     seqs = load_sequences(opts, tokenizer if os.path.isdir(tokenizer) else None)
     loaded = load_elastic_model(opts.load, tp, pp, dtype)
