@@ -127,3 +127,20 @@ def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_tool(body, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    """What every command-line tool does around its work: ``body()`` runs inside megatron's
+    process groups, which are torn down whatever happens; bad input (a ValueError, which
+    includes CheckpointError, or an OSError) becomes one line on stderr and exit status 2, not
+    a traceback. Returns (exit status, what ``body`` returned)."""
+    import sys
+
+    try:
+        initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+        return 0, body()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    finally:
+        destroy_model_parallel()

@@ -34,7 +34,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.checkpoint.io import write_json  # noqa: E402
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 from megatron_flextron.evaluation.perplexity import (  # noqa: E402
     PerplexityOptions,
     evaluate_perplexity,
@@ -123,16 +122,14 @@ def options(args) -> PerplexityOptions:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.parallel import run_tool
 
-    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    try:
-        result = [r.to_dict() for r in evaluate_perplexity(options(args))]
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_model_parallel()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    status, result = run_tool(
+        lambda: [r.to_dict() for r in evaluate_perplexity(options(args))], tp, pp
+    )
+    if status:
+        return status
     if int(os.environ.get("RANK", "0")) == 0:
         if args.output:
             write_json(args.output, result)

@@ -101,19 +101,12 @@ def run(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_flextron.checkpoint.state import CheckpointError
-    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.parallel import run_tool
 
-    try:
-        initialize_model_parallel(
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-        )
-        lines = run(args)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_model_parallel()
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    status, lines = run_tool(lambda: run(args), tp, pp)
+    if status:
+        return status
     if int(os.environ.get("RANK", "0")) == 0:
         for line in lines:
             print(json.dumps(line))

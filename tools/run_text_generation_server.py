@@ -36,38 +36,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def serve(args) -> None:
+    """Rank 0 serves HTTP until interrupted; the other ranks follow its batches."""
+    from megatron_flextron.inference.server import TextGenerationServer, follow
+
+    generator = generator_from_args(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        follow(generator)
+        return
+    server = TextGenerationServer(
+        generator, args.host, args.port, batch_window_s=args.batch_window_ms / 1e3
+    )
+    print(f"serving {args.load} on http://{args.host}:{server.port} "
+          "(PUT /api, POST /completions)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_flextron.checkpoint.state import CheckpointError
-    from megatron_flextron.inference.server import TextGenerationServer, follow
-    from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_flextron.parallel import run_tool
 
-    try:
-        initialize_model_parallel(
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-        )
-        generator = generator_from_args(args)
-        rank = int(os.environ.get("RANK", "0"))
-        if rank != 0:
-            follow(generator)
-            return 0
-        server = TextGenerationServer(
-            generator, args.host, args.port, batch_window_s=args.batch_window_ms / 1e3
-        )
-        print(f"serving {args.load} on http://{args.host}:{server.port} "
-              "(PUT /api, POST /completions)", file=sys.stderr, flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.shutdown()
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_model_parallel()
-    return 0
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    return run_tool(lambda: serve(args), tp, pp)[0]
 
 
 if __name__ == "__main__":
