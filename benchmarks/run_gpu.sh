@@ -6,8 +6,10 @@
 #                            inference, elastic vs stock dense vs masked (--preset gpu-1b)
 # 2. token_routing.py        token-routed vs static MLP at equal FLOPs, 8B-sized MLP (gpu-8b)
 # 3. conversion.py           conversion time and peak memory, 1.1B Llama (gpu-1b)
+# 4. serving.py              generation per budget, elastic vs exported dense twin, bf16 (needs the
+#                            bundled SmolLM2 GGUF: see DESIGN.md for carrying it to the machine)
 # A failing step is reported and the others still run; the exit status says whether all passed.
-# BENCHMARKS="check elastic token conversion" (the default) picks the steps to run.
+# BENCHMARKS="check elastic token conversion serving" (the default) picks the steps to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh) || exit 2
@@ -18,7 +20,7 @@ gpu=$("$PY" -c "import torch; assert torch.cuda.is_available(); n=torch.cuda.get
   echo "benchmarks/run_gpu.sh needs a CUDA GPU" >&2; exit 2; }
 "$PY" -c "import torch, megatron.core as m; print('torch', torch.__version__, '| megatron-core', m.__version__, '|', torch.cuda.get_device_name())"
 failed=()
-BENCHMARKS=${BENCHMARKS:-check elastic token conversion}
+BENCHMARKS=${BENCHMARKS:-check elastic token conversion serving}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 t0
   shift 2
@@ -35,6 +37,8 @@ step "token routing" 90 "$PY" benchmarks/token_routing.py --preset gpu-8b --roun
   --json "$DIR/${gpu}_token_routing.json"
 step "conversion" 150 "$PY" benchmarks/conversion.py --preset gpu-1b \
   --json "$DIR/${gpu}_conversion.json"
+step "serving" 180 "$PY" benchmarks/serving.py --clock wall --bf16 --rounds 5 --stream-requests 16 \
+  --output "$DIR/${gpu}_serving.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}" >&2
   exit 1
