@@ -216,7 +216,7 @@ def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
     parameters, so budget 0.5 needs skipping; the router learns to skip and meets it."""
     from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.checkpoint.flextron import read_config
-    from megatron_flextron.routers.checkpoint import budget_architecture
+    from megatron_flextron.routers.checkpoint import load_budget_policy
 
     save, history = skipping_reference
     last = [h for h in history if "eval" in h][-1]["router cost ratio"]
@@ -224,7 +224,8 @@ def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
     config = read_config(str(save))
     model_cfg = ModelConfig.from_dict(config["model"])
     elastic = ElasticConfig.from_dict(config["elastic"])
-    subnet, info = budget_architecture(str(save), model_cfg, elastic, 0.5, router_only=True)
+    choice = load_budget_policy(str(save), model_cfg, elastic, require_router=True).choose(0.5)
+    subnet, info = choice.subnetwork, choice.info
     assert len(subnet.layers) < model_cfg.num_layers, (subnet, info)
     assert info["cost_ratio"] == pytest.approx(last["0.5"], abs=1e-3)
 

@@ -61,3 +61,24 @@ def apply_inference_shims() -> bool:
     communication_utils._is_cuda_contiguous = _is_contiguous
     _APPLIED = True
     return True
+
+
+class _SilentProgress:
+    """tqdm's interface, drawing nothing."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def update(self, *_args, **_kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def silence_engine_progress() -> None:
+    """megatron's static inference engine draws a tqdm bar per generate call (on every device):
+    replace it with a silent one; it is not an error channel."""
+    from megatron.core.inference.engines import static_engine
+
+    static_engine.tqdm = _SilentProgress

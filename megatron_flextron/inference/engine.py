@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_flextron.compat.inference import apply_inference_shims
+from megatron_flextron.compat.inference import apply_inference_shims, silence_engine_progress
 from megatron_flextron.inference.subnetworks import Architecture, SubnetworkSelector
 
 
@@ -147,8 +147,7 @@ class ElasticGenerator:
         )
         wrapped = GPTInferenceWrapper(model, config, StaticInferenceContext.from_config(config))
         self.controller = TextGenerationController(wrapped, self.tokenizer)
-        # the static engine draws a progress bar per call: silence it (not an error channel)
-        static_engine.tqdm = _SilentProgress
+        silence_engine_progress()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the static engine will be deprecated"
             # legacy: the static batch path. The dynamic engine needs CUDA graphs and a paged
@@ -225,18 +224,6 @@ class ElasticGenerator:
             text = self.tokenizer.detokenize(tokens)
         return Result(text, tokens, finish, request.architecture, list(out.tpot or []))
 
-
-class _SilentProgress:
-    """tqdm's interface, drawing nothing."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def update(self, *_args, **_kwargs):
-        pass
-
-    def close(self):
-        pass
 
 
 def build_generator(

@@ -100,14 +100,3 @@ def load_budget_policy(
             f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py"
         )
     return NearestChoices(model, elastic)
-
-
-def budget_architecture(
-    ckpt_dir: str, model: ModelConfig, elastic: ElasticConfig, budget: float, router_only: bool
-):
-    """(sub-network, how it was chosen) for a budget: the checkpoint's trained static router
-    (with the exact and the router's predicted cost ratio), or, without a router and unless
-    ``router_only``, the elastic choices nearest to the budget (training's rule). Shorthand for
-    ``load_budget_policy(...).choose(budget)``."""
-    choice = load_budget_policy(ckpt_dir, model, elastic, require_router=router_only).choose(budget)
-    return choice.subnetwork, choice.info
