@@ -65,7 +65,7 @@ def hf_model(ckpt, spec):
     for i, (src, (width, heads)) in enumerate(zip(subnet.layers, dense.layer_shapes)):
         mi = dataclasses.replace(m, num_layers=1, ffn_hidden_size=width, num_attention_heads=heads)
         layer = slice_layer(ckpt.state, m, src, 0, width, heads)
-        for name, t in _keymap(mi).from_canonical(mi, {**outer, **layer}).items():
+        for name, t in _keymap(mi).from_canonical(mi, {**outer, **layer}):
             if name.startswith("model.layers.0."):
                 state[name.replace("model.layers.0.", f"model.layers.{i}.")] = t
             else:

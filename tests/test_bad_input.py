@@ -213,6 +213,7 @@ def test_non_finite_weights_evaluate_non_zero_and_stop_training(setup, tmp_path)
     from megatron_flextron.checkpoint.io import atomic_output_dir
 
     ckpt = read_flextron(setup["load"])
+    ckpt.state = dict(ckpt.state)  # read into memory to edit it
     ckpt.state["decoder.layers.1.mlp.linear_fc2.weight"][0, 0] = float("nan")
     nan_dir = str(tmp_path / "nan")
     with atomic_output_dir(nan_dir) as tmp:

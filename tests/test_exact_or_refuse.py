@@ -190,7 +190,7 @@ def write_gguf(path, ckpt: Checkpoint, rope_dims=None, extra=None):
     writer.add_rope_freq_base(m.rotary_base)
     writer.add_rope_dimension_count(rope_dims or m.kv_channels)
     writer.add_vocab_size(m.vocab_size)
-    tensors = GGUF_LLAMA.from_canonical(m, ckpt.state)
+    tensors = dict(GGUF_LLAMA.from_canonical(m, ckpt.state))
     for name, tensor in {**tensors, **(extra or {})}.items():
         writer.add_tensor(name, tensor.float().numpy().astype(np.float32))
     writer.write_header_to_file()

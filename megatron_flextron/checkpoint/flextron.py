@@ -18,10 +18,19 @@ import re
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
+from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
+from megatron_flextron.checkpoint.state import (
+    Checkpoint,
+    CheckpointError,
+    LazyState,
+    TensorSpec,
+    expected_shapes,
+    state_dtype,
+)
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
@@ -37,6 +46,7 @@ _NORM_KEYS = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _STACKED = re.compile(r"^decoder\.layers\.(.+)$")  # megatron's per-layer tensors, stacked
+_OPTIMIZER = re.compile(r"^optimizer\.")
 
 
 def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
@@ -83,31 +93,54 @@ def write_metadata(path: str, ckpt: Checkpoint, tp: int, iteration: Optional[int
 
 
 def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1) -> None:
-    """Write a checkpoint from one process (the converter), dealt for ``tensor_parallel_size``."""
+    """Write a checkpoint from one process (the converter), dealt for ``tensor_parallel_size``,
+    in the state's dtype. The state is streamed into a model built without initialization, one
+    tensor at a time: the model is the only copy held."""
     from megatron.core import dist_checkpointing
 
-    from megatron_flextron.elastic import build_gpt_model
-
     m = ckpt.model
-    model = build_gpt_model(
-        m, m.transformer_config(), elastic=True, pre_process=True, post_process=True
-    )
-    params = dict(model.named_parameters())
-    missing = set(params) - set(ckpt.state)
-    if missing:
-        raise CheckpointError(f"state does not fit the model: missing {sorted(missing)}")
-    with torch.no_grad():  # one tensor at a time: at most the state and the model in memory
-        for name, tensor in ckpt.state.items():
-            if name not in params:
-                raise CheckpointError(f"state does not fit the model: unexpected {name!r}")
-            axis = tp_axis(name, m)
-            params[name].copy_(
-                tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
-            )
+    model = converter_model(m, state_dtype(ckpt.state), elastic=True)
+
+    def deal(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        axis = tp_axis(name, m)
+        return tensor if axis is None else to_dealt_global(tensor, axis, tensor_parallel_size)
+
+    copy_into_parameters(model, ckpt.state, deal)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     dist_checkpointing.save(model.sharded_state_dict(), shards)
     write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
+
+
+def converter_model(m: ModelConfig, dtype: torch.dtype, elastic: bool, layer_shapes=None):
+    """A whole (TP=1, PP=1) model in ``dtype`` whose parameters are about to be overwritten:
+    not initialized (random init of a large model costs minutes), norms in ``dtype`` too."""
+    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
+
+    if layer_shapes:
+        model = build_heterogeneous_gpt_model(m, layer_shapes, params_dtype=dtype)
+    else:
+        config = m.transformer_config(params_dtype=dtype, perform_initialization=False)
+        model = build_gpt_model(m, config, elastic=elastic, pre_process=True, post_process=True)
+    return model.to(dtype)
+
+
+def copy_into_parameters(model: torch.nn.Module, state, transform=None) -> None:
+    """Copy a canonical state into a whole model's parameters one tensor at a time (a lazy
+    state is read once per tensor); names must match exactly."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name in tqdm(list(params), desc="writing", leave=False, disable=None):
+            tensor = state[name]
+            params[name].copy_(transform(name, tensor) if transform else tensor)
+            del tensor
 
 
 def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str) -> None:
@@ -177,58 +210,38 @@ def check_stored_shapes(path: str, model: ModelConfig, metadata=None) -> None:
             )
 
 
-def load_shards(shards: str, state: dict, reader=None, **kwargs) -> dict:
-    """torch's dist-checkpoint load with the safe metadata reader (or ``reader``, one made by
-    ``safe_filesystem_reader``); every read failure of a missing, empty or truncated shard (torch
-    raises CheckpointException, a BaseException) is a CheckpointError."""
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        load(state, storage_reader=reader or safe_filesystem_reader(shards), **kwargs)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot read the shards in {shards}: {_first_line(e)}") from None
-    return state
-
-
-def _first_line(error: BaseException) -> str:
-    """torch's CheckpointException lists a traceback per rank: its last line is the cause."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = lines[-1] if lines else type(error).__name__
-    return line.split(". ")[0] if len(line) > 160 else line  # torch's miniz advice: dropped
-
-
 def read_flextron(path: str) -> Checkpoint:
-    """The canonical checkpoint from any flextron directory; reads files only (no collectives).
+    """The canonical checkpoint of any flextron directory as a lazy state (one tensor, or one
+    layer of a stacked key, read and un-dealt per access); reads files only (no collectives).
     Optimizer state of a training checkpoint is skipped."""
-    from torch.distributed.checkpoint import TensorStorageMetadata
-
     config = read_config(path)
     model = ModelConfig.from_dict(config["model"])
     shards = iteration_dir(path)
-    metadata = read_dcp_metadata(shards)
-    check_stored_shapes(path, model, metadata)
+    stored = StoredTensors(shards, skip=_OPTIMIZER)
+    check_stored_shapes(path, model, stored.metadata)
     load_common(shards)  # readable (not used here): a truncated common.pt fails training later
-    stored = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
-    }
-    load_shards(shards, stored, no_dist=True)
     tp = config["dealt_tensor_parallel_size"]
-    state = {}
-    for key, tensor in stored.items():
-        for name, value in _unstack(key, tensor).items():
-            axis = tp_axis(name, model)
-            state[name] = value if axis is None else from_dealt_global(value, axis, tp)
+    where = {}  # canonical name -> (stored key, layer index or None)
+    for key, meta in stored.tensors.items():
+        names = _layer_names(key, meta.size[0] if len(meta.size) else 0)
+        where.update({n: (key, i) for i, n in enumerate(names)} if names else {key: (key, None)})
     if model.tie_embeddings:
-        state.pop("output_layer.weight", None)
+        where.pop("output_layer.weight", None)
+
+    def read(name: str) -> torch.Tensor:
+        key, layer = where[name]
+        value = stored.read(key) if layer is None else stored.read_layer(key, layer)
+        axis = tp_axis(name, model)
+        return value if axis is None else from_dealt_global(value, axis, tp).contiguous()
+
+    specs = {}
+    for name, (key, layer) in where.items():
+        shape, dtype = stored.spec(key)
+        specs[name] = TensorSpec(shape if layer is None else shape[1:], dtype)
     tokenizer = os.path.join(path, "tokenizer")
     ckpt = Checkpoint(
         model=model,
-        state=state,
+        state=LazyState(specs, read),
         tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None,
         elastic=ElasticConfig.from_dict(config["elastic"]) if config.get("elastic") else None,
         metadata=config.get("metadata") or {},
@@ -247,13 +260,6 @@ def _layer_names(key: str, layers: int) -> Optional[List[str]]:
     return [f"decoder.layers.{i}.{name}" for i in range(layers)]
 
 
-def _unstack(key: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
-    names = _layer_names(key, tensor.size(0) if tensor.dim() else 0)
-    if names is None:
-        return {key: tensor}
-    return {name: tensor[i].clone() for i, name in enumerate(names)}
-
-
 def load_dist_checkpoint(request: dict, shards: str) -> dict:
     """megatron's ``dist_checkpointing.load`` after ``read_dcp_metadata`` accepted the metadata
     (megatron unpickles it again, unrestricted); read failures become CheckpointErrors."""
@@ -267,7 +273,7 @@ def load_dist_checkpoint(request: dict, shards: str) -> dict:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"cannot read the shards in {shards}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot read the shards in {shards}: {first_line(e)}") from None
 
 
 def load_common(shards: str) -> dict:
@@ -277,7 +283,7 @@ def load_common(shards: str) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(shards)
     except Exception as e:  # truncated: megatron wraps torch's error in its own
-        raise CheckpointError(f"cannot read {shards}/common.pt: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot read {shards}/common.pt: {first_line(e)}") from None
 
 
 def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:

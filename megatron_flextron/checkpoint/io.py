@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.checkpoint.state import CheckpointError, TensorSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -199,49 +199,49 @@ def check_tokenizer_file(path: str) -> None:
         ) from None
 
 
-def tensor_getter(directory: str) -> Callable[[str], torch.Tensor]:
-    """A lazy name -> tensor reader over an HF weights folder (safetensors, sharded or not,
-    or pytorch_model.bin loaded with weights_only=True). ``get.names`` lists what is stored."""
-    from safetensors import safe_open
+class TensorSource:
+    """Named tensors of a source checkpoint, read one at a time: ``names``, ``spec(name)``
+    (without reading) and ``source(name)`` (the tensor)."""
+
+    def __init__(self, where: str, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]):
+        self.where, self.specs, self._read = where, specs, read
+        self.names = frozenset(specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        if name not in self.specs:
+            raise CheckpointError(f"{self.where}: missing tensor {name!r}")
+        return self.specs[name]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        self.spec(name)
+        return self._read(name)
+
+
+def tensor_getter(directory: str) -> TensorSource:
+    """A lazy reader over an HF weights folder: safetensors, sharded or not (read with file IO,
+    see safetensors_io), or pytorch_model.bin (loaded whole, weights_only=True)."""
+    from megatron_flextron.checkpoint.safetensors_io import SafetensorsFile
 
     index = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(index):
-        files = {k: os.path.join(directory, v) for k, v in read_json(index)["weight_map"].items()}
+        names = read_json(index).get("weight_map")
+        if not isinstance(names, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        paths = sorted(set(names.values()))
     elif os.path.isfile(single):
-        try:
-            with safe_open(single, "pt") as f:
-                files = {k: single for k in f.keys()}
-        except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"cannot read {single}: {e}") from None
+        names, paths = None, ["model.safetensors"]
     elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
         state = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
-
-        def lookup(name: str) -> torch.Tensor:
-            return _lookup(state, name, directory)
-
-        lookup.names = frozenset(state)
-        return lookup
+        specs = {k: TensorSpec.of(v) for k, v in state.items()}
+        return TensorSource(directory, specs, state.__getitem__)
     else:
         raise CheckpointError(f"{directory} holds no model.safetensors or pytorch_model.bin")
-    handles: Dict[str, object] = {}
-
-    def get(name: str) -> torch.Tensor:
-        if name not in files:
-            raise CheckpointError(f"{directory}: missing tensor {name!r}")
-        path = files[name]
-        try:
-            if path not in handles:
-                handles[path] = safe_open(path, "pt")
-            return handles[path].get_tensor(name)
-        except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"cannot read {name!r} from {path}: {e}") from None
-
-    get.names = frozenset(files)
-    return get
-
-
-def _lookup(state: dict, name: str, where: str) -> torch.Tensor:
-    if name not in state:
-        raise CheckpointError(f"{where}: missing tensor {name!r}")
-    return state[name]
+    files = {p: SafetensorsFile(os.path.join(directory, p)) for p in paths}
+    owner = {name: f for f in files.values() for name in f.names}
+    if names is not None:
+        for name, path in names.items():
+            if owner.get(name) is not files[path]:
+                raise CheckpointError(f"{index}: {name} is not in {path}")
+    specs = {name: f.spec(name) for name, f in owner.items()}
+    return TensorSource(directory, specs, lambda name: owner[name].read(name))

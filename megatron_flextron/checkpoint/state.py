@@ -2,12 +2,17 @@
 
 State names are megatron-core GPTModel names (local spec) with global layer numbers, tensors are
 full (TP=1) and in canonical unit order: loaders and savers meet here, nowhere else.
+
+A state is any name -> tensor mapping: a dict in memory, or a ``LazyState`` whose tensors are read
+from the source files (and transformed) when asked for. Converters stream: a loader's lazy state,
+viewed through a permutation or a sub-network cut (each also lazy), is written by a saver one
+tensor at a time, so the model is never held twice and the source dtype is kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -18,10 +23,84 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its config."""
 
 
+class TensorSpec(NamedTuple):
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorSpec":
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+    def meta(self) -> torch.Tensor:
+        """A data-less tensor of this spec: run a transform on it to learn its output spec."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+class LazyState(Mapping):
+    """name -> tensor, each read (and transformed) on access and not kept: ``specs`` says what
+    every name will hold without reading it; a produced tensor of another spec is an error."""
+
+    def __init__(self, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]):
+        self.specs = dict(specs)
+        self._read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        tensor = self._read(name)
+        if TensorSpec.of(tensor) != self.specs[name]:
+            raise CheckpointError(
+                f"{name}: read {TensorSpec.of(tensor)}, its source said {self.specs[name]}"
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def spec_of(state: Mapping, name: str) -> TensorSpec:
+    """A tensor's spec without reading it (for a lazy state)."""
+    if isinstance(state, LazyState):
+        return state.specs[name]
+    return TensorSpec.of(state[name])
+
+
+def state_dtype(state: Mapping) -> torch.dtype:
+    """The checkpoint's dtype: its embedding's (norms may be kept in fp32 by some formats)."""
+    return spec_of(state, "embedding.word_embeddings.weight").dtype
+
+
+def lazy_view(
+    source: Mapping,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    names: Optional[Dict[str, str]] = None,
+    same_spec: bool = False,
+) -> LazyState:
+    """``out[name] = transform(name, source[names[name]])`` (``names``: out -> source, identity
+    by default), computed on access. Specs come from running ``transform`` on data-less tensors,
+    or are the source's when ``same_spec`` (a permutation)."""
+    names = names or {name: name for name in source}
+    specs = {}
+    for name, src in names.items():
+        spec = spec_of(source, src)
+        specs[name] = spec if same_spec else TensorSpec.of(transform(name, spec.meta()))
+    return LazyState(specs, lambda name: transform(name, source[names[name]]))
+
+
 @dataclass
 class Checkpoint:
     model: ModelConfig
-    state: Dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]  # a dict or a LazyState
     tokenizer_dir: Optional[str] = None  # tokenizer files to copy next to every output
     elastic: Optional[ElasticConfig] = None
     metadata: dict = field(default_factory=dict)  # e.g. how the canonical order was made
@@ -39,10 +118,9 @@ class Checkpoint:
                 f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             )
         for name, shape in expected.items():
-            if tuple(self.state[name].shape) != shape:
-                raise CheckpointError(
-                    f"{name} has shape {tuple(self.state[name].shape)}, the config implies {shape}"
-                )
+            stored = spec_of(self.state, name).shape
+            if stored != shape:
+                raise CheckpointError(f"{name} has shape {stored}, the config implies {shape}")
 
 
 def expected_shapes(

@@ -190,9 +190,10 @@ def _save_distributed(ckpt: Checkpoint, save_dir: str) -> None:
     import torch.distributed as dist
 
     from megatron_flextron.checkpoint.flextron import save_flextron_sharded
+    from megatron_flextron.checkpoint.state import state_dtype
     from megatron_flextron.importance import ranking_model
 
-    model = ranking_model(ckpt)
+    model = ranking_model(ckpt, state_dtype(ckpt.state))  # written in the source dtype
     if dist.get_rank() != 0:
         path = [None]
         dist.broadcast_object_list(path, src=0)

@@ -9,43 +9,59 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_flextron.checkpoint.state import Checkpoint
+from megatron_flextron.checkpoint.state import Checkpoint, lazy_view
 from megatron_flextron.elastic.layout import fc1_blocks, keep_proj, keep_qkv, kept_per_group
 from megatron_flextron.elastic.subnetwork import Subnetwork
 
 
+def slice_tensor(name: str, value, m, width: int, heads: int):
+    """One per-layer tensor (``name`` without the layer prefix) cut to (width, heads)."""
+    g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
+    if name.startswith("self_attention.linear_qkv."):
+        value = keep_qkv(value, g, n, d, kept_per_group(m, heads))
+    elif name == "self_attention.linear_proj.weight":
+        value = keep_proj(value, g, n, d, kept_per_group(m, heads))
+    elif name.startswith("mlp.linear_fc1."):
+        x = fc1_blocks(value, m)[:, :width]
+        value = x.reshape(x.shape[0] * width, *value.shape[1:])
+    elif name == "mlp.linear_fc2.weight":
+        value = value[:, :width]
+    return value.contiguous()
+
+
 def slice_layer(state: dict, m, src: int, dst: int, width: int, heads: int) -> dict:
     """Layer ``src`` of a canonical state at (width, heads), renamed to layer ``dst``."""
-    g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
-    blocks = 2 if m.gated else 1
-    kept = kept_per_group(m, heads)
-    prefix, out = f"decoder.layers.{src}.", {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
-        if name.startswith("self_attention.linear_qkv."):
-            value = keep_qkv(value, g, n, d, kept)
-        elif name == "self_attention.linear_proj.weight":
-            value = keep_proj(value, g, n, d, kept)
-        elif name.startswith("mlp.linear_fc1."):
-            x = fc1_blocks(value, m)[:, :width]
-            value = x.reshape(blocks * width, *value.shape[1:])
-        elif name == "mlp.linear_fc2.weight":
-            value = value[:, :width]
-        out[f"decoder.layers.{dst}.{name}"] = value.contiguous()
-    return out
+    prefix = f"decoder.layers.{src}."
+    return {
+        f"decoder.layers.{dst}.{key[len(prefix):]}": slice_tensor(
+            key[len(prefix):], value, m, width, heads
+        )
+        for key, value in state.items()
+        if key.startswith(prefix)
+    }
 
 
 def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
-    """A dense checkpoint of a sub-network. Homogeneous: an ordinary config of the smaller shape.
-    Heterogeneous (per-layer sizes): ``layer_shapes`` records (MLP width, heads) per kept layer
-    and the config keeps the largest of each."""
+    """A dense checkpoint of a sub-network, as a lazy view of ``ckpt.state`` (each tensor cut
+    when read). Homogeneous: an ordinary config of the smaller shape. Heterogeneous (per-layer
+    sizes): ``layer_shapes`` records (MLP width, heads) per kept layer and the config keeps the
+    largest of each."""
     m = ckpt.model
     shapes = [(subnet.mlp[i], subnet.heads[i]) for i in subnet.layers]
-    state = {k: v for k, v in ckpt.state.items() if not k.startswith("decoder.layers.")}
+    names = {k: k for k in ckpt.state if not k.startswith("decoder.layers.")}
+    cut = {}  # output name -> (name in the layer, width, heads)
     for dst, src in enumerate(subnet.layers):
-        state.update(slice_layer(ckpt.state, m, src, dst, *shapes[dst]))
+        prefix = f"decoder.layers.{src}."
+        for key in ckpt.state:
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                names[f"decoder.layers.{dst}.{rest}"] = key
+                cut[f"decoder.layers.{dst}.{rest}"] = (rest, *shapes[dst])
+
+    def transform(name, value):
+        return slice_tensor(cut[name][0], value, m, *cut[name][1:]) if name in cut else value
+
+    state = lazy_view(ckpt.state, transform, names)
     width, heads = max(w for w, _ in shapes), max(h for _, h in shapes)
     model = dataclasses.replace(
         m,

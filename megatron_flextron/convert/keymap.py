@@ -8,13 +8,13 @@ map in either direction, so a format is described, not coded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Mapping, Sequence, Tuple
 
 import torch
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.checkpoint.state import CheckpointError, LazyState, TensorSpec, spec_of
 
 Tensor = torch.Tensor
 
@@ -67,25 +67,42 @@ class KeyMap:
                 "converting would drop them"
             )
 
-    def to_canonical(self, m: ModelConfig, get: Callable[[str], Tensor]) -> Dict[str, Tensor]:
-        """Build the canonical state from a tensor getter keyed by source name."""
-        from tqdm import tqdm
+    def to_canonical(self, m: ModelConfig, get) -> LazyState:
+        """The canonical state over a ``TensorSource`` (or any getter with ``spec``), read and
+        transformed per tensor on access, in the source dtype."""
+        rules = {name: (sources, rule) for name, sources, rule in self._rules(m)}
 
-        state = {}
-        rules = list(self._rules(m))
-        for name, sources, rule in tqdm(rules, desc=f"reading {self.name}", leave=False):
-            tensors = [get(s) for s in sources]
-            state[name] = rule.to_canonical(m, *tensors).float().contiguous()
-        return state
+        def build(rule, m, tensors):
+            return rule.to_canonical(m, *tensors).contiguous()
 
-    def from_canonical(self, m: ModelConfig, state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        out = {}
+        specs = {
+            name: TensorSpec.of(build(rule, m, [get.spec(s).meta() for s in sources]))
+            for name, (sources, rule) in rules.items()
+        }
+
+        def read(name: str) -> Tensor:
+            sources, rule = rules[name]
+            return build(rule, m, [get(s) for s in sources])
+
+        return LazyState(specs, read)
+
+    def from_canonical_specs(self, m: ModelConfig, state: Mapping[str, Tensor]):
+        """[(source name, spec)] of what ``from_canonical`` yields, in its order, unread."""
+        out = []
+        for name, sources, rule in self._rules(m):
+            if name not in state:
+                raise CheckpointError(f"{self.name}: canonical state has no {name!r}")
+            outputs = rule.from_canonical(m, spec_of(state, name).meta())
+            out += [(s, TensorSpec.of(t)) for s, t in zip(sources, outputs)]
+        return out
+
+    def from_canonical(self, m: ModelConfig, state: Mapping[str, Tensor]):
+        """(source name, tensor) pairs, one canonical tensor read at a time."""
         for name, sources, rule in self._rules(m):
             if name not in state:
                 raise CheckpointError(f"{self.name}: canonical state has no {name!r}")
             for source, tensor in zip(sources, rule.from_canonical(m, state[name])):
-                out[source] = tensor.contiguous()
-        return out
+                yield source, tensor.contiguous()
 
 
 def _untied(m: ModelConfig) -> bool:

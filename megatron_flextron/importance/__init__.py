@@ -51,8 +51,10 @@ def held_out_loss(model, batches) -> float:
     return out["nll_sum"] / out["tokens"]
 
 
-def ranking_model(ckpt: Checkpoint):
-    """The elastic model of this rank (current TP/PP layout, current device) holding ckpt."""
+def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
+    """The elastic model of this rank (current TP/PP layout, current device) holding ckpt, in
+    ``dtype`` (statistics in fp32; a sharded save in the checkpoint's own dtype). The state is
+    read one tensor at a time and only this rank's shard is kept."""
     from megatron.core import parallel_state
 
     from megatron_flextron.elastic import build_gpt_model
@@ -63,8 +65,10 @@ def ranking_model(ckpt: Checkpoint):
     config = m.transformer_config(
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype,
+        perform_initialization=False,  # overwritten below
     )
-    model = build_gpt_model(m, config, elastic=True).to(current_device())
+    model = build_gpt_model(m, config, elastic=True).to(device=current_device(), dtype=dtype)
     load_canonical_state_dict(model, ckpt.state, m)
     return model
 

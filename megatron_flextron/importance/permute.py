@@ -7,44 +7,48 @@ group for GQA; whole [q, k, v] head blocks for MHA) and the output-projection co
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import re
+from typing import Mapping, Optional, Sequence
 
 import torch
 
+from megatron_flextron.checkpoint.state import LazyState, lazy_view
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.layout import fc1_blocks, proj_heads, qkv_blocks
 
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
 
 def permute_state(
-    state: Dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     m: ModelConfig,
     mlp_orders: Optional[Sequence[torch.Tensor]] = None,
     head_orders: Optional[Sequence[torch.Tensor]] = None,
-) -> Dict[str, torch.Tensor]:
-    """A new state whose unit i of layer l is the old unit ``orders[l][i]``."""
-    out = dict(state)
+) -> LazyState:
+    """A view of ``state`` whose unit i of layer l is the old unit ``orders[l][i]``; each tensor
+    is permuted when read, so permuting a lazy state holds nothing."""
     g, n, d = m.num_query_groups, m.heads_per_group, m.kv_channels
-    for layer in range(m.num_layers):
-        p = f"decoder.layers.{layer}."
+
+    def permute(name: str, x: torch.Tensor) -> torch.Tensor:
+        match = _LAYER.match(name)
+        if not match:
+            return x
+        layer, rest = int(match.group(1)), match.group(2)
         if mlp_orders is not None:
             order = mlp_orders[layer]
-            for name in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-                if p + name in state:
-                    x = state[p + name]
-                    x = fc1_blocks(x, m)[:, order]
-                    out[p + name] = x.reshape(-1, *state[p + name].shape[1:]).contiguous()
-            out[p + "mlp.linear_fc2.weight"] = state[p + "mlp.linear_fc2.weight"][
-                :, order
-            ].contiguous()
+            if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+                return fc1_blocks(x, m)[:, order].reshape(x.shape).contiguous()
+            if rest == "mlp.linear_fc2.weight":
+                return x[:, order].contiguous()
         if head_orders is not None:
             order = head_orders[layer]
-            for name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-                if p + name in state:
-                    out[p + name] = _permute_qkv(state[p + name], order, g, n, d)
-            w = state[p + "self_attention.linear_proj.weight"]
-            heads = proj_heads(w, g, n, d).flatten(1, 2)[:, order]
-            out[p + "self_attention.linear_proj.weight"] = heads.reshape(w.shape).contiguous()
-    return out
+            if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                return _permute_qkv(x, order, g, n, d)
+            if rest == "self_attention.linear_proj.weight":
+                return proj_heads(x, g, n, d).flatten(1, 2)[:, order].reshape(x.shape).contiguous()
+        return x
+
+    return lazy_view(state, permute, same_spec=True)
 
 
 def _permute_qkv(x: torch.Tensor, order: torch.Tensor, g: int, n: int, d: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ import tempfile
 import torch
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.io import TensorSource
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, TensorSpec
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 
@@ -120,13 +121,16 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     model = model_config_from_gguf(reader)
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise CheckpointError(f"{path}: missing tensor {name!r}")
+    def shape(t) -> tuple:
+        return tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+
+    def read(name: str) -> torch.Tensor:  # dequantized to fp32
         t = tensors[name]
         array = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
-        return torch.from_numpy(array.reshape(shape).copy()).float()
+        return torch.from_numpy(array.reshape(shape(t)).copy()).float()
+
+    specs = {name: TensorSpec(shape(t), torch.float32) for name, t in tensors.items()}
+    get = TensorSource(path, specs, read)
 
     # a leftover tensor is refused by name, e.g. rope_freqs.weight (Llama-3 RoPE scaling factors)
     GGUF_LLAMA.check_consumed(model, tensors)

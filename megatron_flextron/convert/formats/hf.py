@@ -11,10 +11,10 @@ import os
 import re
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_getter, write_json
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
@@ -115,10 +115,6 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
     raise CheckpointError(
         f"unsupported Hugging Face model_type {kind!r} (llama, mistral, qwen2 or gpt2)"
     )
-
-
-def _dtype_name(ckpt: Checkpoint) -> str:
-    return str(ckpt.state["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
 
 
 def _llama_family_config(m: ModelConfig) -> dict:
@@ -222,17 +218,37 @@ def load_hf(path: str) -> Checkpoint:
     return ckpt
 
 
-def save_hf(ckpt: Checkpoint, out_dir: str) -> None:
-    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads (fp32 safetensors)."""
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' usual shard size
+
+
+def save_hf(ckpt: Checkpoint, out_dir: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads, in the state's
+    dtype, one tensor at a time (shards of ``max_shard_bytes`` plus an index when bigger)."""
     if ckpt.layer_shapes:
         raise CheckpointError(
             "a heterogeneous (per-layer) sub-network has no transformers config (Llama and GPT-2 "
             "configs hold one MLP width and head count); export it with --saver megatron"
         )
-    config = {**hf_config_from_model(ckpt.model), "torch_dtype": _dtype_name(ckpt)}
+    dtype = str(state_dtype(ckpt.state)).replace("torch.", "")
+    config = {**hf_config_from_model(ckpt.model), "torch_dtype": dtype}
     if "vocabulary" in ckpt.metadata:  # Megatron's padded vocabulary: say what the rows are
         config["megatron_vocabulary"] = ckpt.metadata["vocabulary"]
-    tensors = _keymap(ckpt.model).from_canonical(ckpt.model, ckpt.state)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    keymap = _keymap(ckpt.model)
+    specs = keymap.from_canonical_specs(ckpt.model, ckpt.state)
+    tensors = keymap.from_canonical(ckpt.model, ckpt.state)
+    shards = shard_specs(specs, max_shard_bytes)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for file, shard in zip(files, shards):
+        group = (next(tensors) for _ in range(len(shard)))
+        write_safetensors(os.path.join(out_dir, file), shard, group, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name, _ in shard}
+        total = sum(spec.nbytes for _, spec in specs)
+        write_json(
+            os.path.join(out_dir, "model.safetensors.index.json"),
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
     write_json(os.path.join(out_dir, "config.json"), config)
     copy_tokenizer(ckpt.tokenizer_dir, out_dir)

@@ -16,8 +16,12 @@ import os
 import torch
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint
-from megatron_flextron.checkpoint.flextron import TRACKER_FILE, load_state_strict
+from megatron_flextron.checkpoint.state import Checkpoint, state_dtype
+from megatron_flextron.checkpoint.flextron import (
+    TRACKER_FILE,
+    converter_model,
+    copy_into_parameters,
+)
 from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
 
 
@@ -107,20 +111,14 @@ def megatron_lm_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
 
 
 def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
+    """Stream the state into a stock megatron model of its dtype (the only copy held) and save
+    it with megatron's dist_checkpointing."""
     from megatron.core import dist_checkpointing
 
-    from megatron_flextron.elastic import build_gpt_model
-    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
-
     m = ckpt.model
-    dtype = ckpt.state["embedding.word_embeddings.weight"].dtype  # written as it is held
-    if ckpt.layer_shapes:
-        model = build_heterogeneous_gpt_model(m, ckpt.layer_shapes, params_dtype=dtype)
-    else:
-        config = m.transformer_config(params_dtype=dtype)
-        model = build_gpt_model(m, config, elastic=False, pre_process=True, post_process=True)
-    model.to(dtype)  # norms too, as Megatron-LM's Float16Module holds them
-    load_state_strict(model, ckpt.state)
+    dtype = state_dtype(ckpt.state)  # written as it is held; norms too (Float16Module does)
+    model = converter_model(m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes)
+    copy_into_parameters(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     state = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}

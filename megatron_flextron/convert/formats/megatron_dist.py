@@ -7,8 +7,8 @@ megatron's ``metadata.json``. Either the root or one iteration folder may be giv
 
 - Config: the ``args`` Namespace in common.pt, read with ``weights_only=True`` and an allow-list
   (argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
-- Tensors: read one stored key at a time from the shards (only what is converted), kept in the
-  stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
+- Tensors: read lazily, one stored key or one layer of a stacked key at a time (only what is
+  converted), kept in the stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
   key per layer; norms under local (``input_layernorm``) or Transformer Engine names
   (``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state`` (TE/fp8 metadata, stored as
   bytes), ``optimizer.*`` and rng state are skipped; any other tensor the architecture does not
@@ -25,21 +25,26 @@ import importlib
 import os
 import re
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
-from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir, load_shards
+from megatron_flextron.checkpoint.dcp_reader import StoredTensors
+from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
 from megatron_flextron.checkpoint.io import read_json
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
+from megatron_flextron.checkpoint.state import (
+    Checkpoint,
+    CheckpointError,
+    LazyState,
+    TensorSpec,
+    expected_shapes,
+)
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.formats.megatron_args import model_config_from_args
 from megatron_flextron.convert.formats.megatron_tokenizer import resolve_tokenizer
 
 Tensor = torch.Tensor
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SKIPPED = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
+NOT_MODEL = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _ENUM_MODULES = ("megatron.", "torch.")  # allow-listed enum classes may come only from these
 
@@ -103,32 +108,6 @@ def read_common(folder: str) -> dict:
     return common
 
 
-class StoredTensors:
-    """Lazy reader of a torch_dist folder: one global tensor per call, read from the shards."""
-
-    def __init__(self, folder: str):
-        from torch.distributed.checkpoint import TensorStorageMetadata
-
-        self.folder = folder
-        # the metadata is unpickled with an allow-list: loading never runs code from a checkpoint
-        self.reader = safe_filesystem_reader(folder)
-        self.metadata = read_dcp_metadata(folder)
-        self.reader.read_metadata = lambda *a, **k: self.metadata  # read once, not per tensor
-        self.tensors = {
-            key: meta
-            for key, meta in self.metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata) and not _SKIPPED.search(key)
-        }
-
-    def read(self, key: str) -> torch.Tensor:
-        meta = self.tensors[key]
-        if meta.properties.dtype not in _DTYPES:
-            raise CheckpointError(f"{key} is stored as {meta.properties.dtype}; expected {_DTYPES}")
-        out = torch.empty(meta.size, dtype=meta.properties.dtype)
-        load_shards(self.folder, {key: out}, reader=self.reader, no_dist=True)
-        return out
-
-
 def _canonical(rest: str) -> str:
     return _NORM_KEYS.get(rest, rest)
 
@@ -145,11 +124,10 @@ def _names(key: str, m: ModelConfig) -> List[str]:
     return [f"decoder.layers.{i}.{rest}" for i in range(m.num_layers)]
 
 
-def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Dict[str, Tensor]:
+def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> LazyState:
     """Every stored key mapped to canonical names first (a key the architecture does not use is
-    refused before anything is read), then each key read once and split into its layers."""
-    from tqdm import tqdm
-
+    refused before anything is read); the state reads one tensor, or one layer of a stacked key,
+    per access."""
     expected = expected_shapes(m, layer_shapes)
     plan = {key: _names(key, m) for key in sorted(stored.tensors)}
     tied_head = plan.pop("output_layer.weight", None) if m.tie_embeddings else None
@@ -163,22 +141,26 @@ def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Dic
     twice = sorted(n for n, c in counts.items() if c > 1)
     if twice:
         raise CheckpointError(f"stored twice (local and TE names?): {twice[:4]}")
-    state: Dict[str, Tensor] = {}
-    for key, names in tqdm(plan.items(), desc="reading torch_dist", leave=False):
-        tensor = stored.read(key)
-        if not key.startswith("decoder.layers.") or _PER_LAYER.match(key):  # not stacked
-            state[names[0]] = tensor
-            continue
-        if tensor.dim() == 0 or tensor.size(0) != len(names):
+    where, specs = {}, {}  # canonical name -> (key, layer of a stacked key or None)
+    for key, names in plan.items():
+        shape, dtype = stored.spec(key)
+        stacked = key.startswith("decoder.layers.") and not _PER_LAYER.match(key)
+        if stacked and (not shape or shape[0] != len(names)):
             raise CheckpointError(
-                f"{key}: stacked layers of shape {tuple(tensor.shape)}, expected {len(names)} first"
+                f"{key}: stacked layers of shape {shape}, expected {len(names)} first"
             )
-        state.update({name: tensor[i].clone() for i, name in enumerate(names)})
+        for i, name in enumerate(names):
+            where[name] = (key, i if stacked else None)
+            specs[name] = TensorSpec(shape[1:] if stacked else shape, dtype)
+
+    def read(name: str) -> Tensor:
+        key, layer = where[name]
+        return stored.read(key) if layer is None else stored.read_layer(key, layer)
+
     if tied_head is not None:
-        head = stored.read("output_layer.weight")
-        if _EMBED not in state or not torch.equal(head, state[_EMBED]):
+        if _EMBED not in where or not torch.equal(stored.read("output_layer.weight"), read(_EMBED)):
             raise CheckpointError("tied embeddings, but output_layer.weight differs from them")
-    return state
+    return LazyState(specs, read)
 
 
 _EMBED = "embedding.word_embeddings.weight"
@@ -193,7 +175,7 @@ def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoin
         model = model_config_from_args(args)
     else:
         model, layer_shapes = _heterogeneous_config(root, folder)
-    state = _read_state(StoredTensors(folder), model, layer_shapes)
+    state = _read_state(StoredTensors(folder, skip=NOT_MODEL), model, layer_shapes)
     beside = os.path.join(root, "tokenizer")
     tokenizer_dir, tokenizer_info = resolve_tokenizer(args, tokenizer_model, beside)
     real = tokenizer_info.get("vocab_size")

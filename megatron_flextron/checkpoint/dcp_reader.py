@@ -1,0 +1,104 @@
+"""Read a torch_dist (torch.distributed.checkpoint) folder one tensor, or one layer, at a time.
+
+Megatron stacks per-layer tensors under one key with a leading layer axis (``decoder.layers.X``,
+shape [L, ...]) and stores each layer's shard as its own chunk; reading the key whole would hold
+every layer of that kind at once. ``read_layer`` plans reads for the chunks of layer i only
+(torch's own chunk-overlap helper), so a converter holds one layer's tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
+from megatron_flextron.checkpoint.state import CheckpointError, TensorSpec
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _region_planner(key: str, offsets: Tuple[int, ...], sizes: Tuple[int, ...]):
+    """A load planner that reads only ``[offsets, offsets + sizes)`` of ``key``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+            md = self.metadata.state_dict_metadata[key]
+            return LoadPlan(create_read_items_for_chunk_list(key, md, [chunk]))
+
+        def lookup_tensor(self, index):  # the region's buffer (its read items carry offsets)
+            return self.state_dict[index.fqn]
+
+    return RegionPlanner()
+
+
+def load_shards(shards: str, state: dict, reader=None, **kwargs) -> dict:
+    """torch's dist-checkpoint load with the safe metadata reader (or ``reader``, one made by
+    ``safe_filesystem_reader``); every read failure of a missing, empty or truncated shard (torch
+    raises CheckpointException, a BaseException) is a CheckpointError."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load(state, storage_reader=reader or safe_filesystem_reader(shards), **kwargs)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"cannot read the shards in {shards}: {first_line(e)}") from None
+    return state
+
+
+def first_line(error: BaseException) -> str:
+    """torch's CheckpointException lists a traceback per rank: its last line is the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return line.split(". ")[0] if len(line) > 160 else line  # torch's miniz advice: dropped
+
+
+class StoredTensors:
+    """The model tensors of a torch_dist folder (keys matching ``skip`` left out), read lazily.
+    The metadata is unpickled once, through the allow-list (safe_metadata)."""
+
+    def __init__(self, folder: str, skip: Optional[re.Pattern] = None):
+        from torch.distributed.checkpoint import TensorStorageMetadata
+
+        self.folder = folder
+        self.reader = safe_filesystem_reader(folder)
+        self.metadata = read_dcp_metadata(folder)
+        self.reader.read_metadata = lambda *a, **k: self.metadata  # read once, not per tensor
+        self.tensors: Dict[str, object] = {
+            key: meta
+            for key, meta in self.metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata) and not (skip and skip.search(key))
+        }
+
+    def spec(self, key: str) -> TensorSpec:
+        meta = self.tensors[key]
+        if meta.properties.dtype not in FLOATS:
+            raise CheckpointError(f"{key} is stored as {meta.properties.dtype}; expected {FLOATS}")
+        return TensorSpec(tuple(meta.size), meta.properties.dtype)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The whole global tensor of ``key``."""
+        spec = self.spec(key)
+        return self._load(key, torch.empty(spec.shape, dtype=spec.dtype))
+
+    def read_layer(self, key: str, layer: int) -> torch.Tensor:
+        """Index ``layer`` of the leading (stacked layers) axis of ``key``."""
+        shape, dtype = self.spec(key)
+        if not shape or not 0 <= layer < shape[0]:
+            raise CheckpointError(f"{key} of shape {shape} has no layer {layer}")
+        out = torch.empty((1, *shape[1:]), dtype=dtype)
+        offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+        self._load(key, out, planner=_region_planner(key, offsets, sizes))
+        return out[0]
+
+    def _load(self, key: str, out: torch.Tensor, **kwargs) -> torch.Tensor:
+        load_shards(self.folder, {key: out}, reader=self.reader, no_dist=True, **kwargs)
+        return out
