@@ -1,16 +1,20 @@
-"""Checkpoint conversion: wall time and peak memory of each tool step, against the I/O floor.
+"""Checkpoint conversion: wall time and peak memory of each tool step, as ratios to the checkpoint.
 
-A random Llama checkpoint in Hugging Face format (safetensors) goes through the conversion tool:
-  io floor            load the safetensors state dict and torch.save it (nothing converted)
-  hf -> flextron      tools/convert_checkpoint.py, no ranking
-  hf -> flextron+rank the same with importance ranking on calibration tokens (GPU when present)
-  flextron -> hf 50%  export of the 50% sub-network (MLP and heads) as a dense HF checkpoint
-  flextron -> mcore   megatron-core distributed checkpoint at TP=2
-Each step runs in its own process, which reports its peak resident memory (and peak CUDA
-memory); ratios are step time / io floor and peak memory / checkpoint bytes.
+A random Llama checkpoint in Hugging Face format (safetensors, written tensor by tensor) goes
+through the conversion tool, each step in a fresh process that reports its peak resident memory:
+  process floor        imports the converter, megatron-core and torch, converts nothing
+  io floor             reads the safetensors into memory and torch.saves them (no conversion)
+  hf -> flextron       tools/convert_checkpoint.py, no ranking
+  hf -> flextron+rank  the same with importance ranking on calibration tokens (fp32 statistics)
+  ... torchrun TP=2    ranking sharded over 2 ranks: peak per rank against that rank's shard
+  flextron -> hf 50%   export of the 50% sub-network (MLP and heads) as a dense HF checkpoint
+  flextron -> mcore    megatron-core distributed checkpoint at TP=2
+Ratios: peak RSS / checkpoint bytes, and "net" = (peak RSS - process floor) / checkpoint bytes
+(what the step holds beyond the libraries' own ~0.5 GB). From the measured net ratios the
+per-rank peak of an 8B and a 70B Llama is projected (see ``project``).
 
-  python benchmarks/conversion.py                   # ~60M-parameter model (CPU)
-  python benchmarks/conversion.py --preset gpu-1b   # 1.1B (TinyLlama's shape), bf16 on disk
+  python benchmarks/conversion.py                      # 55M parameters, fp32 (CPU, ~2 min)
+  python benchmarks/conversion.py --preset cpu-1b      # 1.1B (TinyLlama's shape), bf16 (~25 min)
 """
 
 from __future__ import annotations
@@ -27,40 +31,52 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 PRESETS = {
-    "cpu": dict(hidden=512, layers=8, ffn=1408, heads=8, kv=2, vocab=32000, dtype="float32"),
-    "gpu-1b": dict(hidden=2048, layers=22, ffn=5632, heads=32, kv=4, vocab=32000, dtype="bfloat16"),
+    "cpu": dict(hidden=512, layers=8, ffn=1408, heads=8, kv=2, vocab=32000, dtype="float32",
+                samples=16, seq=256),
+    "cpu-1b": dict(hidden=2048, layers=22, ffn=5632, heads=32, kv=4, vocab=32000,
+                   dtype="bfloat16", samples=8, seq=64),
+}  # fmt: skip
+# Llama 3 shapes for the projection: (hidden, layers, ffn, heads, kv, vocab), bf16
+PROJECTED = {
+    "llama3-8b": (4096, 32, 14336, 32, 8, 128256),
+    "llama3-70b": (8192, 80, 28672, 64, 8, 128256),
 }
+LAYOUTS = [(1, 1), (2, 1), (8, 1), (4, 2), (8, 4)]  # (TP, PP) per projected row
 
 
-def _peak() -> dict:
-    out = {"peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    import torch
+def model_config(hidden, layers, ffn, heads, kv, vocab):
+    from megatron_flextron.config import ModelConfig
 
-    if torch.cuda.is_available():
-        out["peak_cuda_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    return ModelConfig(
+        "llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=heads, num_query_groups=kv, vocab_size=vocab,
+        max_position_embeddings=4096,
+    )  # fmt: skip
 
 
 def make_hf_checkpoint(path: str, preset: dict) -> int:
-    """A random Llama saved with transformers; returns its bytes on disk."""
+    """A random Llama written tensor by tensor (no model is built); returns its bytes."""
     import torch
-    import transformers
 
-    cfg = transformers.LlamaConfig(
-        hidden_size=preset["hidden"],
-        intermediate_size=preset["ffn"],
-        num_hidden_layers=preset["layers"],
-        num_attention_heads=preset["heads"],
-        num_key_value_heads=preset["kv"],
-        vocab_size=preset["vocab"],
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        torch_dtype=preset["dtype"],
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, preset["dtype"]))
-    model.save_pretrained(path)
+    from megatron_flextron.checkpoint.state import Checkpoint, LazyState, TensorSpec
+    from megatron_flextron.checkpoint.state import expected_shapes
+    from megatron_flextron.convert.formats.hf import save_hf
+
+    m = model_config(*(preset[k] for k in ("hidden", "layers", "ffn", "heads", "kv", "vocab")))
+    dtype = getattr(torch, preset["dtype"])
+    shapes = expected_shapes(m)
+    generator = torch.Generator().manual_seed(0)
+
+    def read(name: str) -> torch.Tensor:
+        if name.endswith("layernorm.weight"):
+            return torch.ones(shapes[name], dtype=dtype)
+        return (0.02 * torch.randn(shapes[name], generator=generator)).to(dtype)
+
+    state = LazyState({n: TensorSpec(s, dtype) for n, s in shapes.items()}, read)
+    os.makedirs(path)
+    save_hf(Checkpoint(m, state), path)
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
@@ -76,28 +92,19 @@ def io_floor(hf_dir: str, out_dir: str) -> None:
     torch.save(state, os.path.join(out_dir, "model.pt"))
 
 
-def run_step(argv: list) -> dict:
-    """Run this file with --child ARGV in a fresh process; its JSON line back, plus wall time."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"step {argv[:3]} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"seconds": round(seconds, 2), **result}
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def child(argv: list) -> None:
+    """One step in this process; prints (or, under torchrun, writes per rank) its peak."""
     if argv[0] == "io-floor":
         io_floor(argv[1], argv[2])
+    elif argv[0] == "process-floor":
+        import megatron.core  # noqa: F401
+
+        import tools.convert_checkpoint  # noqa: F401
     else:
-        sys.path.insert(0, ROOT)
-        sys.argv = ["convert_checkpoint.py", *argv]
         from tools.convert_checkpoint import main
 
         with open(os.devnull, "w") as devnull:  # keep stdout for the result line
@@ -108,7 +115,89 @@ def child(argv: list) -> None:
                 sys.stdout = saved
         if rc != 0:
             sys.exit(rc)
-    print(json.dumps(_peak()))
+    result = json.dumps({"peak_rss_MB": _peak_mb()})
+    if "RANK" in os.environ and os.environ.get("BENCH_PEAKS"):
+        with open(os.path.join(os.environ["BENCH_PEAKS"], f"rank{os.environ['RANK']}"), "w") as f:
+            f.write(result)
+    print(result)
+
+
+def run_step(argv: list, ranks: int = 1) -> dict:
+    """This file with --child ARGV in fresh processes (torchrun when ``ranks`` > 1)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", *argv]
+    peaks = tempfile.mkdtemp(prefix="bench-peaks-")
+    if ranks > 1:
+        env["BENCH_PEAKS"] = peaks
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(29500 + os.getpid() % 1000), *cmd[1:]]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"step {argv[:3]} failed:\n{proc.stderr[-3000:]}")
+    if ranks > 1:
+        per_rank = [json.load(open(os.path.join(peaks, f"rank{r}"))) for r in range(ranks)]
+        result = {"peak_rss_MB": max(p["peak_rss_MB"] for p in per_rank), "ranks": ranks}
+    else:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(peaks, ignore_errors=True)
+    return {"seconds": round(seconds, 2), **result}
+
+
+def steps(work: str, hf: str, preset: dict) -> dict:
+    calib = os.path.join(work, "calibration.jsonl")
+    rng = random.Random(0)
+    with open(calib, "w") as f:
+        for _ in range(preset["samples"]):
+            f.write(json.dumps([rng.randrange(preset["vocab"]) for _ in range(preset["seq"] + 1)]))
+            f.write("\n")
+    rank = ["--calibration-data", calib, "--calibration-samples", str(preset["samples"]),
+            "--calibration-seq-length", str(preset["seq"])]  # fmt: skip
+    half = json.dumps({"mlp": preset["ffn"] // 2, "heads": preset["heads"] // 2})
+    fx = os.path.join(work, "fx")
+    out = lambda name: ["--save-dir", os.path.join(work, name)]  # noqa: E731
+    return {
+        "process floor": (["process-floor"], 1, 1),
+        "io floor": (["io-floor", hf, os.path.join(work, "floor")], 1, 1),
+        "hf -> flextron": (["--loader", "hf", "--saver", "flextron", "--load-dir", hf,
+                            *out("fx")], 1, 1),
+        "hf -> flextron+rank": (["--loader", "hf", "--saver", "flextron", "--load-dir", hf,
+                                 *out("fx_ranked"), *rank], 1, 1),
+        "hf -> flextron+rank torchrun TP=2": (
+            ["--loader", "hf", "--saver", "flextron", "--load-dir", hf, *out("fx_tp2"), *rank,
+             "--tensor-model-parallel-size", "2", "--target-tensor-parallel-size", "2"], 2, 2),
+        "flextron -> hf 50%": (["--loader", "flextron", "--saver", "hf", "--load-dir", fx,
+                                *out("hf_half"), "--subnetwork", half], 1, 1),
+        "flextron -> mcore tp2": (["--loader", "flextron", "--saver", "megatron", "--load-dir",
+                                   fx, *out("mcore"), "--target-tensor-parallel-size", "2"], 1, 1),
+    }  # fmt: skip
+
+
+def project(rows: dict, floor_mb: float) -> dict:
+    """Per-rank peak of the Llama 3 shapes at several (TP, PP) layouts, from the measured net
+    ratios: floor + net ratio x the rank's shard (bf16) + the largest whole tensor (each rank
+    reads a source tensor whole before it keeps its shard: the embedding, for these shapes)."""
+    import torch
+
+    from megatron_flextron.checkpoint.state import expected_shapes
+
+    out = {}
+    for name, shape in PROJECTED.items():
+        m = model_config(*shape)
+        numel = {k: torch.Size(s).numel() for k, s in expected_shapes(m).items()}
+        total = 2 * sum(numel.values())
+        largest = 2 * max(numel.values())
+        out[name] = {"checkpoint_GB": round(total / 2**30, 1), "per_rank_GB": {}}
+        for step in ("hf -> flextron", "hf -> flextron+rank"):
+            net = rows[step]["net_vs_checkpoint"] if step in rows else None
+            if net is None:
+                continue
+            for tp, pp in LAYOUTS if step.endswith("rank") else [(1, 1)]:
+                shard = total / (tp * pp)
+                gb = (floor_mb * 2**20 + net * shard + (largest if tp > 1 else 0)) / 2**30
+                out[name]["per_rank_GB"][f"{step} TP={tp} PP={pp}"] = round(gb, 1)
+    return out
 
 
 def main() -> None:
@@ -116,6 +205,7 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--workdir", help="scratch folder (default: a temporary one)")
+    p.add_argument("--skip", action="append", default=[], help="a step to leave out")
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -128,53 +218,41 @@ def main() -> None:
         t0 = time.perf_counter()
         nbytes = make_hf_checkpoint(hf, preset)
         made = time.perf_counter() - t0
-        calib = os.path.join(work, "calibration.jsonl")
-        rng = random.Random(0)
-        with open(calib, "w") as f:
-            for _ in range(16):
-                f.write(json.dumps([rng.randrange(preset["vocab"]) for _ in range(257)]) + "\n")
-        half = json.dumps({"mlp": preset["ffn"] // 2, "heads": preset["heads"] // 2})
-        steps = {
-            "io floor": ["io-floor", hf, os.path.join(work, "floor")],
-            "hf -> flextron": ["--loader", "hf", "--saver", "flextron", "--load-dir", hf,
-                               "--save-dir", os.path.join(work, "fx")],
-            "hf -> flextron+rank": ["--loader", "hf", "--saver", "flextron", "--load-dir", hf,
-                                    "--save-dir", os.path.join(work, "fx_ranked"),
-                                    "--calibration-data", calib, "--calibration-samples", "16",
-                                    "--calibration-seq-length", "256"],
-            "flextron -> hf 50%": ["--loader", "flextron", "--saver", "hf", "--load-dir",
-                                   os.path.join(work, "fx"), "--save-dir",
-                                   os.path.join(work, "hf_half"), "--subnetwork", half],
-            "flextron -> mcore tp2": ["--loader", "flextron", "--saver", "megatron",
-                                      "--load-dir", os.path.join(work, "fx"), "--save-dir",
-                                      os.path.join(work, "mcore"),
-                                      "--target-tensor-parallel-size", "2"],
-        }  # fmt: skip
-        rows = {name: run_step(argv) for name, argv in steps.items()}
-        floor = rows["io floor"]["seconds"]
-        for row in rows.values():
-            row["vs_io_floor"] = round(row["seconds"] / floor, 2)
-            row["peak_rss_vs_checkpoint"] = round(row["peak_rss_MB"] * 2**20 / nbytes, 2)
-        import torch
-
-        results = {
-            "preset": args.preset,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "checkpoint_MB": round(nbytes / 2**20, 1),
-            "params_M": round(nbytes / (2 if preset["dtype"] == "bfloat16" else 4) / 1e6, 1),
-            "make_checkpoint_s": round(made, 1),
-            "rows": rows,
-        }
+        rows = {}
+        for name, (argv, ranks, shard_div) in steps(work, hf, preset).items():
+            if name in args.skip:
+                continue
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            rows[name] = run_step(argv, ranks)
+            rows[name]["shard_MB"] = round(nbytes / shard_div / 2**20, 1)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"checkpoint: {results['checkpoint_MB']} MB ({args.preset}, {results['device']})")
-    print(f"{'step':<24}{'s':>8}{'vs floor':>10}{'peak RSS MB':>13}{'RSS/ckpt':>10}{'CUDA MB':>10}")
+    floor_mb = rows["process floor"]["peak_rss_MB"]
+    io_s = rows["io floor"]["seconds"]
+    for row in rows.values():
+        shard = row["shard_MB"]
+        row["vs_io_floor"] = round(row["seconds"] / io_s, 2)
+        row["peak_rss_vs_checkpoint"] = round(row["peak_rss_MB"] / shard, 2)
+        row["net_vs_checkpoint"] = round((row["peak_rss_MB"] - floor_mb) / shard, 2)
+    results = {
+        "preset": args.preset,
+        "shape": preset,
+        "checkpoint_MB": round(nbytes / 2**20, 1),
+        "params_M": round(nbytes / (2 if preset["dtype"] == "bfloat16" else 4) / 1e6, 1),
+        "make_checkpoint_s": round(made, 1),
+        "rows": rows,
+        "projection": project(rows, floor_mb),
+    }
+    print(f"checkpoint: {results['checkpoint_MB']} MB ({args.preset}, {preset['dtype']})")
+    print(f"{'step':<36}{'s':>8}{'peak RSS MB':>13}{'shard MB':>10}{'RSS/ckpt':>10}{'net':>7}")
     for name, r in rows.items():
         print(
-            f"{name:<24}{r['seconds']:>8}{r['vs_io_floor']:>10}{r['peak_rss_MB']:>13}"
-            f"{r['peak_rss_vs_checkpoint']:>10}{r.get('peak_cuda_MB', ''):>10}"
+            f"{name:<36}{r['seconds']:>8}{r['peak_rss_MB']:>13}{r['shard_MB']:>10}"
+            f"{r['peak_rss_vs_checkpoint']:>10}{r['net_vs_checkpoint']:>7}"
         )
+    for name, proj in results["projection"].items():
+        print(f"projected {name} ({proj['checkpoint_GB']} GB bf16): {proj['per_rank_GB']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -193,7 +193,7 @@ def test_ranking_sharded_over_tp_and_pp_equals_single_process(tmp_path):
         _sharded_body,
         4,
         data,
-        ranked.state,
+        dict(ranked.state),  # read: a lazy state is not sent to other processes
         info,
         stats,
         str(tmp_path),

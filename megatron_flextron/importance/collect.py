@@ -21,6 +21,8 @@ every rank returns the statistics of the whole model, as a single process would.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, List
 
 import torch
@@ -58,6 +60,22 @@ class _LayerStats:
     def add(self, name: str, value: torch.Tensor) -> None:
         old = getattr(self, name)
         setattr(self, name, value if old is None else old + value)
+
+
+@contextlib.contextmanager
+def activation_gradients_only(model):
+    """Backward computes gradients of activations, not of weights: Taylor scores need dL/da
+    only, and weight gradients would cost the model's size again. The word embeddings keep
+    theirs (the graph starts there on the first stage; later stages receive inputs that need
+    grad from megatron's schedule)."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in params:
+        p.requires_grad_(name.endswith("word_embeddings.weight"))
+    try:
+        yield
+    finally:
+        for _, p in params:
+            p.requires_grad_(True)
 
 
 def collect_statistics(model, microbatches: list, model_config, with_taylor: bool) -> Dict:
@@ -119,10 +137,11 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(st)))
         handles.append(layer.register_forward_hook(layer_hook(st), with_kwargs=True))
     try:
-        for batch in progress(microbatches, "importance: calibration batches"):
-            current["mask"] = batch["loss_mask"]
-            model.zero_grad(set_to_none=True)
-            forward_backward(model, [batch], forward_only=not with_taylor)
+        with activation_gradients_only(model):
+            for batch in progress(microbatches, "importance: calibration batches"):
+                current["mask"] = batch["loss_mask"]
+                model.zero_grad(set_to_none=True)
+                forward_backward(model, [batch], forward_only=not with_taylor)
     finally:
         for h in handles:
             h.remove()
