@@ -15,6 +15,7 @@ per-rank peak of an 8B and a 70B Llama is projected (see ``project``).
 
   python benchmarks/conversion.py                      # 55M parameters, fp32 (CPU, ~2 min)
   python benchmarks/conversion.py --preset cpu-1b      # 1.1B (TinyLlama's shape), bf16 (~25 min)
+  python benchmarks/conversion.py --preset gpu-1b      # the same, longer calibration (run_gpu.sh)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ PRESETS = {
                 samples=16, seq=256),
     "cpu-1b": dict(hidden=2048, layers=22, ffn=5632, heads=32, kv=4, vocab=32000,
                    dtype="bfloat16", samples=8, seq=64),
+    "gpu-1b": dict(hidden=2048, layers=22, ffn=5632, heads=32, kv=4, vocab=32000,
+                   dtype="bfloat16", samples=16, seq=256),
 }  # fmt: skip
 # Llama 3 shapes for the projection: (hidden, layers, ffn, heads, kv, vocab), bf16
 PROJECTED = {

@@ -151,3 +151,19 @@ def test_size_of_written_files_is_the_header_plus_data(tmp_path):
     # 30 + 28 bytes, then 16 + 48 + 0: a group closes before it would pass 64 bytes
     assert safetensors_io.shard_specs(specs, 64) == [specs[:2], specs[2:]]
     assert safetensors_io.shard_specs(specs, 10) == [[s] for s in specs]  # one per file
+
+
+def test_bf16_flextron_checkpoint_loads_into_an_fp32_model(tmp_path):
+    """Training and evaluation build fp32 models: a bf16 checkpoint (dealt for this TP size, so
+    megatron's own sharded load) fills them with the same values."""
+    from megatron_flextron.checkpoint.flextron import load_flextron_into_model
+    from megatron_flextron.elastic import build_gpt_model
+
+    tiny_hf("llama", str(tmp_path / "hf32")).to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+    convert(ConvertOptions("hf", "flextron", str(tmp_path / "hf"), str(tmp_path / "fx")))
+    source = load_checkpoint("hf", str(tmp_path / "hf"))
+    gpt = build_gpt_model(source.model, source.model.transformer_config(), elastic=True)
+    load_flextron_into_model(gpt, str(tmp_path / "fx"))
+    for name, p in gpt.named_parameters():
+        assert p.dtype == torch.float32
+        assert torch.equal(p.detach(), source.state[name].float()), name

@@ -133,7 +133,6 @@ class ElasticStep:
         """Forward/backward of one iteration; returns per-budget sums (see ``reduce_stats``)."""
         plan = [self.sampler.sample(iteration, m) for m in range(len(microbatches))]
         teachers = self._teacher_logits(plan, microbatches)
-        full = Subnetwork.full(self.model_cfg)
 
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
