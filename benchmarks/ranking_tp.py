@@ -190,6 +190,30 @@ def score_report(one: dict, tp: dict, a, b) -> dict:
     return out
 
 
+def kept_equal(a, b) -> dict:
+    """Per axis: do both checkpoints keep the same units at every elastic choice? (A swap of two
+    units that both sit inside one choice's prefix changes no sub-network.)"""
+    m, elastic = a.model, a.elastic
+    n = m.heads_per_group
+
+    def kept_heads(order, h):  # GQA keeps the first h/G heads of every KV group
+        if n == 1:
+            return set(order[:h])
+        return {order[g * n + i] for g in range(m.num_query_groups) for i in range(h // n)}
+
+    def equal(key, choices, kept):
+        pairs = zip(a.metadata["importance"][key], b.metadata["importance"][key])
+        return all(kept(x, c) == kept(y, c) for x, y in pairs for c in choices)
+
+    def prefix(order, c):
+        return set(order[:c])
+
+    return {
+        "mlp": equal("mlp_order", elastic.mlp_choices, prefix),
+        "heads": equal("head_order", elastic.head_choices, kept_heads),
+    }
+
+
 def compare(one_dir: str, tp_dir: str) -> dict:
     """Orders, estimators, losses and tensors of the TP=1 and the TP=3 checkpoints."""
     from megatron_flextron.checkpoint.flextron import read_flextron
@@ -214,6 +238,7 @@ def compare(one_dir: str, tp_dir: str) -> dict:
         "refinement_kept": [r.get("kept") for r in refined],
         "head_order_equal": ia["head_order"] == ib["head_order"],
         "mlp_order_equal": ia["mlp_order"] == ib["mlp_order"],
+        "kept_units_equal_at_every_choice": kept_equal(a, b),
         "candidate_head_orders_equal": {
             k: v == ib["head_selection"]["head_order"].get(k)
             for k, v in ia["head_selection"]["head_order"].items()
