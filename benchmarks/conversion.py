@@ -2,16 +2,17 @@
 
 A random Llama checkpoint in Hugging Face format (safetensors, written tensor by tensor) goes
 through the conversion tool, each step in a fresh process that reports its peak resident memory:
-  process floor        imports the converter, megatron-core and torch, converts nothing
   io floor             reads the safetensors into memory and torch.saves them (no conversion)
   hf -> flextron       tools/convert_checkpoint.py, no ranking
   hf -> flextron+rank  the same with importance ranking on calibration tokens (fp32 statistics)
   ... torchrun TP=2    ranking sharded over 2 ranks: peak per rank against that rank's shard
   flextron -> hf 50%   export of the 50% sub-network (MLP and heads) as a dense HF checkpoint
   flextron -> mcore    megatron-core distributed checkpoint at TP=2
-Ratios: peak RSS / checkpoint bytes, and "net" = (peak RSS - process floor) / checkpoint bytes
-(what the step holds beyond the libraries' own ~0.5 GB). From the measured net ratios the
-per-rank peak of an 8B and a 70B Llama is projected (see ``project``).
+Ratios: peak RSS / checkpoint bytes, and "net" = (peak RSS - floor) / (checkpoint - tiny
+checkpoint), where the floor is the same step run on a tiny model of the same vocabulary and
+calibration data (2 layers, hidden 64): the libraries, the interpreter and the calibration
+batch's activations, which do not grow with the model. From the measured net ratios the per-rank
+peak of an 8B and a 70B Llama is projected (see ``project``).
 
   python benchmarks/conversion.py                      # 55M parameters, fp32 (CPU, ~2 min)
   python benchmarks/conversion.py --preset cpu-1b      # 1.1B (TinyLlama's shape), bf16 (~25 min)
@@ -96,6 +97,12 @@ def io_floor(hf_dir: str, out_dir: str) -> None:
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory: VmHWM of its own address space (getrusage's
+    ru_maxrss would carry over the parent's peak from before exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -103,10 +110,6 @@ def child(argv: list) -> None:
     """One step in this process; prints (or, under torchrun, writes per rank) its peak."""
     if argv[0] == "io-floor":
         io_floor(argv[1], argv[2])
-    elif argv[0] == "process-floor":
-        import megatron.core  # noqa: F401
-
-        import tools.convert_checkpoint  # noqa: F401
     else:
         from tools.convert_checkpoint import main
 
@@ -161,7 +164,6 @@ def steps(work: str, hf: str, preset: dict) -> dict:
     fx = os.path.join(work, "fx")
     out = lambda name: ["--save-dir", os.path.join(work, name)]  # noqa: E731
     return {
-        "process floor": (["process-floor"], 1, 1),
         "io floor": (["io-floor", hf, os.path.join(work, "floor")], 1, 1),
         "hf -> flextron": (["--loader", "hf", "--saver", "flextron", "--load-dir", hf,
                             *out("fx")], 1, 1),
@@ -177,7 +179,7 @@ def steps(work: str, hf: str, preset: dict) -> dict:
     }  # fmt: skip
 
 
-def project(rows: dict, floor_mb: float) -> dict:
+def project(rows: dict) -> dict:
     """Per-rank peak of the Llama 3 shapes at several (TP, PP) layouts, from the measured net
     ratios: floor + net ratio x the rank's shard (bf16) + the largest whole tensor (each rank
     reads a source tensor whole before it keeps its shard: the embedding, for these shapes)."""
@@ -193,14 +195,32 @@ def project(rows: dict, floor_mb: float) -> dict:
         largest = 2 * max(numel.values())
         out[name] = {"checkpoint_GB": round(total / 2**30, 1), "per_rank_GB": {}}
         for step in ("hf -> flextron", "hf -> flextron+rank"):
-            net = rows[step]["net_vs_checkpoint"] if step in rows else None
-            if net is None:
+            if step not in rows:
                 continue
+            row = rows[step]
             for tp, pp in LAYOUTS if step.endswith("rank") else [(1, 1)]:
                 shard = total / (tp * pp)
-                gb = (floor_mb * 2**20 + net * shard + (largest if tp > 1 else 0)) / 2**30
+                extra = largest if tp > 1 else 0
+                gb = (row["floor_MB"] * 2**20 + row["net_vs_checkpoint"] * shard + extra) / 2**30
                 out[name]["per_rank_GB"][f"{step} TP={tp} PP={pp}"] = round(gb, 1)
     return out
+
+
+def measure(work: str, preset: dict, skip=()) -> tuple:
+    """Every step on a fresh random checkpoint of ``preset``: (rows, checkpoint bytes, seconds
+    to make it)."""
+    hf = os.path.join(work, "hf")
+    t0 = time.perf_counter()
+    nbytes = make_hf_checkpoint(hf, preset)
+    made = time.perf_counter() - t0
+    rows = {}
+    for name, (argv, ranks, shard_div) in steps(work, hf, preset).items():
+        if name in skip:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows[name] = run_step(argv, ranks)
+        rows[name]["shard_MB"] = round(nbytes / shard_div / 2**20, 1)
+    return rows, nbytes, made
 
 
 def main() -> None:
@@ -215,29 +235,22 @@ def main() -> None:
         child(args.child)
         return
     preset = PRESETS[args.preset]
+    tiny = dict(preset, hidden=64, layers=2, ffn=128, heads=4, kv=2)
     work = args.workdir or tempfile.mkdtemp(prefix="flextron-convert-bench-")
     try:
-        hf = os.path.join(work, "hf")
-        t0 = time.perf_counter()
-        nbytes = make_hf_checkpoint(hf, preset)
-        made = time.perf_counter() - t0
-        rows = {}
-        for name, (argv, ranks, shard_div) in steps(work, hf, preset).items():
-            if name in args.skip:
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            rows[name] = run_step(argv, ranks)
-            rows[name]["shard_MB"] = round(nbytes / shard_div / 2**20, 1)
+        floors, _, _ = measure(os.path.join(work, "tiny"), tiny, args.skip)
+        rows, nbytes, made = measure(os.path.join(work, "model"), preset, args.skip)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    floor_mb = rows["process floor"]["peak_rss_MB"]
     io_s = rows["io floor"]["seconds"]
-    for row in rows.values():
-        shard = row["shard_MB"]
+    for name, row in rows.items():
+        shard, floor = row["shard_MB"], floors[name]
+        row["floor_MB"] = floor["peak_rss_MB"]
         row["vs_io_floor"] = round(row["seconds"] / io_s, 2)
         row["peak_rss_vs_checkpoint"] = round(row["peak_rss_MB"] / shard, 2)
-        row["net_vs_checkpoint"] = round((row["peak_rss_MB"] - floor_mb) / shard, 2)
+        net = (row["peak_rss_MB"] - floor["peak_rss_MB"]) / (shard - floor["shard_MB"])
+        row["net_vs_checkpoint"] = round(net, 2)
     results = {
         "preset": args.preset,
         "shape": preset,
@@ -245,14 +258,15 @@ def main() -> None:
         "params_M": round(nbytes / (2 if preset["dtype"] == "bfloat16" else 4) / 1e6, 1),
         "make_checkpoint_s": round(made, 1),
         "rows": rows,
-        "projection": project(rows, floor_mb),
+        "projection": project(rows),
     }
     print(f"checkpoint: {results['checkpoint_MB']} MB ({args.preset}, {preset['dtype']})")
-    print(f"{'step':<36}{'s':>8}{'peak RSS MB':>13}{'shard MB':>10}{'RSS/ckpt':>10}{'net':>7}")
+    print(f"{'step':<36}{'s':>8}{'peak RSS MB':>13}{'floor MB':>10}{'shard MB':>10}"
+          f"{'RSS/ckpt':>10}{'net':>7}")  # fmt: skip
     for name, r in rows.items():
         print(
-            f"{name:<36}{r['seconds']:>8}{r['peak_rss_MB']:>13}{r['shard_MB']:>10}"
-            f"{r['peak_rss_vs_checkpoint']:>10}{r['net_vs_checkpoint']:>7}"
+            f"{name:<36}{r['seconds']:>8}{r['peak_rss_MB']:>13}{r['floor_MB']:>10}"
+            f"{r['shard_MB']:>10}{r['peak_rss_vs_checkpoint']:>10}{r['net_vs_checkpoint']:>7}"
         )
     for name, proj in results["projection"].items():
         print(f"projected {name} ({proj['checkpoint_GB']} GB bf16): {proj['per_rank_GB']}")
