@@ -94,6 +94,8 @@ def rank_and_permute(
     nearest half); the source order is always a candidate. With ``refine``, a loss-based head
     order is re-estimated at each reduced head count in turn (see refine.py) and kept where it
     lowers the held-out loss. Collective over the model-parallel groups when TP/PP > 1.
+    Statistics are collected one sequence per micro-batch (the sums are per sequence or per
+    token, so the batching does not change them): backward keeps one sequence's activations.
     """
     from megatron.core import parallel_state
 
@@ -116,7 +118,7 @@ def rank_and_permute(
     if len(seqs) <= held:
         raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
     device = current_device()  # the GPU when there is one
-    calib = pad_microbatches(seqs[held:], micro_batch_size, device)
+    calib = pad_microbatches(seqs[held:], 1, device)
     heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
 
     model = ranking_model(ckpt)

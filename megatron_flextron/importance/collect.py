@@ -65,16 +65,26 @@ class _LayerStats:
 @contextlib.contextmanager
 def activation_gradients_only(model):
     """Backward computes gradients of activations, not of weights: Taylor scores need dL/da
-    only, and weight gradients would cost the model's size again. The word embeddings keep
-    theirs (the graph starts there on the first stage; later stages receive inputs that need
-    grad from megatron's schedule)."""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    for name, p in params:
-        p.requires_grad_(name.endswith("word_embeddings.weight"))
+    only, and weight gradients (the embedding's included) would cost the model's size again.
+    The graph starts at the embedding output, marked as needing grad; later pipeline stages
+    receive inputs that need grad from megatron's schedule."""
+    from megatron_flextron.elastic.subnetwork import unwrap_model
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    embedding = getattr(unwrap_model(model), "embedding", None)
+    handle = None
+    if embedding is not None:
+        handle = embedding.register_forward_hook(
+            lambda module, args, output: output.detach().requires_grad_()
+        )
     try:
         yield
     finally:
-        for _, p in params:
+        if handle is not None:
+            handle.remove()
+        for p in params:
             p.requires_grad_(True)
 
 

@@ -21,6 +21,7 @@ from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     converter_model,
     copy_into_parameters,
+    views_copied_once,
 )
 from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
 
@@ -121,7 +122,8 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     copy_into_parameters(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
-    state = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}
+    sharded = views_copied_once(model.sharded_state_dict(), model)
+    state = {"model": sharded, "checkpoint_version": 3.0, "iteration": 0}
     if not ckpt.layer_shapes:  # Megatron-LM's args describe one layer shape only
         state["args"] = megatron_lm_args(m, dtype)
     dist_checkpointing.save(state, shards)
