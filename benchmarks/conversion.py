@@ -8,6 +8,7 @@ through the conversion tool, each step in a fresh process that reports its peak 
   ... torchrun TP=2    ranking sharded over 2 ranks: peak per rank against that rank's shard
   flextron -> hf 50%   export of the 50% sub-network (MLP and heads) as a dense HF checkpoint
   flextron -> mcore    megatron-core distributed checkpoint at TP=2
+  mcore -> hf          that Megatron checkpoint read back (--loader megatron) to HF
 Ratios: peak RSS / checkpoint bytes, and "net" = (peak RSS - floor) / (checkpoint - tiny
 checkpoint), where the floor is the same step run on a tiny model of the same vocabulary and
 calibration data (2 layers, hidden 64): the libraries, the interpreter and the calibration
@@ -176,6 +177,8 @@ def steps(work: str, hf: str, preset: dict) -> dict:
                                 *out("hf_half"), "--subnetwork", half], 1, 1),
         "flextron -> mcore tp2": (["--loader", "flextron", "--saver", "megatron", "--load-dir",
                                    fx, *out("mcore"), "--target-tensor-parallel-size", "2"], 1, 1),
+        "mcore -> hf": (["--loader", "megatron", "--saver", "hf", "--load-dir",
+                         os.path.join(work, "mcore"), *out("hf_back")], 1, 1),
     }  # fmt: skip
 
 
@@ -258,7 +261,8 @@ def main() -> None:
         "params_M": round(nbytes / (2 if preset["dtype"] == "bfloat16" else 4) / 1e6, 1),
         "make_checkpoint_s": round(made, 1),
         "rows": rows,
-        "projection": project(rows),
+        # net ratios of an fp32 checkpoint do not carry over to bf16 ones (ranking holds fp32)
+        "projection": project(rows) if preset["dtype"] == "bfloat16" else {},
     }
     print(f"checkpoint: {results['checkpoint_MB']} MB ({args.preset}, {preset['dtype']})")
     print(f"{'step':<36}{'s':>8}{'peak RSS MB':>13}{'floor MB':>10}{'shard MB':>10}"

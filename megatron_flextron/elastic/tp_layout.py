@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -124,9 +124,13 @@ def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
 
 
 def load_canonical_state_dict(
-    model: torch.nn.Module, canonical: Dict[str, torch.Tensor], model_config: ModelConfig
+    model: torch.nn.Module,
+    canonical: Mapping[str, torch.Tensor],
+    model_config: ModelConfig,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> None:
-    """Copy canonical weights into this rank's (TP shard, PP stage) parameters, dealing as above."""
+    """Copy canonical weights into this rank's (TP shard, PP stage) parameters, dealing as above
+    (``only``: just the names it accepts). A lazy state is read one tensor at a time."""
     from megatron.core import parallel_state
 
     from megatron_flextron.elastic.subnetwork import unwrap_model
@@ -136,6 +140,8 @@ def load_canonical_state_dict(
     params = dict(unwrap_model(model).named_parameters())
     with torch.no_grad():
         for local, name in local_to_global_names(model).items():
+            if only is not None and not only(name):
+                continue
             source = name
             if name == "output_layer.weight" and name not in canonical:
                 source = "embedding.word_embeddings.weight"  # tied head on the last PP stage

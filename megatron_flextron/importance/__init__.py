@@ -20,7 +20,7 @@ from megatron_flextron.importance.collect import (
     head_ablation_scores,
 )
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
-from megatron_flextron.importance.permute import permute_state
+from megatron_flextron.importance.permute import changes_with_orders, permute_state
 from megatron_flextron.importance.refine import refine_head_orders
 
 HEAD_ESTIMATORS = ("activation", "taylor", "taylor_token", "ablation")
@@ -147,7 +147,9 @@ def rank_and_permute(
     )
 
     def score(spec, **orders):
-        load_canonical_state_dict(model, permute_state(ckpt.state, m, **orders), m)
+        load_canonical_state_dict(
+            model, permute_state(ckpt.state, m, **orders), m, only=changes_with_orders
+        )
         set_subnetwork(model, spec, m, elastic)
         loss = held_out_loss(model, heldout)
         set_subnetwork(model, None, m, elastic)
@@ -185,7 +187,7 @@ def rank_and_permute(
     mlp_orders = mlp_candidates[best_mlp]
 
     state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=head_orders)
-    load_canonical_state_dict(model, state, m)
+    load_canonical_state_dict(model, state, m, only=changes_with_orders)
     metadata = dict(ckpt.metadata)
     metadata["importance"] = {
         "calibration_data": calibration_data,

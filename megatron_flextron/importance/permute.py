@@ -17,6 +17,16 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.layout import fc1_blocks, proj_heads, qkv_blocks
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_PERMUTED = re.compile(  # the tensors ``permute_state`` changes
+    r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv\.(weight|bias)"
+    r"|self_attention\.linear_proj\.weight|mlp\.linear_fc1\.(weight|bias)|mlp\.linear_fc2\.weight)$"
+)
+
+
+def changes_with_orders(name: str) -> bool:
+    """Whether a unit order can change this tensor (embeddings, norms and output biases never
+    do): a model is re-loaded with another order by copying only these."""
+    return bool(_PERMUTED.match(name))
 
 
 def permute_state(

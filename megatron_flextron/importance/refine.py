@@ -14,7 +14,7 @@ from typing import List, Sequence
 import torch
 
 from megatron_flextron.importance.collect import collect_statistics
-from megatron_flextron.importance.permute import permute_state
+from megatron_flextron.importance.permute import changes_with_orders, permute_state
 
 
 def reorder_kept(order: torch.Tensor, scores: torch.Tensor, kept: int, groups: int):
@@ -45,7 +45,8 @@ def refine_head_orders(
     m = ckpt.model
     orders = [o.clone() for o in orders]
     for heads in sorted(levels, reverse=True):
-        load_canonical_state_dict(model, permute_state(ckpt.state, m, head_orders=orders), m)
+        permuted = permute_state(ckpt.state, m, head_orders=orders)
+        load_canonical_state_dict(model, permuted, m, only=changes_with_orders)
         set_subnetwork(model, {"heads": heads}, m, ckpt.elastic)
         try:
             stats = collect_statistics(model, calib, m, with_taylor=True)
