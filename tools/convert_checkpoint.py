@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.compat.memory import return_freed_tensors_to_the_os  # noqa: E402
 from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
 from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 from megatron_flextron.config import DEFAULT_RATIOS  # noqa: E402
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     if not os.path.exists(args.load_dir):
         print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
         return 2
+    return_freed_tensors_to_the_os()  # tensors of every size come and go: keep RSS honest
     initialize_model_parallel(tp, pp)
     rank = int(os.environ.get("RANK", "0"))
     opts = ConvertOptions(
