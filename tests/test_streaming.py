@@ -167,3 +167,20 @@ def test_bf16_flextron_checkpoint_loads_into_an_fp32_model(tmp_path):
     for name, p in gpt.named_parameters():
         assert p.dtype == torch.float32
         assert torch.equal(p.detach(), source.state[name].float()), name
+
+
+def test_params_dtype_converts_when_asked(tmp_path):
+    """--params-dtype: an fp32 source written as bf16 (each tensor rounded once, as .to() does);
+    an unknown dtype is refused before anything is written."""
+    tiny_hf("llama", str(tmp_path / "hf"))
+    opts = ConvertOptions("hf", "hf", str(tmp_path / "hf"), str(tmp_path / "bf16"))
+    opts.params_dtype = "bf16"
+    convert(opts)
+    source, out = load_checkpoint("hf", str(tmp_path / "hf")), load_checkpoint("hf", str(tmp_path / "bf16"))
+    for name in source.state:
+        assert out.state[name].dtype == torch.bfloat16
+        assert torch.equal(out.state[name], source.state[name].to(torch.bfloat16)), name
+    opts = ConvertOptions("hf", "hf", str(tmp_path / "hf"), str(tmp_path / "bad"), params_dtype="fp8")
+    with pytest.raises(CheckpointError, match="unknown params dtype 'fp8'"):
+        convert(opts)
+    assert not os.path.exists(tmp_path / "bad")

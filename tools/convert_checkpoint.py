@@ -30,7 +30,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.compat.memory import return_freed_tensors_to_the_os  # noqa: E402
-from megatron_flextron.convert import LOADERS, SAVERS, ConvertOptions, convert  # noqa: E402
+from megatron_flextron.convert import (  # noqa: E402
+    LOADERS,
+    PARAMS_DTYPES,
+    SAVERS,
+    ConvertOptions,
+    convert,
+)
 from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
 from megatron_flextron.config import DEFAULT_RATIOS  # noqa: E402
 from megatron_flextron.training.arguments import positive_int  # noqa: E402
@@ -53,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--load-dir", required=True, help="source directory (gguf: the .gguf file)")
     p.add_argument(
         "--save-dir", required=True, help="output directory (must not exist or be empty)"
+    )
+    p.add_argument(
+        "--params-dtype",
+        choices=sorted(PARAMS_DTYPES),
+        help="write the weights in this dtype (default: the source's, e.g. bf16 stays bf16)",
     )
     p.add_argument(
         "--tokenizer-model",
@@ -142,6 +153,7 @@ def main(argv=None) -> int:
             head_estimator=args.head_estimator,
         ),
         tokenizer_model=args.tokenizer_model,
+        params_dtype=args.params_dtype,
     )
     t0 = time.time()
     try:

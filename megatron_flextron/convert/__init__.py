@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
+
 from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy_view
 from megatron_flextron.checkpoint.io import atomic_output_dir
 
 LOADERS = ("hf", "gguf", "megatron", "megatron_legacy", "flextron")
@@ -80,6 +82,15 @@ class ConvertOptions:
     head_ratios: Sequence[float] = DEFAULT_RATIOS
     ranking: dict = field(default_factory=dict)  # options for importance ranking
     tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
+    params_dtype: Optional[str] = None  # write in this dtype (PARAMS_DTYPES); None: the source's
+
+
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_state(ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """Every tensor converted to ``dtype`` when it is read (a lazy view: nothing held)."""
+    ckpt.state = lazy_view(ckpt.state, lambda name, tensor: tensor.to(dtype))
 
 
 def check_parallel_sizes(ckpt: Checkpoint, tp: int, pp: int) -> None:
@@ -121,6 +132,12 @@ def convert(opts: ConvertOptions) -> Checkpoint:
     tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
     distributed = _check_distributed(opts)
     ckpt = load_checkpoint(opts.loader, opts.load_dir, opts.tokenizer_model)
+    if opts.params_dtype is not None:
+        if opts.params_dtype not in PARAMS_DTYPES:
+            raise CheckpointError(
+                f"unknown params dtype {opts.params_dtype!r}; expected one of {list(PARAMS_DTYPES)}"
+            )
+        cast_state(ckpt, PARAMS_DTYPES[opts.params_dtype])
     if ckpt.elastic is None:
         ckpt.elastic = ElasticConfig.from_ratios(
             ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp
