@@ -184,3 +184,14 @@ def test_params_dtype_converts_when_asked(tmp_path):
     with pytest.raises(CheckpointError, match="unknown params dtype 'fp8'"):
         convert(opts)
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_mixed_dtypes_are_written_without_rounding():
+    """fp32 norms beside bf16 weights: the savers' dtype is fp32, so nothing is rounded."""
+    from megatron_flextron.checkpoint.state import state_dtype
+
+    state = {"embedding.word_embeddings.weight": torch.zeros(2, 2, dtype=torch.bfloat16),
+             "decoder.final_layernorm.weight": torch.ones(2)}  # fmt: skip
+    assert state_dtype(state) == torch.float32
+    state["decoder.final_layernorm.weight"] = torch.ones(2, dtype=torch.bfloat16)
+    assert state_dtype(state) == torch.bfloat16

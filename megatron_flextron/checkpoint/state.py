@@ -76,8 +76,10 @@ def spec_of(state: Mapping, name: str) -> TensorSpec:
 
 
 def state_dtype(state: Mapping) -> torch.dtype:
-    """The checkpoint's dtype: its embedding's (norms may be kept in fp32 by some formats)."""
-    return spec_of(state, "embedding.word_embeddings.weight").dtype
+    """The dtype a saver writes the whole checkpoint in: the tensors' one dtype, or fp32 when
+    they mix dtypes (e.g. fp32 norms beside bf16 weights), so that no tensor is rounded."""
+    dtypes = {spec_of(state, name).dtype for name in state}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def lazy_view(
