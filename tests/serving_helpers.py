@@ -46,7 +46,7 @@ def hf_model(ckpt, spec):
     import transformers
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from megatron_flextron.convert.export import export_subnetwork, slice_layer
+    from megatron_flextron.convert.export import export_subnetwork, slice_tensor
     from megatron_flextron.convert.formats.hf import _keymap, hf_config_from_model, save_hf
     from megatron_flextron.elastic import Subnetwork
 
@@ -64,7 +64,12 @@ def hf_model(ckpt, spec):
     state = {}
     for i, (src, (width, heads)) in enumerate(zip(subnet.layers, dense.layer_shapes)):
         mi = dataclasses.replace(m, num_layers=1, ffn_hidden_size=width, num_attention_heads=heads)
-        layer = slice_layer(ckpt.state, m, src, 0, width, heads)
+        prefix = f"decoder.layers.{src}."
+        layer = {  # layer src cut to (width, heads), renamed layer 0
+            f"decoder.layers.0.{k[len(prefix):]}": slice_tensor(k[len(prefix):], v, m, width, heads)
+            for k, v in ckpt.state.items()
+            if k.startswith(prefix)
+        }
         for name, t in _keymap(mi).from_canonical(mi, {**outer, **layer}):
             if name.startswith("model.layers.0."):
                 state[name.replace("model.layers.0.", f"model.layers.{i}.")] = t

@@ -9,12 +9,12 @@ every layer of that kind at once. ``read_layer`` plans reads for the chunks of l
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata, safe_filesystem_reader
-from megatron_flextron.checkpoint.state import CheckpointError, TensorSpec
+from megatron_flextron.checkpoint.state import CheckpointError, LazyState, TensorSpec
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,6 +98,23 @@ class StoredTensors:
         offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])
         self._load(key, out, planner=_region_planner(key, offsets, sizes))
         return out[0]
+
+    def lazy_state(
+        self, where: Dict[str, Tuple[str, Optional[int]]], transform: Optional[Callable] = None
+    ) -> LazyState:
+        """A lazy state over ``where`` (name -> (stored key, layer of a stacked key or None)),
+        each read passed through ``transform(name, tensor)`` (which keeps shape and dtype)."""
+        specs = {}
+        for name, (key, layer) in where.items():
+            shape, dtype = self.spec(key)
+            specs[name] = TensorSpec(shape if layer is None else shape[1:], dtype)
+
+        def read(name: str) -> torch.Tensor:
+            key, layer = where[name]
+            value = self.read(key) if layer is None else self.read_layer(key, layer)
+            return value if transform is None else transform(name, value)
+
+        return LazyState(specs, read)
 
     def _load(self, key: str, out: torch.Tensor, **kwargs) -> torch.Tensor:
         load_shards(self.folder, {key: out}, reader=self.reader, no_dist=True, **kwargs)

@@ -26,8 +26,6 @@ from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
 from megatron_flextron.checkpoint.state import (
     Checkpoint,
     CheckpointError,
-    LazyState,
-    TensorSpec,
     expected_shapes,
     state_dtype,
 )
@@ -254,20 +252,14 @@ def read_flextron(path: str) -> Checkpoint:
     if model.tie_embeddings:
         where.pop("output_layer.weight", None)
 
-    def read(name: str) -> torch.Tensor:
-        key, layer = where[name]
-        value = stored.read(key) if layer is None else stored.read_layer(key, layer)
+    def undeal(name: str, value: torch.Tensor) -> torch.Tensor:
         axis = tp_axis(name, model)
         return value if axis is None else from_dealt_global(value, axis, tp).contiguous()
 
-    specs = {}
-    for name, (key, layer) in where.items():
-        shape, dtype = stored.spec(key)
-        specs[name] = TensorSpec(shape if layer is None else shape[1:], dtype)
     tokenizer = os.path.join(path, "tokenizer")
     ckpt = Checkpoint(
         model=model,
-        state=LazyState(specs, read),
+        state=stored.lazy_state(where, undeal),
         tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None,
         elastic=ElasticConfig.from_dict(config["elastic"]) if config.get("elastic") else None,
         metadata=config.get("metadata") or {},

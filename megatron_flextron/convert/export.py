@@ -29,18 +29,6 @@ def slice_tensor(name: str, value, m, width: int, heads: int):
     return value.contiguous()
 
 
-def slice_layer(state: dict, m, src: int, dst: int, width: int, heads: int) -> dict:
-    """Layer ``src`` of a canonical state at (width, heads), renamed to layer ``dst``."""
-    prefix = f"decoder.layers.{src}."
-    return {
-        f"decoder.layers.{dst}.{key[len(prefix):]}": slice_tensor(
-            key[len(prefix):], value, m, width, heads
-        )
-        for key, value in state.items()
-        if key.startswith(prefix)
-    }
-
-
 def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
     """A dense checkpoint of a sub-network, as a lazy view of ``ckpt.state`` (each tensor cut
     when read). Homogeneous: an ordinary config of the smaller shape. Heterogeneous (per-layer

@@ -36,7 +36,6 @@ from megatron_flextron.checkpoint.state import (
     Checkpoint,
     CheckpointError,
     LazyState,
-    TensorSpec,
     expected_shapes,
 )
 from megatron_flextron.config import ModelConfig
@@ -141,26 +140,20 @@ def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Laz
     twice = sorted(n for n, c in counts.items() if c > 1)
     if twice:
         raise CheckpointError(f"stored twice (local and TE names?): {twice[:4]}")
-    where, specs = {}, {}  # canonical name -> (key, layer of a stacked key or None)
+    where = {}  # canonical name -> (key, layer of a stacked key or None)
     for key, names in plan.items():
-        shape, dtype = stored.spec(key)
+        shape = stored.spec(key).shape
         stacked = key.startswith("decoder.layers.") and not _PER_LAYER.match(key)
         if stacked and (not shape or shape[0] != len(names)):
             raise CheckpointError(
                 f"{key}: stacked layers of shape {shape}, expected {len(names)} first"
             )
-        for i, name in enumerate(names):
-            where[name] = (key, i if stacked else None)
-            specs[name] = TensorSpec(shape[1:] if stacked else shape, dtype)
-
-    def read(name: str) -> Tensor:
-        key, layer = where[name]
-        return stored.read(key) if layer is None else stored.read_layer(key, layer)
-
+        where.update({name: (key, i if stacked else None) for i, name in enumerate(names)})
+    state = stored.lazy_state(where)
     if tied_head is not None:
-        if _EMBED not in where or not torch.equal(stored.read("output_layer.weight"), read(_EMBED)):
+        if _EMBED not in where or not torch.equal(stored.read("output_layer.weight"), state[_EMBED]):
             raise CheckpointError("tied embeddings, but output_layer.weight differs from them")
-    return LazyState(specs, read)
+    return state
 
 
 _EMBED = "embedding.word_embeddings.weight"
