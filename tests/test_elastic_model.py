@@ -9,8 +9,11 @@ import pytest
 import torch
 from helpers import BATCH, SEQ, batch, elastic_choices, random_canonical_state, tiny_config
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from megatron_flextron.elastic import Subnetwork, build_gpt_model, count_parameters, set_subnetwork
+from megatron_flextron.elastic.blocks import hybrid_name
+from megatron_flextron.elastic.hybrid import build_hybrid_model
 from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -42,6 +45,26 @@ def test_full_size_equals_stock_gpt(family):
     tokens, _ = batch()
     diff = (_logits(stock, tokens) - _logits(elastic, tokens)).abs().max().item()
     assert diff <= 1e-6, diff
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_full_size_equals_stock_models(family):
+    """The elastic HybridModel (``*-`` per block) at full size equals megatron's dense GPTModel
+    and megatron's HybridModel built from the same local modules, with the same weights."""
+    model_cfg = FAMILIES[family]
+    canonical = random_canonical_state(model_cfg)
+    stock_gpt = build_gpt_model(model_cfg, model_cfg.transformer_config(), elastic=False)
+    stock_gpt.load_state_dict(canonical, strict=False)
+    tokens, _ = batch()
+    reference = _logits(stock_gpt, tokens)
+    hybrid = {"*-" * model_cfg.num_layers}
+    for elastic in (True, False):
+        model = build_hybrid_model(model_cfg, model_cfg.transformer_config(), elastic=elastic)
+        assert isinstance(model, HybridModel) and model.hybrid_layer_pattern in hybrid
+        missing = model.load_state_dict({hybrid_name(k): v for k, v in canonical.items()}, False)
+        assert not [k for k in missing.missing_keys if "_extra_state" not in k]
+        diff = (_logits(model, tokens) - reference).abs().max().item()
+        assert diff <= 1e-5, (elastic, diff)
 
 
 # ---------- a stock dense model of a smaller (possibly per-layer) shape, sliced by hand ----------

@@ -22,6 +22,8 @@ from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
 from megatron_flextron.convert.formats.hf import load_hf
 from megatron_flextron.convert.formats.megatron_dist import read_common
 from megatron_flextron.elastic import build_gpt_model
+from megatron_flextron.elastic.blocks import hybrid_name
+from megatron_flextron.elastic.hybrid import build_hybrid_model, layer_pattern
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 GPT2_VOCAB, GPT2_PADDED = 50257, 50304  # Megatron pads GPT-2's vocabulary to a multiple of 128
@@ -52,26 +54,39 @@ def megatron_lm_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-def write_megatron_dist(directory, ckpt: Checkpoint, args, names="te", dtype=torch.float32):
-    """Megatron-LM's layout: iter_0000010/ (torch_dist shards, the args in their common state) and the
-    tracker file, written by megatron-core's own GPTModel and dist_checkpointing.save; also the
-    entries a training checkpoint holds besides the model (optimizer state, rng, TE extra state)."""
+def write_megatron_dist(
+    directory, ckpt: Checkpoint, args, names="te", dtype=torch.float32, hybrid=False
+):
+    """Megatron-LM's layout: iter_0000010/ (torch_dist shards, the args in their common state)
+    and the tracker file, written by megatron-core's own GPTModel (or HybridModel, pattern ``*-``
+    per block, local modules) and dist_checkpointing.save; also the entries a training
+    checkpoint holds besides the model (optimizer state, rng, TE extra state)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     m = ckpt.model
-    model = build_gpt_model(
+    build = build_hybrid_model if hybrid else build_gpt_model
+    model = build(
         m, m.transformer_config(params_dtype=dtype), elastic=False, pre_process=True,
         post_process=True,
     )
     model.to(dtype)  # as Megatron-LM's Float16Module holds a bf16 model
-    load_state_strict(model, ckpt.state)
+    if hybrid:
+        model.load_state_dict({hybrid_name(k): v for k, v in ckpt.state.items()}, strict=False)
+        args = argparse.Namespace(
+            **{**vars(args), "num_layers": 2 * m.num_layers},
+            hybrid_layer_pattern=layer_pattern(m.num_layers, 2),  # two stages: "*-|*-"
+        )
+    else:
+        load_state_strict(model, ckpt.state)
     sharded = model.sharded_state_dict()
-    if names == "local":
-        for name, value in sharded.items():
-            for te, local in _LOCAL_NAMES.items():
-                if isinstance(value, ShardedTensor) and te in value.key:
-                    sharded[name] = dataclasses.replace(value, key=value.key.replace(te, local))
+    renames = _LOCAL_NAMES.items() if names == "local" else ()
+    if hybrid and names == "te":  # the local hybrid layers store local names; TE fuses them
+        renames = [(local, te) for te, local in _LOCAL_NAMES.items()]
+    for name, value in sharded.items():
+        for old, new in renames:
+            if isinstance(value, ShardedTensor) and old in value.key:
+                sharded[name] = dataclasses.replace(value, key=value.key.replace(old, new))
     embed = ckpt.state["embedding.word_embeddings.weight"]
     state = {
         "model": sharded,
@@ -123,7 +138,7 @@ def gpt3_fixture(tmp_path):
         return source(TOKENS).logits
 
 
-def llama_fixture(tmp_path, names="te"):
+def llama_fixture(tmp_path, names="te", hybrid=False):
     """Llama style: RMSNorm, SwiGLU, RoPE, GQA, untied, bf16 params, HuggingFaceTokenizer."""
     source = tiny_hf("llama", tmp_path / "llama")
     with torch.no_grad():  # the reference holds exactly the bf16 values Megatron trained
@@ -149,7 +164,9 @@ def llama_fixture(tmp_path, names="te"):
         params_dtype=torch.bfloat16, bf16=True, tokenizer_type="HuggingFaceTokenizer",
         tokenizer_model=str(tmp_path / "tok"),
     )
-    write_megatron_dist(tmp_path / "meg", ckpt, args, names=names, dtype=torch.bfloat16)
+    write_megatron_dist(
+        tmp_path / "meg", ckpt, args, names=names, dtype=torch.bfloat16, hybrid=hybrid
+    )
     return ref
 
 
@@ -296,3 +313,43 @@ def test_refusals_name_the_problem(tmp_path):
         load_checkpoint("megatron", str(tmp_path / "extra"))
     with pytest.raises(CheckpointError, match="megatron_legacy|neither"):
         load_checkpoint("megatron", str(tmp_path / "tok"))
+
+
+@pytest.mark.parametrize("names", ["te", "local"])
+def test_hybrid_model_checkpoint_to_hf_matches_transformers(tmp_path, names):
+    """A Megatron-LM HybridModel checkpoint (pattern ``*-|*-``, two stages, saved by
+    megatron-core's own HybridModel) converts to HF with logits equal to transformers, and reads the same tensors
+    as the GPTModel checkpoint of the same weights."""
+    ref = llama_fixture(tmp_path / "h", names=names, hybrid=True)
+    ckpt = load_checkpoint("megatron", str(tmp_path / "h" / "meg"))
+    assert ckpt.metadata["source"]["model_class"] == "HybridModel"
+    assert ckpt.model.num_layers == 2  # blocks: 4 hybrid layers
+    convert(ConvertOptions("megatron", "hf", str(tmp_path / "h" / "meg"), str(tmp_path / "hf")))
+    assert (hf_logits(str(tmp_path / "hf"), TOKENS) - ref).abs().max() <= 1e-5
+    llama_fixture(tmp_path / "g")
+    gpt = load_checkpoint("megatron", str(tmp_path / "g" / "meg"))
+    assert gpt.model == ckpt.model and gpt.state.keys() == ckpt.state.keys()
+    assert all(torch.equal(gpt.state[k], ckpt.state[k]) for k in gpt.state)
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("*-M-*-*-", "layer 2 is 'M' \\(Mamba\\)"),
+        ("*-*E*-*-", "layer 3 is 'E' \\(mixture-of-experts MLP\\)"),
+        ("*-*-*-+-", "layer 6 is '\\+' \\(multi-latent attention\\)"),
+        ("*-*-*-G-", "layer 6 is 'G' \\(gated delta net\\)"),
+        ("*-*-*-D-", "layer 6 is 'D' \\(DeepSeek sparse attention\\)"),
+        ("*--*-*-*", "layer 2 is '-' \\(MLP\\) where a dense block's attention"),
+        ("*-*-*-*-/*-", "multi-token-prediction"),
+    ],
+)
+def test_hybrid_layer_kinds_it_cannot_represent_are_refused(tmp_path, pattern, message):
+    llama_fixture(tmp_path, hybrid=True)
+    folder = tmp_path / "meg" / "iter_0000010"
+    common = read_common(str(folder))
+    args = argparse.Namespace(**{**vars(common["args"]), "hybrid_layer_pattern": pattern})
+    torch.save({**common, "args": args}, folder / "common.pt")  # read first (pre-0.19 file)
+    with pytest.raises(CheckpointError, match=f"hybrid_layer_pattern=.*{message}"):
+        convert(ConvertOptions("megatron", "hf", str(tmp_path / "meg"), str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o")

@@ -21,6 +21,7 @@ from helpers import (
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.hybrid import build_hybrid_model
 from megatron_flextron.elastic.tp_layout import gather_canonical, load_canonical_state_dict
 
 SPECS = [
@@ -30,9 +31,12 @@ SPECS = [
 ]
 
 
-def _run(model_cfg: ModelConfig, canonical: dict, spec, tp: int = 1, pp: int = 1):
+BUILDERS = {"gpt": build_gpt_model, "hybrid": build_hybrid_model}
+
+
+def _run(model_cfg: ModelConfig, canonical: dict, spec, tp: int = 1, pp: int = 1, model="gpt"):
     config = model_cfg.transformer_config(tp, pp)
-    gpt = build_gpt_model(model_cfg, config, elastic=True)
+    gpt = BUILDERS[model](model_cfg, config, elastic=True)
     load_canonical_state_dict(gpt, canonical, model_cfg)
     ddp = wrap_ddp(gpt, config)
     set_subnetwork(ddp, spec, model_cfg, elastic_choices(model_cfg))
@@ -41,14 +45,18 @@ def _run(model_cfg: ModelConfig, canonical: dict, spec, tp: int = 1, pp: int = 1
     return loss, logits, gather_canonical(ddp, model_cfg, grads=True)
 
 
-def _parallel_body(rank, world_size, tp, pp, cases):
+def _parallel_body(rank, world_size, tp, pp, cases, model="gpt"):
     from megatron_flextron.parallel import initialize_model_parallel
 
     initialize_model_parallel(tp, pp)
+    _compare(rank, tp, pp, cases, model)
+
+
+def _compare(rank, tp, pp, cases, model):
     for model_dict, canonical, spec, ref_loss, ref_logits, ref_grads in cases:
         model_cfg = ModelConfig.from_dict(model_dict)
-        loss, logits, grads = _run(model_cfg, canonical, spec, tp, pp)
-        where = f"{model_cfg.family} spec={spec} rank={rank} tp={tp} pp={pp}"
+        loss, logits, grads = _run(model_cfg, canonical, spec, tp, pp, model)
+        where = f"{model} {model_cfg.family} spec={spec} rank={rank} tp={tp} pp={pp}"
         if loss is not None:
             assert abs(loss.item() - ref_loss.item()) <= 1e-6, (where, loss, ref_loss)
             assert (logits - ref_logits).abs().max() <= 1e-5, (
@@ -82,6 +90,17 @@ def cases(megatron_single_process):
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_equals_single_process(cases, tp, pp):
     run_distributed(_parallel_body, tp * pp, tp, pp, cases)
+
+
+def test_hybrid_model_in_one_process_equals_gpt_model(cases):
+    """The elastic HybridModel (``*-`` per block) is the elastic GPTModel's function: loss,
+    logits and every canonical gradient, at full size and at sub-networks (skips included)."""
+    _compare(0, 1, 1, cases, "hybrid")
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+def test_hybrid_model_in_parallel_equals_gpt_model(cases, tp, pp):
+    run_distributed(_parallel_body, tp * pp, tp, pp, cases, "hybrid")
 
 
 def _tp_invariance_body(rank, world_size, model_dict, canonical):

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.layout import head_position
-from megatron_flextron.elastic.subnetwork import unwrap_model
 
 
 def _keep(position: torch.Tensor, limits: Sequence[int]) -> torch.Tensor:
@@ -69,7 +69,7 @@ def set_soft_architecture(
         if parallel_state.model_parallel_is_initialized()
         else 0
     )
-    for layer in unwrap_model(model).decoder.layers:
+    for layer in transformer_blocks(model):
         index = layer.layer_number - 1
         mlp, attn = layer.mlp, layer.self_attention
         if mlp.active_width is not None or attn.active_heads is not None:
@@ -88,7 +88,7 @@ def set_soft_architecture(
 
 
 def clear_soft_architecture(model: torch.nn.Module) -> None:
-    for layer in unwrap_model(model).decoder.layers:
+    for layer in transformer_blocks(model):
         layer.mlp.linear_fc2.set_input_scale(None)
         layer.self_attention.linear_proj.set_input_scale(None)
         layer.set_keep(None)

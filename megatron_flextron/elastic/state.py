@@ -23,11 +23,12 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.soft_architecture import (
     clear_soft_architecture,
     set_soft_architecture,
 )
-from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork, unwrap_model
+from megatron_flextron.elastic.subnetwork import Subnetwork, set_subnetwork
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,13 @@ class SoftArchitecture:
 
 
 def clear_token_routing(model: torch.nn.Module) -> None:
-    for layer in unwrap_model(model).decoder.layers:
-        layer.mlp.set_token_routing(None)
+    for block in transformer_blocks(model):
+        block.mlp.set_token_routing(None)
 
 
 def set_token_routing(model: torch.nn.Module, routings: Sequence[Optional[Callable]]) -> None:
     """One routing callable (or None) per local layer, in this stage's layer order."""
-    layers = unwrap_model(model).decoder.layers
+    layers = transformer_blocks(model)
     if len(routings) != len(layers):
         raise ValueError(f"{len(routings)} token routings for {len(layers)} local layers")
     for layer, routing in zip(layers, routings):
@@ -60,7 +61,7 @@ def reset_elastic_state(model: torch.nn.Module) -> None:
     """The full model: every layer at full width and running, no masks, no routing."""
     clear_soft_architecture(model)
     clear_token_routing(model)
-    for layer in unwrap_model(model).decoder.layers:
+    for layer in transformer_blocks(model):
         layer.set_skipped(False)
         layer.mlp.set_active_width(None)
         layer.self_attention.set_active_heads(None)

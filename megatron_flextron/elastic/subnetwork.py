@@ -18,6 +18,7 @@ import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.attention import ElasticSelfAttention
+from megatron_flextron.elastic.blocks import transformer_blocks, unwrap_model  # noqa: F401
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.layout import count_layer_parameters
 from megatron_flextron.elastic.mlp import ElasticMLP
@@ -135,13 +136,6 @@ def _per_layer(key: str, value, full: int, num_layers: int) -> Tuple[int, ...]:
     return (_as_int(key, value),) * num_layers
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def set_subnetwork(
     model: torch.nn.Module,
     spec: Union[None, str, dict, Subnetwork],
@@ -157,19 +151,21 @@ def set_subnetwork(
     tp_size = gpt.config.tensor_model_parallel_size
     subnet.validate(model_config, elastic, tp_size)
     kept = set(subnet.layers)
-    for layer in gpt.decoder.layers:
-        if not isinstance(layer, ElasticTransformerLayer):
-            raise TypeError(f"{type(layer).__name__} is not elastic: build with elastic_layer_spec")
-        index = layer.layer_number - 1  # global, 0-based
-        if not isinstance(layer.mlp, ElasticMLP) or not isinstance(
-            layer.self_attention, ElasticSelfAttention
+    blocks = transformer_blocks(gpt)
+    for block in blocks:
+        for layer in block.layers:
+            if not isinstance(layer, ElasticTransformerLayer):
+                raise TypeError(
+                    f"{type(layer).__name__} is not elastic: build with elastic_layer_spec"
+                )
+        if not isinstance(block.mlp, ElasticMLP) or not isinstance(
+            block.self_attention, ElasticSelfAttention
         ):
-            raise TypeError(f"layer {index} does not use the elastic MLP and attention")
-    for layer in gpt.decoder.layers:
-        index = layer.layer_number - 1
-        layer.set_skipped(index not in kept)
-        layer.mlp.set_active_width(subnet.mlp[index])
-        layer.self_attention.set_active_heads(subnet.heads[index])
+            raise TypeError(f"layer {block.index} does not use the elastic MLP and attention")
+    for block in blocks:
+        block.set_skipped(block.index not in kept)
+        block.mlp.set_active_width(subnet.mlp[block.index])
+        block.self_attention.set_active_heads(subnet.heads[block.index])
     return subnet
 
 

@@ -110,16 +110,18 @@ def from_dealt_global(dealt: torch.Tensor, axis: TPAxis, tp_size: int) -> torch.
 
 def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
     """Map this pipeline stage's parameter names to canonical (global layer number) names."""
-    from megatron_flextron.elastic.subnetwork import unwrap_model
+    from megatron_flextron.elastic.blocks import canonical_name, is_hybrid, unwrap_model
 
     gpt = unwrap_model(model)
+    hybrid = is_hybrid(gpt)
     offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(gpt.decoder.layers)}
     names = {}
     for name, _ in gpt.named_parameters():
         match = _LAYER.match(name)
-        names[name] = (
+        name_global = (
             f"decoder.layers.{offsets[match.group(1)]}.{match.group(2)}" if match else name
         )
+        names[name] = canonical_name(name_global) if hybrid else name_global
     return names
 
 

@@ -22,11 +22,11 @@ every rank returns the statistics of the whole model, as a single process would.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Dict, List
 
 import torch
 
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.tp_layout import TPAxis, unshard_tensor
 from megatron_flextron.lm_step import forward_backward
 
@@ -95,10 +95,8 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
     rank, on the CPU in float64: "mlp", "activation", "taylor" (lists over layers, canonical unit
     order) and "layer".
     """
-    from megatron_flextron.elastic.subnetwork import unwrap_model
 
-    gpt = unwrap_model(model)
-    layers = list(gpt.decoder.layers)
+    layers = transformer_blocks(model)
     stats = [_LayerStats() for _ in layers]
     current = {}
     handles = []
@@ -132,9 +130,15 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
 
         return hook
 
-    def layer_hook(st):
+    def block_input(st):
+        def hook(module, args, kwargs):
+            st.block_input = kwargs.get("hidden_states", args[0] if args else None).detach()
+
+        return hook
+
+    def layer_hook(st):  # how much the block changes its input (1 - cosine similarity)
         def hook(module, args, kwargs, output):
-            x = kwargs.get("hidden_states", args[0] if args else None).detach().float()
+            x, st.block_input = st.block_input.float(), None
             y = output[0].detach().float()
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [s, b]
             valid = current["mask"].t() > 0
@@ -145,7 +149,10 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
     for st, layer in zip(stats, layers):
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(st)))
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(st)))
-        handles.append(layer.register_forward_hook(layer_hook(st), with_kwargs=True))
+        handles.append(
+            layer.attention_layer.register_forward_pre_hook(block_input(st), with_kwargs=True)
+        )
+        handles.append(layer.mlp_layer.register_forward_hook(layer_hook(st), with_kwargs=True))
     try:
         with activation_gradients_only(model):
             for batch in progress(microbatches, "importance: calibration batches"):
@@ -220,7 +227,7 @@ def head_ablation_scores(model, microbatches: list, model_config) -> List[torch.
     base = forward_backward(model, microbatches, forward_only=True)
     base_loss = base["nll_sum"] / base["tokens"]
     scores = []
-    for layer in progress(list(model.decoder.layers), "importance: head ablation (layers)"):
+    for layer in progress(transformer_blocks(model), "importance: head ablation (layers)"):
         proj = layer.self_attention.linear_proj
         layer_scores = torch.zeros(heads_per_layer, dtype=torch.float64)
         for h in range(heads_per_layer):

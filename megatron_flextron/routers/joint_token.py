@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.elastic.blocks import num_blocks, transformer_blocks
 from megatron_flextron.elastic.subnetwork import unwrap_model
 from megatron_flextron.parallel import all_reduce_grads, data_parallel_mean, seeded
 from megatron_flextron.routers.cost import check_budget_list
@@ -71,8 +72,8 @@ class JointTokenRouters(BudgetPolicy):
         self.seed = seed
         self.schedule = schedule or GumbelSchedule(tau_min=0.1)
         gpt = unwrap_model(model)
-        self.num_layers = gpt.config.num_layers
-        self.layer_ids = [layer.layer_number - 1 for layer in gpt.decoder.layers]  # global
+        self.num_layers = num_blocks(gpt)
+        self.layer_ids = [block.index for block in transformer_blocks(gpt)]  # global
         self.routers = {}
         for i in self.layer_ids:
             with seeded(seed + i):  # layer i's router alike on every rank and layout
@@ -102,7 +103,7 @@ class JointTokenRouters(BudgetPolicy):
         code = encode_budget(self.budgets, budget)
         tau = self.schedule.temperature(iteration)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_mb))
-        layers = unwrap_model(model).decoder.layers
+        layers = transformer_blocks(model)
         for i, layer, routing in zip(self.layer_ids, layers, self.routings):
             routing.budget, routing.budget_code, routing.temperature = budget, code, tau
             routing.mode = "hard"

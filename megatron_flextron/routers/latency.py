@@ -18,6 +18,7 @@ import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import LatencyTable, router_choices
@@ -50,7 +51,7 @@ def measure_latency(
     device = current_device()
     config = model_cfg.transformer_config(params_dtype=dtype)
     gpt = build_gpt_model(model_cfg, config, elastic=True).to(device).eval()
-    layer = gpt.decoder.layers[0]
+    layer = transformer_blocks(gpt)[0]
     s, b, h = seq_length, micro_batch_size, model_cfg.hidden_size
     hidden = torch.randn(s, b, h, device=device, dtype=dtype)
     rope = gpt.rotary_pos_emb(s) if model_cfg.position_embedding == "rope" else None

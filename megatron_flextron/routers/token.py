@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.mlp import ElasticMLP
 from megatron_flextron.elastic.soft_architecture import mlp_keep_matrix
 from megatron_flextron.elastic.state import clear_token_routing
@@ -179,7 +180,7 @@ def enable_token_routing(
     gpt = unwrap_model(model)
     widths = sorted(widths, reverse=True)
     routings = []
-    for layer in gpt.decoder.layers:
+    for layer in transformer_blocks(gpt):
         mlp = layer.mlp
         router = (
             routers[layer.layer_number - 1]

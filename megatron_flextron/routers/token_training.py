@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_json
 from megatron_flextron.checkpoint.state import CheckpointError
+from megatron_flextron.elastic.blocks import num_blocks, transformer_blocks
 from megatron_flextron.elastic.state import reset_elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork, unwrap_model
 from megatron_flextron.lm_step import loss_func, position_ids
@@ -50,7 +51,7 @@ def train_token_routers(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     hidden = model.config.hidden_size
-    routers = [TokenRouter(hidden, len(widths), len(budgets)) for _ in model.decoder.layers]
+    routers = [TokenRouter(hidden, len(widths), len(budgets)) for _ in transformer_blocks(model)]
     routings = enable_token_routing(
         model, widths, routers, mode="hard", aux_loss_coeff=aux_loss_coeff, tolerance=tolerance
     )
@@ -150,7 +151,7 @@ class TrainedTokenRouting(BudgetPolicy):
             raise CheckpointError(
                 f"{ckpt_dir} has no token routers (token_router/): run tools/train_token_router.py"
             )
-        layers = unwrap_model(model).config.num_layers
+        layers = num_blocks(model)
         if len(found["routers"]) != layers:
             raise CheckpointError(
                 f"{ckpt_dir}/{TOKEN_ROUTER_DIR} holds {len(found['routers'])} layers' routers, "
@@ -163,7 +164,7 @@ class TrainedTokenRouting(BudgetPolicy):
         """Route for ``budget`` from now on; resets the width count."""
         code = encode_budget(self.budgets, budget)
         self.full = self.full_at_1 and budget >= 1.0
-        layers = unwrap_model(self.model).decoder.layers if self.model is not None else []
+        layers = transformer_blocks(self.model) if self.model is not None else []
         for layer, r in zip(layers, self.routings):
             layer.mlp.set_token_routing(None if self.full else r)
         for r in self.routings:
@@ -183,7 +184,7 @@ class TrainedTokenRouting(BudgetPolicy):
         if self.routes(budget):
             return Choice(budget, None, info)
         config = unwrap_model(self.model).config
-        n = config.num_layers
+        n = num_blocks(self.model)
         full = Subnetwork(
             (config.ffn_hidden_size,) * n, (config.num_attention_heads,) * n, tuple(range(n))
         )

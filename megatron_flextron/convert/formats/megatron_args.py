@@ -29,7 +29,6 @@ _REFUSED = (
     ("rotary_seq_len_interpolation_factor", None, "RoPE position interpolation"),
     ("mtp_num_layers", None, "multi-token-prediction layers"),
     ("heterogeneous_layers_config_path", None, "per-layer heterogeneous blocks"),
-    ("hybrid_override_pattern", None, "hybrid (Mamba) layers"),
     ("no_rope_freq", None, "layers without RoPE"),
     ("softmax_type", "vanilla", "a non-standard attention softmax"),
     ("experimental_attention_variant", None, "a non-standard attention"),
@@ -49,6 +48,51 @@ def position_embedding(args) -> str:
     if getattr(args, "use_rotary_position_embeddings", False):
         return "rope"
     return "learned_absolute" if getattr(args, "add_position_embedding", True) else "none"
+
+
+# what each HybridModel layer symbol is; only a dense block (attention, then MLP) is represented
+_HYBRID_KINDS = {
+    "*": "attention",
+    "-": "MLP",
+    "M": "Mamba",
+    "G": "gated delta net",
+    "D": "DeepSeek sparse attention",
+    "+": "multi-latent attention",
+    "E": "mixture-of-experts MLP",
+}
+
+
+def hybrid_blocks(args):
+    """The number of dense blocks of a Megatron-LM HybridModel (``--hybrid-layer-pattern``),
+    or None for a GPTModel. Refuses, naming the layer, every pattern that is not ``*-`` per
+    block (pipeline splits ``|`` allowed); multi-token-prediction layers (``/``) too."""
+    arg = "hybrid_layer_pattern"
+    pattern = getattr(args, arg, None)
+    if pattern is None:
+        arg, pattern = "hybrid_override_pattern", getattr(args, "hybrid_override_pattern", None)
+    if pattern is None:
+        return None
+    if "/" in pattern:
+        raise _refuse(arg, pattern, "multi-token-prediction layers after '/'")
+    layers = pattern.replace("|", "")
+    for i, symbol in enumerate(layers):
+        want = "*" if i % 2 == 0 else "-"
+        if symbol != want:
+            kind = _HYBRID_KINDS.get(symbol, "an unknown layer kind")
+            raise _refuse(
+                arg,
+                pattern,
+                f"layer {i} is {symbol!r} ({kind}) where a dense block's "
+                f"{_HYBRID_KINDS[want]} ({want!r}) belongs: only '*-' per block is represented",
+            )
+    if not layers or len(layers) % 2:
+        raise _refuse(arg, pattern, "it does not end a block with its MLP ('-')")
+    num_layers = getattr(args, "num_layers", None)
+    if num_layers not in (None, len(layers)):
+        raise CheckpointError(
+            f"megatron args: num_layers={num_layers} but {arg} has {len(layers)} layers"
+        )
+    return len(layers) // 2
 
 
 def check_supported(args) -> None:
@@ -72,6 +116,7 @@ def check_supported(args) -> None:
 def model_config_from_args(args) -> ModelConfig:
     """The dense architecture a Megatron-LM run trained (vocabulary: the padded size)."""
     check_supported(args)
+    blocks = hybrid_blocks(args)
     swiglu = getattr(args, "swiglu", False)
     heads, hidden = args.num_attention_heads, args.hidden_size
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
@@ -83,7 +128,7 @@ def model_config_from_args(args) -> ModelConfig:
     epsilon = getattr(args, "norm_epsilon", None) or getattr(args, "layernorm_epsilon", 1e-5)
     return ModelConfig(
         "llama" if swiglu else "gpt3",
-        num_layers=args.num_layers,
+        num_layers=args.num_layers if blocks is None else blocks,
         hidden_size=hidden,
         ffn_hidden_size=getattr(args, "ffn_hidden_size", None) or 4 * hidden,
         num_attention_heads=heads,

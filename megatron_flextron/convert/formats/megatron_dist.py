@@ -2,14 +2,19 @@
 
 Layout: ROOT/latest_checkpointed_iteration.txt, ROOT/iter_NNNNNNN/ or ROOT/release/, each holding
 ``.metadata`` + ``*.distcp`` (torch.distributed.checkpoint shards, global tensor names whatever
-TP/PP wrote them), the common state (the non-sharded ``args``, ``iteration``, ...: ``common.pt``,
-or inside the shards since megatron-core 0.19) and megatron's ``metadata.json``. Either the root or one iteration folder may be given.
+TP/PP wrote them), the common state (the non-sharded ``args``, ``iteration``, ...:
+``common.pt``, or inside the shards since megatron-core 0.19) and megatron's ``metadata.json``.
+Either the root or one iteration folder may be given.
 
 - Config: the ``args`` Namespace in the common state, read with ``weights_only=True`` and an
-  allow-list (checkpoint/common_state.py: argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
+  allow-list (checkpoint/common_state.py: argparse.Namespace and enum classes of megatron/torch);
+  anything else is named and refused.
+- Model classes: GPTModel (layers stacked on a leading axis, ``decoder.layers.X``, or one key per
+  layer) and HybridModel with a dense pattern (``*-`` per block, ``|`` stage splits: block i is
+  layers 2i and 2i+1; other layer kinds are refused naming the symbol and the layer).
 - Tensors: read lazily, one stored key or one layer of a stacked key at a time (only what is
-  converted), kept in the stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
-  key per layer; norms under local (``input_layernorm``) or Transformer Engine names
+  converted), kept in the stored dtype (bf16 stays bf16). Norms under local
+  (``input_layernorm``) or Transformer Engine names
   (``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state`` (TE/fp8 metadata, stored as
   bytes), ``optimizer.*`` and rng state are skipped; any other tensor the architecture does not
   use stops the conversion naming it.
@@ -37,8 +42,9 @@ from megatron_flextron.checkpoint.state import (
     expected_shapes,
 )
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.convert.formats.megatron_args import model_config_from_args
+from megatron_flextron.convert.formats.megatron_args import hybrid_blocks, model_config_from_args
 from megatron_flextron.convert.formats.megatron_tokenizer import resolve_tokenizer
+from megatron_flextron.elastic.blocks import canonical_name, hybrid_name
 
 Tensor = torch.Tensor
 NOT_MODEL = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
@@ -67,10 +73,20 @@ def _canonical(rest: str) -> str:
     return _NORM_KEYS.get(rest, rest)
 
 
-def _names(key: str, m: ModelConfig) -> List[str]:
+def _names(key: str, m: ModelConfig, hybrid: bool = False) -> List[str]:
     """The canonical names one stored key holds: stacked layers (leading axis) or one layer or
-    a global tensor; TE-fused norm names renamed to the norms'."""
+    a global tensor; TE-fused norm names renamed to the norms'. A HybridModel stores one key per
+    layer, block i as layers 2i (attention) and 2i+1 (MLP), and its final norm as final_norm."""
     match = _PER_LAYER.match(key)
+    if hybrid:
+        if not match:
+            return [canonical_name(key)]
+        local = f"decoder.layers.{match.group(1)}.{_canonical(match.group(2))}"
+        name = canonical_name(local)
+        if hybrid_name(name) != local:
+            kind = "an attention (*)" if int(match.group(1)) % 2 == 0 else "an MLP (-)"
+            raise CheckpointError(f"{key}: not a tensor of {kind} layer, as the pattern says")
+        return [name]
     if match:
         return [f"decoder.layers.{match.group(1)}.{_canonical(match.group(2))}"]
     if not key.startswith("decoder.layers."):
@@ -79,12 +95,14 @@ def _names(key: str, m: ModelConfig) -> List[str]:
     return [f"decoder.layers.{i}.{rest}" for i in range(m.num_layers)]
 
 
-def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> LazyState:
+def _read_state(
+    stored: StoredTensors, m: ModelConfig, layer_shapes=None, hybrid: bool = False
+) -> LazyState:
     """Every stored key mapped to canonical names first (a key the architecture does not use is
     refused before anything is read); the state reads one tensor, or one layer of a stacked key,
     per access."""
     expected = expected_shapes(m, layer_shapes)
-    plan = {key: _names(key, m) for key in sorted(stored.tensors)}
+    plan = {key: _names(key, m, hybrid) for key in sorted(stored.tensors)}
     tied_head = plan.pop("output_layer.weight", None) if m.tie_embeddings else None
     unused = sorted(k for k, names in plan.items() if any(n not in expected for n in names))
     if unused:
@@ -124,7 +142,8 @@ def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoin
         model = model_config_from_args(args)
     else:
         model, layer_shapes = _heterogeneous_config(root, folder)
-    state = _read_state(StoredTensors(folder, skip=NOT_MODEL), model, layer_shapes)
+    hybrid = args is not None and hybrid_blocks(args) is not None
+    state = _read_state(StoredTensors(folder, skip=NOT_MODEL), model, layer_shapes, hybrid)
     beside = os.path.join(root, "tokenizer")
     tokenizer_dir, tokenizer_info = resolve_tokenizer(args, tokenizer_model, beside)
     real = tokenizer_info.get("vocab_size")
@@ -135,6 +154,7 @@ def load_megatron(path: str, tokenizer_model: Optional[str] = None) -> Checkpoin
     metadata = {
         "source": {
             "format": "megatron torch_dist",
+            "model_class": "HybridModel" if hybrid else "GPTModel",
             "iteration": common.get("iteration"),
             "params_dtype": str(getattr(args, "params_dtype", "")).replace("torch.", ""),
             "transformer_impl": getattr(args, "transformer_impl", None),

@@ -18,11 +18,11 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from megatron_flextron.checkpoint.flextron import iteration_dir
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.checkpoint.flextron import iteration_dir
-from megatron_flextron.convert.formats.megatron_args import model_config_from_args
+from megatron_flextron.convert.formats.megatron_args import hybrid_blocks, model_config_from_args
 
 # both naming generations -> canonical per-layer names
 _LAYER_NAMES = {
@@ -91,6 +91,9 @@ def load_megatron_legacy(path: str) -> Checkpoint:
     first = _load_rank(ranks[(0, 0)])
     if "args" not in first:
         raise CheckpointError(f"{path}: no 'args' in the checkpoint; cannot infer the model")
+    if hybrid_blocks(first["args"]) is not None:
+        raise CheckpointError("a legacy torch checkpoint of a HybridModel: use --ckpt-format "
+                              "torch_dist and --loader megatron")
     model = model_config_from_args(first["args"])
     version = float(first.get("checkpoint_version", 0))
     if version < 3.0 and model.is_gqa:
