@@ -236,6 +236,8 @@ class ElasticConfig:
     mlp_choices: Sequence[int] = field(default_factory=tuple)
     head_choices: Sequence[int] = field(default_factory=tuple)
     allow_layer_skipping: bool = True
+    # the layers, most important first (importance ranking): a sub-network may keep a count
+    layer_ranking: Sequence[int] = field(default_factory=tuple)
 
     @classmethod
     def from_ratios(
@@ -268,6 +270,7 @@ class ElasticConfig:
             "mlp_choices": list(self.mlp_choices),
             "head_choices": list(self.head_choices),
             "allow_layer_skipping": self.allow_layer_skipping,
+            "layer_ranking": list(self.layer_ranking),
         }
 
     @classmethod
@@ -276,6 +279,7 @@ class ElasticConfig:
             mlp_choices=tuple(data["mlp_choices"]),
             head_choices=tuple(data["head_choices"]),
             allow_layer_skipping=data.get("allow_layer_skipping", True),
+            layer_ranking=tuple(data.get("layer_ranking", ())),
         )
 
     def dumps(self) -> str:

@@ -137,6 +137,7 @@ def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path, spec):
     from megatron.core import dist_checkpointing
 
     from megatron_flextron.convert.formats.megatron import save_megatron
+    from megatron_flextron.elastic.hybrid import build_hybrid_model
     from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
     m = tiny_config("llama")
@@ -149,9 +150,10 @@ def test_megatron_saver_subnetwork_equals_elastic_forward(tmp_path, spec):
         assert not (tmp_path / "meg" / "megatron_args.txt").exists()
         with pytest.raises(CheckpointError, match="heterogeneous"):
             save_hf(small, str(tmp_path))
-    else:
-        dense = build_gpt_model(small.model, small.model.transformer_config(), elastic=False)
-        assert "--num-layers 3" in (tmp_path / "meg" / "megatron_args.txt").read_text()
+    else:  # a HybridModel, megatron's own layout
+        dense = build_hybrid_model(small.model, small.model.transformer_config(), elastic=False)
+        flags = (tmp_path / "meg" / "megatron_args.txt").read_text()
+        assert "--num-layers 6 --hybrid-layer-pattern *-*-*-" in flags
     back = load_checkpoint("megatron", str(tmp_path / "meg"))  # --loader megatron reads it back
     assert back.model == small.model and back.layer_shapes == small.layer_shapes
     assert back.state.keys() == small.state.keys()

@@ -273,3 +273,24 @@ def test_transformer_config_is_architecture_plus_runtime():
     assert not cpu.batch_p2p_sync and gpu.batch_p2p_sync
     assert not cpu.bias_activation_fusion and cpu.use_cpu_initialization
     assert m.transformer_config(2, 2, torch.bfloat16).batch_p2p_sync == torch.cuda.is_available()
+
+
+def test_layers_as_a_count_keep_the_most_important_layers():
+    """``"layers": N`` keeps the N most important layers by the checkpoint's layer ranking (what
+    importance ranking stores); without a ranking it is refused, naming what to do instead."""
+    from megatron_flextron.config import ElasticConfig
+
+    m = FAMILIES["llama"]
+    ranked = ElasticConfig((64,), (4,), layer_ranking=(3, 0, 2, 1))
+    assert Subnetwork.parse({"layers": 2}, m, ranked).layers == (0, 3)
+    assert Subnetwork.parse({"layers": 4}, m, ranked).layers == (0, 1, 2, 3)
+    assert ElasticConfig.from_dict(ranked.to_dict()) == ranked
+    with pytest.raises(ValueError, match="has none .*--calibration-data"):
+        Subnetwork.parse({"layers": 2}, m, ElasticConfig((64,), (4,)))
+    with pytest.raises(ValueError, match="a count must be in \\[1, 4\\], got 5"):
+        Subnetwork.parse({"layers": 5}, m, ranked)
+    with pytest.raises(ValueError, match="list of indices or a count"):
+        Subnetwork.parse({"layers": "2"}, m, ranked)
+    model = _elastic(m, random_canonical_state(m))
+    subnet = set_subnetwork(model, {"layers": 3, "mlp": 64}, m, ranked)
+    assert subnet.layers == (0, 2, 3)

@@ -183,6 +183,11 @@ def test_ranking_sharded_over_tp_and_pp_equals_single_process(tmp_path):
     info = ranked.metadata["importance"]
     # the source order is not the answer, so equal orders below are not trivial
     assert info["head_order"] != [list(range(12))] * 4
+    # the layer ranking a sub-network's layer count uses: by score, largest first
+    scores = info["layer_scores"]
+    ranking = ranked.elastic.layer_ranking
+    assert sorted(ranking) == list(range(4))
+    assert all(scores[a] >= scores[b] for a, b in zip(ranking, ranking[1:]))
     seqs = [json.loads(line) for line in open(data)]
     stats = collect_statistics(
         ranking_model(ckpt), pad_microbatches(seqs[4:], 4), ckpt.model, with_taylor=True

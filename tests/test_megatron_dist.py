@@ -237,10 +237,11 @@ def test_local_names_and_iteration_dir_read_the_same(tmp_path):
     assert all(torch.equal(te.state[k], local.state[k]) for k in te.state)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt3"])
-def test_megatron_saver_round_trip_is_exact(tmp_path, family):
-    """The megatron saver writes Megatron-LM's args into the common state: --loader megatron reads the
-    same architecture and tensors back, bit for bit (bf16 stays bf16)."""
+@pytest.mark.parametrize("family, model_class", [("llama", None), ("gpt3", None), ("llama", "gpt")])
+def test_megatron_saver_round_trip_is_exact(tmp_path, family, model_class):
+    """The megatron saver writes Megatron-LM's args into the common state: --loader megatron
+    reads the same architecture and tensors back, bit for bit (bf16 stays bf16), from a
+    HybridModel (the default) or a GPTModel checkpoint."""
     m = tiny_config(family, add_qkv_bias=family == "llama", rope_scaling_factor=None)
     state = random_canonical_state(m)
     if family == "llama":
@@ -249,8 +250,22 @@ def test_megatron_saver_round_trip_is_exact(tmp_path, family):
     from megatron_flextron.convert.formats.megatron import save_megatron
 
     os.makedirs(tmp_path / "meg")
-    save_megatron(ckpt, str(tmp_path / "meg"))
+    save_megatron(ckpt, str(tmp_path / "meg"), model_class)
     back = load_checkpoint("megatron", str(tmp_path / "meg"))
+    expected = "GPTModel" if model_class == "gpt" else "HybridModel"
+    assert back.metadata["source"]["model_class"] == expected
+    flags = (tmp_path / "meg" / "megatron_args.txt").read_text()
+    assert ("--hybrid-layer-pattern " + "*-" * m.num_layers in flags) == (model_class is None)
+    if model_class is None:  # megatron itself loads it into its HybridModel, every key used
+        from megatron.core import dist_checkpointing
+
+        stock = build_hybrid_model(m, m.transformer_config(), elastic=False)
+        loaded = dist_checkpointing.load(
+            stock.sharded_state_dict(), str(tmp_path / "meg" / "release"), strict="raise_all"
+        )
+        stock.load_state_dict(loaded, strict=False)
+        for name, value in state.items():
+            assert torch.equal(stock.state_dict()[hybrid_name(name)], value.float()), name
     assert back.model == m
     assert back.state.keys() == state.keys()
     assert all(v.dtype == back.state[k].dtype and torch.equal(back.state[k], v)

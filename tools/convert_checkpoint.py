@@ -116,6 +116,12 @@ def parse_args(argv=None):
         default=DEFAULT_RATIOS,
         help="head-count ratios (rounded to what the layout can express)",
     )
+    p.add_argument(
+        "--megatron-model-class",
+        choices=["hybrid", "gpt"],
+        help="--saver megatron: megatron-core's HybridModel (default; what Megatron-LM trains "
+        "today) or GPTModel (older installations; per-layer sub-networks are always GPTModel)",
+    )
     return p.parse_args(argv)
 
 
@@ -154,6 +160,7 @@ def main(argv=None) -> int:
         ),
         tokenizer_model=args.tokenizer_model,
         params_dtype=args.params_dtype,
+        megatron_model_class=args.megatron_model_class,
     )
     t0 = time.time()
     try:

@@ -22,7 +22,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
-from megatron_flextron.elastic import build_gpt_model, count_parameters, set_subnetwork  # noqa: E402
+from megatron_flextron.elastic import (  # noqa: E402
+    build_elastic_model,
+    count_parameters,
+    set_subnetwork,
+)
 from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel  # noqa: E402
 from megatron_flextron.lm_step import forward_backward  # noqa: E402
 
@@ -82,7 +86,7 @@ def main(argv=None):
     )
     elastic = ElasticConfig.from_ratios(model_cfg, tensor_model_parallel_size=tp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_gpt_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
+    model = build_elastic_model(model_cfg, model_cfg.transformer_config(tp, pp)).to(device)
     model.eval()
 
     g = torch.Generator().manual_seed(args.seed)

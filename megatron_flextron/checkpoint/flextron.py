@@ -31,7 +31,12 @@ from megatron_flextron.checkpoint.state import (
     state_dtype,
 )
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
+from megatron_flextron.elastic.tp_layout import (
+    from_dealt_global,
+    local_to_global_names,
+    to_dealt_global,
+    tp_axis,
+)
 
 CONFIG_FILE = "flextron_config.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -143,24 +148,36 @@ def _leaves(tree):
             yield value
 
 
-def converter_model(m: ModelConfig, dtype: torch.dtype, elastic: bool, layer_shapes=None):
+def converter_model(
+    m: ModelConfig, dtype: torch.dtype, elastic: bool, layer_shapes=None, model_class="gpt"
+):
     """A whole (TP=1, PP=1) model in ``dtype`` whose parameters are about to be overwritten:
-    not initialized (random init of a large model costs minutes), norms in ``dtype`` too."""
-    from megatron_flextron.elastic import build_gpt_model
+    not initialized (random init of a large model costs minutes), norms in ``dtype`` too.
+    The elastic model, or megatron's dense ``model_class`` ("gpt" or "hybrid", the latter in
+    megatron's own hybrid checkpoint layout)."""
+    from megatron_flextron.elastic import build_elastic_model, build_gpt_model
+    from megatron_flextron.elastic.hybrid import build_hybrid_model
     from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
 
     if layer_shapes:
         model = build_heterogeneous_gpt_model(m, layer_shapes, params_dtype=dtype)
     else:
         config = m.transformer_config(params_dtype=dtype, perform_initialization=False)
-        model = build_gpt_model(m, config, elastic=elastic, pre_process=True, post_process=True)
+        whole = dict(pre_process=True, post_process=True)
+        if elastic:
+            model = build_elastic_model(m, config, **whole)
+        elif model_class == "hybrid":
+            model = build_hybrid_model(m, config, elastic=False, canonical_layout=False, **whole)
+        else:
+            model = build_gpt_model(m, config, elastic=False, **whole)
     return model.to(dtype)
 
 
 def copy_into_parameters(model: torch.nn.Module, state, transform=None) -> None:
     """Copy a canonical state into a whole model's parameters one tensor at a time (a lazy
     state is read once per tensor); names must match exactly."""
-    params = dict(model.named_parameters())
+    names = local_to_global_names(model)  # canonical names, whatever class the model is
+    params = {names[name]: p for name, p in model.named_parameters()}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -196,7 +213,15 @@ def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str
     dist.barrier()
 
 
-def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+def load_state_strict(
+    model: torch.nn.Module, state: Dict[str, torch.Tensor], canonical: bool = True
+) -> None:
+    """All of the model's weights, or refuse: from a canonical state (either model class), or,
+    with ``canonical=False``, from a state under the model's own names."""
+    from megatron_flextron.elastic.blocks import hybrid_name, is_hybrid
+
+    if canonical and is_hybrid(model):
+        state = {hybrid_name(name): tensor for name, tensor in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -330,7 +355,7 @@ def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:
     ):
         request = gpt.sharded_state_dict()
         state = load_dist_checkpoint(request, iteration_dir(path))
-        load_state_strict(gpt, {k: v for k, v in state.items() if k in request})
+        load_state_strict(gpt, {k: v for k, v in state.items() if k in request}, canonical=False)
     else:
         ckpt = read_flextron(path)
         load_canonical_state_dict(gpt, ckpt.state, ckpt.model)

@@ -14,7 +14,7 @@ import torch
 
 from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
 from megatron_flextron.config import ElasticConfig, ModelConfig, Runtime
-from megatron_flextron.elastic import build_gpt_model
+from megatron_flextron.elastic import build_elastic_model
 from megatron_flextron.parallel import current_device
 
 
@@ -60,6 +60,6 @@ def load_elastic_model(
     config, model_cfg, elastic = read_model_configs(path, tp)
     device = device if device is not None else current_device()
     tconfig = Runtime(tp, pp, dtype, device=device).transformer_config(model_cfg)
-    model = build_gpt_model(model_cfg, tconfig, elastic=True).to(device)
+    model = build_elastic_model(model_cfg, tconfig).to(device)
     load_flextron_into_model(model, path)
     return ElasticModel(model.eval(), model_cfg, elastic, config, path)

@@ -50,7 +50,13 @@ def _load_other(loader: str, path: str) -> Checkpoint:
     raise CheckpointError(f"unknown loader {loader!r}; expected one of {LOADERS}")
 
 
-def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_size: int) -> None:
+def save_checkpoint(
+    saver: str,
+    ckpt: Checkpoint,
+    path: str,
+    tensor_parallel_size: int,
+    megatron_model_class: Optional[str] = None,
+) -> None:
     if saver == "flextron":
         from megatron_flextron.checkpoint.flextron import save_flextron
 
@@ -62,7 +68,7 @@ def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_siz
     elif saver == "megatron":
         from megatron_flextron.convert.formats.megatron import save_megatron
 
-        save_megatron(ckpt, path)
+        save_megatron(ckpt, path, megatron_model_class)
     else:
         raise CheckpointError(f"unknown saver {saver!r}; expected one of {SAVERS}")
 
@@ -83,6 +89,7 @@ class ConvertOptions:
     ranking: dict = field(default_factory=dict)  # options for importance ranking
     tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
     params_dtype: Optional[str] = None  # write in this dtype (PARAMS_DTYPES); None: the source's
+    megatron_model_class: Optional[str] = None  # --saver megatron: hybrid (default) or gpt
 
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -161,7 +168,7 @@ def convert(opts: ConvertOptions) -> Checkpoint:
             **choice.info,
         }
     elif opts.subnetwork is not None:
-        subnet = Subnetwork.parse(opts.subnetwork, ckpt.model)
+        subnet = Subnetwork.parse(opts.subnetwork, ckpt.model, ckpt.elastic)
     if subnet is not None:
         from megatron_flextron.convert.export import export_subnetwork
 
@@ -176,7 +183,7 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         _save_distributed(ckpt, opts.save_dir)
         return ckpt
     with atomic_output_dir(opts.save_dir) as tmp:
-        save_checkpoint(opts.saver, ckpt, tmp, tp)
+        save_checkpoint(opts.saver, ckpt, tmp, tp, opts.megatron_model_class)
     return ckpt
 
 

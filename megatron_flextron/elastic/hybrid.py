@@ -10,7 +10,7 @@ MLP, built from the local (CPU-capable) modules of megatron's GPT spec.
 Two stand-ins for what megatron's hybrid stack hard-wires to Transformer Engine: the stack's
 final norm (``LocalHybridStack``: megatron's ``HybridStack`` builds ``TENorm``, which needs TE)
 and Llama-3 RoPE scaling (``HybridModel`` has no ``rope_scaling`` argument:
-``ScaledRopeHybridModel`` rebuilds its rotary embedding as GPTModel would). Parameter names are
+``LocalHybridModel`` rebuilds its rotary embedding as GPTModel would). Parameter names are
 megatron's hybrid names (``decoder.layers.{2i}.self_attention...``,
 ``decoder.layers.{2i+1}.mlp...``, ``decoder.final_norm``); ``hybrid_name`` maps a canonical
 (GPTModel) name to them (elastic/blocks.py).
@@ -22,11 +22,13 @@ import dataclasses
 from typing import Optional
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
@@ -46,10 +48,25 @@ def layer_pattern(num_blocks: int, pipeline_stages: int = 1) -> str:
 
 
 class LocalHybridStack(HybridStack):
-    """megatron's HybridStack with its final norm built from a spec (a local norm on CPU)."""
+    """megatron's HybridStack with its final norm built from a spec (a local norm on CPU).
 
-    def __init__(self, config, submodules, *args, final_norm=None, post_layer_norm=True, **kw):
+    ``canonical_layout``: checkpoints in GPTModel's layout (block i's tensors stacked at offset i
+    under ``decoder.layers.<name>``, the final norm as ``final_layernorm``), so a flextron or
+    training checkpoint is the same files whichever class wrote it; without it, megatron's
+    HybridStack layout (one key per hybrid layer), what Megatron-LM resumes."""
+
+    def __init__(
+        self,
+        config,
+        submodules,
+        *args,
+        final_norm=None,
+        post_layer_norm=True,
+        canonical_layout=False,
+        **kw,
+    ):
         super().__init__(config, submodules, *args, post_layer_norm=False, **kw)
+        self.canonical_layout = canonical_layout
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
             self.final_norm = build_module(
@@ -60,8 +77,34 @@ class LocalHybridStack(HybridStack):
             )
 
 
-class ScaledRopeHybridModel(HybridModel):
-    """HybridModel with Llama-3 RoPE scaling, as GPTModel's ``rope_scaling`` builds it."""
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        if not self.canonical_layout:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # as TransformerBlock.sharded_state_dict lays out a homogeneous GPT decoder
+        out, layers, blocks = {}, f"{prefix}layers.", self.config.num_layers // 2
+        for local, layer in enumerate(self.layers):
+            local_prefix = f"{layers}{local}."
+            block = (layer.layer_number - 1) // 2
+            layer_dict = layer.sharded_state_dict(local_prefix, [(0, block, blocks)], metadata)
+            replace_prefix_for_sharding(layer_dict, local_prefix, layers)
+            out.update(layer_dict)
+        for name, module in self.named_children():
+            if module is not self.layers:
+                module_dict = sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
+                if name == "final_norm":
+                    replace_prefix_for_sharding(
+                        module_dict, f"{prefix}final_norm.", f"{prefix}final_layernorm."
+                    )
+                out.update(module_dict)
+        return out
+
+
+class LocalHybridModel(HybridModel):
+    """HybridModel with Llama-3 RoPE scaling, as GPTModel's ``rope_scaling`` builds it; in the
+    canonical layout its checkpoints also leave out the output layer's (empty) extra state, as
+    GPTModel's do."""
 
     def __init__(self, *args, rope_scaling_factor: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,12 +119,25 @@ class ScaledRopeHybridModel(HybridModel):
                 cp_group=self.pg_collection.cp,
             )
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if getattr(self.decoder, "canonical_layout", False):
+            extra = out.pop(f"{prefix}output_layer._extra_state", None)
+            assert extra is None or not extra.data, "the output layer's extra state is not empty"
+        return out
+
 
 def hybrid_stack_spec(
-    model_config: ModelConfig, elastic: bool = True, core_attention: Optional[str] = None
+    model_config: ModelConfig,
+    elastic: bool = True,
+    core_attention: Optional[str] = None,
+    canonical_layout: Optional[bool] = None,
 ) -> ModuleSpec:
     """The stack of attention (``*``) and MLP (``-``) layers: elastic, or megatron's own
-    modules (the reference the elastic model must equal)."""
+    modules (the reference the elastic model must equal). Checkpoints in GPTModel's layout for
+    the elastic model, megatron's hybrid layout for the stock one, unless told otherwise."""
+    if canonical_layout is None:
+        canonical_layout = elastic
     if elastic:
         layer = elastic_layer_spec(model_config, core_attention or "sdpa")
     else:
@@ -90,24 +146,31 @@ def hybrid_stack_spec(
     module = layer.module if elastic else TransformerLayer
     if elastic:
         assert issubclass(module, ElasticTransformerLayer)
+    # the norms are stored under Transformer Engine's fused names, as megatron's local GPT
+    # spec and TE hybrid checkpoints store them
+    keys = sub.sharded_state_dict_keys_map
     attention = ModuleSpec(
         module=module,
         submodules=TransformerLayerSubmodules(
             input_layernorm=sub.input_layernorm,
             self_attention=sub.self_attention,
             self_attn_bda=sub.self_attn_bda,
+            sharded_state_dict_keys_map=keys,
         ),
     )
     mlp = ModuleSpec(
         module=module,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=sub.pre_mlp_layernorm, mlp=sub.mlp, mlp_bda=sub.mlp_bda
+            pre_mlp_layernorm=sub.pre_mlp_layernorm,
+            mlp=sub.mlp,
+            mlp_bda=sub.mlp_bda,
+            sharded_state_dict_keys_map=keys,
         ),
     )
     return ModuleSpec(
         module=LocalHybridStack,
         submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp),
-        params={"final_norm": sub.input_layernorm},
+        params={"final_norm": sub.input_layernorm, "canonical_layout": canonical_layout},
     )
 
 
@@ -119,6 +182,7 @@ def build_hybrid_model(
     core_attention: Optional[str] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    canonical_layout: Optional[bool] = None,
 ) -> HybridModel:
     """This pipeline stage's HybridModel of ``model_config`` (call after
     ``initialize_model_parallel``). ``transformer_config`` counts blocks (``num_layers`` = N, as
@@ -131,9 +195,9 @@ def build_hybrid_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return ScaledRopeHybridModel(
+    return LocalHybridModel(
         config=config,
-        hybrid_stack_spec=hybrid_stack_spec(m, elastic, core_attention),
+        hybrid_stack_spec=hybrid_stack_spec(m, elastic, core_attention, canonical_layout),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         hybrid_layer_pattern=layer_pattern(blocks, stages),

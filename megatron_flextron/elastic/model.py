@@ -1,5 +1,6 @@
-"""Build megatron-core's stock GPTModel: elastic (our layer spec), dense (megatron's), or dense
-with per-layer sizes (an exported heterogeneous sub-network)."""
+"""Build the models: the elastic model (megatron-core's HybridModel, elastic/hybrid.py), and
+megatron-core's GPTModel: elastic (our layer spec), dense (megatron's), or dense with per-layer
+sizes (an exported heterogeneous sub-network)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,29 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.specs import elastic_layer_spec, stock_layer_spec
+
+
+def build_elastic_model(
+    model_config: ModelConfig,
+    transformer_config,
+    *,
+    core_attention: Optional[str] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+):
+    """This pipeline stage's elastic model: megatron-core's HybridModel, ``*-`` per block
+    (call after ``initialize_model_parallel``). Its checkpoints have the elastic GPTModel's
+    layout, and it computes the elastic GPTModel's function."""
+    from megatron_flextron.elastic.hybrid import build_hybrid_model
+
+    return build_hybrid_model(
+        model_config,
+        transformer_config,
+        elastic=True,
+        core_attention=core_attention,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
 
 
 def build_gpt_model(

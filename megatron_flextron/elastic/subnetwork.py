@@ -1,7 +1,9 @@
 """Sub-network specs and the one entry point that activates a sub-network in a model.
 
 A spec (JSON, inline or a file path) is ``{"mlp": int | [int per layer], "heads": int | [int per
-layer], "layers": [kept layer indices]}``; every key is optional (missing = full size). Widths are
+layer], "layers": [kept layer indices] | N}``; every key is optional (missing = full size). A
+count N keeps the N most important layers by the checkpoint's layer ranking
+(``ElasticConfig.layer_ranking``, written by importance ranking). Widths are
 global counts in the model's canonical unit order: MLP hidden size, and query heads (GQA: a
 multiple of the KV group count, trimmed inside every group; MHA: whole heads).
 Everything is validated for every layer before any module changes.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -38,8 +40,14 @@ class Subnetwork:
         return cls((model.ffn_hidden_size,) * n, (model.num_attention_heads,) * n, tuple(range(n)))
 
     @classmethod
-    def parse(cls, spec: Union[None, str, dict, "Subnetwork"], model: ModelConfig) -> "Subnetwork":
-        """From a dict, a JSON string, a JSON file path, or None (the full model)."""
+    def parse(
+        cls,
+        spec: Union[None, str, dict, "Subnetwork"],
+        model: ModelConfig,
+        elastic: Optional[ElasticConfig] = None,
+    ) -> "Subnetwork":
+        """From a dict, a JSON string, a JSON file path, or None (the full model); ``elastic``
+        gives the layer ranking a count of layers needs."""
         if isinstance(spec, Subnetwork):
             return spec
         if spec is None:
@@ -62,6 +70,10 @@ class Subnetwork:
             raise ValueError(f"unknown sub-network keys {sorted(unknown)}; use mlp, heads, layers")
         n = model.num_layers
         layers = spec.get("layers")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = _most_important_layers(layers, n, elastic)
+        elif layers is not None and not isinstance(layers, (list, tuple)):
+            raise ValueError(f"sub-network 'layers' is a list of indices or a count, got {layers!r}")
         return cls(
             mlp=_per_layer("mlp", spec.get("mlp"), model.ffn_hidden_size, n),
             heads=_per_layer("heads", spec.get("heads"), model.num_attention_heads, n),
@@ -116,6 +128,19 @@ class Subnetwork:
             raise ValueError("this elastic model does not allow layer skipping")
 
 
+def _most_important_layers(count: int, n: int, elastic: Optional[ElasticConfig]) -> list:
+    ranking = list(elastic.layer_ranking) if elastic is not None else []
+    if not ranking:
+        raise ValueError(
+            f"sub-network 'layers': {count} keeps the {count} most important layers by the "
+            "checkpoint's layer ranking, and this checkpoint has none (rank it: convert with "
+            "--calibration-data); list the kept layer indices instead"
+        )
+    if not 1 <= count <= n:
+        raise ValueError(f"sub-network 'layers': a count must be in [1, {n}], got {count}")
+    return sorted(ranking[:count])
+
+
 def _as_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"sub-network {key!r} values must be integers, got {value!r}")
@@ -146,7 +171,7 @@ def set_subnetwork(
 
     Validates the whole spec first, then sets each local layer from its global layer number.
     """
-    subnet = Subnetwork.parse(spec, model_config)
+    subnet = Subnetwork.parse(spec, model_config, elastic)
     gpt = unwrap_model(model)
     tp_size = gpt.config.tensor_model_parallel_size
     subnet.validate(model_config, elastic, tp_size)

@@ -9,6 +9,8 @@ current TP/PP layout (every rank returns the same ranked checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Dict, List, Sequence
 
 import torch
@@ -57,7 +59,7 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     read one tensor at a time and only this rank's shard is kept."""
     from megatron.core import parallel_state
 
-    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.elastic import build_elastic_model
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
     from megatron_flextron.parallel import current_device
 
@@ -68,7 +70,7 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
         params_dtype=dtype,
         perform_initialization=False,  # overwritten below
     )
-    model = build_gpt_model(m, config, elastic=True).to(device=current_device(), dtype=dtype)
+    model = build_elastic_model(m, config).to(device=current_device(), dtype=dtype)
     load_canonical_state_dict(model, ckpt.state, m)
     return model
 
@@ -209,6 +211,10 @@ def rank_and_permute(
         "mlp_order": [o.tolist() for o in mlp_orders],
         "head_order": [o.tolist() for o in head_orders],
     }
+    # the layers that change their input most first (a stable sort: ties keep layer order)
+    scores = stats["layer"]
+    ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
+    elastic = dataclasses.replace(elastic, layer_ranking=tuple(ranking))
     return Checkpoint(
         model=m, state=state, tokenizer_dir=ckpt.tokenizer_dir, elastic=elastic, metadata=metadata
     )

@@ -73,7 +73,7 @@ class SubnetworkSelector:
         if subnetwork is None and self.policy.budget_required:
             kind = self.policy.kind
             raise ValueError(f"the model serves budgets through its {kind}: give a budget")
-        subnet = Subnetwork.parse(subnetwork, self.model_config)
+        subnet = Subnetwork.parse(subnetwork, self.model_config, self.elastic)
         return self._static(subnet, None, {})
 
     def _budget(self, budget: float) -> Architecture:

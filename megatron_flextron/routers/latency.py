@@ -17,7 +17,7 @@ from typing import Callable, Dict
 import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic import build_elastic_model, set_subnetwork
 from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.parallel import current_device
@@ -50,7 +50,7 @@ def measure_latency(
     process's device. Needs megatron's parallel state (one rank)."""
     device = current_device()
     config = model_cfg.transformer_config(params_dtype=dtype)
-    gpt = build_gpt_model(model_cfg, config, elastic=True).to(device).eval()
+    gpt = build_elastic_model(model_cfg, config).to(device).eval()
     layer = transformer_blocks(gpt)[0]
     s, b, h = seq_length, micro_batch_size, model_cfg.hidden_size
     hidden = torch.randn(s, b, h, device=device, dtype=dtype)

@@ -129,7 +129,7 @@ def load_training_checkpoint(
         ),
     }
     loaded = load_dist_checkpoint(request, shards)
-    load_state_strict(gpt, loaded["model"])
+    load_state_strict(gpt, loaded["model"], canonical=False)
     optimizer.load_state_dict(loaded["optimizer"])
     unshare_torch_adam_steps(optimizer)
     scheduler.load_state_dict(common["opt_param_scheduler"])

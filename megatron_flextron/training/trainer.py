@@ -26,7 +26,7 @@ from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig, ModelConfig,
 from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
 from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatches
 from megatron_flextron.data.tokenizer import build_tokenizer
-from megatron_flextron.elastic import build_gpt_model
+from megatron_flextron.elastic import build_elastic_model
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
 from megatron_flextron.parallel import (
     current_device,
@@ -95,7 +95,7 @@ def _build_model(args: TrainingArgs, model_cfg: ModelConfig):
         device=current_device(),
     )
     tconfig = runtime.transformer_config(model_cfg)
-    model = build_gpt_model(model_cfg, tconfig, elastic=True).to(runtime.device)
+    model = build_elastic_model(model_cfg, tconfig).to(runtime.device)
     if args.run.bf16 or args.run.fp16:
         model = Float16Module(tconfig, model)
     return model, tconfig

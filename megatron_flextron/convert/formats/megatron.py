@@ -1,4 +1,9 @@
-"""A plain Megatron-Core GPT checkpoint (torch_dist) of a dense model, for stock Megatron.
+"""A plain Megatron-Core checkpoint (torch_dist) of a dense model, for stock Megatron.
+
+Model class: megatron-core's HybridModel by default (pattern ``*-`` per block, megatron's hybrid
+layout: what today's Megatron-LM trains and resumes), or GPTModel (``model_class="gpt"``,
+``--megatron-model-class gpt``) for installations before HybridModel. A per-layer sub-network is
+always a GPTModel: HybridModel builds every layer from one config.
 
 Stock Megatron reshards it at load to any TP/PP (contiguous splits: a dense model has no nested
 order to keep). ``megatron_args.txt`` lists the Megatron-LM model flags that match it and
@@ -12,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 import torch
 
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, state_dtype
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     converter_model,
@@ -24,10 +30,16 @@ from megatron_flextron.checkpoint.flextron import (
     views_copied_once,
 )
 from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
+from megatron_flextron.elastic.hybrid import layer_pattern
 
 
-def megatron_lm_flags(m: ModelConfig) -> list:
-    """The Megatron-LM (pretrain_gpt.py) model flags of this architecture."""
+MODEL_CLASSES = ("hybrid", "gpt")
+
+
+def megatron_lm_flags(m: ModelConfig, model_class: str = "gpt") -> list:
+    """The Megatron-LM model flags of this architecture (pretrain_gpt.py; a HybridModel's also
+    name its layer pattern)."""
+    hybrid = model_class == "hybrid"
     flags = [
         "--use-mcore-models",
         "--transformer-impl",
@@ -35,7 +47,11 @@ def megatron_lm_flags(m: ModelConfig) -> list:
         "--ckpt-format",
         "torch_dist",
         "--num-layers",
-        m.num_layers,
+        2 * m.num_layers if hybrid else m.num_layers,
+    ]
+    if hybrid:
+        flags += ["--hybrid-layer-pattern", layer_pattern(m.num_layers)]
+    flags += [
         "--hidden-size",
         m.hidden_size,
         "--ffn-hidden-size",
@@ -72,12 +88,19 @@ def megatron_lm_flags(m: ModelConfig) -> list:
     return [str(f) for f in flags]
 
 
-def megatron_lm_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
-    """The ``args`` Megatron-LM stores in common.pt (model arguments only), so that Megatron-LM
-    (``--use-checkpoint-args``) and ``--loader megatron`` read the architecture back."""
+def megatron_lm_args(
+    m: ModelConfig, dtype: torch.dtype, model_class: str = "gpt"
+) -> argparse.Namespace:
+    """The ``args`` Megatron-LM stores in a checkpoint's common state (model arguments only), so
+    that Megatron-LM (``--use-checkpoint-args``) and ``--loader megatron`` read the architecture
+    back."""
     gqa = m.num_query_groups != m.num_attention_heads
+    hybrid = {}
+    if model_class == "hybrid":
+        hybrid["hybrid_layer_pattern"] = layer_pattern(m.num_layers)
     return argparse.Namespace(
-        num_layers=m.num_layers,
+        **hybrid,
+        num_layers=2 * m.num_layers if hybrid else m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -111,28 +134,40 @@ def megatron_lm_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
     )
 
 
-def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
+def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = None) -> None:
     """Stream the state into a stock megatron model of its dtype (the only copy held) and save
-    it with megatron's dist_checkpointing."""
+    it with megatron's dist_checkpointing. ``model_class``: "hybrid" or "gpt"; None: hybrid,
+    or gpt for a per-layer sub-network."""
     from megatron.core import dist_checkpointing
 
+    if model_class is None:
+        model_class = "gpt" if ckpt.layer_shapes else "hybrid"
+    if model_class not in MODEL_CLASSES:
+        raise CheckpointError(f"unknown megatron model class {model_class!r}: {MODEL_CLASSES}")
+    if ckpt.layer_shapes and model_class == "hybrid":
+        raise CheckpointError(
+            "a per-layer sub-network cannot be a megatron HybridModel (it builds every layer "
+            "from one config): use --megatron-model-class gpt"
+        )
     m = ckpt.model
     dtype = state_dtype(ckpt.state)  # written as it is held; norms too (Float16Module does)
-    model = converter_model(m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes)
+    model = converter_model(
+        m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes, model_class=model_class
+    )
     copy_into_parameters(model, ckpt.state)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     sharded = views_copied_once(model.sharded_state_dict(), model)
     state = {"model": sharded, "checkpoint_version": 3.0, "iteration": 0}
     if not ckpt.layer_shapes:  # Megatron-LM's args describe one layer shape only
-        state["args"] = megatron_lm_args(m, dtype)
+        state["args"] = megatron_lm_args(m, dtype, model_class)
     dist_checkpointing.save(state, shards)
     write_json(
         os.path.join(out_dir, "model_config.json"),
         {"model": m.to_dict(), "layer_shapes": ckpt.layer_shapes, **ckpt.metadata},
     )
     if not ckpt.layer_shapes:  # per-layer sizes have no Megatron-LM flags
-        flags = " ".join(megatron_lm_flags(m))
+        flags = " ".join(megatron_lm_flags(m, model_class))
         write_text_atomic(os.path.join(out_dir, "megatron_args.txt"), flags + "\n")
     copy_tokenizer(ckpt.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
     write_text_atomic(os.path.join(out_dir, TRACKER_FILE), "release")
