@@ -73,7 +73,9 @@ class Subnetwork:
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = _most_important_layers(layers, n, elastic)
         elif layers is not None and not isinstance(layers, (list, tuple)):
-            raise ValueError(f"sub-network 'layers' is a list of indices or a count, got {layers!r}")
+            raise ValueError(
+                f"sub-network 'layers' is a list of indices or a count, got {layers!r}"
+            )
         return cls(
             mlp=_per_layer("mlp", spec.get("mlp"), model.ffn_hidden_size, n),
             heads=_per_layer("heads", spec.get("heads"), model.num_attention_heads, n),
