@@ -3,7 +3,8 @@
   python scripts/make_error_table.py            # rewrites docs/errors.md
 
 The rows come from the tests' own case lists (tests/test_arguments.py REFUSED_FLAGS,
-tests/test_bad_input.py TOOL_FLAGS, CORRUPTIONS, PREPROCESS and REFUSED), which the tests
+tests/test_bad_input.py TOOL_FLAGS, CORRUPTIONS, PREPROCESS and REFUSED, tests/test_lying_files.py
+LYING_FILES), which the tests
 assert; the training flags' messages are the full ones, produced here by the real parser.
 """
 
@@ -44,6 +45,7 @@ def table() -> str:
     """The text of docs/errors.md."""
     from test_arguments import REFUSED_FLAGS
     from test_bad_input import CORRUPTIONS, PREPROCESS, REFUSED, TOOL_FLAGS
+    from test_lying_files import LYING_FILES
 
     rows = ["| refused input | tool | message (exit status 2, no traceback) |"]
     rows.append("| --- | --- | --- |")
@@ -61,6 +63,8 @@ def table() -> str:
         row(what, "preprocess_data.py", f"... {message} ...")
     for what, (tool, message) in REFUSED.items():
         row(what, tool, f"... {message} ...")
+    for what, loader, _, message in LYING_FILES:
+        row(what, f"convert_checkpoint.py --loader {loader}", f"... {message} ...")
     return HEADER + "\n".join(rows) + "\n"
 
 

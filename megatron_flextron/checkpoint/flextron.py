@@ -29,6 +29,7 @@ from megatron_flextron.checkpoint.state import (
     expected_shapes,
     state_dtype,
 )
+from megatron_flextron.checkpoint.fields import check_fields, check_object, dataclass_fields
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
@@ -55,10 +56,16 @@ def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
             raise CheckpointError(f"{path} has no {TRACKER_FILE}: not a complete checkpoint")
         text = open(tracker).read().strip()
         if text == "release":
-            return os.path.join(path, "release")
+            folder = os.path.join(path, "release")
+            if not os.path.isdir(folder):
+                raise CheckpointError(f"{tracker} names 'release', but {folder} does not exist")
+            return folder
         if not text.isdigit():
             raise CheckpointError(f"{tracker} holds {text!r}, not an iteration or 'release'")
-        iteration = int(text)
+        folder = os.path.join(path, f"iter_{int(text):07d}")
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
+        return folder
     return os.path.join(path, f"iter_{iteration:07d}")
 
 
@@ -66,9 +73,17 @@ def read_config(path: str) -> dict:
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}")
-    config = read_json(os.path.join(path, CONFIG_FILE))
+    file = os.path.join(path, CONFIG_FILE)
+    config = check_object(file, read_json(file))
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown flextron format {config.get('format_version')!r}")
+    check_fields(file, config, {"model": dict, "dealt_tensor_parallel_size": int},
+                 {"elastic": dict, "metadata": dict}, known=["format_version"])  # fmt: skip
+    required, optional = dataclass_fields(ModelConfig)
+    check_fields(f"{file} model", config["model"], required, optional, known=())
+    if config.get("elastic") is not None:
+        check_fields(f"{file} elastic", config["elastic"], {"mlp_choices": list,
+                     "head_choices": list}, {"allow_layer_skipping": bool}, known=())  # fmt: skip
     return config
 
 
