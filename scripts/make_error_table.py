@@ -4,7 +4,7 @@
 
 The rows come from the tests' own case lists (tests/test_arguments.py REFUSED_FLAGS,
 tests/test_bad_input.py TOOL_FLAGS, CORRUPTIONS, PREPROCESS and REFUSED, tests/test_lying_files.py
-LYING_FILES), which the tests
+REFUSED_CONVERSIONS), which the tests
 assert; the training flags' messages are the full ones, produced here by the real parser.
 """
 
@@ -45,7 +45,7 @@ def table() -> str:
     """The text of docs/errors.md."""
     from test_arguments import REFUSED_FLAGS
     from test_bad_input import CORRUPTIONS, PREPROCESS, REFUSED, TOOL_FLAGS
-    from test_lying_files import LYING_FILES
+    from test_lying_files import REFUSED_CONVERSIONS
 
     rows = ["| refused input | tool | message (exit status 2, no traceback) |"]
     rows.append("| --- | --- | --- |")
@@ -63,7 +63,7 @@ def table() -> str:
         row(what, "preprocess_data.py", f"... {message} ...")
     for what, (tool, message) in REFUSED.items():
         row(what, tool, f"... {message} ...")
-    for what, loader, _, message in LYING_FILES:
+    for what, loader, _, message in REFUSED_CONVERSIONS:
         row(what, f"convert_checkpoint.py --loader {loader}", f"... {message} ...")
     return HEADER + "\n".join(rows) + "\n"
 

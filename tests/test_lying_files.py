@@ -2,9 +2,10 @@
 gaps; a config.json that is a list, holds a string for a size, misses a size, or whose heads do
 not divide the hidden size; a truncated pytorch_model.bin, or one that needs a class the safe
 loader blocks; Megatron args that are not a Namespace or miss num_layers; a tracker naming a
-missing iteration folder; a flextron_config.json that is a list or has unknown keys.
+missing iteration folder; a flextron_config.json that is a list or has unknown keys; and a
+weight that --params-dtype fp16 would turn into inf.
 
-``LYING_FILES`` lists (what is wrong, --loader, how to make it, what the error says); every case
+``REFUSED_CONVERSIONS`` lists (what is wrong, --loader, how to make it, what the error says); every case
 runs through tools/convert_checkpoint.py (exit 2, one line, no traceback, no output) in one
 interpreter, and scripts/make_error_table.py puts them into docs/errors.md.
 """
@@ -190,8 +191,20 @@ def flextron_config_unknown_key(src):
     _flextron(src, _flextron_config(num_experts=8))
 
 
-# (what is wrong, --loader, how to make it from a tiny HF Llama folder, part of the message)
-LYING_FILES = [
+# -- a value --params-dtype cannot hold --------------------------------------------------------
+def beyond_fp16(src):
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(src, "model.safetensors")
+    state = load_file(path)
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = -1e5
+    save_file(state, path, metadata={"format": "pt"})
+    return ["--params-dtype", "fp16"]
+
+
+# (what is wrong, --loader, how to make it from a tiny HF Llama folder (returns extra flags, if
+# any), part of the message)
+REFUSED_CONVERSIONS = [
     ("safetensors data_offsets that overlap", "hf", overlapping_offsets, "overlap (bytes"),
     ("a negative safetensors data offset", "hf", negative_offset,
      "(expected sizes >= 0 and [begin, end])"),
@@ -220,6 +233,8 @@ LYING_FILES = [
      "flextron_config.json holds a list, expected a JSON object"),
     ("flextron_config.json with unknown keys", "flextron", flextron_config_unknown_key,
      "flextron_config.json model: unknown keys ['num_experts']"),
+    ("--params-dtype fp16 of a weight beyond the fp16 range", "hf", beyond_fp16,
+     "decoder.layers.1.mlp.linear_fc2.weight holds 100000, beyond the float16 range (max 65504)"),
 ]  # fmt: skip
 
 DRIVER = """
@@ -255,12 +270,13 @@ def test_lying_files_are_refused_in_one_line(hf_llama, tmp_path):
     """Each case through the converter's own main(): exit 2, one line naming the problem, no
     traceback, nothing written (and the blocked pickle ran nothing)."""
     runs = []
-    for i, (_, loader, make, _) in enumerate(LYING_FILES):
+    for i, (_, loader, make, _) in enumerate(REFUSED_CONVERSIONS):
         src = str(tmp_path / f"case{i}" / "src")
         shutil.copytree(hf_llama, src)
-        make(src)
+        extra = make(src) or []
         save = str(tmp_path / f"case{i}" / "out")
-        runs.append(["--loader", loader, "--saver", "hf", "--load-dir", src, "--save-dir", save])
+        runs.append(["--loader", loader, "--saver", "hf", "--load-dir", src, *extra,
+                     "--save-dir", save])  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     out = subprocess.run(
         [sys.executable, "-c", DRIVER.format(root=ROOT), json.dumps(runs)],
@@ -269,7 +285,7 @@ def test_lying_files_are_refused_in_one_line(hf_llama, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     wrong = []  # every case checked, so that a failure lists all the cases it concerns
-    for (what, _, _, message), (rc, err), argv in zip(LYING_FILES, results, runs):
+    for (what, _, _, message), (rc, err), argv in zip(REFUSED_CONVERSIONS, results, runs):
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         refused = rc == 2 and "Traceback" not in err and len(lines) == 1 and message in lines[0]
         if not refused or os.path.exists(argv[-1]):

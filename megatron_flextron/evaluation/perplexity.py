@@ -19,8 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_flextron.checkpoint.flextron import read_config
-from megatron_flextron.checkpoint.load import ElasticModel, load_elastic_model
+from megatron_flextron.checkpoint.load import (
+    ElasticModel,
+    check_seq_length,
+    load_elastic_model,
+    read_model_configs,
+)
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.data.corpus import (
     check_token_ids,
@@ -197,7 +201,8 @@ def evaluate_perplexity(opts: PerplexityOptions) -> List[PerplexityResult]:
     opts.validate()
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
-    read_config(opts.load)  # a missing or foreign checkpoint is named before any text is read
+    # a missing or foreign checkpoint, or too long a sequence, is named before any text is read
+    check_seq_length(read_model_configs(opts.load)[1], opts.seq_length)
     tokenizer = os.path.join(opts.load, "tokenizer")
     seqs = load_sequences(opts, tokenizer if os.path.isdir(tokenizer) else None)
     loaded = load_elastic_model(opts.load, tp, pp, dtype)
