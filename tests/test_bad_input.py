@@ -466,7 +466,7 @@ def learned(setup, tmp_path_factory):
 
 
 def _files(path: str) -> list:
-    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, n in os.walk(path) for f in n)
 
 
 def _train_flags(setup, load: str, save: str, seq_length: int = 16) -> list:

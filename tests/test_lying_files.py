@@ -5,9 +5,9 @@ loader blocks; Megatron args that are not a Namespace or miss num_layers; a trac
 missing iteration folder; a flextron_config.json that is a list or has unknown keys; and a
 weight that --params-dtype fp16 would turn into inf.
 
-``REFUSED_CONVERSIONS`` lists (what is wrong, --loader, how to make it, what the error says); every case
-runs through tools/convert_checkpoint.py (exit 2, one line, no traceback, no output) in one
-interpreter, and scripts/make_error_table.py puts them into docs/errors.md.
+``REFUSED_CONVERSIONS`` lists (what is wrong, --loader, how to make it, what the error says);
+every case runs through tools/convert_checkpoint.py (exit 2, one line, no traceback, no output)
+in one interpreter, and scripts/make_error_table.py puts them into docs/errors.md.
 """
 
 from __future__ import annotations

@@ -20,17 +20,17 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
+from megatron_flextron.checkpoint.fields import check_fields, check_object, dataclass_fields
+from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.state import (
     Checkpoint,
     CheckpointError,
     expected_shapes,
     state_dtype,
 )
-from megatron_flextron.checkpoint.fields import check_fields, check_object, dataclass_fields
-from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
 CONFIG_FILE = "flextron_config.json"

@@ -48,12 +48,15 @@ def read_model_configs(path: str, tp: int = 1) -> Tuple[dict, ModelConfig, Elast
     return config, model_cfg, elastic
 
 
-def check_seq_length(model_cfg: ModelConfig, seq_length: int, flag: str = "--seq-length") -> None:
-    """Sequences longer than the model's ``max_position_embeddings``: refused with learned
-    positions (the position table has no row for them: megatron would fail with an IndexError
-    mid-run), warned with RoPE (it extrapolates, untrained)."""
+def check_seq_length(
+    model_cfg: ModelConfig, seq_length: int, used: Optional[int] = None, flag: str = "--seq-length"
+) -> None:
+    """Sequences longer than the model's ``max_position_embeddings`` (``used``: the positions
+    actually run, when shorter than ``seq_length``): refused with learned positions (the table
+    has no row for them: megatron would fail with an IndexError mid-run), warned with RoPE (it
+    extrapolates, untrained)."""
     limit = model_cfg.max_position_embeddings
-    if seq_length <= limit:
+    if (seq_length if used is None else used) <= limit:
         return
     if model_cfg.position_embedding == "learned_absolute":
         raise ValueError(

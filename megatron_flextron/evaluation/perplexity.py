@@ -201,10 +201,10 @@ def evaluate_perplexity(opts: PerplexityOptions) -> List[PerplexityResult]:
     opts.validate()
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
-    # a missing or foreign checkpoint, or too long a sequence, is named before any text is read
-    check_seq_length(read_model_configs(opts.load)[1], opts.seq_length)
-    tokenizer = os.path.join(opts.load, "tokenizer")
+    model_cfg = read_model_configs(opts.load)[1]  # a missing or foreign checkpoint is named
+    tokenizer = os.path.join(opts.load, "tokenizer")  # before any text is read
     seqs = load_sequences(opts, tokenizer if os.path.isdir(tokenizer) else None)
+    check_seq_length(model_cfg, opts.seq_length, used=max(len(s) for s in seqs) - 1)
     loaded = load_elastic_model(opts.load, tp, pp, dtype)
     model, model_cfg, elastic = loaded.model, loaded.model_cfg, loaded.elastic
     check_token_ids(seqs, model_cfg.vocab_size, opts.tokens_jsonl or "the tokenizer's ids")
