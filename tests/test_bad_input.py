@@ -44,9 +44,23 @@ REFUSED = {
         "evaluate.py",
         "the loss of the sub-network is nan (non-finite)",
     ),
+    "a checkpoint with a NaN weight (generation, serving)": (
+        "generate.py, run_text_generation_server.py",
+        "1 of its tensors hold NaN or inf (first: decoder.layers.1.mlp.linear_fc2.weight)",
+    ),
     "a checkpoint with a NaN weight (training)": (
         "pretrain_flextron.py",
         "iteration 1: lm loss of budget",
+    ),
+    "resuming into a --save of another architecture than --load": (
+        "pretrain_flextron.py",
+        "--save SAVE holds a training checkpoint of another architecture than --load LOAD "
+        "(activation gelu vs swiglu",
+    ),
+    "--seq-length beyond max_position_embeddings (learned positions)": (
+        "pretrain_flextron.py, evaluate.py",
+        "--seq-length 128 is beyond the model's max_position_embeddings 64: its learned position "
+        "table has 64 rows",
     ),
     "a truncated tokenizer.json": (
         "convert_checkpoint.py",
@@ -210,8 +224,8 @@ def test_out_of_vocabulary_and_negative_token_ids_are_refused(setup, tmp_path):
 
 
 def test_non_finite_weights_evaluate_non_zero_and_stop_training(setup, tmp_path):
-    """A checkpoint with a NaN weight: evaluation exits 2 naming the loss; training stops at
-    iteration 1 naming it and saves nothing."""
+    """A checkpoint with a NaN weight: evaluation exits 2 naming the loss, generation and the
+    server naming the tensor; training stops at iteration 1 naming it and saves nothing."""
     import torch
 
     from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
@@ -228,6 +242,13 @@ def test_non_finite_weights_evaluate_non_zero_and_stop_training(setup, tmp_path)
     evaluate = ["--wiki-split", "test", "--seq-length", "16", "--max-sequences", "4"]
     out = run_tool("evaluate.py", "--load", nan_dir, *evaluate)
     assert_refused(out, REFUSED["a checkpoint with a NaN weight (evaluation)"][1])
+
+    # generation and serving refuse it at load time, as evaluation refuses its loss
+    refusal = REFUSED["a checkpoint with a NaN weight (generation, serving)"][1]
+    out = run_tool("generate.py", "--load", nan_dir, "--prompt", "The", "--max-new-tokens", "2")
+    assert_refused(out, refusal)
+    out = run_tool("run_text_generation_server.py", "--load", nan_dir, "--port", "0")
+    assert_refused(out, refusal)
 
     save = str(tmp_path / "save")
     flags = ["--load", nan_dir, "--data-path", setup["data_path"], "--split", "98,2,0"]
@@ -430,3 +451,62 @@ def test_every_config_shape_is_checked_against_the_stored_tensors(setup, key, va
     with pytest.raises(CheckpointError) as refused:
         check_stored_shapes(setup["load"], ModelConfig.from_dict({**config, key: value}))
     assert message in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def learned(setup, tmp_path_factory):
+    """The setup's model with learned absolute positions (GPT-3 style, 64 of them)."""
+    from helpers import elastic_choices, random_canonical_state, tiny_config
+
+    from megatron_flextron.checkpoint.flextron import save_flextron
+    from megatron_flextron.checkpoint.state import Checkpoint
+
+    model = tiny_config("gpt3", vocab_size=320)
+    tokenizer = os.path.join(os.path.dirname(setup["load"]), "tokenizer")
+    ckpt = Checkpoint(model, random_canonical_state(model), tokenizer, elastic_choices(model))
+    path = str(tmp_path_factory.mktemp("learned") / "ckpt")
+    os.makedirs(path)
+    save_flextron(ckpt, path)
+    return path
+
+
+def _files(path: str) -> list:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, n in os.walk(path) for f in n)
+
+
+def _train_flags(setup, load: str, save: str, seq_length: int = 16) -> list:
+    flags = ["--load", load, "--data-path", setup["data_path"], "--split", "98,2,0"]
+    flags += ["--seq-length", str(seq_length), "--micro-batch-size", "2"]
+    flags += ["--global-batch-size", "2", "--train-iters", "2", "--lr-warmup-iters", "1"]
+    return flags + ["--save", save, "--save-interval", "1", "--eval-interval", "0"]
+
+
+def test_resuming_into_a_save_of_another_architecture_is_refused(setup, learned, tmp_path):
+    """--save holds a (GPT-3) checkpoint, --load a Llama one: resuming would train the --save
+    model and ignore --load; refused naming both, nothing written."""
+    save = str(tmp_path / "save")
+    shutil.copytree(learned, save)
+    before = _files(save)
+    out = run_tool("pretrain_flextron.py", *_train_flags(setup, setup["load"], save))
+    message = REFUSED["resuming into a --save of another architecture than --load"][1]
+    assert_refused(out, message.replace("SAVE", save).replace("LOAD", setup["load"]))
+    assert _files(save) == before and not glob.glob(str(tmp_path / ".save*"))
+
+
+def test_seq_length_beyond_the_positions_is_refused_or_warned(setup, learned, tmp_path):
+    """Learned positions have no row past max_position_embeddings (64): training and evaluation
+    refuse --seq-length 128 (it was an IndexError); RoPE extrapolates: evaluation warns, runs."""
+    message = REFUSED["--seq-length beyond max_position_embeddings (learned positions)"][1]
+    save = str(tmp_path / "save")
+    out = run_tool("pretrain_flextron.py", *_train_flags(setup, learned, save, seq_length=128))
+    assert_refused(out, message)
+    assert not os.path.exists(save)
+    evaluate = ["--wiki-split", "test", "--seq-length", "128", "--max-sequences", "2"]
+    assert_refused(run_tool("evaluate.py", "--load", learned, *evaluate), message)
+    out = run_tool("evaluate.py", "--load", setup["load"], *evaluate)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "warning: --seq-length 128 is beyond the model's max_position_embeddings 64: RoPE runs "
+        "past the positions it was trained on"
+    ) in out.stderr
+

@@ -290,3 +290,26 @@ def test_budget_policy_checks_a_budget_before_running_it():
         token.check_budget(0.3)
     with pytest.raises(ValueError, match="budget must be a number"):
         token.check_budget("half")
+
+
+def test_a_budget_below_the_smallest_subnetwork_says_what_it_runs(capsys):
+    """Without a router, budget 0.05 cannot be met: the choice (and stderr, once) names the
+    smallest sub-network it runs and its share of the parameters; 0.3 rounds, says nothing."""
+    from megatron_flextron.routers.policy import NearestChoices
+
+    model = tiny_config("llama")
+    nearest = NearestChoices(model, elastic_choices(model))
+    mlp, heads = elastic_choices(model).choices_with_full(model)
+    smallest = Subnetwork((mlp[-1],) * 4, (heads[-1],) * 4, (0, 1, 2, 3))
+    ratio = count_parameters(smallest, model)["total"] / count_parameters(
+        Subnetwork.full(model), model
+    )["total"]
+    note = (
+        f"budget 0.05 is below the smallest sub-network (MLP {mlp[-1]} of 128, {heads[-1]} of 8 "
+        f"heads): it runs that, {smallest.to_dict()}, {ratio:.3f} of the full model's parameters"
+    )
+    for _ in range(2):
+        choice = nearest.choose(0.05)
+        assert choice.subnetwork == smallest and choice.info["note"] == note
+    assert capsys.readouterr().err == f"warning: {note}\n"
+    assert "note" not in nearest.choose(0.3).info and capsys.readouterr().err == ""

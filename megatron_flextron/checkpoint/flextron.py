@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from megatron_flextron.checkpoint.common_state import read_common_state
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
+from megatron_flextron.checkpoint.fields import check_fields, check_object, dataclass_fields
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
 from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.state import (
@@ -61,10 +62,16 @@ def iteration_dir(path: str, iteration: Optional[int] = None) -> str:
             raise CheckpointError(f"{path} has no {TRACKER_FILE}: not a complete checkpoint")
         text = open(tracker).read().strip()
         if text == "release":
-            return os.path.join(path, "release")
+            folder = os.path.join(path, "release")
+            if not os.path.isdir(folder):
+                raise CheckpointError(f"{tracker} names 'release', but {folder} does not exist")
+            return folder
         if not text.isdigit():
             raise CheckpointError(f"{tracker} holds {text!r}, not an iteration or 'release'")
-        iteration = int(text)
+        folder = os.path.join(path, f"iter_{int(text):07d}")
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{tracker} names iteration {text}, but {folder} does not exist")
+        return folder
     return os.path.join(path, f"iter_{iteration:07d}")
 
 
@@ -72,9 +79,18 @@ def read_config(path: str) -> dict:
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}")
-    config = read_json(os.path.join(path, CONFIG_FILE))
+    file = os.path.join(path, CONFIG_FILE)
+    config = check_object(file, read_json(file))
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown flextron format {config.get('format_version')!r}")
+    check_fields(file, config, {"model": dict, "dealt_tensor_parallel_size": int},
+                 {"elastic": dict, "metadata": dict}, known=["format_version"])  # fmt: skip
+    required, optional = dataclass_fields(ModelConfig)
+    check_fields(f"{file} model", config["model"], required, optional, known=())
+    if config.get("elastic") is not None:
+        check_fields(f"{file} elastic", config["elastic"], {"mlp_choices": list,
+                     "head_choices": list}, {"allow_layer_skipping": bool, "layer_ranking": list},
+                     known=())  # fmt: skip
     return config
 
 

@@ -217,6 +217,31 @@ class TensorSource:
         return self._read(name)
 
 
+def load_weights_only(path: str) -> dict:
+    """A torch-saved dict of tensors, read with ``weights_only`` (no code runs): a file that
+    would need another class is refused naming it, a damaged one as unreadable, each in one
+    line rather than torch's multi-paragraph UnpicklingError."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            blocked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            blocked = []
+        raise CheckpointError(
+            f"{path} stores {', '.join(blocked) or 'objects'} outside what the safe loader "
+            "(weights_only) unpickles: refused, nothing was run"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no dict of named tensors")
+    return state
+
+
 def tensor_getter(directory: str) -> TensorSource:
     """A lazy reader over an HF weights folder: safetensors, sharded or not (read with file IO,
     see safetensors_io), or pytorch_model.bin (loaded whole, weights_only=True)."""
@@ -232,7 +257,7 @@ def tensor_getter(directory: str) -> TensorSource:
     elif os.path.isfile(single):
         names, paths = None, ["model.safetensors"]
     elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
-        state = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
+        state = load_weights_only(os.path.join(directory, "pytorch_model.bin"))
         specs = {k: TensorSpec.of(v) for k, v in state.items()}
         return TensorSource(directory, specs, state.__getitem__)
     else:

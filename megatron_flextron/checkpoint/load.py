@@ -7,6 +7,7 @@ teacher. Call after ``initialize_model_parallel`` (the model is this rank's TP s
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -47,6 +48,29 @@ def read_model_configs(path: str, tp: int = 1) -> Tuple[dict, ModelConfig, Elast
     return config, model_cfg, elastic
 
 
+def check_seq_length(
+    model_cfg: ModelConfig, seq_length: int, used: Optional[int] = None, flag: str = "--seq-length"
+) -> None:
+    """Sequences longer than the model's ``max_position_embeddings`` (``used``: the positions
+    actually run, when shorter than ``seq_length``): refused with learned positions (the table
+    has no row for them: megatron would fail with an IndexError mid-run), warned with RoPE (it
+    extrapolates, untrained)."""
+    limit = model_cfg.max_position_embeddings
+    if (seq_length if used is None else used) <= limit:
+        return
+    if model_cfg.position_embedding == "learned_absolute":
+        raise ValueError(
+            f"{flag} {seq_length} is beyond the model's max_position_embeddings {limit}: its "
+            f"learned position table has {limit} rows"
+        )
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(
+            f"warning: {flag} {seq_length} is beyond the model's max_position_embeddings {limit}:"
+            " RoPE runs past the positions it was trained on",
+            file=sys.stderr,
+        )
+
+
 def load_elastic_model(
     path: str,
     tp: int = 1,
@@ -63,3 +87,21 @@ def load_elastic_model(
     model = build_elastic_model(model_cfg, tconfig).to(device)
     load_flextron_into_model(model, path)
     return ElasticModel(model.eval(), model_cfg, elastic, config, path)
+
+
+def check_finite_weights(loaded: ElasticModel) -> None:
+    """Refuse (ValueError, on every rank) a checkpoint holding a NaN or inf weight, naming
+    the first such tensor: generation would otherwise serve text from it without a word, where
+    tools/evaluate.py reports a non-finite loss. Collective over the world (every rank holds
+    part of the model)."""
+    bad = [name for name, p in loaded.model.named_parameters() if not p.isfinite().all()]
+    count = torch.tensor([float(len(bad))], device=next(loaded.model.parameters()).device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    if count.item():
+        first = f" (first: {bad[0]})" if bad else ""
+        raise ValueError(
+            f"checkpoint {loaded.path}: {int(count.item())} of its tensors hold NaN or inf"
+            f"{first}; refusing to serve it"
+        )
+

@@ -52,18 +52,55 @@ class SafetensorsFile:
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
         self.data_start = 8 + length
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the header is a {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: Dict[str, dict] = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        size = os.path.getsize(path)
-        if self.data_start + end > size:
+        self._check_layout(os.path.getsize(path) - self.data_start)
+
+    def _check_layout(self, data_bytes: int) -> None:
+        """What the safetensors library checks before reading: every entry a known dtype, a
+        shape of sizes >= 0 and offsets [begin, end] whose length is the tensor's size; sorted
+        by offset, the tensors tile the data exactly (no overlap, no gap, nothing after)."""
+        spans = []
+        for name, entry in self.entries.items():
+            if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+                dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+                raise CheckpointError(f"{self.path}: {name} has unsupported dtype {dtype}")
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+                raise CheckpointError(
+                    f"{self.path}: {name} has shape {shape!r} and data_offsets {offsets!r} "
+                    "(expected sizes >= 0 and [begin, end])"
+                )
+            begin, end = offsets
+            nbytes = TensorSpec(tuple(shape), DTYPES[entry["dtype"]]).nbytes
+            if end - begin != nbytes:
+                raise CheckpointError(
+                    f"{self.path}: {name} has data_offsets [{begin}, {end}] for a tensor of "
+                    f"{nbytes} bytes"
+                )
+            spans.append((begin, end, name))
+        position, previous = 0, None
+        for begin, end, name in sorted(spans):
+            if begin != position:
+                what = "overlap" if begin < position else "leave a gap between"
+                first = f"{previous} and {name}" if previous else f"the data start and {name}"
+                raise CheckpointError(
+                    f"{self.path}: the data_offsets of {first} {what} (bytes {position} and "
+                    f"{begin})"
+                )
+            position, previous = end, name
+        if position > data_bytes:
             raise CheckpointError(
-                f"cannot read {path}: truncated ({size} bytes, its header needs "
-                f"{self.data_start + end})"
+                f"cannot read {self.path}: truncated ({self.data_start + data_bytes} bytes, its "
+                f"header needs {self.data_start + position})"
             )
-        for name, entry in header.items():
-            if entry.get("dtype") not in DTYPES:
-                raise CheckpointError(f"{path}: {name} has unsupported dtype {entry.get('dtype')}")
+        if position < data_bytes:
+            raise CheckpointError(
+                f"{self.path}: {data_bytes - position} bytes after the last tensor that no "
+                "header entry covers"
+            )
 
     @property
     def names(self) -> List[str]:
@@ -84,6 +121,13 @@ class SafetensorsFile:
                 if f.readinto(view) != end - begin:
                     raise CheckpointError(f"cannot read {name!r} from {self.path}: truncated")
         return out
+
+
+def _ints(values) -> bool:
+    """A list of integers >= 0 (JSON's true/false are not sizes)."""
+    return isinstance(values, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    )
 
 
 def _header(specs: List[Tuple[str, TensorSpec]], metadata: Optional[dict]) -> bytes:

@@ -96,8 +96,24 @@ PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 
 def cast_state(ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    """Every tensor converted to ``dtype`` when it is read (a lazy view: nothing held)."""
-    ckpt.state = lazy_view(ckpt.state, lambda name, tensor: tensor.to(dtype))
+    """Every tensor converted to ``dtype`` when it is read (a lazy view: nothing held); a
+    finite value beyond the range of ``dtype`` (fp16: 65504) stops the conversion naming the
+    tensor instead of writing inf."""
+
+    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.to(dtype)
+        if out.is_floating_point() and out.device.type != "meta":
+            overflow = torch.isinf(out) & torch.isfinite(tensor)
+            if bool(overflow.any()):
+                largest = float(tensor[overflow].abs().max())
+                raise CheckpointError(
+                    f"{name} holds {largest:g}, beyond the {str(dtype)[6:]} range "
+                    f"(max {torch.finfo(dtype).max:g}): casting would write inf; keep a wider "
+                    "--params-dtype (bf16, fp32)"
+                )
+        return out
+
+    ckpt.state = lazy_view(ckpt.state, cast)
 
 
 def check_parallel_sizes(ckpt: Checkpoint, tp: int, pp: int) -> None:

@@ -7,6 +7,13 @@ call ``record()`` after each micro-batch's ``set_subnetwork`` and ``apply(lr)`` 
 parameter by (1 - lr * wd), which is exactly AdamW's decay for those slices. With no record it
 uses the currently active sub-network. Like megatron, biases and 1-D parameters are not decayed.
 
+Slices are not all a step can leave untrained: a soft architecture (``--router joint``) and token
+routing (``--router token``) run the full-width layers with units masked to zero, and a skipped
+layer's weights get no gradient either. So ``apply`` also keeps, of every elastic linear's units
+(rows of a column-parallel weight, columns of a row-parallel one), only those whose gradient this
+step is non-zero: a unit no micro-batch's gradient reached was not trained and is not decayed,
+whichever router masked it.
+
 The decay goes to the optimizer's main (fp32) copy of a parameter: the model parameter itself for
 fp32 training (also under the distributed optimizer, whose fp32 shards are views of it), the
 fp32 master copy under bf16/fp16 with megatron's Float16Optimizer.
@@ -46,6 +53,28 @@ def active_regions(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Param
                 regions[id(module.weight)] = [(1, module.active_cols)]
     for name, p in gpt.named_parameters():
         yield name, p, regions.get(id(p))
+
+
+def unit_dims(model: torch.nn.Module) -> Dict[int, int]:
+    """id(weight) -> the dim of its units, for every elastic linear (rows of a column-parallel
+    weight, columns of a row-parallel one): what slices, masks and routing switch off."""
+    dims: Dict[int, int] = {}
+    for module in unwrap_model(model).modules():
+        if isinstance(module, ElasticColumnParallelLinear):
+            dims[id(module.weight)] = 0
+        elif isinstance(module, ElasticRowParallelLinear):
+            dims[id(module.weight)] = 1
+    return dims
+
+
+def trained_units(p: torch.nn.Parameter, dim: int) -> torch.Tensor:
+    """Boolean over ``p``'s units along ``dim``: which got a non-zero gradient (megatron DDP
+    keeps it in ``main_grad``, reduced over data-parallel ranks before the optimizer step)."""
+    grad = getattr(p, "main_grad", None)
+    grad = p.grad if grad is None else grad
+    if grad is None:
+        return torch.zeros(p.size(dim), dtype=torch.bool, device=p.device)
+    return grad.ne(0).any(dim=1 - dim)  # a linear's weight is [out, in]
 
 
 def _is_decayed(name: str, p: torch.Tensor) -> bool:
@@ -121,8 +150,15 @@ class ElasticWeightDecay:
         if factor == 1.0:
             return
         params = {name: p for name, p, _ in active_regions(self.model)}
+        dims = unit_dims(self.model)
         for name, part in recorded.items():
-            target = self.main.get(id(params[name]), params[name])
+            p = params[name]
+            target = self.main.get(id(p), p)
+            if id(p) in dims:  # masked or routed-out units got no gradient: not trained
+                trained = trained_units(p, dims[id(p)])
+                if part is not None:  # slices lie along the same dim as the units
+                    trained = trained & part[1]
+                part = (dims[id(p)], trained)
             if part is None or bool(part[1].all()):
                 target.mul_(factor)
                 continue

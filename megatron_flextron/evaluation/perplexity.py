@@ -19,8 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_flextron.checkpoint.flextron import read_config
-from megatron_flextron.checkpoint.load import ElasticModel, load_elastic_model
+from megatron_flextron.checkpoint.load import (
+    ElasticModel,
+    check_seq_length,
+    load_elastic_model,
+    read_model_configs,
+)
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.data.corpus import (
     check_token_ids,
@@ -197,9 +201,10 @@ def evaluate_perplexity(opts: PerplexityOptions) -> List[PerplexityResult]:
     opts.validate()
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
-    read_config(opts.load)  # a missing or foreign checkpoint is named before any text is read
-    tokenizer = os.path.join(opts.load, "tokenizer")
+    model_cfg = read_model_configs(opts.load)[1]  # a missing or foreign checkpoint is named
+    tokenizer = os.path.join(opts.load, "tokenizer")  # before any text is read
     seqs = load_sequences(opts, tokenizer if os.path.isdir(tokenizer) else None)
+    check_seq_length(model_cfg, opts.seq_length, used=max(len(s) for s in seqs) - 1)
     loaded = load_elastic_model(opts.load, tp, pp, dtype)
     model, model_cfg, elastic = loaded.model, loaded.model_cfg, loaded.elastic
     check_token_ids(seqs, model_cfg.vocab_size, opts.tokens_jsonl or "the tokenizer's ids")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ContextManager, Optional
 
-from megatron_flextron.checkpoint.load import load_elastic_model
+from megatron_flextron.checkpoint.load import check_finite_weights, load_elastic_model
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork
@@ -118,6 +118,7 @@ def load_served_model(ckpt_dir: str, dtype, router: str = "static"):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     loaded = load_elastic_model(ckpt_dir, tp, pp, dtype)
+    check_finite_weights(loaded)
     model = loaded.model
     for p in model.parameters():
         p.requires_grad_(False)

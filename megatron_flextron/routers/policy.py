@@ -45,6 +45,7 @@ b) as choice:`` around the request's forward (inference/subnetworks.py).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -192,8 +193,30 @@ class NearestChoices(BudgetPolicy):
 
     kind = "nearest choices"
 
+    def __init__(self, model_cfg: ModelConfig, elastic: ElasticConfig):
+        super().__init__(model_cfg, elastic)
+        self._warned = set()  # budgets already said to be below the smallest sub-network
+
     def choose(self, budget: float) -> Choice:
-        return self.nearest(budget)
+        """The nearest choices; a budget below the smallest choice on every axis cannot be met,
+        so the choice's ``note`` (and stderr, once per budget) says which sub-network runs."""
+        choice = self.nearest(budget)
+        mlp, heads = self.elastic.choices_with_full(self.model_cfg)
+        m = self.model_cfg
+        if budget * m.ffn_hidden_size >= mlp[-1] or budget * m.num_attention_heads >= heads[-1]:
+            return choice
+        subnet = choice.subnetwork
+        full = count_parameters(Subnetwork.full(m), m)["total"]
+        ratio = count_parameters(subnet, m)["total"] / full
+        note = (
+            f"budget {budget:g} is below the smallest sub-network (MLP {mlp[-1]} of "
+            f"{m.ffn_hidden_size}, {heads[-1]} of {m.num_attention_heads} heads): it runs that, "
+            f"{subnet.to_dict()}, {ratio:.3f} of the full model's parameters"
+        )
+        if budget not in self._warned:
+            self._warned.add(budget)
+            print(f"warning: {note}", file=sys.stderr)
+        return Choice(budget, subnet, {**choice.info, "note": note})
 
 
 class StaticRouterPolicy(BudgetPolicy):

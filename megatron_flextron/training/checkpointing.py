@@ -44,6 +44,22 @@ def has_checkpoint(path: Optional[str]) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, TRACKER_FILE))
 
 
+def check_resume_source(save: str, load: Optional[str]) -> None:
+    """Resuming from ``save`` while ``load`` names another architecture is refused, naming both
+    folders and what differs: the run would otherwise continue the --save model and silently
+    ignore the --load one it was asked to train."""
+    if not load or os.path.abspath(load) == os.path.abspath(save):
+        return
+    saved, loaded = read_config(save)["model"], read_config(load)["model"]
+    differ = [k for k in sorted(set(saved) | set(loaded)) if saved.get(k) != loaded.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k)} vs {loaded.get(k)}" for k in differ[:4])
+        raise CheckpointError(
+            f"--save {save} holds a training checkpoint of another architecture than --load "
+            f"{load} ({shown}): resuming would ignore --load; --save to a new folder"
+        )
+
+
 def save_training_checkpoint(
     path: str,
     iteration: int,

@@ -24,6 +24,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig, ModelConfig, Runtime
 from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
+from megatron_flextron.checkpoint.load import check_seq_length
 from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatches
 from megatron_flextron.data.tokenizer import build_tokenizer
 from megatron_flextron.elastic import build_elastic_model
@@ -35,6 +36,7 @@ from megatron_flextron.parallel import (
 )
 from megatron_flextron.training.arguments import TrainingArgs
 from megatron_flextron.training.checkpointing import (
+    check_resume_source,
     has_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -132,9 +134,12 @@ def setup(args: TrainingArgs) -> Run:
     p, o, r, e, d = args.parallel, args.optimizer, args.run, args.elastic, args.data
     initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.seed)
     resuming = has_checkpoint(r.save)
+    if resuming:
+        check_resume_source(r.save, r.load)
     source = r.save if resuming else r.load
     config = read_config(source)
     model_cfg = ModelConfig.from_dict(config["model"])
+    check_seq_length(model_cfg, d.seq_length)
     elastic_cfg = _elastic_config(args, model_cfg, config.get("elastic"))
 
     gpt, tconfig = _build_model(args, model_cfg)

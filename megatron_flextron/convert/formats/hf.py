@@ -15,6 +15,7 @@ import torch
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
+from megatron_flextron.checkpoint.fields import check_fields, check_object, head_dim
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_getter, write_json
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
@@ -28,6 +29,18 @@ _GPT2_FIXED = (  # (field, the only value megatron represents, why)
 # Llama 3.x RoPE scaling as megatron-core implements it (only the factor is a parameter)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
+# the config.json fields each family reads: (required, optional) {field: type}
+_SIZES = {
+    "llama": (
+        dict.fromkeys(("num_hidden_layers", "hidden_size", "intermediate_size",
+                       "num_attention_heads", "vocab_size", "max_position_embeddings"), int),
+        {"num_key_value_heads": int, "head_dim": int, "rms_norm_eps": float, "rope_theta": float},
+    ),
+    "gpt2": (
+        dict.fromkeys(("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"), int),
+        {"n_inner": int, "layer_norm_epsilon": float},
+    ),
+}  # fmt: skip
 
 
 def _refuse(kind: str, what: str, why: str) -> CheckpointError:
@@ -71,7 +84,10 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
+    cfg = check_object("config.json", cfg)
     kind = cfg.get("model_type")
+    if kind in ("llama", "mistral", "qwen2", "gpt2"):
+        check_fields("config.json", cfg, *_SIZES["gpt2" if kind == "gpt2" else "llama"])
     if kind in ("llama", "mistral", "qwen2"):
         _check_llama_family(kind, cfg)
         rope = cfg.get("rope_parameters") or {}
@@ -83,7 +99,7 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             ffn_hidden_size=cfg["intermediate_size"],
             num_attention_heads=heads,
             num_query_groups=cfg.get("num_key_value_heads") or heads,
-            kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            kv_channels=head_dim("config.json", cfg["hidden_size"], heads, cfg.get("head_dim")),
             vocab_size=cfg["vocab_size"],
             max_position_embeddings=cfg["max_position_embeddings"],
             norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
@@ -100,6 +116,7 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             if bool(cfg.get(key, ok)) != ok:
                 raise _refuse(kind, f"{key}={cfg[key]}", why)
         h = cfg["n_embd"]
+        head_dim("config.json", h, cfg["n_head"], None)
         return ModelConfig(
             "gpt3",
             num_layers=cfg["n_layer"],

@@ -8,6 +8,9 @@ neutral value, stops the conversion naming it.
 
 from __future__ import annotations
 
+import argparse
+
+from megatron_flextron.checkpoint.fields import check_fields, head_dim
 from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.config import ModelConfig
 
@@ -113,8 +116,21 @@ def check_supported(args) -> None:
         raise _refuse("openai_gelu", True, "with --swiglu")
 
 
+# the sizes the model is built from: (required, optional) {argument: type}
+_SIZES = (
+    dict.fromkeys(("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"),
+                  int),
+    dict.fromkeys(("ffn_hidden_size", "kv_channels", "num_query_groups", "padded_vocab_size"), int),
+)  # fmt: skip
+
+
 def model_config_from_args(args) -> ModelConfig:
     """The dense architecture a Megatron-LM run trained (vocabulary: the padded size)."""
+    if not isinstance(args, argparse.Namespace):
+        raise CheckpointError(
+            f"megatron args are a {type(args).__name__}, not Megatron-LM's argparse.Namespace"
+        )
+    check_fields("megatron args", vars(args), *_SIZES)
     check_supported(args)
     blocks = hybrid_blocks(args)
     swiglu = getattr(args, "swiglu", False)
@@ -133,7 +149,7 @@ def model_config_from_args(args) -> ModelConfig:
         ffn_hidden_size=getattr(args, "ffn_hidden_size", None) or 4 * hidden,
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=getattr(args, "kv_channels", None) or hidden // heads,
+        kv_channels=head_dim("megatron args", hidden, heads, getattr(args, "kv_channels", None)),
         vocab_size=vocab,
         max_position_embeddings=args.max_position_embeddings,
         normalization=getattr(args, "normalization", "LayerNorm"),
