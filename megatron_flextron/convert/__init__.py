@@ -13,7 +13,8 @@ from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy
 from megatron_flextron.checkpoint.io import atomic_output_dir
 
 LOADERS = ("hf", "gguf", "megatron", "megatron_legacy", "flextron")
-SAVERS = ("flextron", "hf", "megatron")
+SAVERS = ("flextron", "hf", "megatron", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # llama.cpp tensor types of --saver gguf
 
 
 def load_checkpoint(loader: str, path: str, tokenizer_model: Optional[str] = None) -> Checkpoint:
@@ -50,7 +51,10 @@ def _load_other(loader: str, path: str) -> Checkpoint:
     raise CheckpointError(f"unknown loader {loader!r}; expected one of {LOADERS}")
 
 
-def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_size: int) -> None:
+def save_checkpoint(
+    saver: str, ckpt: Checkpoint, path: str, tensor_parallel_size: int, gguf_type=None
+) -> None:
+    """``gguf_type``: the GGUF saver's tensor type (None: the state's dtype)."""
     if saver == "flextron":
         from megatron_flextron.checkpoint.flextron import save_flextron
 
@@ -63,6 +67,10 @@ def save_checkpoint(saver: str, ckpt: Checkpoint, path: str, tensor_parallel_siz
         from megatron_flextron.convert.formats.megatron import save_megatron
 
         save_megatron(ckpt, path)
+    elif saver == "gguf":
+        from megatron_flextron.convert.formats.gguf import save_gguf
+
+        save_gguf(ckpt, path, gguf_type)
     else:
         raise CheckpointError(f"unknown saver {saver!r}; expected one of {SAVERS}")
 
@@ -83,6 +91,7 @@ class ConvertOptions:
     ranking: dict = field(default_factory=dict)  # options for importance ranking
     tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
     params_dtype: Optional[str] = None  # write in this dtype (PARAMS_DTYPES); None: the source's
+    gguf_type: Optional[str] = None  # --saver gguf: one of GGUF_TYPES; None: the state's dtype
 
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,6 +132,10 @@ def convert(opts: ConvertOptions) -> Checkpoint:
 
     if opts.saver not in SAVERS:
         raise CheckpointError(f"unknown saver {opts.saver!r}; expected one of {SAVERS}")
+    if opts.gguf_type is not None and opts.saver != "gguf":
+        raise CheckpointError(f"--gguf-type applies to --saver gguf, not {opts.saver}")
+    if opts.gguf_type is not None and opts.gguf_type not in GGUF_TYPES:
+        raise CheckpointError(f"unknown GGUF type {opts.gguf_type!r}; expected one of {GGUF_TYPES}")
     if opts.budget is not None and opts.subnetwork is not None:
         raise CheckpointError("--budget and --subnetwork are mutually exclusive")
     if opts.budget is not None and opts.loader != "flextron":
@@ -170,13 +183,19 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         ckpt.elastic = ElasticConfig.from_ratios(
             ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp
         )
+    if opts.saver == "gguf":
+        from megatron_flextron.convert.formats.gguf import gguf_architecture
+
+        gguf_architecture(ckpt)  # refuse before anything is written
+        if tp != 1 or pp != 1:
+            raise CheckpointError("a GGUF file is not sharded: no target TP/PP sizes")
     check_parallel_sizes(ckpt, tp, pp)
     ckpt.metadata["target_pipeline_parallel_size"] = pp
     if distributed:
         _save_distributed(ckpt, opts.save_dir)
         return ckpt
     with atomic_output_dir(opts.save_dir) as tmp:
-        save_checkpoint(opts.saver, ckpt, tmp, tp)
+        save_checkpoint(opts.saver, ckpt, tmp, tp, opts.gguf_type)
     return ckpt
 
 
