@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_canonical_state, tiny_config
-from test_bad_input import assert_refused, run_tool
+from test_bad_input import ROOT, assert_refused, run_tool
 from test_convert import megatron_logits
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
@@ -226,20 +226,28 @@ def test_tokenizers_without_a_llama_cpp_equivalent_are_refused(tmp_path):
 
 
 def test_bad_gguf_flags_exit_2_and_write_nothing(tmp_path):
-    """One subprocess per case: argparse's refusal, a type for another saver, and a
-    sub-network the target architecture cannot hold (refused before anything is written)."""
+    """An unknown type (argparse), a type for another saver, and (end to end, one subprocess) a
+    sub-network the target architecture cannot hold: refused before anything is written."""
+    import importlib.util
+
+    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.convert.formats.hf import save_hf
 
-    src = tmp_path / "gpt2"
+    tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    src, out = tmp_path / "gpt2", str(tmp_path / "out")
+    base = ["--loader", "hf", "--load-dir", str(src), "--save-dir", out]
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args([*base, "--saver", "gguf", "--gguf-type", "q4_0"])
+    assert e.value.code == 2
     ckpt = _tiny("gpt3", tmp_path, activation="gelu_tanh")
     os.makedirs(src)
     save_hf(ckpt, str(src))  # with its tokenizer
-    out = str(tmp_path / "out")
-    base = ["--loader", "hf", "--load-dir", str(src), "--save-dir", out]
-    done = run_tool("convert_checkpoint.py", *base, "--saver", "gguf", "--gguf-type", "q4_0")
-    assert_refused(done, "invalid choice: 'q4_0'")
-    done = run_tool("convert_checkpoint.py", *base, "--saver", "hf", "--gguf-type", "f16")
-    assert_refused(done, "--gguf-type applies to --saver gguf, not hf")
+    opts = ConvertOptions("hf", "hf", str(src), out, gguf_type="f16")
+    with pytest.raises(CheckpointError, match="--gguf-type applies to --saver gguf, not hf"):
+        convert(opts)
     done = run_tool(
         "convert_checkpoint.py", *base, "--saver", "gguf", "--subnetwork", '{"heads": 4}'
     )
