@@ -224,8 +224,14 @@ def test_what_llama_cpp_cannot_represent_is_refused_by_name(
 
 
 def test_tokenizers_without_a_llama_cpp_equivalent_are_refused(tmp_path):
-    from megatron_flextron.convert.formats.gguf_tokenizer import tokenizer_pre
+    from megatron_flextron.convert.formats.gguf_tokenizer import llama_cpp_pre, tokenizer_pre
 
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert llama_cpp_pre(byte_level) == "gpt-2"
+    assert llama_cpp_pre({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    with pytest.raises(CheckpointError, match="has no llama.cpp equivalent"):
+        llama_cpp_pre({**byte_level, "add_prefix_space": True})
     with pytest.raises(CheckpointError, match="carries none: pass --tokenizer-model"):
         tokenizer_pre(None)
     path = os.path.join(_tokenizer(tmp_path / "tok"), "tokenizer.json")

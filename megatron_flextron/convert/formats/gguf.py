@@ -4,6 +4,10 @@ Q and K rows are stored in llama.cpp's RoPE layout and are un-permuted by the ke
 tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
 partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), experts,
 sliding windows and any tensor the key map does not read stop the conversion, named.
+
+``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
+layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
+and head counts, ``gpt2`` for GPT-2 style models; what the target cannot represent is refused.
 """
 
 from __future__ import annotations
