@@ -27,4 +27,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
   echo "$want" > "$stamp"
 fi
+bash scripts/build_llama_cpp.sh .venv/bin/python  # llama.cpp for the GGUF tests (cached wheel)
 echo "$PWD/.venv/bin/python"

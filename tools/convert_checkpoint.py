@@ -9,7 +9,8 @@ Loaders: hf (transformers dir: Llama, Mistral, Qwen2, GPT-2), gguf (Llama family
 (Megatron-LM torch_dist checkpoints: the root or one iteration folder), megatron_legacy (Megatron
 GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust), flextron.
 Every loader is exact or refuses (exit 2) naming the field or tensor it cannot represent.
-Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock).
+Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock),
+gguf (one model.gguf for llama.cpp: llama, deci for per-layer sub-networks, or gpt2).
 A failed conversion exits non-zero and leaves nothing at --save-dir.
 
 Importance ranking sharded over tensor/pipeline parallelism (each rank holds its shard of the
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.compat.memory import return_freed_tensors_to_the_os  # noqa: E402
 from megatron_flextron.convert import (  # noqa: E402
+    GGUF_TYPES,
     LOADERS,
     PARAMS_DTYPES,
     SAVERS,
@@ -64,6 +66,11 @@ def parse_args(argv=None):
         "--params-dtype",
         choices=sorted(PARAMS_DTYPES),
         help="write the weights in this dtype (default: the source's, e.g. bf16 stays bf16)",
+    )
+    p.add_argument(
+        "--gguf-type",
+        choices=GGUF_TYPES,
+        help="--saver gguf: tensor type of the matrices (default: the source's dtype)",
     )
     p.add_argument(
         "--tokenizer-model",
@@ -161,6 +168,7 @@ def main(argv=None) -> int:
         tokenizer_model=args.tokenizer_model,
         params_dtype=args.params_dtype,
         megatron_model_class=args.megatron_model_class,
+        gguf_type=args.gguf_type,
     )
     t0 = time.time()
     try:

@@ -13,7 +13,8 @@ from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy
 from megatron_flextron.checkpoint.io import atomic_output_dir
 
 LOADERS = ("hf", "gguf", "megatron", "megatron_legacy", "flextron")
-SAVERS = ("flextron", "hf", "megatron")
+SAVERS = ("flextron", "hf", "megatron", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # llama.cpp tensor types of --saver gguf
 
 
 def load_checkpoint(loader: str, path: str, tokenizer_model: Optional[str] = None) -> Checkpoint:
@@ -56,7 +57,10 @@ def save_checkpoint(
     path: str,
     tensor_parallel_size: int,
     megatron_model_class: Optional[str] = None,
+    gguf_type: Optional[str] = None,
 ) -> None:
+    """``megatron_model_class``: the megatron saver's hybrid or gpt (None: hybrid, gpt for a
+    per-layer sub-network); ``gguf_type``: the GGUF saver's tensor type (None: the state's)."""
     if saver == "flextron":
         from megatron_flextron.checkpoint.flextron import save_flextron
 
@@ -69,6 +73,10 @@ def save_checkpoint(
         from megatron_flextron.convert.formats.megatron import save_megatron
 
         save_megatron(ckpt, path, megatron_model_class)
+    elif saver == "gguf":
+        from megatron_flextron.convert.formats.gguf import save_gguf
+
+        save_gguf(ckpt, path, gguf_type)
     else:
         raise CheckpointError(f"unknown saver {saver!r}; expected one of {SAVERS}")
 
@@ -90,6 +98,7 @@ class ConvertOptions:
     tokenizer_model: Optional[str] = None  # a tokenizer folder or file to carry instead
     params_dtype: Optional[str] = None  # write in this dtype (PARAMS_DTYPES); None: the source's
     megatron_model_class: Optional[str] = None  # --saver megatron: hybrid (default) or gpt
+    gguf_type: Optional[str] = None  # --saver gguf: one of GGUF_TYPES; None: the state's dtype
 
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,6 +155,10 @@ def convert(opts: ConvertOptions) -> Checkpoint:
 
     if opts.saver not in SAVERS:
         raise CheckpointError(f"unknown saver {opts.saver!r}; expected one of {SAVERS}")
+    if opts.gguf_type is not None and opts.saver != "gguf":
+        raise CheckpointError(f"--gguf-type applies to --saver gguf, not {opts.saver}")
+    if opts.gguf_type is not None and opts.gguf_type not in GGUF_TYPES:
+        raise CheckpointError(f"unknown GGUF type {opts.gguf_type!r}; expected one of {GGUF_TYPES}")
     if opts.budget is not None and opts.subnetwork is not None:
         raise CheckpointError("--budget and --subnetwork are mutually exclusive")
     if opts.budget is not None and opts.loader != "flextron":
@@ -193,13 +206,19 @@ def convert(opts: ConvertOptions) -> Checkpoint:
         ckpt.elastic = ElasticConfig.from_ratios(
             ckpt.model, opts.mlp_ratios, opts.head_ratios, tensor_model_parallel_size=tp
         )
+    if opts.saver == "gguf":
+        from megatron_flextron.convert.formats.gguf import gguf_architecture
+
+        gguf_architecture(ckpt)  # refuse before anything is written
+        if tp != 1 or pp != 1:
+            raise CheckpointError("a GGUF file is not sharded: no target TP/PP sizes")
     check_parallel_sizes(ckpt, tp, pp)
     ckpt.metadata["target_pipeline_parallel_size"] = pp
     if distributed:
         _save_distributed(ckpt, opts.save_dir)
         return ckpt
     with atomic_output_dir(opts.save_dir) as tmp:
-        save_checkpoint(opts.saver, ckpt, tmp, tp, opts.megatron_model_class)
+        save_checkpoint(opts.saver, ckpt, tmp, tp, opts.megatron_model_class, opts.gguf_type)
     return ckpt
 
 

@@ -29,6 +29,17 @@ def slice_tensor(name: str, value, m, width: int, heads: int):
     return value.contiguous()
 
 
+def layer_config(m, width: int, heads: int):
+    """The dense config of one layer with ``width`` MLP neurons and ``heads`` query heads: GQA
+    keeps its KV groups, MHA keeps one KV head per query head."""
+    return dataclasses.replace(
+        m,
+        ffn_hidden_size=width,
+        num_attention_heads=heads,
+        num_query_groups=m.num_query_groups if m.is_gqa else heads,
+    )
+
+
 def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
     """A dense checkpoint of a sub-network, as a lazy view of ``ckpt.state`` (each tensor cut
     when read). Homogeneous: an ordinary config of the smaller shape. Heterogeneous (per-layer
@@ -51,13 +62,7 @@ def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
 
     state = lazy_view(ckpt.state, transform, names)
     width, heads = max(w for w, _ in shapes), max(h for _, h in shapes)
-    model = dataclasses.replace(
-        m,
-        num_layers=len(subnet.layers),
-        ffn_hidden_size=width,
-        num_attention_heads=heads,
-        num_query_groups=m.num_query_groups if m.is_gqa else heads,
-    )
+    model = dataclasses.replace(layer_config(m, width, heads), num_layers=len(subnet.layers))
     out = Checkpoint(
         model=model,
         state=state,

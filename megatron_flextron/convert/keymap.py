@@ -8,7 +8,7 @@ map in either direction, so a format is described, not coded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,19 +43,22 @@ class KeyMap:
     global_rules: Sequence[Rule]
     layer_rules: Sequence[Rule]
 
-    def _rules(self, m: ModelConfig):
+    def _rules(self, m: ModelConfig, layers: Optional[Sequence[ModelConfig]] = None):
+        """(canonical name, source names, rule, the config its transforms see); ``layers``: one
+        config per layer for a model whose layers differ in shape (per-layer head counts)."""
         for rule in self.global_rules:
             if rule.when(m):
-                yield rule.canonical, rule.sources, rule
+                yield rule.canonical, rule.sources, rule, m
         for i in range(m.num_layers):
             prefix = self.layer_prefix.format(i=i)
+            layer = layers[i] if layers else m
             for rule in self.layer_rules:
-                if rule.when(m):
+                if rule.when(layer):
                     sources = tuple(prefix + s.format(i=i) for s in rule.sources)
-                    yield f"decoder.layers.{i}.{rule.canonical}", sources, rule
+                    yield f"decoder.layers.{i}.{rule.canonical}", sources, rule, layer
 
     def source_names(self, m: ModelConfig):
-        return [s for _, sources, _ in self._rules(m) for s in sources]
+        return [s for _, sources, _, _ in self._rules(m) for s in sources]
 
     def check_consumed(self, m: ModelConfig, available, ignored=()) -> None:
         """Exact or refuse: a source tensor no rule reads would be dropped silently; name it."""
@@ -70,7 +73,7 @@ class KeyMap:
     def to_canonical(self, m: ModelConfig, get) -> LazyState:
         """The canonical state over a ``TensorSource`` (or any getter with ``spec``), read and
         transformed per tensor on access, in the source dtype."""
-        rules = {name: (sources, rule) for name, sources, rule in self._rules(m)}
+        rules = {name: (sources, rule) for name, sources, rule, _ in self._rules(m)}
 
         def build(rule, m, tensors):
             return rule.to_canonical(m, *tensors).contiguous()
@@ -86,22 +89,22 @@ class KeyMap:
 
         return LazyState(specs, read)
 
-    def from_canonical_specs(self, m: ModelConfig, state: Mapping[str, Tensor]):
+    def from_canonical_specs(self, m: ModelConfig, state: Mapping[str, Tensor], layers=None):
         """[(source name, spec)] of what ``from_canonical`` yields, in its order, unread."""
         out = []
-        for name, sources, rule in self._rules(m):
+        for name, sources, rule, cfg in self._rules(m, layers):
             if name not in state:
                 raise CheckpointError(f"{self.name}: canonical state has no {name!r}")
-            outputs = rule.from_canonical(m, spec_of(state, name).meta())
+            outputs = rule.from_canonical(cfg, spec_of(state, name).meta())
             out += [(s, TensorSpec.of(t)) for s, t in zip(sources, outputs)]
         return out
 
-    def from_canonical(self, m: ModelConfig, state: Mapping[str, Tensor]):
+    def from_canonical(self, m: ModelConfig, state: Mapping[str, Tensor], layers=None):
         """(source name, tensor) pairs, one canonical tensor read at a time."""
-        for name, sources, rule in self._rules(m):
+        for name, sources, rule, cfg in self._rules(m, layers):
             if name not in state:
                 raise CheckpointError(f"{self.name}: canonical state has no {name!r}")
-            for source, tensor in zip(sources, rule.from_canonical(m, state[name])):
+            for source, tensor in zip(sources, rule.from_canonical(cfg, state[name])):
                 yield source, tensor.contiguous()
 
 
@@ -224,5 +227,39 @@ HF_GPT2 = KeyMap(
         Rule("mlp.linear_fc1.bias", ("mlp.c_fc.bias",)),
         _conv1d("mlp.linear_fc2.weight", "mlp.c_proj.weight"),
         Rule("mlp.linear_fc2.bias", ("mlp.c_proj.bias",)),
+    ],
+)
+
+
+def _stacked_qkv(canonical: str, source: str) -> Rule:
+    """GPT-2 style [q_all; k_all; v_all] rows (weight or bias) <-> megatron's per-head rows."""
+    return Rule(
+        canonical,
+        (source,),
+        lambda m, x: T.qkv_stacked_to_fused(x, m.num_attention_heads),
+        lambda m, x: (T.qkv_fused_to_stacked(x, m.num_attention_heads),),
+    )
+
+
+GGUF_GPT2 = KeyMap(
+    name="gguf-gpt2",
+    layer_prefix="blk.{i}.",
+    global_rules=[
+        Rule("embedding.word_embeddings.weight", ("token_embd.weight",)),
+        Rule("embedding.position_embeddings.weight", ("position_embd.weight",)),
+        *_norm_rules("decoder.final_layernorm", "output_norm"),
+        Rule("output_layer.weight", ("output.weight",), when=_untied),
+    ],
+    layer_rules=[
+        *_norm_rules("input_layernorm", "attn_norm"),
+        _stacked_qkv("self_attention.linear_qkv.weight", "attn_qkv.weight"),
+        _stacked_qkv("self_attention.linear_qkv.bias", "attn_qkv.bias"),
+        Rule("self_attention.linear_proj.weight", ("attn_output.weight",)),
+        Rule("self_attention.linear_proj.bias", ("attn_output.bias",)),
+        *_norm_rules("pre_mlp_layernorm", "ffn_norm"),
+        Rule("mlp.linear_fc1.weight", ("ffn_up.weight",)),
+        Rule("mlp.linear_fc1.bias", ("ffn_up.bias",)),
+        Rule("mlp.linear_fc2.weight", ("ffn_down.weight",)),
+        Rule("mlp.linear_fc2.bias", ("ffn_down.bias",)),
     ],
 )

@@ -4,15 +4,22 @@ Q and K rows are stored in llama.cpp's RoPE layout and are un-permuted by the ke
 tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
 partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), experts,
 sliding windows and any tensor the key map does not read stop the conversion, named.
+
+``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
+layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
+and head counts, ``gpt2`` for GPT-2 style models; what the target cannot represent is refused.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
+import numpy as np
 import torch
 
 from megatron_flextron.config import ModelConfig
@@ -139,3 +146,127 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     if with_tokenizer:
         ckpt.tokenizer_dir = _convert_tokenizer(path)
     return ckpt
+
+
+# --gguf-type -> (tensor type of the matrices, llama.cpp's general.file_type)
+GGUF_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+_SOURCE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def gguf_architecture(ckpt: Checkpoint) -> str:
+    """llama.cpp's architecture for this model: ``llama`` (one layer shape), ``deci`` (per-layer
+    MLP widths and head counts) or ``gpt2``; whatever it (or its tokenizer) cannot represent is
+    refused by name."""
+    from megatron_flextron.convert.formats.gguf_tokenizer import tokenizer_pre
+
+    tokenizer_pre(ckpt.tokenizer_dir)
+    m = ckpt.model
+    if m.family == "llama":
+        target = "deci" if ckpt.layer_shapes else "llama"
+        need = [
+            (m.normalization == "RMSNorm", f"normalization {m.normalization}"),
+            (m.activation == "swiglu", f"activation {m.activation}"),
+            (m.position_embedding == "rope", f"position embedding {m.position_embedding}"),
+            (not m.add_bias_linear, "linear-layer biases"),
+            (not m.add_qkv_bias, "q/k/v biases (Qwen2)"),
+            (m.rope_scaling_factor is None, f"RoPE scaling (factor {m.rope_scaling_factor})"),
+        ]
+    else:
+        target = "gpt2"
+        need = [
+            (not ckpt.layer_shapes, "per-layer MLP widths or head counts"),
+            (m.normalization == "LayerNorm", f"normalization {m.normalization}"),
+            (m.activation == "gelu_tanh", f"activation {m.activation} (its GELU is tanh's)"),
+            (m.position_embedding == "learned_absolute", f"{m.position_embedding} positions"),
+            (m.add_bias_linear, "linear layers without biases"),
+            (not m.is_gqa, "grouped-query attention"),
+            (
+                m.num_attention_heads * m.kv_channels == m.hidden_size,
+                f"trimmed heads ({m.num_attention_heads} x {m.kv_channels} != {m.hidden_size})",
+            ),
+        ]
+    for ok, what in need:
+        if not ok:
+            raise CheckpointError(
+                f"GGUF export: llama.cpp's {target} architecture cannot represent {what}"
+            )
+    return target
+
+
+def _add_hparams(w, ckpt: Checkpoint, arch: str, file_type: int) -> None:
+    m = ckpt.model
+    shapes = ckpt.layer_shapes or [(m.ffn_hidden_size, m.num_attention_heads)] * m.num_layers
+    widths = [width for width, _ in shapes]
+    heads = [h for _, h in shapes]
+    groups = [m.num_query_groups if m.is_gqa else h for h in heads]
+
+    def per_layer(values):  # deci takes one value per layer, the others one for all
+        return values if arch == "deci" else values[0]
+
+    w.add_name("megatron_flextron export")
+    if "subnetwork" in ckpt.metadata:
+        w.add_description(f"sub-network {json.dumps(ckpt.metadata['subnetwork'])}")
+    w.add_file_type(file_type)
+    w.add_vocab_size(m.vocab_size)
+    w.add_context_length(m.max_position_embeddings)
+    w.add_embedding_length(m.hidden_size)
+    w.add_block_count(m.num_layers)
+    w.add_feed_forward_length(per_layer(widths))
+    w.add_head_count(per_layer(heads))
+    w.add_head_count_kv(per_layer(groups))
+    w.add_key_length(m.kv_channels)
+    w.add_value_length(m.kv_channels)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(m.norm_epsilon)
+    else:
+        w.add_layer_norm_rms_eps(m.norm_epsilon)
+        w.add_rope_dimension_count(m.kv_channels)
+        w.add_rope_freq_base(m.rotary_base)
+
+
+def _tensor_type(gguf, name: str, shape: tuple, gguf_type: str):
+    """Vectors (norms, biases) stay f32 as llama.cpp's converter writes them; Q8_0 needs rows in
+    blocks of 32 and falls back to f16 otherwise, as that converter does."""
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def save_gguf(ckpt: Checkpoint, out_dir: str, gguf_type: Optional[str] = None) -> str:
+    """Write ``model.gguf`` into ``out_dir``: metadata, tokenizer, then one tensor at a time in
+    ``gguf_type`` (default: the state's dtype). Returns the file's path."""
+    import gguf
+
+    from megatron_flextron.checkpoint.state import state_dtype
+    from megatron_flextron.convert.export import layer_config
+    from megatron_flextron.convert.formats.gguf_tokenizer import add_tokenizer
+    from megatron_flextron.convert.keymap import GGUF_GPT2
+
+    gguf_type = gguf_type or _SOURCE_TYPES[state_dtype(ckpt.state)]
+    if gguf_type not in GGUF_TYPES:
+        raise CheckpointError(
+            f"unknown GGUF type {gguf_type!r}; expected one of {list(GGUF_TYPES)}"
+        )
+    arch = gguf_architecture(ckpt)
+    m = ckpt.model
+    keymap = GGUF_GPT2 if arch == "gpt2" else GGUF_LLAMA
+    layers = [layer_config(m, *s) for s in ckpt.layer_shapes] if ckpt.layer_shapes else None
+    path = os.path.join(out_dir, "model.gguf")
+    w = gguf.GGUFWriter(path, arch)
+    _add_hparams(w, ckpt, arch, GGUF_TYPES[gguf_type][1])
+    add_tokenizer(w, ckpt.tokenizer_dir, m.vocab_size)
+    qtypes = []
+    for name, spec in keymap.from_canonical_specs(m, ckpt.state, layers):
+        qtype = _tensor_type(gguf, name, spec.shape, gguf_type)
+        nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(spec.shape, qtype)))
+        w.add_tensor_info(name, spec.shape, np.float32, nbytes, raw_dtype=qtype)
+        qtypes.append(qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for (_, tensor), qtype in zip(keymap.from_canonical(m, ckpt.state, layers), qtypes):
+        w.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), qtype))
+    w.close()
+    return path
