@@ -55,9 +55,10 @@ def _calibration_file(path, vocab=128, n=16, seed=3):
 def _exact_taylor(model, batches, m):
     """Per head and sequence (or token), d L / d eps where the head's input to the output
     projection is scaled by (1 + eps): the first-order terms computed by autograd on eps."""
+    from megatron_flextron.elastic.blocks import transformer_blocks
     from megatron_flextron.lm_step import position_ids
 
-    layers = list(model.decoder.layers)
+    layers = transformer_blocks(model)
     heads, d = m.num_attention_heads, m.kv_channels
     per_seq = [torch.zeros(heads, dtype=torch.float64) for _ in layers]
     per_tok = [torch.zeros(heads, dtype=torch.float64) for _ in layers]

@@ -159,3 +159,35 @@ def test_elastic_state_sets_one_mode_and_restores_the_full_model():
     with pytest.raises(ValueError, match="exclude each other"):
         with elastic_state(gpt, model_cfg, elastic, subnetwork=half, soft=soft):
             pass
+
+
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_hybrid_model_soft_architecture_equals_gpt_model(family):
+    """A soft architecture (mixed widths, heads, and gated blocks) on the elastic HybridModel is
+    the elastic GPTModel's function, and its probabilities get the same gradients: a block of
+    two hybrid layers is gated as one (x + keep (block(x) - x))."""
+    from megatron_flextron.elastic.hybrid import build_hybrid_model
+
+    model_cfg, elastic, gpt = _model(family)
+    hybrid = build_hybrid_model(model_cfg, model_cfg.transformer_config(), elastic=True).eval()
+    load_canonical_state_dict(hybrid, random_canonical_state(model_cfg), model_cfg)
+    mlp, heads = router_choices(model_cfg, elastic)
+    g = torch.Generator().manual_seed(7)
+    p_mlp = torch.rand(4, len(mlp), generator=g).softmax(-1)
+    p_heads = torch.rand(4, len(heads), generator=g).softmax(-1)
+    p_keep = torch.tensor([1.0, 0.3, 0.8, 0.5])
+    tokens, _ = batch()
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+    outputs, grads = [], []
+    for model in (gpt, hybrid):
+        probs = [p.clone().requires_grad_() for p in (p_mlp, p_heads, p_keep)]
+        set_soft_architecture(model, probs[0], probs[1], mlp, heads, probs[2])
+        out = model(tokens, positions, None)
+        out.square().mean().backward()
+        clear_soft_architecture(model)
+        outputs.append(out.detach())
+        grads.append([p.grad for p in probs])
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert grads[0][2].abs().min() > 0  # every gate's probability gets a gradient

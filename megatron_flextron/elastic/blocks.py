@@ -75,8 +75,13 @@ class Block:
             layer.set_skipped(skipped)
 
     def set_keep(self, keep) -> None:
-        for layer in self.layers:
-            layer.set_keep(keep)
+        """Gate the whole block: x + keep (block(x) - x), as one GPTModel layer is gated."""
+        if self.attention_layer is self.mlp_layer:
+            self.attention_layer.set_keep(keep)
+            return
+        self.attention_layer.set_keep(None)
+        self.attention_layer.record_input(keep is not None)
+        self.mlp_layer.set_keep(keep, gate_from=None if keep is None else self.attention_layer)
 
 
 def transformer_blocks(model: torch.nn.Module) -> List[Block]:
