@@ -25,7 +25,6 @@ with end-of-document tokens and cut into --seq-length windows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.checkpoint.io import write_json  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, check_output, run_main  # noqa: E402
 from megatron_flextron.evaluation.perplexity import (  # noqa: E402
     PerplexityOptions,
     evaluate_perplexity,
@@ -43,7 +43,7 @@ from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or file); default: full model")
@@ -120,10 +120,12 @@ def options(args) -> PerplexityOptions:
     )
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import run_tool
 
+    if args.output:
+        check_output(args.output, "--output", folder=False)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     status, result = run_tool(
         lambda: [r.to_dict() for r in evaluate_perplexity(options(args))], tp, pp
@@ -140,9 +142,12 @@ def main(argv=None) -> int:
     bad = [r for r in result if not math.isfinite(r["loss"])]
     if bad:  # e.g. a checkpoint with non-finite weights: not a result to report as success
         which = f"budget {bad[0]['budget']:g}" if "budget" in bad[0] else "the sub-network"
-        print(f"error: the loss of {which} is {bad[0]['loss']} (non-finite)", file=sys.stderr)
-        return 2
+        raise ValueError(f"the loss of {which} is {bad[0]['loss']} (non-finite)")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

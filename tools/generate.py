@@ -21,6 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared with tools/run_text_generation_server.py (Megatron's names)."""
@@ -41,7 +43,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or a file); default: full")
@@ -99,7 +101,7 @@ def run(args) -> list:
     return [{"prompt": p, **r.to_dict()} for p, r in zip(args.prompt, results)]
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import run_tool
 
@@ -111,6 +113,10 @@ def main(argv=None) -> int:
         for line in lines:
             print(json.dumps(line))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

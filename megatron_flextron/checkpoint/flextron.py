@@ -29,7 +29,13 @@ from megatron_flextron.checkpoint.state import (
     expected_shapes,
     state_dtype,
 )
-from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.checkpoint.io import (
+    copy_tokenizer,
+    dist_save,
+    read_json,
+    write_json,
+    write_text_atomic,
+)
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
 CONFIG_FILE = "flextron_config.json"
@@ -94,8 +100,6 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     """Write a checkpoint from one process (the converter), dealt for ``tensor_parallel_size``,
     in the state's dtype. The state is streamed into a model built without initialization, one
     tensor at a time: the model is the only copy held."""
-    from megatron.core import dist_checkpointing
-
     m = ckpt.model
     model = converter_model(m, state_dtype(ckpt.state), elastic=True)
 
@@ -106,7 +110,7 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     copy_into_parameters(model, ckpt.state, deal)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
-    dist_checkpointing.save(views_copied_once(model.sharded_state_dict(), model), shards)
+    dist_save(views_copied_once(model.sharded_state_dict(), model), shards)
     write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
 
 
@@ -170,7 +174,7 @@ def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str
     current TP/PP layout, so dealt for this TP size), rank 0 the config; ``out_dir`` exists.
     Consumes the model (see ``views_copied_once``)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megatron_flextron.elastic.subnetwork import unwrap_model
 
@@ -179,7 +183,7 @@ def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str
         os.makedirs(shards)
     dist.barrier()
     gpt = unwrap_model(model)
-    dist_checkpointing.save(views_copied_once(gpt.sharded_state_dict(), gpt), shards)
+    dist_save(views_copied_once(gpt.sharded_state_dict(), gpt), shards)
     dist.barrier()
     if dist.get_rank() == 0:
         tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -15,7 +15,7 @@ import shutil
 from typing import Optional, Tuple
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from megatron_flextron.compat.torch_adam import (
     prepare_torch_adam_for_loading,
@@ -23,6 +23,7 @@ from megatron_flextron.compat.torch_adam import (
 )
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.checkpoint.io import dist_save
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     check_stored_shapes,
@@ -75,7 +76,12 @@ def save_training_checkpoint(
         "consumed_train_samples": consumed_train_samples,
         **(extra or {}),
     }
-    dist_checkpointing.save(state, tmp)
+    try:
+        dist_save(state, tmp)
+    except BaseException:
+        if dist.get_rank() == 0:  # no half-written iteration left behind (a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.isdir(final):  # an older run's checkpoint of the same iteration

@@ -23,7 +23,7 @@ from megatron_flextron.checkpoint.flextron import (
     copy_into_parameters,
     views_copied_once,
 )
-from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
+from megatron_flextron.checkpoint.io import copy_tokenizer, dist_save, write_json, write_text_atomic
 
 
 def megatron_lm_flags(m: ModelConfig) -> list:
@@ -114,8 +114,6 @@ def megatron_lm_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
 def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     """Stream the state into a stock megatron model of its dtype (the only copy held) and save
     it with megatron's dist_checkpointing."""
-    from megatron.core import dist_checkpointing
-
     m = ckpt.model
     dtype = state_dtype(ckpt.state)  # written as it is held; norms too (Float16Module does)
     model = converter_model(m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes)
@@ -126,7 +124,7 @@ def save_megatron(ckpt: Checkpoint, out_dir: str) -> None:
     state = {"model": sharded, "checkpoint_version": 3.0, "iteration": 0}
     if not ckpt.layer_shapes:  # Megatron-LM's args describe one layer shape only
         state["args"] = megatron_lm_args(m, dtype)
-    dist_checkpointing.save(state, shards)
+    dist_save(state, shards)
     write_json(
         os.path.join(out_dir, "model_config.json"),
         {"model": m.to_dict(), "layer_shapes": ckpt.layer_shapes, **ckpt.metadata},
