@@ -99,7 +99,7 @@ fi
 touch "$OUT/data/.complete"
 
 echo "== 3. elastic continued pretraining"
-"$PY" -m torch.distributed.run "${launcher[@]}" --nproc-per-node "$nproc" \
+"$PY" tools/torchrun.py "${launcher[@]}" --nproc-per-node "$nproc" \
   tools/pretrain_flextron.py \
   --load "$RANKED" --save "$SAVE" --data-path "$DATA" --split 99,1,0 \
   --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" \

@@ -430,14 +430,14 @@ def test_every_config_shape_is_checked_against_the_stored_tensors(setup, key, va
 
 # (refused input, tool, part of its message) of the file-system cases below
 REFUSED_FILES = {
-    "a full disk under --save (training)": ("pretrain_flextron.py", "no space left on device: "),
+    "a full disk under --save (training)": ("pretrain_flextron.py", "no space left on device"),
     "a full disk under --save-dir (conversion)": (
         "convert_checkpoint.py",
-        "no space left on device: ",
+        "no space left on device",
     ),
     "--save-dir on a read-only file system": (
         "convert_checkpoint.py",
-        "cannot be written: ",
+        "cannot be written",
     ),
     "--output that is a directory": ("evaluate.py", "is a directory; it must be a file"),
 }
@@ -479,7 +479,7 @@ def test_full_disk_during_training_is_named_and_leaves_no_temporary(setup, tmp_p
     flags += ["--train-iters", "2", "--lr-warmup-iters", "1", "--save", f"{small}/save"]
     flags += ["--save-interval", "1", "--eval-interval", "0"]
     out, left = run_on_small_filesystem(small, "600k", "pretrain_flextron.py", *flags)
-    assert_refused(out, REFUSED_FILES["a full disk under --save (training)"][1] + small)
+    assert_refused(out, REFUSED_FILES["a full disk under --save (training)"][1] + ": " + small)
     assert left == [f"{small}/save"], left  # the (empty) folder only, no iter_0000001.tmp
 
 
@@ -490,7 +490,7 @@ def test_full_disk_during_conversion_is_named_and_leaves_nothing(setup, tmp_path
         argv += ["--save-dir", f"{small}/out"]
         out, left = run_on_small_filesystem(small, "300k", "convert_checkpoint.py", *argv)
         message = REFUSED_FILES["a full disk under --save-dir (conversion)"][1]
-        assert_refused(out, f"{message}{small}/out")
+        assert_refused(out, f"{message}: {small}/out")
         assert left == [], left  # no temporary, no lock
 
 
@@ -501,7 +501,7 @@ def test_read_only_and_directory_outputs_are_named_before_any_work(setup, tmp_pa
         small, "1m", "convert_checkpoint.py", *argv, "--save-dir", f"{small}/out", read_only=True
     )
     message = REFUSED_FILES["--save-dir on a read-only file system"][1]
-    assert_refused(out, f"--save-dir {small}/out {message}{small} is on a read-only file system")
+    assert_refused(out, f"--save-dir {small}/out {message}: {small} is on a read-only file system")
     folder = tmp_path / "results"
     folder.mkdir()
     out = run_tool("evaluate.py", "--load", setup["load"], "--wiki-split", "test",
