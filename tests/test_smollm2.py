@@ -10,8 +10,8 @@ import torch
 from distributed import run_distributed
 from test_convert import _tp2_body, megatron_logits
 
-from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
+from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.convert.formats.gguf import bundled_smollm2, load_gguf
 from megatron_flextron.elastic import Subnetwork
 

@@ -20,15 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
-from megatron_flextron.checkpoint.state import (
-    Checkpoint,
-    CheckpointError,
-    expected_shapes,
-    state_dtype,
-)
 from megatron_flextron.checkpoint.io import (
     copy_tokenizer,
     dist_save,
@@ -36,6 +28,14 @@ from megatron_flextron.checkpoint.io import (
     write_json,
     write_text_atomic,
 )
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
+from megatron_flextron.checkpoint.state import (
+    Checkpoint,
+    CheckpointError,
+    expected_shapes,
+    state_dtype,
+)
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
 CONFIG_FILE = "flextron_config.json"

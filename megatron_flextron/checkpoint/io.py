@@ -285,7 +285,9 @@ class TensorSource:
     """Named tensors of a source checkpoint, read one at a time: ``names``, ``spec(name)``
     (without reading) and ``source(name)`` (the tensor)."""
 
-    def __init__(self, where: str, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]):
+    def __init__(
+        self, where: str, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]
+    ):
         self.where, self.specs, self._read = where, specs, read
         self.names = frozenset(specs)
 

@@ -6,7 +6,6 @@ import logging
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 # TransformerLayer recognises megatron's MLP by exact class and logs a warning for any subclass;

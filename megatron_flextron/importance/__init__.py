@@ -15,9 +15,9 @@ import torch
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.importance.collect import (
-    progress,
     collect_statistics,
     head_ablation_scores,
+    progress,
 )
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import changes_with_orders, permute_state

@@ -22,7 +22,6 @@ every rank returns the statistics of the whole model, as a single process would.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Dict, List
 
 import torch

@@ -17,13 +17,6 @@ from typing import Optional, Tuple
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_flextron.compat.torch_adam import (
-    prepare_torch_adam_for_loading,
-    unshare_torch_adam_steps,
-)
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.checkpoint.io import dist_save
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     check_stored_shapes,
@@ -35,6 +28,13 @@ from megatron_flextron.checkpoint.flextron import (
     read_config,
     write_metadata,
 )
+from megatron_flextron.checkpoint.io import dist_save
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.compat.torch_adam import (
+    prepare_torch_adam_for_loading,
+    unshare_torch_adam_steps,
+)
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
 # the distributed optimizer's state gathered per parameter: resumable at another DP size

@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from megatron_flextron.config import ModelConfig
 from megatron_flextron.checkpoint.io import TensorSource, staged_dir
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, TensorSpec
+from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 

@@ -15,8 +15,6 @@ import os
 
 import torch
 
-from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, state_dtype
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     converter_model,
@@ -24,6 +22,8 @@ from megatron_flextron.checkpoint.flextron import (
     views_copied_once,
 )
 from megatron_flextron.checkpoint.io import copy_tokenizer, dist_save, write_json, write_text_atomic
+from megatron_flextron.checkpoint.state import Checkpoint, state_dtype
+from megatron_flextron.config import ModelConfig
 
 
 def megatron_lm_flags(m: ModelConfig) -> list:

@@ -8,11 +8,11 @@ megatron's ``metadata.json``. Either the root or one iteration folder may be giv
 - Config: the ``args`` Namespace in common.pt, read with ``weights_only=True`` and an allow-list
   (argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
 - Tensors: read lazily, one stored key or one layer of a stacked key at a time (only what is
-  converted), kept in the stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
-  key per layer; norms under local (``input_layernorm``) or Transformer Engine names
-  (``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state`` (TE/fp8 metadata, stored as
-  bytes), ``optimizer.*`` and rng state are skipped; any other tensor the architecture does not
-  use stops the conversion naming it.
+  converted), kept in the stored dtype (bf16 stays bf16). Layers stacked on a leading axis
+  (``decoder.layers.X``) or one key per layer; norms under local (``input_layernorm``) or
+  Transformer Engine names (``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state``
+  (TE/fp8 metadata, stored as bytes), ``optimizer.*`` and rng state are skipped; any other
+  tensor the architecture does not use stops the conversion naming it.
 - Vocabulary: the embedding has ``padded_vocab_size`` rows; the rows past the tokenizer's vocabulary
   are kept (the same function) and recorded in the metadata.
 """
@@ -151,7 +151,8 @@ def _read_state(stored: StoredTensors, m: ModelConfig, layer_shapes=None) -> Laz
         where.update({name: (key, i if stacked else None) for i, name in enumerate(names)})
     state = stored.lazy_state(where)
     if tied_head is not None:
-        if _EMBED not in where or not torch.equal(stored.read("output_layer.weight"), state[_EMBED]):
+        head = stored.read("output_layer.weight")
+        if _EMBED not in where or not torch.equal(head, state[_EMBED]):
             raise CheckpointError("tied embeddings, but output_layer.weight differs from them")
     return state
 

@@ -18,10 +18,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from megatron_flextron.checkpoint.flextron import iteration_dir
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.checkpoint.flextron import iteration_dir
 from megatron_flextron.convert.formats.megatron_args import model_config_from_args
 
 # both naming generations -> canonical per-layer names
