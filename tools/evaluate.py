@@ -14,7 +14,8 @@ micro-batch (--micro-batch-size x --seq-length tokens) in ms, --output writes th
 (tools/make_report.py tabulates and plots such files; --label names the method in them).
 A budget runs what the checkpoint's budget policy chooses: its trained static router (--budget
 needs one), else the elastic choices nearest to budget x the full MLP width and head count (what
-training samples); --router dynamic: its token routers. The evaluator is
+training samples); --router token: its token routers (--router none|joint|token, the trainer's
+words; the older static/dynamic still work). The evaluator is
 megatron_flextron.evaluation.perplexity; this is its command line.
 
 --tokens-jsonl: one JSON list of token ids per line, each
@@ -39,6 +40,7 @@ from megatron_flextron.evaluation.perplexity import (  # noqa: E402
     evaluate_perplexity,
     markdown_table,
 )
+from megatron_flextron.routers.checkpoint import router_flag  # noqa: E402
 from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
@@ -56,10 +58,14 @@ def parse_args(argv=None):
     which.add_argument("--budget", type=float, help="the trained static router's choice")
     p.add_argument(
         "--router",
-        choices=["static", "dynamic"],
-        default="static",
-        help="dynamic: route every token to an MLP width with the checkpoint's token routers "
-        "(--budget/--budget-list condition them); reports the mean width used",
+        type=router_flag,
+        default=None,
+        metavar="{none,joint,token}",
+        help="default: the checkpoint's trained budget router, else the nearest choices; none: "
+        "the nearest choices; joint: the trained budget router (required); token: route every "
+        "token to an MLP width with the checkpoint's token routers (--budget/--budget-list "
+        "condition them), reporting the mean width used. static/dynamic: deprecated names of "
+        "the default/token",
     )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
@@ -78,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--compare-static",
         action="store_true",
-        help="with --router dynamic: also the static sub-networks at the same mean MLP width "
+        help="with --router token: also the static sub-networks at the same mean MLP width "
         "(the two MLP choices around it, interpolated): static_at_mean_width",
     )
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (as served)")
@@ -90,9 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     args = p.parse_args(argv)
-    if args.compare_static and args.router != "dynamic":
+    if args.compare_static and args.router != "token":
         p.error(
-            "--compare-static compares token routing with static sub-networks: add --router dynamic"
+            "--compare-static compares token routing with static sub-networks: add --router token"
         )
     return args
 

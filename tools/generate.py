@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
+from megatron_flextron.routers.checkpoint import router_flag  # noqa: E402
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,9 +30,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
     p.add_argument(
         "--router",
-        choices=["static", "dynamic"],
-        default="static",
-        help="dynamic: the checkpoint's token routers pick each token's MLP width for a budget",
+        type=router_flag,
+        default=None,
+        metavar="{none,joint,token}",
+        help="how a --budget is run: default: the checkpoint's trained budget router, else the "
+        "nearest choices; none: the nearest choices; joint: the trained router (required); "
+        "token: the token routers pick each token's MLP width (static/dynamic: deprecated names "
+        "of the default/token)",
     )
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -7,7 +7,7 @@ A budget here is the mean MLP width fraction the routers should use; one router 
 conditioned on the budget, trained with straight-through Gumbel-softmax on the LM loss plus the
 budget auxiliary loss (the LLM stays frozen). Stored in CKPT/token_router/. Prints, per budget,
 the held-out loss and the mean width used with token dispatch; evaluate later with
-`tools/evaluate.py --router dynamic --budget-list ...`.
+`tools/evaluate.py --router token --budget-list ...`.
 """
 
 from __future__ import annotations

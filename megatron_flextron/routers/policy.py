@@ -11,7 +11,7 @@ stored checkpoint, or ``routers.build.training_policy`` for ``--router none|join
 - ``StaticRouterPolicy``       a trained static router: budget -> per-layer architecture
 - ``routers.joint.JointRouter``  the static router trained with the model (``--router joint``)
 - ``routers.token_training.TrainedTokenRouting``  stored token routers: per-token MLP widths
-  (``--router dynamic`` in the tools)
+  (``--router token`` in the tools)
 - ``routers.joint_token.JointTokenRouters``  token routers trained with the model
   (``--router token``)
 

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from megatron_flextron.cli import ArgumentParser, check_output
 from megatron_flextron.data.gpt_data import check_data_path, check_split
+from megatron_flextron.routers.checkpoint import ROUTER_KINDS
 from megatron_flextron.routers.sampling import check_budgets
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -177,7 +178,7 @@ _HELP = {
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
-    "router": ["none", "joint", "token"],
+    "router": list(ROUTER_KINDS),
     "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }

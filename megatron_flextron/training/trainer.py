@@ -313,7 +313,7 @@ def save(run: Run) -> None:
         tokenizer if os.path.isdir(tokenizer) else None,
         extra=None if state is None else {policy.checkpoint_key: state},
     )
-    if torch.distributed.get_rank() == 0:  # the stored form --budget / --router dynamic read
+    if torch.distributed.get_rank() == 0:  # the stored form --budget / --router token read
         policy.export(run.args.run.save, state)
     torch.distributed.barrier()
 
