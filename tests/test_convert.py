@@ -21,7 +21,8 @@ from megatron_flextron.convert.formats.hf import load_hf, save_hf
 from megatron_flextron.elastic import Subnetwork, build_gpt_model, set_subnetwork
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a missing dependency fails, it is not skipped)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -20,7 +20,6 @@ from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
 from megatron_flextron.convert.formats.hf import save_hf
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-safetensors = pytest.importorskip("safetensors")
 
 
 def _tensors():
