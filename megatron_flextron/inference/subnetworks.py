@@ -22,7 +22,7 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.routers.checkpoint import load_budget_policy
-from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices
+from megatron_flextron.routers.policy import NearestChoices, ServingPolicy
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class SubnetworkSelector:
 
     def __init__(
         self,
-        policy: Optional[BudgetPolicy],
+        policy: Optional[ServingPolicy],
         model_config: ModelConfig,
         elastic: ElasticConfig,
         tp_size: int = 1,

@@ -5,7 +5,7 @@ weights_only) and ``router.json`` (its shape, the cost metric and, for latency, 
 trained against); written to a temporary folder and renamed, so a checkpoint has either a whole
 router or none. Token routers live in ``DIR/token_router/`` (routers/token_training.py).
 ``load_budget_policy`` is what the tools and serving call: it returns the checkpoint's
-``BudgetPolicy`` (routers/policy.py).
+``ServingPolicy`` (routers/policy.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_
 from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.routers.cost import CostModel, LatencyTable
-from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices, StaticRouterPolicy
+from megatron_flextron.routers.policy import NearestChoices, ServingPolicy, StaticRouterPolicy
 from megatron_flextron.routers.static import StaticRouter
 from megatron_flextron.routers.token_training import TrainedTokenRouting
 
@@ -111,7 +111,7 @@ def load_budget_policy(
     router: Optional[str] = None,
     require_router: bool = False,
     gpt=None,
-) -> BudgetPolicy:
+) -> ServingPolicy:
     """The budget policy a checkpoint serves. ``router=None`` (the default): its trained budget
     router (``router/``: tools/train_router.py or ``--router joint`` training), or, without one
     and unless ``require_router``, the elastic choices nearest to each budget (training's rule).
