@@ -37,3 +37,19 @@ def test_training_uses_the_same_words():
 
     action = next(a for a in build_parser()._actions if a.dest == "router")
     assert tuple(action.choices) == ROUTER_KINDS == ("none", "joint", "token")
+
+
+def test_evaluation_and_serving_never_branch_on_a_router_kind():
+    """perplexity.py and subnetworks.py ask the budget policy; only routers/ compares kinds."""
+    import ast
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    words = set(ROUTER_KINDS) | {"static", "dynamic"}
+    for rel in ("evaluation/perplexity.py", "inference/subnetworks.py"):
+        tree = ast.parse(open(os.path.join(root, "megatron_flextron", rel)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                values = [node.left, *node.comparators]
+                kinds = [v.value for v in values if isinstance(v, ast.Constant)]
+                assert not set(kinds) & words, (rel, node.lineno, kinds)

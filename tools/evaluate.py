@@ -95,12 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=positive_int, default=4)
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
-    args = p.parse_args(argv)
-    if args.compare_static and args.router != "token":
-        p.error(
-            "--compare-static compares token routing with static sub-networks: add --router token"
-        )
-    return args
+    return p.parse_args(argv)
 
 
 def options(args) -> PerplexityOptions:

@@ -32,7 +32,7 @@ from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
 from megatron_flextron.evaluation.multiple_choice import read_tasks, score
 from megatron_flextron.lm_step import forward_backward, pad_microbatches
-from megatron_flextron.routers.checkpoint import load_budget_policy, router_kind
+from megatron_flextron.routers.checkpoint import check_router_request, load_budget_policy
 from megatron_flextron.routers.latency import time_ms
 from megatron_flextron.routers.sampling import check_budgets
 
@@ -64,11 +64,7 @@ class PerplexityOptions:
             raise ValueError("give exactly one of a text source and a token-id .jsonl")
         if self.subnetwork is not None and self.budgets:
             raise ValueError("a sub-network spec and budgets are mutually exclusive")
-        self.router = router_kind(self.router)
-        if self.router == "token" and not self.budgets:
-            raise ValueError("--router token needs --budget or --budget-list")
-        if self.compare_static and self.router != "token":
-            raise ValueError("--compare-static compares token routing with static sub-networks")
+        self.router = check_router_request(self.router, self.budgets, self.compare_static)
         check_budgets(list(self.budgets) or [1.0])
 
 

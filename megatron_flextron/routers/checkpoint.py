@@ -11,7 +11,7 @@ router or none. Token routers live in ``DIR/token_router/`` (routers/token_train
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +38,23 @@ def router_kind(name: Optional[str]) -> Optional[str]:
     if name in DEPRECATED_ROUTERS:
         return DEPRECATED_ROUTERS[name]
     raise ValueError(f"unknown router {name!r}; expected one of {', '.join(ROUTER_KINDS)}")
+
+
+def check_router_request(
+    router: Optional[str], budgets: Sequence[float], compare_static: bool = False
+) -> Optional[str]:
+    """The router kind of an evaluation, refused where it cannot serve the request: token
+    routers route a budget (one must be given); ``compare_static`` compares token routing with
+    the static sub-networks at the same mean width. Here, not in the evaluator: only this
+    module knows what each kind needs."""
+    router = router_kind(router)
+    if router == "token" and not budgets:
+        raise ValueError("--router token needs --budget or --budget-list")
+    if compare_static and router != "token":
+        raise ValueError(
+            "--compare-static compares token routing with static sub-networks: add --router token"
+        )
+    return router
 
 
 def router_flag(text: str) -> Optional[str]:
