@@ -61,8 +61,14 @@ REFUSED = {
 }
 
 
+def clean_env() -> dict:
+    """This environment without the single-process fixture's rendezvous (a child would reuse
+    its port)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+
+
 def run_tool(tool: str, *argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env = clean_env()
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", tool), *argv],
         capture_output=True,
@@ -460,7 +466,7 @@ def run_on_small_filesystem(folder: str, size: str, tool: str, *argv: str, read_
         f'mount -t tmpfs -o {options} tmpfs "$1" || exit 99; shift; "$@"; rc=$?; '
         f'find "{folder}" -mindepth 1 > "{listing}"; exit $rc'
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env = clean_env()
     cmd = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script, "sh", folder]
     cmd += [sys.executable, os.path.join(ROOT, "tools", tool), *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -518,7 +524,7 @@ def test_torchrun_shows_one_line_for_bad_input(tmp_path):
         open(f"{data}{ext}", "w").close()
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "flextron_config.json").write_text("{}")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env = clean_env()
     env["PYTHONWARNINGS"] = "ignore"
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "torchrun.py"), "--standalone",
@@ -568,7 +574,7 @@ def test_no_helper_process_outlives_a_killed_writer(tmp_path):
     script.write_text(KILLED_WRITER.format(
         root=ROOT, tests=os.path.join(ROOT, "tests"), out=str(tmp_path / "ckpt")))  # fmt: skip
     with open(tmp_path / "pids", "w") as pids:  # a file: a pipe would wait for the helpers
-        subprocess.run([sys.executable, str(script)], stdout=pids, timeout=600)
+        subprocess.run([sys.executable, str(script)], stdout=pids, timeout=600, env=clean_env())
     children = json.loads((tmp_path / "pids").read_text())
     time.sleep(2)  # time for helpers that watch their parent to exit
     alive = [pid for pid in children if psutil.pid_exists(pid)]
