@@ -59,3 +59,18 @@ def test_outputs_that_cannot_be_written_are_refused(tmp_path):
     with pytest.raises(ValueError, match="file is a file, not a folder"):
         check_output(str(tmp_path / "file" / "out"), "--save-dir", folder=True)
     check_output(str(tmp_path / "new" / "deeper"), "--save-dir", folder=True)  # can be made
+
+
+def test_every_tool_fails_through_the_one_function():
+    """No tool prints its own error line or builds a plain argparse parser: each runs its body
+    through run_main (or parallel.run_tool, which uses it) and parses with cli.ArgumentParser
+    (the trainer's flags: training/arguments.py)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tools = os.path.join(root, "tools")
+    for name in sorted(f for f in os.listdir(tools) if f.endswith(".py") and f != "torchrun.py"):
+        source = open(os.path.join(tools, name)).read()
+        assert "run_main(" in source, name
+        assert 'print(f"error' not in source and "return 2" not in source, name
+        assert "argparse.ArgumentParser(" not in source, name
+    arguments = open(os.path.join(root, "megatron_flextron", "training", "arguments.py")).read()
+    assert "parser = ArgumentParser(" in arguments
