@@ -8,16 +8,25 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",
-        # verified: compat/version.py. On Python 3.11 install it first with
-        # `pip install --no-deps --ignore-requires-python megatron-core==0.19.2` (scripts/setup_env.sh)
+        # verified: compat/version.py. On Python 3.11 install it first with `pip install
+        # --no-deps --ignore-requires-python megatron-core==0.19.2` (scripts/setup_env.sh)
         "megatron-core==0.19.2",
         "triton",
+        # what megatron_flextron imports (tests/test_package_graph.py checks the list)
         "numpy",
-        "psutil",
+        "psutil",  # megatron's torch_dist save needs it and does not declare it
+        "safetensors",
+        "sentencepiece",
+        "tensorboard",
+        "tokenizers",
+        "tqdm",
     ],
     extras_require={
+        # foreign formats (HF, GGUF) and report plots, imported only by the code that needs them
+        "convert": ["transformers", "gguf", "accelerate"],
+        "report": ["matplotlib"],
         # GPU accelerators; never required (they neither install nor import on CPU machines).
         "gpu": ["transformer-engine", "apex"],
-        "dev": ["pytest", "ruff", "sentencepiece", "tensorboard"],
+        "dev": ["pytest", "ruff==0.17.6"],
     },
 )

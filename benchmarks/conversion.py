@@ -65,8 +65,12 @@ def make_hf_checkpoint(path: str, preset: dict) -> int:
     """A random Llama written tensor by tensor (no model is built); returns its bytes."""
     import torch
 
-    from megatron_flextron.checkpoint.state import Checkpoint, LazyState, TensorSpec
-    from megatron_flextron.checkpoint.state import expected_shapes
+    from megatron_flextron.checkpoint.state import (
+        Checkpoint,
+        LazyState,
+        TensorSpec,
+        expected_shapes,
+    )
     from megatron_flextron.convert.formats.hf import save_hf
 
     m = model_config(*(preset[k] for k in ("hidden", "layers", "ffn", "heads", "kv", "vocab")))

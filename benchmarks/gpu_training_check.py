@@ -24,10 +24,10 @@ def main() -> int:
 
     from megatron_flextron.data.corpus import wiki_documents
     from megatron_flextron.evaluation.multiple_choice import make_tasks
+    from megatron_flextron.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
     from megatron_flextron.training.arguments import parse_args
     from megatron_flextron.training.trainer import pretrain
-    from megatron_flextron.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
 
     start = time.time()
     work = tempfile.mkdtemp(prefix="flextron-gpu-check-")

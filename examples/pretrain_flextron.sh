@@ -99,7 +99,7 @@ fi
 touch "$OUT/data/.complete"
 
 echo "== 3. elastic continued pretraining"
-"$PY" -m torch.distributed.run "${launcher[@]}" --nproc-per-node "$nproc" \
+"$PY" tools/torchrun.py "${launcher[@]}" --nproc-per-node "$nproc" \
   tools/pretrain_flextron.py \
   --load "$RANKED" --save "$SAVE" --data-path "$DATA" --split 99,1,0 \
   --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" \
@@ -128,7 +128,7 @@ if [ "$node_rank" = 0 ]; then
     echo "== 4a. calibrate the token routers' budget prices (Wikipedia validation split)"
     "$PY" tools/calibrate_token_router.py --load "$SAVE" --data wiki:valid \
       --seq-length "$seq" --samples "$evalseqs"
-    routed=(--router dynamic)
+    routed=(--router token)
   fi
   echo "== 4. held-out evaluation (Wikipedia test split, $evalseqs x $seq tokens)"
   for ckpt in "$RANKED" "$SAVE"; do

@@ -13,5 +13,5 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --tensor-model-parallel-size|--pipeline-model-parallel-size) NPROC=$((NPROC * args[i + 1])) ;;
   esac
 done
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+exec "$PY" tools/torchrun.py --standalone --nproc-per-node "$NPROC" \
   tools/demo_subnetworks.py "$@"

@@ -89,7 +89,7 @@ done
 train() {  # train OUTDIR ITERS [flags...]: elastic training from the ranked checkpoint
   local save=$1 n=$2
   shift 2
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/pretrain_flextron.py \
+  "$PY" tools/torchrun.py --standalone --nproc-per-node 1 tools/pretrain_flextron.py \
     --load "$OUT/ranked" --save "$OUT/$save" --data-path "$DATA" --split 99,1,0 \
     --seq-length "$seq" --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "$n" \
     --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters $((n / 10)) --weight-decay 0.01 --clip-grad 1.0 \

@@ -131,16 +131,18 @@ def destroy_model_parallel() -> None:
 
 def run_tool(body, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
     """What every command-line tool does around its work: ``body()`` runs inside megatron's
-    process groups, which are torn down whatever happens; bad input (a ValueError, which
-    includes CheckpointError, or an OSError) becomes one line on stderr and exit status 2, not
-    a traceback. Returns (exit status, what ``body`` returned)."""
-    import sys
+    process groups, which are torn down whatever happens; bad input becomes one line and exit
+    status 2 (``megatron_flextron.cli.run_main``). Returns (exit status, what ``body`` returned)."""
+    from megatron_flextron.cli import run_main
 
-    try:
-        initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
-        return 0, body()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2, None
-    finally:
-        destroy_model_parallel()
+    result = []
+
+    def inside():
+        try:
+            initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+            result.append(body())
+        finally:
+            destroy_model_parallel()
+
+    status = run_main(inside)
+    return status, (result[0] if result else None)

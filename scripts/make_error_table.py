@@ -3,9 +3,9 @@
   python scripts/make_error_table.py            # rewrites docs/errors.md
 
 The rows come from the tests' own case lists (tests/test_arguments.py REFUSED_FLAGS,
-tests/test_bad_input.py TOOL_FLAGS, CORRUPTIONS, PREPROCESS and REFUSED,
-tests/test_lying_files.py REFUSED_CONVERSIONS), which the tests
-assert; the training flags' messages are the full ones, produced here by the real parser.
+tests/test_bad_input.py TOOL_FLAGS, CORRUPTIONS, PREPROCESS, REFUSED and REFUSED_FILES,
+tests/test_lying_files.py REFUSED_CONVERSIONS), which the tests assert; the training flags'
+messages are the full ones, produced here by the real parser.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def cell(text: str) -> str:
 def table() -> str:
     """The text of docs/errors.md."""
     from test_arguments import REFUSED_FLAGS
-    from test_bad_input import CORRUPTIONS, PREPROCESS, REFUSED, TOOL_FLAGS
+    from test_bad_input import CORRUPTIONS, PREPROCESS, REFUSED, REFUSED_FILES, TOOL_FLAGS
     from test_lying_files import REFUSED_CONVERSIONS
 
     rows = ["| refused input | tool | message (exit status 2, no traceback) |"]
@@ -61,7 +61,7 @@ def table() -> str:
         row(what, "evaluate.py, convert_checkpoint.py", f"... {message} ...")
     for what, _, message in PREPROCESS:
         row(what, "preprocess_data.py", f"... {message} ...")
-    for what, (tool, message) in REFUSED.items():
+    for what, (tool, message) in {**REFUSED, **REFUSED_FILES}.items():
         row(what, tool, f"... {message} ...")
     for what, loader, _, message in REFUSED_CONVERSIONS:
         row(what, f"convert_checkpoint.py --loader {loader}", f"... {message} ...")
@@ -81,6 +81,11 @@ Loading never runs code from a checkpoint: a torch distributed checkpoint's `.me
 unpickled with an allow-list of the classes torch's metadata is made of
 (`megatron_flextron/checkpoint/safe_metadata.py`, `read_dcp_metadata`) before torch or
 megatron read it, and `common.pt` is read by `torch.load` with `weights_only` (torch's default).
+Every tool reports bad input through one function (`megatron_flextron/cli.py`); under torchrun,
+`python tools/torchrun.py ...` (torchrun's flags) shows the workers' one line and exits 2 instead
+of torchrun's ChildFailedError report. An OSError is said in words with its path ("no space left
+on device: PATH", a read-only file system); an output that cannot be written (`--save`,
+`--save-dir`, `--output`) is refused before any work. A full disk leaves no temporary behind.
 A killed conversion's hidden `.NAME.tmp-PID@HOST-*` folder is removed by the next write of the
 same output when that process no longer runs (said on stderr); a live writer's is kept, and a
 second writer of the same output is refused (`.NAME.lock`).

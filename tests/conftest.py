@@ -63,3 +63,75 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section(f"upstream warnings ({len(_DRIFT)} distinct, in this process)")
     for (kind, where, text), count in _DRIFT.most_common():
         terminalreporter.write_line(f"{count:6d} x {kind} {where}: {text}")
+
+
+# Test tiers, assigned here from each test's source (files never move):
+#   unit         one process, in-process: run before every commit (scripts/run_tests.sh -m unit)
+#   multirank    2-4 gloo ranks (run_distributed) or torchrun: TP/PP/DP parity with one process
+#   integration  a tool's command line (tools/*.py, scripts) in a subprocess, the trainer end
+#                to end, the real SmolLM2 model, the example scripts, serving
+# A test is multirank or integration when it, or a function of its file that it calls, does what
+# the tier names; fixtures are not followed (their cost is paid once per module).
+INTEGRATION_FILES = {
+    "test_trainer.py",
+    "test_joint_token_routers.py",
+    "test_smollm2.py",
+    "test_pretrain_example.py",
+    "test_reproduce_example.py",
+    "test_server.py",
+}
+TIERS = ("unit", "multirank", "integration")
+_MULTIRANK_MARKS = ("run_distributed", "--nproc-per-node", "torchrun.py")
+
+
+def _runs_a_tool(word: str) -> bool:
+    """A name or string of a test that runs a tool or script in a subprocess."""
+    return word in ("run_tool", "tools") or word.startswith(("tools/", "examples/")) or (
+        word.endswith(".sh")
+    )
+
+
+def pytest_configure(config):
+    for tier, what in zip(TIERS, ("one process, fast", "gloo ranks", "end to end, subprocesses")):
+        config.addinivalue_line("markers", f"{tier}: {what} (tests/conftest.py assigns it)")
+
+
+def _words(path: str) -> dict:
+    """{test function: the names and strings it uses, through the functions of its file}."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def used(name, seen):
+        out = set()
+        for node in ast.walk(funcs[name]):
+            if isinstance(node, ast.Name) or isinstance(node, ast.Attribute):
+                out.add(node.id if isinstance(node, ast.Name) else node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.add(node.value)
+        for other in sorted(out & set(funcs) - seen):
+            seen.add(other)
+            out |= used(other, seen)
+        return out
+
+    return {name: used(name, {name}) for name in funcs if name.startswith("test_")}
+
+
+_WORDS: dict = {}
+
+
+def tier_of(path: str, name: str) -> str:
+    file = os.path.basename(path)
+    words = _WORDS.setdefault(path, _words(path)).get(name, set())
+    if any(mark in word for word in words for mark in _MULTIRANK_MARKS):
+        return "multirank"
+    if file in INTEGRATION_FILES or "smollm2" in name or any(map(_runs_a_tool, words)):
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(str(item.path), item.originalname)))

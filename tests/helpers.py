@@ -102,8 +102,8 @@ def write_training_setup(directory: str, family: str = "llama", docs: int = 300)
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_flextron.checkpoint.state import Checkpoint
     from megatron_flextron.checkpoint.flextron import save_flextron
+    from megatron_flextron.checkpoint.state import Checkpoint
     from megatron_flextron.data.corpus import wiki_documents
     from megatron_flextron.data.gpt_data import write_indexed_dataset
     from megatron_flextron.data.tokenizer import build_tokenizer

@@ -141,6 +141,11 @@ REFUSED_FLAGS = [
     (["--split", "1,2,3,4"], "--split '1,2,3,4': expected up to three"),
     (["--lr-decay-iters", "ten"], "--lr-decay-iters: invalid int value: 'ten'"),
     (["--seq-length", "1.5"], "--seq-length: invalid int value: '1.5'"),
+    (
+        ["--bf16", "--use-distributed-optimizer", "--weight-decay", "0.1"],
+        "--weight-decay 0.1 with --bf16 and --use-distributed-optimizer is not supported",
+    ),
+    (["--save", "/dev/null"], "--save /dev/null is a file; it must be a folder"),
 ]
 
 

@@ -13,15 +13,16 @@ import torch
 from distributed import run_distributed
 from helpers import random_canonical_state, tiny_config
 
-from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.checkpoint.flextron import read_flextron
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
+from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.convert.formats.hf import load_hf, save_hf
 from megatron_flextron.elastic import Subnetwork, build_gpt_model, set_subnetwork
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a missing dependency fails, it is not skipped)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -355,8 +356,8 @@ def test_cli_exit_code_and_message(tmp_path):
 def _tp2_body(rank, world_size, directory, tokens, ref_full, ref_sub, spec, atol=1e-5):
     from megatron.core import tensor_parallel
 
-    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
+    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.parallel import initialize_model_parallel
 
     initialize_model_parallel(world_size, 1)

@@ -21,7 +21,8 @@ from megatron_flextron.convert.formats.hf import load_hf
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a missing dependency fails, it is not skipped)
+
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,

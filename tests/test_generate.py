@@ -190,7 +190,7 @@ def test_tp2_and_pp2_generate_what_one_process_generates():
 
 
 def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
-    """--router dynamic: the checkpoint's token routers pick each token's MLP width inside the
+    """--router token: the checkpoint's token routers pick each token's MLP width inside the
     cached decode steps exactly as in one full forward pass; budgets change what is generated."""
     from megatron_flextron.routers.checkpoint import load_budget_policy
     from megatron_flextron.routers.token import TokenRouter
@@ -205,7 +205,7 @@ def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
             r.budget_bias.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]))
     save_token_routers(str(tmp_path), routers, [128, 64, 32], [1.0, 0.5])
     generator, _, model = _tiny_generator("llama")
-    policy = load_budget_policy(str(tmp_path), m, elastic_choices(m), "dynamic", gpt=model)
+    policy = load_budget_policy(str(tmp_path), m, elastic_choices(m), "token", gpt=model)
     policy.reset(model)
     selector = SubnetworkSelector(policy, m, elastic_choices(m))
     generator.selector = selector
@@ -214,7 +214,7 @@ def test_token_routed_generation_equals_routed_full_recomputation(tmp_path):
         requests = [generator.request(p, Sampling.greedy(10), budget=budget) for p in TINY_PROMPTS]
         results = generator.generate(requests)
         assert results[0].architecture.describe() == {
-            "budget": budget, "router": "dynamic", "chosen_by": "token routers"}
+            "budget": budget, "router": "token", "chosen_by": "token routers"}
         with selector.active(model, results[0].architecture):
             for prompt, result in zip(TINY_PROMPTS, results):
                 logits = _full_recompute(model, prompt, result.tokens)

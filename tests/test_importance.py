@@ -66,7 +66,7 @@ def _exact_taylor(model, batches, m):
         b, s = batch["tokens"].shape
         eps = [torch.zeros(s, b, heads, requires_grad=True) for _ in layers]
 
-        def scale(i):
+        def scale(i, s=s, b=b, eps=eps):  # bound now: the hooks run in this iteration only
             def hook(module, args):
                 a = args[0].reshape(s, b, heads, d) * (1 + eps[i]).unsqueeze(-1)
                 return (a.reshape(s, b, heads * d),)

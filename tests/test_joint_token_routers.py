@@ -1,6 +1,6 @@
 """--router token: per-layer token routers trained together with the model (gloo, tiny Llama):
 the routed width follows the budget while the model trains, the routers land in the checkpoint
-for tools/evaluate.py --router dynamic, TP=2 and PP=2 equal one process, a resume equals the
+for tools/evaluate.py --router token, TP=2 and PP=2 equal one process, a resume equals the
 uninterrupted run, fp16 is refused."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_trained_token_routers_serve_tools_evaluate(reference):
 
     save, _ = reference
     flags = dict(data="wiki:test", seq_length=32, max_sequences=8)
-    routed = dict(router="dynamic", budgets=[1.0, 0.3], compare_static=True)
+    routed = dict(router="token", budgets=[1.0, 0.3], compare_static=True)
     rows = evaluate_rows(str(save), **flags, **routed)
     assert rows[1]["mean_mlp_width_fraction"] < rows[0]["mean_mlp_width_fraction"] - 0.2, rows
     # --compare-static: the static line at the routed mean width, from the two MLP choices
@@ -95,7 +95,7 @@ def test_calibration_makes_token_dispatch_meet_the_budget(setup, reference, tmp_
 
     def held_out():
         flags = dict(data="wiki:test", seq_length=32, max_sequences=16)
-        return evaluate_rows(str(ckpt), **flags, router="dynamic", budgets=[1.0, 0.3])
+        return evaluate_rows(str(ckpt), **flags, router="token", budgets=[1.0, 0.3])
 
     before = held_out()
     flags = ["--load", str(ckpt), "--data", "wiki:valid", "--samples", "16", "--seq-length", "32"]
@@ -218,9 +218,13 @@ def test_token_router_runs_under_tp2_and_pp2_equal_one_process(setup, reference,
 
     a, b = routers(save), routers(ref_save)
     assert len(a) == len(b) == 4  # every layer, from both stages under PP
+    # 16 Adam steps (router lr 3e-2) on gradients reduced in another order: measured max
+    # |difference| 3.3e-6 (TP=2) and 3.8e-6 (PP=2); 1e-6 would sit below that rounding, 3e-5
+    # leaves 8x. A wrong layout (an unsummed or unaveraged router gradient) moves the weights
+    # by up to lr per step, 3e-2.
     for layer_a, layer_b in zip(a, b):
         for name in layer_b:
-            assert torch.allclose(layer_a[name], layer_b[name], atol=1e-3), name
+            assert torch.allclose(layer_a[name], layer_b[name], rtol=0, atol=3e-5), name
 
 
 def test_token_router_resume_equals_the_uninterrupted_run(setup, reference, tmp_path):

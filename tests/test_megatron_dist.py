@@ -333,8 +333,8 @@ def test_refusals_name_the_problem(tmp_path):
 @pytest.mark.parametrize("names", ["te", "local"])
 def test_hybrid_model_checkpoint_to_hf_matches_transformers(tmp_path, names):
     """A Megatron-LM HybridModel checkpoint (pattern ``*-|*-``, two stages, saved by
-    megatron-core's own HybridModel) converts to HF with logits equal to transformers, and reads the same tensors
-    as the GPTModel checkpoint of the same weights."""
+    megatron-core's own HybridModel) converts to HF with logits equal to transformers, and
+    reads the same tensors as the GPTModel checkpoint of the same weights."""
     ref = llama_fixture(tmp_path / "h", names=names, hybrid=True)
     ckpt = load_checkpoint("megatron", str(tmp_path / "h" / "meg"))
     assert ckpt.metadata["source"]["model_class"] == "HybridModel"

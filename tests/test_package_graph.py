@@ -1,14 +1,18 @@
-"""The package graph of megatron_flextron is acyclic, function-local imports included.
+"""The package graph of megatron_flextron follows the documented layer order, function-local
+and relative imports included.
 
 Each top-level package (or root module) is a node; ``a -> b`` when any module of ``a`` imports
-from ``b``, wherever the import statement stands. A cycle means a shared piece lives in the wrong
-place: move it below both users instead of deferring an import.
+from ``b``, wherever the import statement stands. docs/design.md's package map (and README's,
+the same order) lists the nodes from low to high: each imports only nodes above it. An import
+against the order means a shared piece lives in the wrong place: move it below both users.
 """
 
 import ast
 import os
+import re
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megatron_flextron")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, "megatron_flextron")
 
 
 def _node(module: str) -> str:
@@ -29,10 +33,16 @@ def package_graph() -> dict:
                 continue  # the package's own __init__ only re-exports
             with open(path) as f:
                 tree = ast.parse(f.read(), path)
+            package = rel.split(".")[:-1]  # the module's package (for relative imports)
             for stmt in ast.walk(tree):
                 targets = []
-                if isinstance(stmt, ast.ImportFrom) and stmt.module and stmt.level == 0:
+                if isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.module:
                     targets = [stmt.module]
+                elif isinstance(stmt, ast.ImportFrom):  # relative: from the module's package up
+                    base = package[: len(package) - (stmt.level - 1)]
+                    targets = [".".join(base + ([stmt.module] if stmt.module else []))]
+                    if not stmt.module:  # ``from . import x``: x is a module of that package
+                        targets = [".".join(base + [a.name]) for a in stmt.names]
                 elif isinstance(stmt, ast.Import):
                     targets = [a.name for a in stmt.names]
                 for target in targets:
@@ -67,11 +77,49 @@ def find_cycle(graph: dict):
     return None
 
 
-def test_package_graph_is_acyclic():
+def documented_order(doc: str) -> list:
+    """The nodes of a markdown package map, low to high: its rows `name/` or `name.py`."""
+    with open(os.path.join(REPO, doc)) as f:
+        text = f.read()
+    table = text[text.index("## Package map"):]
+    return re.findall(r"^\| `([a-z_]+)(?:/|\.py)` \|", table, flags=re.M)
+
+
+def order_violations(graph: dict, order: list) -> list:
+    """Edges ``a -> b`` where ``b`` is not above ``a`` in ``order`` (or is not listed)."""
+    rank = {name: i for i, name in enumerate(order)}
+    nodes = set(graph) | {b for targets in graph.values() for b in targets}
+    missing = sorted(nodes - set(rank))
+    bad = [f"{n} is not in the package map" for n in missing]
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            if a in rank and b in rank and rank[b] >= rank[a]:
+                bad.append(f"{a} imports {b}, which is listed below it")
+    return bad
+
+
+def test_package_graph_follows_the_documented_layer_order():
     graph = package_graph()
     assert {"elastic", "convert", "routers", "training"} <= set(graph), graph
+    order = documented_order("docs/design.md")
+    assert order == documented_order("README.md"), "README and docs/design.md disagree"
+    on_disk = {n[:-3] if n.endswith(".py") else n for n in os.listdir(ROOT)}
+    assert set(order) == on_disk - {"__init__", "__pycache__"}, "package map != the packages"
+    assert order_violations(graph, order) == []
     cycle = find_cycle(graph)
     assert cycle is None, "package cycle: " + " -> ".join(cycle)
+
+
+def test_order_check_finds_an_upward_and_a_relative_import(tmp_path, monkeypatch):
+    assert order_violations({"a": {"b"}}, ["a", "b"]) == ["a imports b, which is listed below it"]
+    assert order_violations({"b": {"a"}}, ["a", "b"]) == []
+    pkg = tmp_path / "megatron_flextron"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "high").mkdir()
+    (pkg / "low" / "x.py").write_text("from ..high import y\n")
+    (pkg / "high" / "y.py").write_text("from . import z\nfrom ..low.x import w\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", str(pkg))
+    assert package_graph() == {"low": {"high"}, "high": {"low"}}
 
 
 def test_cycle_finder_finds_a_planted_cycle():

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from helpers import elastic_choices, tiny_config
 
-from megatron_flextron.training.distillation import kl_divergence
 from megatron_flextron.routers.sampling import BudgetSampler, budget_subnetwork, check_budgets
+from megatron_flextron.training.distillation import kl_divergence
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

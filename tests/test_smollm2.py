@@ -10,13 +10,14 @@ import torch
 from distributed import run_distributed
 from test_convert import _tp2_body, megatron_logits
 
-from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
+from megatron_flextron.convert.export import export_subnetwork
 from megatron_flextron.convert.formats.gguf import bundled_smollm2, load_gguf
 from megatron_flextron.elastic import Subnetwork
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a missing dependency fails, it is not skipped)
+
 GGUF = bundled_smollm2()
 TEXT = "The capital of France is Paris. The Eiffel Tower was built in 1889 for the World's Fair."
 

@@ -20,7 +20,6 @@ from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
 from megatron_flextron.convert.formats.hf import save_hf
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-safetensors = pytest.importorskip("safetensors")
 
 
 def _tensors():
@@ -83,7 +82,9 @@ def test_conversion_reads_each_source_tensor_once_and_only_when_written(tmp_path
     tiny_hf("llama", str(tmp_path / "hf"))
     reads = []
     original = SafetensorsFile.read
-    monkeypatch.setattr(SafetensorsFile, "read", lambda self, n: reads.append(n) or original(self, n))
+    monkeypatch.setattr(
+        SafetensorsFile, "read", lambda self, n: reads.append(n) or original(self, n)
+    )
     ckpt = load_checkpoint("hf", str(tmp_path / "hf"))
     assert reads == []  # lazy: shapes and dtypes come from the header
     stored = SafetensorsFile(str(tmp_path / "hf" / "model.safetensors")).names
@@ -159,7 +160,8 @@ def test_bf16_flextron_checkpoint_loads_into_an_fp32_model(tmp_path):
     from megatron_flextron.checkpoint.flextron import load_flextron_into_model
     from megatron_flextron.elastic import build_gpt_model
 
-    tiny_hf("llama", str(tmp_path / "hf32")).to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+    hf32 = tiny_hf("llama", str(tmp_path / "hf32"))
+    hf32.to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
     convert(ConvertOptions("hf", "flextron", str(tmp_path / "hf"), str(tmp_path / "fx")))
     source = load_checkpoint("hf", str(tmp_path / "hf"))
     gpt = build_gpt_model(source.model, source.model.transformer_config(), elastic=True)
@@ -176,11 +178,14 @@ def test_params_dtype_converts_when_asked(tmp_path):
     opts = ConvertOptions("hf", "hf", str(tmp_path / "hf"), str(tmp_path / "bf16"))
     opts.params_dtype = "bf16"
     convert(opts)
-    source, out = load_checkpoint("hf", str(tmp_path / "hf")), load_checkpoint("hf", str(tmp_path / "bf16"))
+    source = load_checkpoint("hf", str(tmp_path / "hf"))
+    out = load_checkpoint("hf", str(tmp_path / "bf16"))
     for name in source.state:
         assert out.state[name].dtype == torch.bfloat16
         assert torch.equal(out.state[name], source.state[name].to(torch.bfloat16)), name
-    opts = ConvertOptions("hf", "hf", str(tmp_path / "hf"), str(tmp_path / "bad"), params_dtype="fp8")
+    opts = ConvertOptions(
+        "hf", "hf", str(tmp_path / "hf"), str(tmp_path / "bad"), params_dtype="fp8"
+    )
     with pytest.raises(CheckpointError, match="unknown params dtype 'fp8'"):
         convert(opts)
     assert not os.path.exists(tmp_path / "bad")

@@ -155,7 +155,7 @@ def test_token_routing_under_tp2_equals_tp1():
 
 def test_trained_token_routers_follow_their_budgets(tmp_path):
     """Routers trained on a frozen model (LM + budget aux loss) use about the budgeted mean width
-    per token; tools/evaluate.py --router dynamic reports it, interpolating between budgets."""
+    per token; tools/evaluate.py --router token reports it, interpolating between budgets."""
     from helpers import evaluate_rows, write_training_setup
 
     from megatron_flextron.checkpoint.load import load_elastic_model
@@ -183,7 +183,7 @@ def test_trained_token_routers_follow_their_budgets(tmp_path):
     assert len(lines) == 2 and all("aux loss" in x and "mean MLP width" in x for x in lines)
     save_token_routers(ckpt, routers, WIDTHS, [1.0, 0.5])
     flags = dict(data="wiki:test", seq_length=32, max_sequences=8)
-    rows = evaluate_rows(ckpt, **flags, router="dynamic", budgets=[1.0, 0.75, 0.5])
+    rows = evaluate_rows(ckpt, **flags, router="token", budgets=[1.0, 0.75, 0.5])
     used = [r["mean_mlp_width_fraction"] for r in rows]
     assert abs(used[2] - 0.5) < 0.08, used  # measured 0.43-0.49 across seeds and data
     assert used[0] > used[1] > used[2] + 0.1, used

@@ -168,8 +168,8 @@ def test_joint_router_starts_from_the_checkpoints_phase2_router(setup, tmp_path)
     choices) is where --router joint starts; here one that picks the narrowest choices."""
     import shutil
 
-    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.checkpoint.flextron import read_config
+    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.routers.checkpoint import save_router
     from megatron_flextron.routers.cost import CostModel, router_choices
     from megatron_flextron.routers.static import StaticRouter
@@ -214,8 +214,8 @@ def test_joint_router_skips_layers_to_meet_a_budget_below_the_width_floor(
 ):
     """--router-layer-skipping: the narrowest widths in every layer cost 0.553 of the
     parameters, so budget 0.5 needs skipping; the router learns to skip and meets it."""
-    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.checkpoint.flextron import read_config
+    from megatron_flextron.config import ElasticConfig, ModelConfig
     from megatron_flextron.routers.checkpoint import load_budget_policy
 
     save, history = skipping_reference

@@ -14,18 +14,17 @@ rank 0 folds them into every layer's saved routers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint with token_router/")
     p.add_argument(
         "--data", default="wiki:valid", help="calibration text: wiki:SPLIT, .jsonl, text"
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
 
@@ -71,9 +70,6 @@ def main(argv=None) -> int:
             args.tensor_model_parallel_size,
             args.pipeline_model_parallel_size,
         )
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if owned:
             destroy_model_parallel()
@@ -81,6 +77,10 @@ def main(argv=None) -> int:
         for budget, result in found.items():
             print(json.dumps({"budget": float(budget), **result}))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.cli import ArgumentParser, check_output, run_main  # noqa: E402
 from megatron_flextron.compat.memory import return_freed_tensors_to_the_os  # noqa: E402
+from megatron_flextron.config import DEFAULT_RATIOS  # noqa: E402
 from megatron_flextron.convert import (  # noqa: E402
     GGUF_TYPES,
     LOADERS,
@@ -39,8 +41,6 @@ from megatron_flextron.convert import (  # noqa: E402
     ConvertOptions,
     convert,
 )
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
-from megatron_flextron.config import DEFAULT_RATIOS  # noqa: E402
 from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def _ratios(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--loader", required=True, choices=LOADERS)
     p.add_argument("--saver", required=True, choices=SAVERS)
     p.add_argument("--load-dir", required=True, help="source directory (gguf: the .gguf file)")
@@ -132,19 +132,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or pp < 1 or world % (tp * pp):
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {world} processes do not hold TP={tp} x PP={pp}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{world} processes do not hold TP={tp} x PP={pp}")
     if not os.path.exists(args.load_dir):
-        print(f"error: --load-dir {args.load_dir} does not exist", file=sys.stderr)
-        return 2
+        raise ValueError(f"--load-dir {args.load_dir} does not exist")
+    check_output(args.save_dir, "--save-dir", folder=True)
     return_freed_tensors_to_the_os()  # tensors of every size come and go: keep RSS honest
     initialize_model_parallel(tp, pp)
     rank = int(os.environ.get("RANK", "0"))
@@ -173,9 +171,6 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         ckpt = convert(opts)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         destroy_model_parallel()
     if rank:
@@ -204,6 +199,10 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

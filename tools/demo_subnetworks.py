@@ -10,7 +10,6 @@ the cost of nested sub-networks; examples/ and the converter bring real pretrain
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,18 +20,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.elastic import (  # noqa: E402
     build_elastic_model,
     count_parameters,
     set_subnetwork,
 )
-from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel  # noqa: E402
 from megatron_flextron.lm_step import forward_backward  # noqa: E402
+from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=["gpt3", "llama"], default="llama")
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=256)
@@ -69,7 +69,7 @@ def default_subnetworks(model: ModelConfig, elastic: ElasticConfig) -> list:
     return specs
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     initialize_model_parallel(tp, pp, seed=args.seed)
@@ -124,6 +124,10 @@ def main(argv=None):
                 f"{label[:43]:<44}{params:>11.2f}{loss['loss']:>9.4f}{ms:>9.1f}{ms / full_ms:>9.2f}"
             )
     destroy_model_parallel()
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ micro-batch (--micro-batch-size x --seq-length tokens) in ms, --output writes th
 (tools/make_report.py tabulates and plots such files; --label names the method in them).
 A budget runs what the checkpoint's budget policy chooses: its trained static router (--budget
 needs one), else the elastic choices nearest to budget x the full MLP width and head count (what
-training samples); --router dynamic: its token routers. The evaluator is
+training samples); --router token: its token routers (--router none|joint|token, the trainer's
+words; the older static/dynamic still work). The evaluator is
 megatron_flextron.evaluation.perplexity; this is its command line.
 
 --tokens-jsonl: one JSON list of token ids per line, each
@@ -25,7 +26,6 @@ with end-of-document tokens and cut into --seq-length windows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,16 +34,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flextron.checkpoint.io import write_json  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, check_output, run_main  # noqa: E402
 from megatron_flextron.evaluation.perplexity import (  # noqa: E402
     PerplexityOptions,
     evaluate_perplexity,
     markdown_table,
 )
+from megatron_flextron.routers.checkpoint import router_flag  # noqa: E402
 from megatron_flextron.training.arguments import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or file); default: full model")
@@ -56,10 +58,14 @@ def parse_args(argv=None):
     which.add_argument("--budget", type=float, help="the trained static router's choice")
     p.add_argument(
         "--router",
-        choices=["static", "dynamic"],
-        default="static",
-        help="dynamic: route every token to an MLP width with the checkpoint's token routers "
-        "(--budget/--budget-list condition them); reports the mean width used",
+        type=router_flag,
+        default=None,
+        metavar="{none,joint,token}",
+        help="default: the checkpoint's trained budget router, else the nearest choices; none: "
+        "the nearest choices; joint: the trained budget router (required); token: route every "
+        "token to an MLP width with the checkpoint's token routers (--budget/--budget-list "
+        "condition them), reporting the mean width used. static/dynamic: deprecated names of "
+        "the default/token",
     )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--text-file", help="plain text; documents separated by blank lines")
@@ -78,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--compare-static",
         action="store_true",
-        help="with --router dynamic: also the static sub-networks at the same mean MLP width "
+        help="with --router token: also the static sub-networks at the same mean MLP width "
         "(the two MLP choices around it, interpolated): static_at_mean_width",
     )
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute (as served)")
@@ -89,12 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=positive_int, default=4)
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
-    args = p.parse_args(argv)
-    if args.compare_static and args.router != "dynamic":
-        p.error(
-            "--compare-static compares token routing with static sub-networks: add --router dynamic"
-        )
-    return args
+    return p.parse_args(argv)
 
 
 def options(args) -> PerplexityOptions:
@@ -120,10 +121,12 @@ def options(args) -> PerplexityOptions:
     )
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import run_tool
 
+    if args.output:
+        check_output(args.output, "--output", folder=False)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     status, result = run_tool(
         lambda: [r.to_dict() for r in evaluate_perplexity(options(args))], tp, pp
@@ -140,9 +143,12 @@ def main(argv=None) -> int:
     bad = [r for r in result if not math.isfinite(r["loss"])]
     if bad:  # e.g. a checkpoint with non-finite weights: not a result to report as success
         which = f"budget {bad[0]['budget']:g}" if "budget" in bad[0] else "the sub-network"
-        print(f"error: the loss of {which} is {bad[0]['loss']} (non-finite)", file=sys.stderr)
-        return 2
+        raise ValueError(f"the loss of {which} is {bad[0]['loss']} (non-finite)")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
+from megatron_flextron.routers.checkpoint import router_flag  # noqa: E402
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared with tools/run_text_generation_server.py (Megatron's names)."""
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
     p.add_argument(
         "--router",
-        choices=["static", "dynamic"],
-        default="static",
-        help="dynamic: the checkpoint's token routers pick each token's MLP width for a budget",
+        type=router_flag,
+        default=None,
+        metavar="{none,joint,token}",
+        help="how a --budget is run: default: the checkpoint's trained budget router, else the "
+        "nearest choices; none: the nearest choices; joint: the trained router (required); "
+        "token: the token routers pick each token's MLP width (static/dynamic: deprecated names "
+        "of the default/token)",
     )
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -41,7 +48,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--subnetwork", help="sub-network spec (JSON or a file); default: full")
@@ -99,7 +106,7 @@ def run(args) -> list:
     return [{"prompt": p, **r.to_dict()} for p, r in zip(args.prompt, results)]
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import run_tool
 
@@ -111,6 +118,10 @@ def main(argv=None) -> int:
         for line in lines:
             print(json.dumps(line))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the full model and the smallest homogeneous sub-network. Weights do not matter (
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, check_output, run_main  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint (its config is used)")
     p.add_argument("--output", required=True, help="JSON file to write")
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -32,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="time bfloat16 (default float32)")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
+    check_output(args.output, "--output", folder=False)
     from megatron_flextron.checkpoint.io import write_json
     from megatron_flextron.checkpoint.load import read_model_configs
     from megatron_flextron.parallel import destroy_model_parallel, initialize_model_parallel
@@ -50,15 +50,16 @@ def main(argv=None) -> int:
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         write_json(args.output, result["table"].to_dict())
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         destroy_model_parallel()
     print(json.dumps({"output": args.output, **result["table"].to_dict()}))
     for row in result["check"]:
         print(json.dumps(row))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -9,18 +9,18 @@ separated by blank lines), or wiki:train / wiki:valid / wiki:test (the bundled c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 from megatron_flextron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True)
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_text_document.bin/.idx")
     p.add_argument("--json-keys", nargs="+", default=["text"])
@@ -37,22 +37,22 @@ def main(argv=None) -> int:
     from megatron_flextron.data.corpus import iter_documents
     from megatron_flextron.data.gpt_data import write_indexed_dataset
 
-    try:
-        if not (args.tokenizer_model or args.vocab_file):
-            raise ValueError("--tokenizer-model (or --vocab-file/--merge-file) is required")
-        tokenizer = build_tokenizer(
-            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
+    if not (args.tokenizer_model or args.vocab_file):
+        p.error("--tokenizer-model (or --vocab-file/--merge-file) is required")
+    tokenizer = build_tokenizer(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
+    )
+    for key in args.json_keys:
+        prefix = f"{args.output_prefix}_{key}_document"
+        stats = write_indexed_dataset(
+            iter_documents(args.input, key), tokenizer, prefix, args.append_eod
         )
-        for key in args.json_keys:
-            prefix = f"{args.output_prefix}_{key}_document"
-            stats = write_indexed_dataset(
-                iter_documents(args.input, key), tokenizer, prefix, args.append_eod
-            )
-            print(json.dumps({"output": prefix, **stats}))
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(json.dumps({"output": prefix, **stats}))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

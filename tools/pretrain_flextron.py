@@ -17,23 +17,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.cli import run_main  # noqa: E402
 from megatron_flextron.training.arguments import parse_args  # noqa: E402
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)  # exits with 2 and a message on inconsistent flags
     from megatron_flextron.parallel import destroy_model_parallel
     from megatron_flextron.training.trainer import pretrain
 
     try:
         pretrain(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         destroy_model_parallel()
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ other ranks follow its batches.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,9 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from generate import add_model_args, generator_from_args  # noqa: E402
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=5000)
@@ -57,12 +58,16 @@ def serve(args) -> None:
         server.shutdown()
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_flextron.parallel import run_tool
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     return run_tool(lambda: serve(args), tp, pp)[0]
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -14,18 +14,17 @@ surrogate + budget loss, refused when the surrogate's held-out relative error is
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint; the router goes inside")
     p.add_argument("--router-budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.35])
     p.add_argument(
@@ -74,15 +73,16 @@ def main(argv=None) -> int:
         report = train_router_for_checkpoint(
             args.load, pipeline, log=lambda text: print(text, file=sys.stderr, flush=True)
         )
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         destroy_model_parallel()
     print(json.dumps(report["surrogate"]))
     for row in report["budgets"]:
         print(json.dumps(row))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

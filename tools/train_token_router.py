@@ -7,23 +7,22 @@ A budget here is the mean MLP width fraction the routers should use; one router 
 conditioned on the budget, trained with straight-through Gumbel-softmax on the LM loss plus the
 budget auxiliary loss (the LLM stays frozen). Stored in CKPT/token_router/. Prints, per budget,
 the held-out loss and the mean width used with token dispatch; evaluate later with
-`tools/evaluate.py --router dynamic --budget-list ...`.
+`tools/evaluate.py --router token --budget-list ...`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.checkpoint.state import CheckpointError  # noqa: E402
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--load", required=True, help="flextron checkpoint; routers are stored inside")
     p.add_argument("--router-budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5])
     p.add_argument("--data", default="wiki:train", help="training text: wiki:SPLIT, .jsonl, text")
@@ -66,9 +65,6 @@ def main(argv=None) -> int:
             log_interval=args.log_interval,
         )
         save_token_routers(args.load, routers, widths, args.router_budgets)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         destroy_model_parallel()
     print(
@@ -81,6 +77,10 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: _main(argv))
 
 
 if __name__ == "__main__":

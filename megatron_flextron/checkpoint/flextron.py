@@ -23,7 +23,13 @@ from tqdm import tqdm
 from megatron_flextron.checkpoint.common_state import read_common_state
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
 from megatron_flextron.checkpoint.fields import check_fields, check_object, dataclass_fields
-from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.checkpoint.io import (
+    copy_tokenizer,
+    dist_save,
+    read_json,
+    write_json,
+    write_text_atomic,
+)
 from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.state import (
     Checkpoint,
@@ -116,8 +122,6 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     """Write a checkpoint from one process (the converter), dealt for ``tensor_parallel_size``,
     in the state's dtype. The state is streamed into a model built without initialization, one
     tensor at a time: the model is the only copy held."""
-    from megatron.core import dist_checkpointing
-
     m = ckpt.model
     model = converter_model(m, state_dtype(ckpt.state), elastic=True)
 
@@ -128,7 +132,7 @@ def save_flextron(ckpt: Checkpoint, out_dir: str, tensor_parallel_size: int = 1)
     copy_into_parameters(model, ckpt.state, deal)
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
-    dist_checkpointing.save(views_copied_once(model.sharded_state_dict(), model), shards)
+    dist_save(views_copied_once(model.sharded_state_dict(), model), shards)
     write_metadata(out_dir, ckpt, tensor_parallel_size, iteration=None)
 
 
@@ -212,7 +216,7 @@ def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str
     current TP/PP layout, so dealt for this TP size), rank 0 the config; ``out_dir`` exists.
     Consumes the model (see ``views_copied_once``)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megatron_flextron.elastic.subnetwork import unwrap_model
 
@@ -221,7 +225,7 @@ def save_flextron_sharded(model: torch.nn.Module, ckpt: Checkpoint, out_dir: str
         os.makedirs(shards)
     dist.barrier()
     gpt = unwrap_model(model)
-    dist_checkpointing.save(views_copied_once(gpt.sharded_state_dict(), gpt), shards)
+    dist_save(views_copied_once(gpt.sharded_state_dict(), gpt), shards)
     dist.barrier()
     if dist.get_rank() == 0:
         tp = parallel_state.get_tensor_model_parallel_world_size()

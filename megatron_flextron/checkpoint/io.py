@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import json
 import os
+import queue
 import shutil
 import socket
 import sys
@@ -80,11 +83,28 @@ def _output_lock(path: str) -> Iterator[None]:
             os.remove(lock)
 
 
-def _remove_stale_temporaries(path: str) -> None:
-    """Delete ``.NAME.tmp-PID@HOST-*`` folders of ``path`` whose writer no longer runs (left by
-    a killed run), saying so; a live writer's, another host's and an unnamed owner's stay."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staged_dir(kind: str) -> str:
+    """A new folder in the temp directory for files staged during this process (e.g. a
+    tokenizer converted from a GGUF), removed at exit; its name records the process
+    (``flextron-KIND-PID@HOST-*``), so one left by a killed process is removed by the next."""
+    _remove_stale_temporaries(os.path.join(tempfile.gettempdir(), f"flextron-{kind}"), "-")
+    out = tempfile.mkdtemp(prefix=f"flextron-{kind}-{_owner()}-")
+    atexit.register(shutil.rmtree, out, True)
+    return out
+
+
+def _remove_stale_temporaries(path: str, mark: str = ".tmp-") -> None:
+    """Delete ``.NAME.tmp-PID@HOST-*`` folders of ``path`` (``NAME-PID@HOST-*`` with mark
+    "-") whose writer no longer runs (left by a killed run), saying so; a live writer's,
+    another host's and an unnamed owner's stay."""
     parent, base = os.path.dirname(path), os.path.basename(path)
-    prefix = f".{base}.tmp-"
+    prefix = f".{base}{mark}" if mark == ".tmp-" else f"{base}{mark}"
     for name in sorted(os.listdir(parent)):
         if not name.startswith(prefix) or name.endswith(".old"):
             continue
@@ -102,7 +122,8 @@ def _remove_stale_temporaries(path: str) -> None:
 def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to ``path`` only if the block succeeds.
 
-    A failed write leaves nothing at ``path``. An existing non-empty ``path`` is refused, or,
+    A failed write leaves nothing at ``path`` (a full disk is said as ``OSError(ENOSPC)``
+    naming ``path``). An existing non-empty ``path`` is refused, or,
     with ``replace``, replaced once the new one is complete: the old one is moved aside, the new
     one renamed in, and only then the old one deleted (put back if the rename fails). One writer
     per output at a time (a lock file); the temporary's name records its writer (pid@host), so
@@ -116,6 +137,7 @@ def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
             raise CheckpointError(f"output {path} already exists and is not empty")
         _remove_stale_temporaries(path)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become the output's mode
         try:
             yield tmp
             old = None
@@ -133,16 +155,76 @@ def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
                 raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
+        except BaseException as e:
+            full = disk_full(e, tmp)  # before the temporary's space is freed
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
             raise
 
 
+def dist_save(state: dict, directory: str) -> None:
+    """``megatron.core.dist_checkpointing.save`` (synchronous), with a full disk said as such.
+
+    megatron's writer collects its results through a queue of a multiprocessing Manager, a
+    spawned server process (~360 MB) that outlives a tool killed with SIGKILL. A synchronous
+    save puts to that queue from this process only, so an in-process queue serves it and no
+    helper process is started. A write that fails because the disk is full (torch then reports
+    e.g. "unexpected pos 704 vs 598") raises ``OSError(ENOSPC)`` naming ``directory``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+    try:
+        dist_checkpointing.save(state, directory)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if disk_full(e, directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory) from None
+        raise
+
+
+def disk_full(error: BaseException, path: str) -> bool:
+    """``error`` (or one it wraps, torch's per-rank checkpoint failures included) is a full
+    disk, or the file system of ``path`` has less than 1 MiB left (torch's zip writer then says
+    only "unexpected pos ..."); a ``ValueError`` already says what is wrong."""
+    if isinstance(error, (ValueError, KeyboardInterrupt, SystemExit)):
+        return False
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for v in failures.values():  # an exception, or (exception, traceback)
+                todo += [x for x in (v if isinstance(v, tuple) else (v,))]
+    try:
+        free = os.statvfs(path)
+    except OSError:
+        return False
+    return free.f_bavail * free.f_frsize < 2**20
+
+
 def write_text_atomic(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all (a failed write removes its temporary)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str) -> dict:
@@ -203,7 +285,9 @@ class TensorSource:
     """Named tensors of a source checkpoint, read one at a time: ``names``, ``spec(name)``
     (without reading) and ``source(name)`` (the tensor)."""
 
-    def __init__(self, where: str, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]):
+    def __init__(
+        self, where: str, specs: Dict[str, TensorSpec], read: Callable[[str], torch.Tensor]
+    ):
         self.where, self.specs, self._read = where, specs, read
         self.names = frozenset(specs)
 

@@ -163,7 +163,8 @@ def write_safetensors(
             want_name, want = next(expected, (None, None))
             if name != want_name or TensorSpec.of(tensor) != want:
                 raise CheckpointError(
-                    f"writing {path}: got {name} {TensorSpec.of(tensor)}, expected {want_name} {want}"
+                    f"writing {path}: got {name} {TensorSpec.of(tensor)}, "
+                    f"expected {want_name} {want}"
                 )
             if tensor.numel():
                 f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())

@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy_view
 from megatron_flextron.checkpoint.io import atomic_output_dir
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy_view
+from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig
 
 LOADERS = ("hf", "gguf", "megatron", "megatron_legacy", "flextron")
 SAVERS = ("flextron", "hf", "megatron", "gguf")

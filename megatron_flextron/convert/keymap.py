@@ -12,9 +12,9 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_flextron.checkpoint.state import CheckpointError, LazyState, TensorSpec, spec_of
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.checkpoint.state import CheckpointError, LazyState, TensorSpec, spec_of
 
 Tensor = torch.Tensor
 

@@ -106,7 +106,7 @@ def main_params(optimizer) -> Dict[int, torch.Tensor]:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "shard_fp32_from_float16_groups"):
             if any(len(g) for g in opt.shard_fp32_from_float16_groups):
-                raise NotImplementedError(
+                raise ValueError(
                     "elastic weight decay with --bf16/--fp16 and --use-distributed-optimizer is "
                     "not supported (the fp32 shards are not views of the model parameters); use "
                     "--weight-decay 0 or drop --use-distributed-optimizer"

@@ -2,7 +2,7 @@
 
 A budget runs what the checkpoint's budget policy chooses (routers/policy.py): its trained static
 router, the elastic choices nearest to the budget (training's rule) without one, or with
-``router="dynamic"`` its token routers (every token's MLP width). The loss is the mean next-token
+``router="token"`` its token routers (every token's MLP width). The loss is the mean next-token
 NLL over every predicted position of every sequence; each sequence is evaluated on its own.
 Optional extras: zero-shot multiple-choice accuracy, the forward time of one micro-batch, and
 for token routing the static sub-networks at the same mean MLP width.
@@ -36,7 +36,7 @@ from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
 from megatron_flextron.evaluation.multiple_choice import read_tasks, score
 from megatron_flextron.lm_step import forward_backward, pad_microbatches
-from megatron_flextron.routers.checkpoint import load_budget_policy
+from megatron_flextron.routers.checkpoint import check_router_request, load_budget_policy
 from megatron_flextron.routers.latency import time_ms
 from megatron_flextron.routers.sampling import check_budgets
 
@@ -51,7 +51,7 @@ class PerplexityOptions:
     subnetwork: Optional[str] = None  # a sub-network spec (JSON or file); default: full model
     budgets: Sequence[float] = ()  # evaluate what each budget runs instead
     require_router: bool = False  # budgets only through a trained static router
-    router: str = "static"  # static | dynamic (the checkpoint's token routers)
+    router: Optional[str] = None  # None (the stored router, else nearest) | none | joint | token
     mc_tasks: Sequence[str] = ()  # multiple-choice task files (tools/make_mc_tasks.py)
     measure_latency: bool = False
     compare_static: bool = False  # token routing: the static line at the same mean width
@@ -68,10 +68,7 @@ class PerplexityOptions:
             raise ValueError("give exactly one of a text source and a token-id .jsonl")
         if self.subnetwork is not None and self.budgets:
             raise ValueError("a sub-network spec and budgets are mutually exclusive")
-        if self.router == "dynamic" and not self.budgets:
-            raise ValueError("--router dynamic needs --budget or --budget-list")
-        if self.compare_static and self.router != "dynamic":
-            raise ValueError("--compare-static compares token routing with static sub-networks")
+        self.router = check_router_request(self.router, self.budgets, self.compare_static)
         check_budgets(list(self.budgets) or [1.0])
 
 

@@ -48,7 +48,7 @@ def load_rows(paths: Sequence[str]) -> List[dict]:
                     "loss": r["loss"],
                     "ppl": r["ppl"],
                     "mc": {k: v["acc"] for k, v in r.get("mc", {}).items()},
-                    # token-routed rows (--router dynamic): the full shape, a mean routed width
+                    # token-routed rows (--router token): the full shape, a mean routed width
                     "routed_width": r.get("mean_mlp_width_fraction"),
                 }
             )

@@ -10,16 +10,15 @@ current TP/PP layout (every rank returns the same ranked checkpoint).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Dict, List, Sequence
 
 import torch
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.importance.collect import (
-    progress,
     collect_statistics,
     head_ablation_scores,
+    progress,
 )
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import changes_with_orders, permute_state

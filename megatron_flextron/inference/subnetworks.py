@@ -22,7 +22,7 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.routers.checkpoint import load_budget_policy
-from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices
+from megatron_flextron.routers.policy import NearestChoices, ServingPolicy
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Architecture:
         if self.budget is not None:
             out["budget"] = self.budget
         if self.routed:
-            out["router"] = "dynamic"
+            out["router"] = "token"
         else:
             out["subnetwork"] = self.subnetwork.to_dict()
         out.update(self.info)
@@ -55,7 +55,7 @@ class SubnetworkSelector:
 
     def __init__(
         self,
-        policy: Optional[BudgetPolicy],
+        policy: Optional[ServingPolicy],
         model_config: ModelConfig,
         elastic: ElasticConfig,
         tp_size: int = 1,
@@ -109,7 +109,7 @@ class SubnetworkSelector:
         return elastic_state(model, self.model_config, self.elastic, subnetwork=arch.subnetwork)
 
 
-def load_served_model(ckpt_dir: str, dtype, router: str = "static"):
+def load_served_model(ckpt_dir: str, dtype, router: Optional[str] = None):
     """This rank's elastic model loaded from a flextron checkpoint (current TP/PP), and the
     selector for its sub-networks (``router``: see ``load_budget_policy``). Returns
     (model, selector)."""

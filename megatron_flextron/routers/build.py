@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.routers.checkpoint import ROUTER_KINDS
 from megatron_flextron.routers.cost import CostModel, LatencyTable, router_choices
 from megatron_flextron.routers.joint import JointRouter
 from megatron_flextron.routers.joint_token import JointTokenRouters
 from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices
 from megatron_flextron.routers.static import GumbelSchedule
 
-ROUTER_KINDS = ("none", "joint", "token")
+__all__ = ["ROUTER_KINDS", "RouterSettings", "training_policy"]
 
 
 @dataclass

@@ -5,13 +5,13 @@ weights_only) and ``router.json`` (its shape, the cost metric and, for latency, 
 trained against); written to a temporary folder and renamed, so a checkpoint has either a whole
 router or none. Token routers live in ``DIR/token_router/`` (routers/token_training.py).
 ``load_budget_policy`` is what the tools and serving call: it returns the checkpoint's
-``BudgetPolicy`` (routers/policy.py).
+``ServingPolicy`` (routers/policy.py).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -19,11 +19,58 @@ from megatron_flextron.checkpoint.io import atomic_output_dir, read_json, write_
 from megatron_flextron.checkpoint.state import CheckpointError
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.routers.cost import CostModel, LatencyTable
-from megatron_flextron.routers.policy import BudgetPolicy, NearestChoices, StaticRouterPolicy
+from megatron_flextron.routers.policy import NearestChoices, ServingPolicy, StaticRouterPolicy
 from megatron_flextron.routers.static import StaticRouter
 from megatron_flextron.routers.token_training import TrainedTokenRouting
 
 ROUTER_DIR = "router"
+# one router vocabulary for training (--router of tools/pretrain_flextron.py) and the tools
+# (--router of evaluate.py, generate.py, the server); the tools' earlier words still work:
+# static = the default (the stored router, else the nearest choices), dynamic = token
+ROUTER_KINDS = ("none", "joint", "token")
+DEPRECATED_ROUTERS = {"static": None, "dynamic": "token"}
+
+
+def router_kind(name: Optional[str]) -> Optional[str]:
+    """A router name -> ``none | joint | token`` or None (the checkpoint's default)."""
+    if name is None or name in ROUTER_KINDS:
+        return name
+    if name in DEPRECATED_ROUTERS:
+        return DEPRECATED_ROUTERS[name]
+    raise ValueError(f"unknown router {name!r}; expected one of {', '.join(ROUTER_KINDS)}")
+
+
+def check_router_request(
+    router: Optional[str], budgets: Sequence[float], compare_static: bool = False
+) -> Optional[str]:
+    """The router kind of an evaluation, refused where it cannot serve the request: token
+    routers route a budget (one must be given); ``compare_static`` compares token routing with
+    the static sub-networks at the same mean width. Here, not in the evaluator: only this
+    module knows what each kind needs."""
+    router = router_kind(router)
+    if router == "token" and not budgets:
+        raise ValueError("--router token needs --budget or --budget-list")
+    if compare_static and router != "token":
+        raise ValueError(
+            "--compare-static compares token routing with static sub-networks: add --router token"
+        )
+    return router
+
+
+def router_flag(text: str) -> Optional[str]:
+    """argparse type of the tools' ``--router``: the kind, saying so when a deprecated word
+    (static, dynamic) was used."""
+    import argparse
+    import sys
+
+    try:
+        kind = router_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if text in DEPRECATED_ROUTERS:
+        instead = f"--router {kind}" if kind else "no --router"
+        print(f"note: --router {text} is deprecated; it means {instead}", file=sys.stderr)
+    return kind
 
 
 def save_router(ckpt_dir: str, router: StaticRouter, cost: dict) -> None:
@@ -78,24 +125,27 @@ def load_budget_policy(
     ckpt_dir: str,
     model: ModelConfig,
     elastic: ElasticConfig,
-    router: str = "static",
+    router: Optional[str] = None,
     require_router: bool = False,
     gpt=None,
-) -> BudgetPolicy:
-    """The budget policy a checkpoint serves. ``router="static"``: its trained static router, or,
-    without one and unless ``require_router``, the elastic choices nearest to each budget
-    (training's rule). ``router="dynamic"``: its token routers, attached to ``gpt`` (the built
-    elastic model, which every budget then runs at full size with per-token MLP widths)."""
-    if router == "dynamic":
+) -> ServingPolicy:
+    """The budget policy a checkpoint serves. ``router=None`` (the default): its trained budget
+    router (``router/``: tools/train_router.py or ``--router joint`` training), or, without one
+    and unless ``require_router``, the elastic choices nearest to each budget (training's rule).
+    ``"none"``: the nearest choices; ``"joint"``: the trained budget router, required;
+    ``"token"``: its token routers, attached to ``gpt`` (the built elastic model, which every
+    budget then runs at full size with per-token MLP widths)."""
+    router = router_kind(router)
+    if router == "token":
         if gpt is None:
             raise ValueError("token routing needs the model to attach the routers to")
         return TrainedTokenRouting.attach(ckpt_dir, gpt, model.hidden_size)
-    if router != "static":
-        raise ValueError(f"unknown router {router!r}; expected static or dynamic")
+    if router == "none":
+        return NearestChoices(model, elastic)
     found = load_router(ckpt_dir, model, elastic)
     if found is not None:
         return StaticRouterPolicy(model, elastic, *found)
-    if require_router:
+    if require_router or router == "joint":
         raise CheckpointError(
             f"{ckpt_dir} has no trained static router (router/): run tools/train_router.py"
         )

@@ -137,7 +137,7 @@ class JointTokenRouters(BudgetPolicy):
 
     def dispatch(self, model, budget: float) -> None:
         """Inference routing (argmax, token dispatch) for ``budget``: evaluation, served the way
-        tools/evaluate.py --router dynamic serves the saved routers."""
+        tools/evaluate.py --router token serves the saved routers."""
         for routing in self.routings:
             routing.mode = "dispatch"
         self.serving = TrainedTokenRouting(self.routings, self.budgets, model, full_at_1=True)
@@ -192,7 +192,7 @@ class JointTokenRouters(BudgetPolicy):
         }
 
     def export(self, ckpt_dir: str, state: Optional[dict]) -> None:
-        """Every layer's router for --router dynamic in the tools (budget 1.0: the full model)."""
+        """Every layer's router for --router token in the tools (budget 1.0: the full model)."""
         layers = state["layers"]
         save_token_routers(
             ckpt_dir, [layer["router"] for layer in layers], self.widths, self.budgets, True

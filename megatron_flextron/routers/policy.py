@@ -11,11 +11,16 @@ stored checkpoint, or ``routers.build.training_policy`` for ``--router none|join
 - ``StaticRouterPolicy``       a trained static router: budget -> per-layer architecture
 - ``routers.joint.JointRouter``  the static router trained with the model (``--router joint``)
 - ``routers.token_training.TrainedTokenRouting``  stored token routers: per-token MLP widths
-  (``--router dynamic`` in the tools)
+  (``--router token`` in the tools)
 - ``routers.joint_token.JointTokenRouters``  token routers trained with the model
   (``--router token``)
 
-The API, by use:
+The API is three classes, one per kind of caller; ``BudgetPolicy`` (the kinds' base) is all
+three, and each caller is typed with the part it uses: ``ServingPolicy`` (evaluation, export,
+serving: which architecture, run it, describe it), ``TrainingHooks`` (the elastic step: one
+micro-batch, the optimizer step, evaluation stats) and ``PolicyState`` (training checkpoints and
+the stored form). Stored token routers serve only: ``TrainedTokenRouting`` is a ServingPolicy.
+By use:
 
   which architecture   ``choose(b) -> Choice``: ``Choice.subnetwork`` (None: the full model with
                        every token's MLP width routed), ``Choice.info`` ({"chosen_by", ...}).
@@ -73,13 +78,10 @@ class Choice:
         return self.subnetwork is None
 
 
-class BudgetPolicy:
-    """Base class: the defaults of a policy with nothing to train (see the module docstring)."""
+class ServingPolicy:
+    """What a budget runs, and running it: the part evaluation, export and serving use."""
 
     kind = "budget policy"  # for logs
-    stat_names: Tuple[str, ...] = ()  # per-budget training stats (sums over micro-batches)
-    checkpoint_key: Optional[str] = None  # its state in the training checkpoint's common part
-    origin: Optional[str] = None  # where a trained router started (for the log)
     # a request must name a budget: a policy whose every budget routes (token routers) would
     # otherwise serve the unrouted full model without saying so
     budget_required = False
@@ -134,7 +136,23 @@ class BudgetPolicy:
     def measured(self) -> dict:
         return {}
 
-    # -- training, one micro-batch -------------------------------------------------------------
+    # -- logs ----------------------------------------------------------------------------------
+    def describe(self, budget: float) -> str:
+        choice = self.choose(budget)
+        if choice.per_token:
+            return f"{choice.info.get('chosen_by')}"
+        params = count_parameters(choice.subnetwork, self.model_cfg)["total"]
+        return f"{choice.subnetwork.to_dict()} {params / 1e6:.1f}M parameters"
+
+
+class TrainingHooks:
+    """One training micro-batch, the policy's optimizer step and its evaluation stats: the part
+    the elastic step uses. Defaults: a policy with nothing to train."""
+
+    stat_names: Tuple[str, ...] = ()  # per-budget training stats (sums over micro-batches)
+    model_cfg: ModelConfig
+    elastic: ElasticConfig
+
     def before_forward(
         self, model, budget: float, subnet: Subnetwork, iteration: int, microbatch: int, count: int
     ):
@@ -165,7 +183,15 @@ class BudgetPolicy:
         """{stat name: {budget: value}} of the last evaluation."""
         return {}
 
-    # -- state ---------------------------------------------------------------------------------
+
+class PolicyState:
+    """The policy's state in training checkpoints and its stored form: the part the trainer's
+    checkpointing uses."""
+
+    kind = "budget policy"
+    checkpoint_key: Optional[str] = None  # its state in the training checkpoint's common part
+    origin: Optional[str] = None  # where a trained router started (for the log)
+
     def state_dict(self) -> Optional[dict]:
         return None
 
@@ -179,13 +205,11 @@ class BudgetPolicy:
         """Write the stored form the tools read into ``ckpt_dir`` (rank 0; ``state`` is what
         ``state_dict`` returned on this rank)."""
 
-    # -- logs ----------------------------------------------------------------------------------
-    def describe(self, budget: float) -> str:
-        choice = self.choose(budget)
-        if choice.per_token:
-            return f"{choice.info.get('chosen_by')}"
-        params = count_parameters(choice.subnetwork, self.model_cfg)["total"]
-        return f"{choice.subnetwork.to_dict()} {params / 1e6:.1f}M parameters"
+
+class BudgetPolicy(ServingPolicy, TrainingHooks, PolicyState):
+    """A policy a training run holds: all three parts (see the module docstring)."""
+
+    kind = "budget policy"
 
 
 class NearestChoices(BudgetPolicy):

@@ -24,7 +24,7 @@ from megatron_flextron.elastic.subnetwork import Subnetwork, unwrap_model
 from megatron_flextron.lm_step import loss_func, position_ids
 from megatron_flextron.parallel import current_device
 from megatron_flextron.routers.cost import check_budget_list
-from megatron_flextron.routers.policy import BudgetPolicy, Choice
+from megatron_flextron.routers.policy import Choice, ServingPolicy
 from megatron_flextron.routers.static import GumbelSchedule, encode_budget
 from megatron_flextron.routers.token import TokenRouter, enable_token_routing
 
@@ -130,7 +130,7 @@ def load_token_routers(ckpt_dir: str, hidden_size: int) -> Optional[dict]:
     }
 
 
-class TrainedTokenRouting(BudgetPolicy):
+class TrainedTokenRouting(ServingPolicy):
     """A checkpoint's token routers attached to a model in dispatch mode, conditioned per budget;
     counts the mean MLP width they use. As a budget policy: every budget runs the full model with
     each token's MLP width routed (with ``full_at_1``, budget 1.0 the plain full model)."""

@@ -131,11 +131,11 @@ class RouterPipeline:
 
 
 def train_router_for_checkpoint(
-    ckpt_dir: str, pipeline: RouterPipeline = RouterPipeline(), log=print
+    ckpt_dir: str, pipeline: Optional[RouterPipeline] = None, log=print
 ) -> dict:
     """Phases 1 and 2 on a flextron checkpoint (one process): measure architectures, fit the
     surrogate, train the router, store it in ``ckpt_dir/router/``. Returns the report."""
-    c = pipeline
+    c = pipeline if pipeline is not None else RouterPipeline()
     budgets = list(c.budgets)
     check_budget_list(budgets)
     _, model_cfg, elastic = read_model_configs(ckpt_dir)

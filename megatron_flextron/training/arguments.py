@@ -12,7 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_flextron.cli import ArgumentParser, check_output
 from megatron_flextron.data.gpt_data import check_data_path, check_split
+from megatron_flextron.routers.checkpoint import ROUTER_KINDS
 from megatron_flextron.routers.sampling import check_budgets
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -176,7 +178,7 @@ _HELP = {
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
-    "router": ["none", "joint", "token"],
+    "router": list(ROUTER_KINDS),
     "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }
@@ -236,9 +238,9 @@ def _unwrap(hint):
     return hint, False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """Every dataclass field is a flag; its argparse type comes from the field's type hint."""
-    parser = argparse.ArgumentParser(description="Elastic (Flextron) continued pretraining")
+    parser = ArgumentParser(description="Elastic (Flextron) continued pretraining")
     for group_name, cls in _GROUPS.items():
         group = parser.add_argument_group(group_name)
         hints = typing.get_type_hints(cls)
@@ -325,6 +327,15 @@ def validate(args: TrainingArgs) -> None:
         raise ValueError("--router-cost-metric latency needs --latency-table")
     if r.save_interval is not None and r.save is None:
         raise ValueError("--save-interval needs --save")
+    if r.save is not None:
+        check_output(r.save, "--save", folder=True)
+    if o.weight_decay and o.use_distributed_optimizer and (r.bf16 or r.fp16):
+        raise ValueError(
+            f"--weight-decay {o.weight_decay} with --{'bf16' if r.bf16 else 'fp16'} and "
+            "--use-distributed-optimizer is not supported (the elastic weight decay needs fp32 "
+            "master weights that are views of the parameters); use --weight-decay 0 or drop "
+            "--use-distributed-optimizer"
+        )
 
 
 def check_ranges(args: TrainingArgs) -> None:

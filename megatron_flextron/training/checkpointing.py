@@ -15,14 +15,8 @@ import shutil
 from typing import Optional, Tuple
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
-from megatron_flextron.compat.torch_adam import (
-    prepare_torch_adam_for_loading,
-    unshare_torch_adam_steps,
-)
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     check_stored_shapes,
@@ -34,6 +28,13 @@ from megatron_flextron.checkpoint.flextron import (
     read_config,
     write_metadata,
 )
+from megatron_flextron.checkpoint.io import dist_save
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+from megatron_flextron.compat.torch_adam import (
+    prepare_torch_adam_for_loading,
+    unshare_torch_adam_steps,
+)
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
 # the distributed optimizer's state gathered per parameter: resumable at another DP size
@@ -91,7 +92,12 @@ def save_training_checkpoint(
         "consumed_train_samples": consumed_train_samples,
         **(extra or {}),
     }
-    dist_checkpointing.save(state, tmp)
+    try:
+        dist_save(state, tmp)
+    except BaseException:
+        if dist.get_rank() == 0:  # no half-written iteration left behind (a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.isdir(final):  # an older run's checkpoint of the same iteration

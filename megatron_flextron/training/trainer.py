@@ -22,18 +22,21 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig, ModelConfig, Runtime
 from megatron_flextron.checkpoint.flextron import load_flextron_into_model, read_config
 from megatron_flextron.checkpoint.load import check_seq_length
+from megatron_flextron.config import DEFAULT_RATIOS, ElasticConfig, ModelConfig, Runtime
 from megatron_flextron.data.gpt_data import build_gpt_datasets, rank_microbatches
 from megatron_flextron.data.tokenizer import build_tokenizer
 from megatron_flextron.elastic import build_elastic_model
 from megatron_flextron.elastic.weight_decay import ElasticWeightDecay
+from megatron_flextron.lm_step import forward_backward
 from megatron_flextron.parallel import (
     current_device,
     data_parallel_mean,
     initialize_model_parallel,
 )
+from megatron_flextron.routers.build import RouterSettings, training_policy
+from megatron_flextron.routers.sampling import BudgetSampler
 from megatron_flextron.training.arguments import TrainingArgs
 from megatron_flextron.training.checkpointing import (
     check_resume_source,
@@ -43,9 +46,6 @@ from megatron_flextron.training.checkpointing import (
 )
 from megatron_flextron.training.elastic_step import ElasticStep
 from megatron_flextron.training.guards import check_parameters, check_step
-from megatron_flextron.lm_step import forward_backward
-from megatron_flextron.routers.build import RouterSettings, training_policy
-from megatron_flextron.routers.sampling import BudgetSampler
 
 
 @dataclass
@@ -318,7 +318,7 @@ def save(run: Run) -> None:
         tokenizer if os.path.isdir(tokenizer) else None,
         extra=None if state is None else {policy.checkpoint_key: state},
     )
-    if torch.distributed.get_rank() == 0:  # the stored form --budget / --router dynamic read
+    if torch.distributed.get_rank() == 0:  # the stored form --budget / --router token read
         policy.export(run.args.run.save, state)
     torch.distributed.barrier()
 

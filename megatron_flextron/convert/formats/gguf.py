@@ -12,19 +12,16 @@ and head counts, ``gpt2`` for GPT-2 style models; what the target cannot represe
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
 import torch
 
-from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.io import TensorSource
+from megatron_flextron.checkpoint.io import TensorSource, staged_dir
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, TensorSpec
+from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.keymap import GGUF_LLAMA
 
 
@@ -107,8 +104,7 @@ def _convert_tokenizer(path: str) -> str:
     """Save the GGUF's tokenizer as HF tokenizer files in a temporary directory."""
     from transformers import AutoTokenizer
 
-    out = tempfile.mkdtemp(prefix="flextron-tokenizer-")
-    atexit.register(shutil.rmtree, out, True)
+    out = staged_dir("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(
         os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
     )

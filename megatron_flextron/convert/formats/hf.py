@@ -12,11 +12,11 @@ import re
 
 import torch
 
-from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.checkpoint.fields import check_fields, check_object, head_dim
 from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_getter, write_json
+from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
+from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
 # GPT-2 activation_function -> ModelConfig.activation; anything else is refused

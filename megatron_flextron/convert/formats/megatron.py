@@ -21,17 +21,16 @@ from typing import Optional
 
 import torch
 
-from megatron_flextron.config import ModelConfig
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.checkpoint.flextron import (
     TRACKER_FILE,
     converter_model,
     copy_into_parameters,
     views_copied_once,
 )
-from megatron_flextron.checkpoint.io import copy_tokenizer, write_json, write_text_atomic
+from megatron_flextron.checkpoint.io import copy_tokenizer, dist_save, write_json, write_text_atomic
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
+from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.hybrid import layer_pattern
-
 
 MODEL_CLASSES = ("hybrid", "gpt")
 
@@ -138,8 +137,6 @@ def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = N
     """Stream the state into a stock megatron model of its dtype (the only copy held) and save
     it with megatron's dist_checkpointing. ``model_class``: "hybrid" or "gpt"; None: hybrid,
     or gpt for a per-layer sub-network."""
-    from megatron.core import dist_checkpointing
-
     if model_class is None:
         model_class = "gpt" if ckpt.layer_shapes else "hybrid"
     if model_class not in MODEL_CLASSES:
@@ -161,7 +158,7 @@ def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = N
     state = {"model": sharded, "checkpoint_version": 3.0, "iteration": 0}
     if not ckpt.layer_shapes:  # Megatron-LM's args describe one layer shape only
         state["args"] = megatron_lm_args(m, dtype, model_class)
-    dist_checkpointing.save(state, shards)
+    dist_save(state, shards)
     write_json(
         os.path.join(out_dir, "model_config.json"),
         {"model": m.to_dict(), "layer_shapes": ckpt.layer_shapes, **ckpt.metadata},

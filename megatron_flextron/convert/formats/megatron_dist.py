@@ -125,7 +125,8 @@ def _read_state(
         where.update({name: (key, i if stacked else None) for i, name in enumerate(names)})
     state = stored.lazy_state(where)
     if tied_head is not None:
-        if _EMBED not in where or not torch.equal(stored.read("output_layer.weight"), state[_EMBED]):
+        head = stored.read("output_layer.weight")
+        if _EMBED not in where or not torch.equal(head, state[_EMBED]):
             raise CheckpointError("tied embeddings, but output_layer.weight differs from them")
     return state
 

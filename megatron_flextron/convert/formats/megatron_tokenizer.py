@@ -8,14 +8,12 @@ they are carried into the converted checkpoint; otherwise the conversion says so
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional, Tuple
 
-from megatron_flextron.checkpoint.io import TOKENIZER_FILES
+from megatron_flextron.checkpoint.io import TOKENIZER_FILES, staged_dir
 from megatron_flextron.checkpoint.state import CheckpointError
 
 _SENTENCEPIECE = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
@@ -23,8 +21,7 @@ _SENTENCEPIECE = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2
 
 def _staged(files: dict) -> str:
     """A temporary folder holding ``{name in the folder: source file}``."""
-    out = tempfile.mkdtemp(prefix="flextron-tokenizer-")
-    atexit.register(shutil.rmtree, out, True)
+    out = staged_dir("tokenizer")
     for name, src in files.items():
         shutil.copy2(src, os.path.join(out, name))
     return out
