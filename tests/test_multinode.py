@@ -98,17 +98,22 @@ def _assert_same_checkpoint(a_dir, b_dir) -> None:
 
 @pytest.fixture(scope="module")
 def two_node_run(hosts, setup, tmp_path_factory):
-    """The uninterrupted two-node run: (save dir, per-iteration metrics, wall seconds)."""
+    """The uninterrupted two-node run: (save dir, per-iteration metrics, wall seconds, logs)."""
     tmp = tmp_path_factory.mktemp("two_nodes")
     argv = training_flags(setup, **FLAGS, save=str(tmp / "ckpt"), metrics_file=str(tmp / "m"))
     begin = time.time()
-    _finish(*_two_nodes(hosts, argv, tmp))
-    return tmp / "ckpt", metrics(tmp / "m"), time.time() - begin
+    procs, logs = _two_nodes(hosts, argv, tmp)
+    _finish(procs, logs)
+    logged = log_text(logs[0]) + log_text(logs[1])  # rank 0 logs, on either node
+    return tmp / "ckpt", metrics(tmp / "m"), time.time() - begin, logged
 
 
 def test_two_node_run_equals_the_single_node_run(setup, two_node_run, tmp_path):
-    save, rows, seconds = two_node_run
+    save, rows, seconds, logged = two_node_run
     print(f"two-node run: {seconds:.1f} s")
+    assert "  hosts: node0 ranks 0; node1 ranks 1" in logged or (
+        "  hosts: node1 ranks 0; node0 ranks 1" in logged  # rank order: rendezvous order
+    ), logged[-3000:]
     assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1))
     one = train_history(
         tmp_path, "one", 2, training_flags(setup, **FLAGS, save=str(tmp_path / "ckpt"))
