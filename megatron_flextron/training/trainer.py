@@ -341,6 +341,8 @@ def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
             log.iteration(stats)
             history.append(stats)
             preempted = signals.received(current_device())  # collective: all ranks agree
+            if preempted:
+                log.message(f"{signals.name} received: saving at iteration {run.iteration}")
             exiting = preempted or (bool(r.exit_interval) and run.iteration % r.exit_interval == 0)
             if r.save and (exiting or (r.save_interval and run.iteration % r.save_interval == 0)):
                 save(run)
