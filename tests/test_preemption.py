@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 # TP across the two ranks: a rank that misses the signal would hang in the next all-reduce
 FLAGS = dict(
-    train_iters=30,
+    train_iters=60,
     seq_length=32,
     global_batch_size=8,
     eval_interval=0,
