@@ -48,6 +48,8 @@ FLAGS = {
     "--finetune",
     "--metrics-file",
     "--exit-interval",
+    "--exit-signal-handler",
+    "--no-exit-signal-handler",
     "--vocab-file",
     "--merge-file",
     "--router",

@@ -262,15 +262,9 @@ def test_frozen_teacher_starts_equal_to_the_student(setup, tmp_path):
 def test_sigkilled_rank_restarts_from_the_last_checkpoint(setup, tmp_path):
     """torchrun --max-restarts 1: kill one rank with SIGKILL after the first checkpoint; the
     restarted workers resume from it, finish, and replay the lost iterations identically."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
     from distributed import free_port
+    from launch import clean_env, log_text, start, stop, torchrun_cmd, wait_for, workers
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     save, metrics = tmp_path / "run", tmp_path / "metrics.jsonl"
     argv = training_flags(
         setup,
@@ -283,38 +277,21 @@ def test_sigkilled_rank_restarts_from_the_last_checkpoint(setup, tmp_path):
         save_interval=4,
         metrics_file=str(metrics),
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:1", "--nproc-per-node"]
-    cmd += ["2", "--max-restarts", "1", "--rdzv-backend", "c10d"]
-    cmd += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "tools/pretrain_flextron.py", *argv]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: nothing outlives a failed test
-    )
+    cmd = torchrun_cmd(argv, 2, f"127.0.0.1:{free_port()}", max_restarts=1)
+    log = tmp_path / "torchrun.log"
+    proc = start(cmd, clean_env(), log)  # its own session: nothing outlives a failed test
     tracker = save / "latest_checkpointed_iteration.txt"
     try:
-        deadline = time.time() + 240
-        while not tracker.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        workers = [
-            p
-            for p in psutil.Process(proc.pid).children(recursive=True)
-            if "pretrain_flextron.py" in " ".join(p.cmdline())
-        ]
-        assert tracker.exists() and workers, "no checkpoint or no worker to kill"
+        wait_for(tracker.exists, 240, "first checkpoint", [proc])
+        ranks = workers(proc)
+        assert ranks, "no worker to kill"
         killed_after = int(tracker.read_text())
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
+        ranks[max(ranks)].kill()  # SIGKILL
+        rc = proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
+        stop(proc)
+    out = log_text(log)
+    assert rc == 0, out[-3000:]
     assert killed_after < 40 and "resuming from" in out, out[-3000:]
     assert tracker.read_text() == "40"
     seen = {}

@@ -63,6 +63,9 @@ class RunArgs:
     save: Optional[str] = None
     save_interval: Optional[int] = None
     exit_interval: Optional[int] = None
+    # on by default: a preemption (SIGTERM) then costs one iteration, not the work since the
+    # last --save-interval; the price is one scalar all-reduce per iteration
+    exit_signal_handler: bool = True
     eval_interval: int = 50
     eval_iters: int = 4
     log_interval: int = 10
@@ -150,6 +153,8 @@ _HELP = {
     "save": "checkpoint directory to write",
     "save_interval": "iterations between checkpoints",
     "exit_interval": "save (with --save) and exit when the iteration is a multiple of this",
+    "exit_signal_handler": "on SIGTERM (a preemption), every rank finishes the iteration, saves "
+    "(with --save) and exits with status 0 (default on; --no-exit-signal-handler: die at once)",
     "eval_interval": "iterations between evals",
     "eval_iters": "validation micro-batches per eval and budget",
     "log_interval": "iterations between log lines",
@@ -247,8 +252,9 @@ def build_parser() -> ArgumentParser:
         for name, f in cls.__dataclass_fields__.items():
             default = f.default_factory() if callable(f.default_factory) else f.default
             kind, is_list = _unwrap(hints[name])
-            if kind is bool:
-                group.add_argument(_flag(name), action="store_true", help=_HELP[name])
+            if kind is bool:  # a flag that defaults on also gets its --no- form
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                group.add_argument(_flag(name), action=action, default=default, help=_HELP[name])
                 continue
             group.add_argument(
                 _flag(name),

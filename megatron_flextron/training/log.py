@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 import torch.distributed as dist
@@ -32,8 +33,10 @@ class TrainingLogger:
             print(text, flush=True)
 
     def start(self, run) -> None:
+        """Collective (every rank calls it): the run's header, with the host of every rank."""
         a = self.args
         self.first_iteration = run.iteration
+        hosts = _rank_hosts()
         if not self.rank0:
             return
         if a.run.tensorboard_dir:
@@ -52,6 +55,7 @@ class TrainingLogger:
             f"TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} "
             f"DP={a.data_parallel_size} | micro-batches per iteration {a.num_microbatches}"
         )
+        self.message("  hosts: " + "; ".join(f"{h} ranks {r}" for h, r in hosts.items()))
         policy = run.step.policy
         if policy.origin:
             self.message(f"  {policy.kind}: starting from {policy.origin}")
@@ -121,3 +125,15 @@ class TrainingLogger:
         for f in (self.writer, self.metrics):
             if f is not None:
                 f.close()
+
+
+def _rank_hosts() -> dict:
+    """{hostname: its global ranks, "0,1"}, in rank order: where a multi-node run's ranks run."""
+    names = [socket.gethostname()]
+    if dist.is_initialized():
+        names = [None] * dist.get_world_size()
+        dist.all_gather_object(names, socket.gethostname())
+    ranks = {}
+    for rank, name in enumerate(names):
+        ranks.setdefault(name, []).append(rank)
+    return {h: ",".join(map(str, r)) for h, r in ranks.items()}

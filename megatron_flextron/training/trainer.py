@@ -46,6 +46,7 @@ from megatron_flextron.training.checkpointing import (
 )
 from megatron_flextron.training.elastic_step import ElasticStep
 from megatron_flextron.training.guards import check_parameters, check_step
+from megatron_flextron.training.signals import ExitSignalHandler
 
 
 @dataclass
@@ -333,23 +334,33 @@ def pretrain(args: TrainingArgs, logger=None) -> List[dict]:
     history = []
     r = args.run
     saved = run.iteration
-    while run.iteration < r.train_iters:
-        start = time.time()
-        stats = train_step(run)
-        stats["time"] = time.time() - start
-        if r.eval_interval and run.iteration % r.eval_interval == 0:
-            stats["eval"] = evaluate_budgets(run)
-            stats.update(run.step.policy.eval_stats())
-        log.iteration(stats)
-        history.append(stats)
-        exiting = bool(r.exit_interval) and run.iteration % r.exit_interval == 0
-        if r.save and (exiting or (r.save_interval and run.iteration % r.save_interval == 0)):
-            save(run)
-            saved = run.iteration
-            log.message(f"saved checkpoint at iteration {run.iteration} to {r.save}")
-        if exiting:
-            log.message(f"exiting at iteration {run.iteration} (--exit-interval {r.exit_interval})")
-            break
+    # without --save there is nothing to save: SIGTERM keeps its default (die at once)
+    with ExitSignalHandler(r.exit_signal_handler and bool(r.save)) as signals:
+        while run.iteration < r.train_iters:
+            start = time.time()
+            stats = train_step(run)
+            stats["time"] = time.time() - start
+            if r.eval_interval and run.iteration % r.eval_interval == 0:
+                stats["eval"] = evaluate_budgets(run)
+                stats.update(run.step.policy.eval_stats())
+            log.iteration(stats)
+            history.append(stats)
+            preempted = signals.received(current_device())  # collective: all ranks agree
+            if preempted:
+                log.message(f"{signals.name} received: saving at iteration {run.iteration}")
+            exiting = preempted or (bool(r.exit_interval) and run.iteration % r.exit_interval == 0)
+            if r.save and (exiting or (r.save_interval and run.iteration % r.save_interval == 0)):
+                save(run)
+                saved = run.iteration
+                log.message(f"saved checkpoint at iteration {run.iteration} to {r.save}")
+            if preempted:
+                log.message(f"exiting at iteration {run.iteration} ({signals.name} received)")
+                break
+            if exiting:
+                log.message(
+                    f"exiting at iteration {run.iteration} (--exit-interval {r.exit_interval})"
+                )
+                break
     if r.save and saved != run.iteration and run.iteration >= r.train_iters:
         save(run)
         log.message(f"saved checkpoint at iteration {run.iteration} to {r.save}")
