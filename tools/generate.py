@@ -6,7 +6,8 @@
   torchrun --nproc-per-node 3 tools/generate.py --load ckpt/smollm2 \\
       --tensor-model-parallel-size 3 --subnetwork '{"mlp": 768, "heads": 6}' --prompt "Hello"
 
-Runs megatron-core's inference engine (KV cache, static batching) on the elastic model. Prints one
+Runs megatron-core's dynamic inference engine (paged KV cache, continuous batching) on the
+elastic model. Prints one
 JSON line per prompt: text (the continuation only), tokens (generated ids), finish_reason ("eod"
 or "length") and the sub-network used (with --budget: how it was chosen). Greedy unless a
 sampling flag is given.

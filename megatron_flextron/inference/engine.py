@@ -334,6 +334,11 @@ class ElasticGenerator:
             return None
         return self._finish(rid, live, "cancelled")
 
+    def reset(self) -> None:
+        """Drop every request and lane (after an error left them in an unknown state)."""
+        self.live.clear()
+        self.lanes.clear()
+
     @property
     def busy(self) -> bool:
         return any(lane.engine.has_unfinished_requests() for lane in self.lanes.values())
