@@ -29,18 +29,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import add_model_args, generator_from_args  # noqa: E402
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number in [0, 65535]")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=port_number, default=5000, help="0: any free port")
     p.add_argument("--served-model-name",
                    help="model id of the full model (default: the checkpoint folder's name); "
                    "budgets and sub-networks are NAME@0.5, NAME@mlp768-heads6")
-    args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port {args.port} is not in [0, 65535]")
-    return args
+    return p.parse_args(argv)
 
 
 def serve(args) -> None:

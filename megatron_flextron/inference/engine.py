@@ -22,6 +22,7 @@ Under TP/PP every rank makes the same calls in the same order (scheduler.py broa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -131,7 +132,11 @@ class EngineTokenizer:
         self._tok = tokenizer
         self.eod, self.bos = tokenizer.eod, None
         self.vocab_size = tokenizer.vocab_size
-        self.end_ids = frozenset([tokenizer.eod, *end_ids])
+        self.extra_end_ids = frozenset(end_ids)
+
+    @property
+    def end_ids(self) -> frozenset:
+        return self.extra_end_ids | {self.eod}
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.tokenize(text)
@@ -199,6 +204,19 @@ def _controller_class():
                 self.drawn[rid] = (token, logp, top)
 
     return SamplingController
+
+
+@contextlib.contextmanager
+def _inference_mode():
+    """megatron's process-wide "an engine uses the model" flag, only while one does (its engine
+    sets it for good, which would change every later forward pass of the process)."""
+    from megatron.core.inference.utils import InferenceMode
+
+    InferenceMode.set_active()
+    try:
+        yield
+    finally:
+        InferenceMode.unset_active()
 
 
 class _Live:
@@ -351,7 +369,7 @@ class ElasticGenerator:
         lane = lanes[self._turn % len(lanes)]
         self._turn += 1
         lane.controller.drawn = {}
-        with self.selector.active(self.model, lane.arch):
+        with self.selector.active(self.model, lane.arch), _inference_mode():
             lane.engine.step_modern()
         updates = []
         for rid, (token, logp, top) in lane.controller.drawn.items():
@@ -359,8 +377,13 @@ class ElasticGenerator:
             if live is None or live.done:
                 continue
             updates.append(self._advance(rid, live, token, logp, top))
-        for rid in [r for r in lane.rids if r not in self.live]:
-            lane.rids.discard(rid)
+        for rid in list(lane.rids):
+            live = self.live.get(rid)
+            if live is None:
+                lane.rids.discard(rid)
+            elif rid not in lane.engine.requests:  # megatron ended it (its own length / EOD)
+                full = len(live.tokens) >= live.request.sampling.max_new_tokens
+                updates.append(self._finish(rid, live, "length" if full else "eod"))
         return updates
 
     def _advance(self, rid, live: _Live, token, logp, top) -> Update:
@@ -428,8 +451,9 @@ class ElasticGenerator:
             idle = [k for k, v in self.lanes.items() if not v.engine.has_unfinished_requests()]
             while len(self.lanes) >= self.max_lanes and idle:
                 del self.lanes[idle.pop(0)]
-            lane = _Lane(self.model, self.tokenizer, arch, self.live, self.max_batch_size,
-                         self.max_sequence_length)
+            with _inference_mode():
+                lane = _Lane(self.model, self.tokenizer, arch, self.live, self.max_batch_size,
+                             self.max_sequence_length)
             self.lanes[arch.key] = lane
         self.lanes.move_to_end(arch.key)
         return lane

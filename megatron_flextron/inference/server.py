@@ -165,8 +165,9 @@ def make_handler(server: "TextGenerationServer"):
 
         def _wait(self, requests: List[Request]) -> List[Result]:
             results = [None] * len(requests)
+            updates = self._updates(requests)
             try:
-                for i, update in self._updates(requests):
+                for i, update in updates:
                     if update.result is not None:
                         results[i] = update.result
             except ClientGone:
@@ -174,6 +175,8 @@ def make_handler(server: "TextGenerationServer"):
                 raise ConnectionResetError() from None
             except ValueError as e:
                 raise oai.bad(str(e)) from None
+            finally:
+                updates.close()  # cancels what is left
             if any(r.finish_reason == "cancelled" for r in results):
                 raise HTTPError(503, "the server is shutting down: generation cancelled",
                                 kind="server_error")
@@ -183,8 +186,9 @@ def make_handler(server: "TextGenerationServer"):
             self.start_stream()
             results = [None] * len(requests)
             started = set()
+            updates = self._updates(requests)
             try:
-                for i, update in self._updates(requests):
+                for i, update in updates:
                     result = update.result
                     if result is not None and result.finish_reason == "cancelled":
                         raise HTTPError(503, "the server is shutting down: generation cancelled",
@@ -202,6 +206,8 @@ def make_handler(server: "TextGenerationServer"):
             except ClientGone:
                 self.close_connection = True
                 return
+            finally:
+                updates.close()  # cancels what is left (a client gone mid-write included)
             if include_usage:
                 rid, model, created = meta
                 self.send_event({"id": rid, "object": "chat.completion.chunk" if chat else
@@ -230,7 +236,7 @@ class TextGenerationServer:
             self.scheduler.stop()
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.httpd.daemon_threads = True
-        self._closed = False
+        self._closed, self._closing = False, threading.Lock()
 
     @property
     def port(self) -> int:
@@ -241,12 +247,13 @@ class TextGenerationServer:
 
     def shutdown(self) -> None:
         """Cancel what is in flight (clients get 503), stop accepting, stop the loop (and the
-        other ranks). Safe to call twice, from any thread but the serving one."""
-        if self._closed:
-            return
-        self._closed = True
-        self.stopping.set()
-        self.scheduler.stop()
-        self.httpd.shutdown()
-        time.sleep(2 * POLL_S)  # handler threads answer their cancelled requests
-        self.httpd.server_close()
+        other ranks). From any thread but the serving one; a second call waits for the first."""
+        with self._closing:
+            if self._closed:
+                return
+            self.stopping.set()
+            self.scheduler.stop()
+            self.httpd.shutdown()
+            time.sleep(3 * POLL_S)  # handler threads answer their cancelled requests
+            self.httpd.server_close()
+            self._closed = True
