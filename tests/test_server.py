@@ -275,7 +275,7 @@ def test_bad_requests_are_refused_naming_the_field_and_the_server_keeps_serving(
     for extra, message, code in OPENAI_REFUSED:
         status, reply = _call(url + "/v1/completions", "POST", {**prompt, **extra})
         assert status == code and message in reply["error"]["message"], (extra, reply)
-        assert reply["error"]["param"] == next(iter(extra))
+        assert reply["error"]["param"] in extra
     assert _call(url + "/nowhere", "PUT", good)[0] == 404
     assert _call(url + "/api", "POST", good)[0] == 405
     status, reply = _call(url + "/api", "PUT", {**good, "budget": 0.5})

@@ -16,8 +16,9 @@ torch 2.13 CPU; greedy output equals full recomputation, tests/test_generate.py)
   (bottom-right causal, GQA), one request at a time;
 - pipeline hand-offs assert ``tensor.is_cuda``: any tensor.
 
-Everything is process-local and installed only when CUDA is absent; with CUDA megatron runs
-unpatched (flash-attn is then a real requirement of its dynamic engine).
+Everything is process-local. The CPU stand-ins are installed only when CUDA is absent; with CUDA
+megatron runs unpatched, except that where flash-attn does not import (the GPU machines here
+have none) the paged-attention stand-ins above (device-agnostic) take its place.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class _UnpinnedTorch(types.ModuleType):
 def _attend(q, keys, values, scale):
     """q [nq, H, D] over keys/values [nk, Hk, D]: query j sees keys up to nk - nq + j."""
     nq, nk = q.shape[0], keys.shape[0]
-    mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
         attn_mask=mask, scale=scale, enable_gqa=True,
@@ -162,10 +163,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, softmax_sca
     return out
 
 
+def _install_paged_attention() -> None:
+    from megatron.core.transformer import attention
+
+    if attention.flash_attn_varlen_func is None or not torch.cuda.is_available():
+        attention.flash_attn_varlen_func = flash_attn_varlen_func
+        attention.flash_attn_with_kvcache = flash_attn_with_kvcache
+        attention.is_fa_min_version = lambda *_a, **_k: True  # the stand-ins above
+
+
 def apply_inference_shims() -> bool:
-    """Install the CPU training and inference shims once. Returns True if they are active."""
+    """Install the CPU training and inference shims once (and, on a GPU without flash-attn, the
+    paged-attention stand-ins). Returns True if the CPU shims are active."""
     global _APPLIED
     if not apply_cpu_shims():
+        _install_paged_attention()
         return False
     if _APPLIED:
         return True
@@ -183,8 +195,6 @@ def apply_inference_shims() -> bool:
     from megatron.core.inference import communication_utils
     from megatron.core.inference.contexts import dynamic_context
     from megatron.core.inference.text_generation_controllers import text_generation_controller
-    from megatron.core.transformer import attention
-
     def _is_tensor(tensor):
         assert tensor is not None
 
@@ -196,8 +206,6 @@ def apply_inference_shims() -> bool:
     text_generation_controller.range_push = lambda *_a, **_k: None
     text_generation_controller.range_pop = lambda *_a, **_k: None
     dynamic_context.triton_append_key_value_cache = None
-    attention.flash_attn_varlen_func = flash_attn_varlen_func
-    attention.flash_attn_with_kvcache = flash_attn_with_kvcache
-    attention.is_fa_min_version = lambda *_a, **_k: True  # the stand-ins above
+    _install_paged_attention()
     _APPLIED = True
     return True
