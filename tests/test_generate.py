@@ -183,7 +183,8 @@ def test_requests_join_a_running_batch_with_their_own_seeds_and_stops():
                                       ("seeded", TINY_PROMPTS[0], seeded, None),
                                       ("cancelled", TINY_PROMPTS[1], Sampling.greedy(12), None)):
         ids[name] = generator.new_id()
-        generator.add(ids[name], generator.request(prompt, sampling, subnetwork=s), 1)
+        seed = 1 if sampling.seed is None else sampling.seed  # what the scheduler passes
+        generator.add(ids[name], generator.request(prompt, sampling, subnetwork=s), seed)
     generator.step()
     results[ids["cancelled"]] = generator.cancel(ids["cancelled"]).result
     while generator.busy:
