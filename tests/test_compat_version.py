@@ -17,7 +17,7 @@ def test_installed_version_is_verified():
     check_megatron_core(installed_version())  # the import of compat already ran it
 
 
-@pytest.mark.parametrize("version", ["0.15.0", "0.19.3", "0.20.0rc1", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.16.1", "0.17.0", "0.19.1", "0.19.3", "0.20.0rc1", "1.0.0"])
 def test_outside_the_range_fails_with_a_clear_message(version, monkeypatch):
     monkeypatch.delenv(OVERRIDE, raising=False)
     with pytest.raises(RuntimeError, match=f"megatron-core {version} is outside .*{VERIFIED[0]}"):
@@ -27,6 +27,6 @@ def test_outside_the_range_fails_with_a_clear_message(version, monkeypatch):
         check_megatron_core(version)
 
 
-@pytest.mark.parametrize("version", ["0.16.1", "0.17.0", "0.19.2"])
+@pytest.mark.parametrize("version", ["0.19.2", "0.19.2+local"])
 def test_inside_the_range_passes(version):
     check_megatron_core(version)

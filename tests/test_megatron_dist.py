@@ -20,6 +20,7 @@ from megatron_flextron.checkpoint.flextron import load_state_strict, read_flextr
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
 from megatron_flextron.convert.formats.hf import load_hf
+from megatron_flextron.convert.formats.megatron_dist import read_common
 from megatron_flextron.elastic import build_gpt_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -52,7 +53,7 @@ def megatron_lm_args(**kw) -> argparse.Namespace:
 
 
 def write_megatron_dist(directory, ckpt: Checkpoint, args, names="te", dtype=torch.float32):
-    """Megatron-LM's layout: iter_0000010/ (torch_dist shards + common.pt with the args) and the
+    """Megatron-LM's layout: iter_0000010/ (torch_dist shards, the args in their common state) and the
     tracker file, written by megatron-core's own GPTModel and dist_checkpointing.save; also the
     entries a training checkpoint holds besides the model (optimizer state, rng, TE extra state)."""
     from megatron.core import dist_checkpointing
@@ -221,7 +222,7 @@ def test_local_names_and_iteration_dir_read_the_same(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt3"])
 def test_megatron_saver_round_trip_is_exact(tmp_path, family):
-    """The megatron saver writes Megatron-LM's args into common.pt: --loader megatron reads the
+    """The megatron saver writes Megatron-LM's args into the common state: --loader megatron reads the
     same architecture and tensors back, bit for bit (bf16 stays bf16)."""
     m = tiny_config(family, add_qkv_bias=family == "llama", rope_scaling_factor=None)
     state = random_canonical_state(m)
@@ -248,7 +249,9 @@ def test_refusals_name_the_problem(tmp_path):
 
     llama_fixture(tmp_path)
     folder = tmp_path / "meg" / "iter_0000010"
-    common = torch.load(folder / "common.pt", weights_only=False)
+    # megatron-core 0.19 keeps the common state inside the shards; a common.pt beside them is
+    # what older releases wrote, and is read first (by megatron too): the crafted args go there
+    common = read_common(str(folder))
 
     def fails(message, **kw):
         with pytest.raises(CheckpointError, match=message):

@@ -20,16 +20,17 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
+from megatron_flextron.checkpoint.common_state import read_common_state
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors, first_line
+from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.checkpoint.safe_metadata import read_dcp_metadata
 from megatron_flextron.checkpoint.state import (
     Checkpoint,
     CheckpointError,
     expected_shapes,
     state_dtype,
 )
-from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, write_json, write_text_atomic
+from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.tp_layout import from_dealt_global, to_dealt_global, tp_axis
 
 CONFIG_FILE = "flextron_config.json"
@@ -116,13 +117,12 @@ def views_copied_once(sharded_state_dict: dict, model: torch.nn.Module) -> dict:
     a time. megatron's writer copies such views itself, all before writing the first, which
     costs the size of every fc1 (~45% of a Llama) again; here it costs one layer's. The model
     must not be used afterwards."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     apply_factories(sharded_state_dict)  # the fc1 halves exist from here on
     owners = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
     views: Dict[int, list] = {}
-    for item in nested_values(sharded_state_dict):
+    for item in _leaves(sharded_state_dict):
         data = getattr(item, "data", None) if isinstance(item, ShardedTensor) else None
         if data is not None and data.untyped_storage().size() != data.numel() * data.itemsize:
             views.setdefault(data.untyped_storage().data_ptr(), []).append(item)
@@ -132,6 +132,15 @@ def views_copied_once(sharded_state_dict: dict, model: torch.nn.Module) -> dict:
         if pointer in owners:
             owners[pointer].data = torch.empty(0, dtype=owners[pointer].dtype)
     return sharded_state_dict
+
+
+def _leaves(tree):
+    """The values of a nested dict / list sharded state dict."""
+    for value in tree.values() if isinstance(tree, dict) else tree:
+        if isinstance(value, (dict, list, tuple)):
+            yield from _leaves(value)
+        else:
+            yield value
 
 
 def converter_model(m: ModelConfig, dtype: torch.dtype, elastic: bool, layer_shapes=None):
@@ -295,13 +304,10 @@ def load_dist_checkpoint(request: dict, shards: str) -> dict:
 
 
 def load_common(shards: str) -> dict:
-    """megatron's ``common.pt`` (torch.load, weights only); a CheckpointError when unreadable."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        return dist_checkpointing.load_common_state_dict(shards)
-    except Exception as e:  # truncated: megatron wraps torch's error in its own
-        raise CheckpointError(f"cannot read {shards}/common.pt: {first_line(e)}") from None
+    """megatron's common state (weights only, allow-listed: checkpoint/common_state.py); a
+    CheckpointError naming the file when unreadable. Called before every megatron load, which
+    unpickles the same bytes again without that protection."""
+    return read_common_state(shards)
 
 
 def load_flextron_into_model(model: torch.nn.Module, path: str) -> dict:

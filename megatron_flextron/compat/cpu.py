@@ -102,6 +102,36 @@ def _patch_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
 
+class _NullStream:
+    """The current CUDA stream of a CPU process: everything is already in order."""
+
+    def wait_event(self, *_args, **_kwargs) -> None:
+        pass
+
+    def wait_stream(self, *_args, **_kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CpuCudaProxy(types.ModuleType):
+    """A stand-in for ``torch.cuda`` inside one megatron module: streams are no-ops (gradient
+    buckets wait on the current stream before reducing); the rest is torch.cuda's."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def current_stream(self, *_args, **_kwargs) -> _NullStream:
+        return _NullStream()
+
+    def stream(self, *_args, **_kwargs):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
 class _CpuTorchProxy(types.ModuleType):
     """A stand-in for ``torch`` inside one megatron module: factories map device "cuda" to CPU."""
 
@@ -109,6 +139,7 @@ class _CpuTorchProxy(types.ModuleType):
 
     def __init__(self):
         super().__init__("torch")
+        self.cuda = _CpuCudaProxy()
 
     def __getattr__(self, name):
         attr = getattr(torch, name)

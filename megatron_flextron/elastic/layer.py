@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer.transformer_layer import TransformerLayer
-
-# TransformerLayer recognises megatron's MLP by exact class and logs a warning for any subclass;
-# ElasticMLP takes MLP's arguments and finds its TP group itself, so the warning is noise.
-logging.getLogger(TransformerLayer.__module__).addFilter(
-    lambda record: "Unknown MLP type" not in record.getMessage()
-)
 
 
 class ElasticTransformerLayer(TransformerLayer):

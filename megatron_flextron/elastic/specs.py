@@ -8,6 +8,7 @@ megatron's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -52,7 +53,17 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
 
 
 def replace_in_spec(spec: ModuleSpec, module=None, **submodules) -> ModuleSpec:
-    """A copy of ``spec`` with another module class and/or some submodules replaced."""
+    """A copy of ``spec`` with another module class and/or some submodules replaced.
+
+    megatron-core 0.19 gives a layer's MLP as ``partial(MLP.as_mlp_submodule, submodules=...)``
+    (a builder, not a ModuleSpec): the copy is the same builder on ``module``'s classmethod.
+    """
+    if isinstance(spec, functools.partial):
+        owner = getattr(spec.func, "__self__", None)
+        keywords = dict(spec.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **submodules)
+        builder = getattr(module or owner, spec.func.__name__)
+        return functools.partial(builder, *spec.args, **keywords)
     return dataclasses.replace(
         spec,
         module=module or spec.module,

@@ -2,11 +2,11 @@
 
 Layout: ROOT/latest_checkpointed_iteration.txt, ROOT/iter_NNNNNNN/ or ROOT/release/, each holding
 ``.metadata`` + ``*.distcp`` (torch.distributed.checkpoint shards, global tensor names whatever
-TP/PP wrote them), ``common.pt`` (the non-sharded state: ``args``, ``iteration``, ...) and
-megatron's ``metadata.json``. Either the root or one iteration folder may be given.
+TP/PP wrote them), the common state (the non-sharded ``args``, ``iteration``, ...: ``common.pt``,
+or inside the shards since megatron-core 0.19) and megatron's ``metadata.json``. Either the root or one iteration folder may be given.
 
-- Config: the ``args`` Namespace in common.pt, read with ``weights_only=True`` and an allow-list
-  (argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
+- Config: the ``args`` Namespace in the common state, read with ``weights_only=True`` and an
+  allow-list (checkpoint/common_state.py: argparse.Namespace and enum classes of megatron/torch); anything else is named and refused.
 - Tensors: read lazily, one stored key or one layer of a stacked key at a time (only what is
   converted), kept in the stored dtype (bf16 stays bf16). Layers stacked on a leading axis (``decoder.layers.X``) or one
   key per layer; norms under local (``input_layernorm``) or Transformer Engine names
@@ -19,9 +19,6 @@ megatron's ``metadata.json``. Either the root or one iteration folder may be giv
 
 from __future__ import annotations
 
-import argparse
-import enum
-import importlib
 import os
 import re
 from collections import Counter
@@ -29,6 +26,7 @@ from typing import List, Optional
 
 import torch
 
+from megatron_flextron.checkpoint.common_state import read_common_state as read_common
 from megatron_flextron.checkpoint.dcp_reader import StoredTensors
 from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
 from megatron_flextron.checkpoint.io import read_json
@@ -45,7 +43,6 @@ from megatron_flextron.convert.formats.megatron_tokenizer import resolve_tokeniz
 Tensor = torch.Tensor
 NOT_MODEL = re.compile(r"(^optimizer\.|^rng_state|^opt_param_scheduler|_extra_state($|/))")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_ENUM_MODULES = ("megatron.", "torch.")  # allow-listed enum classes may come only from these
 
 
 def shard_dir(path: str) -> str:
@@ -64,47 +61,6 @@ def shard_dir(path: str) -> str:
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path} holds no torch_dist .metadata: not a torch_dist checkpoint")
     return path
-
-
-def _allowed_global(name: str):
-    """The class a pickled global names, if it is allow-listed: argparse.Namespace or an enum
-    defined in megatron or torch (Megatron stores e.g. AttnBackend in its args)."""
-    if name == "argparse.Namespace":
-        return argparse.Namespace
-    module, _, qualname = name.rpartition(".")
-    if not module.startswith(_ENUM_MODULES):
-        return None
-    try:
-        obj = getattr(importlib.import_module(module), qualname)
-    except Exception:
-        return None
-    return obj if isinstance(obj, type) and issubclass(obj, enum.Enum) else None
-
-
-def read_common(folder: str) -> dict:
-    """common.pt without unpickling arbitrary objects; refuses naming what is not allow-listed."""
-    file = os.path.join(folder, "common.pt")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{folder} has no common.pt (Megatron's args): no model config")
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {file}: {e}") from None
-    allowed = {name: _allowed_global(name) for name in names}
-    refused = sorted(name for name, obj in allowed.items() if obj is None)
-    if refused:
-        raise CheckpointError(
-            f"{file} stores objects outside the allow-list {refused}; they are not unpickled "
-            "(weights_only): re-save the checkpoint's args without them"
-        )
-    try:
-        with torch.serialization.safe_globals(list(allowed.values())):
-            common = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {file} with weights_only=True: {e}") from None
-    if not isinstance(common, dict):
-        raise CheckpointError(f"{file} holds no 'args': cannot infer the model")
-    return common
 
 
 def _canonical(rest: str) -> str:
@@ -196,11 +152,13 @@ def _heterogeneous_config(root: str, folder: str):
     one layer shape); its model_config.json records the model and the layer shapes."""
     config_file = os.path.join(root, "model_config.json")
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"{folder}/common.pt holds no 'args': cannot infer the model")
+        raise CheckpointError(f"{folder}: the common state holds no 'args': cannot infer the model")
     config = read_json(config_file)
     shapes = config.get("layer_shapes")
     if not shapes:
-        raise CheckpointError(f"{folder}/common.pt holds no 'args' and {config_file} no shapes")
+        raise CheckpointError(
+            f"{folder}: the common state holds no 'args' and {config_file} no shapes"
+        )
     return ModelConfig.from_dict(config["model"]), [tuple(s) for s in shapes]
 
 
