@@ -32,6 +32,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 24
 
 
+def test_the_inference_internals_this_project_relies_on_are_there():
+    """What engine.py and compat/inference.py use where megatron has no public API (one line
+    naming the internal when a release changes it)."""
+    import inspect
+
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.engines import dynamic_engine
+    from megatron.core.inference.text_generation_controllers import text_generation_controller
+    from megatron.core.transformer import attention
+
+    controller = text_generation_controller.TextGenerationController
+    sampler = inspect.getsource(controller._dynamic_step_sample_logits)
+    context_init = inspect.getsource(dynamic_context.DynamicInferenceContext)
+    engine = inspect.getsource(dynamic_engine.DynamicInferenceEngine)
+    needs = {
+        "engine.py SamplingController: the per-step sampling hook and its buffers":
+            all(n in sampler for n in ("_all_logits_cuda", "_sampled_tokens_cuda")),
+        "engine.py: a context's request_ids / paused_request_count / total_request_count":
+            all(n in context_init for n in ("self.request_ids", "self.paused_request_count",
+                                            "self.total_request_count")),
+        "engine.py: finishing a request through stop_word_finished_request_ids, .requests":
+            all(n in engine for n in ("self.stop_word_finished_request_ids", "self.requests")),
+        "compat/inference.py: attention's flash-attn names":
+            all(hasattr(attention, n) for n in ("flash_attn_varlen_func",
+                                                "flash_attn_with_kvcache", "is_fa_min_version")),
+        "compat/inference.py: the Triton KV append switch, the controller's nvtx names":
+            hasattr(dynamic_context, "triton_append_key_value_cache")
+            and hasattr(text_generation_controller, "range_push"),
+    }
+    assert [k for k, ok in needs.items() if not ok] == []
+
+
 def test_one_query_against_a_longer_cache_attends_to_every_cached_key():
     """SDPA's is_causal=True with 1 query and 6 keys lets the query see only the first key
     (top-left alignment); the decode step must see all of them, like the last row of full
