@@ -23,6 +23,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def quiet_upstream() -> None:
+    """megatron-core 0.19 and torch's checkpoint reader print deprecation notices while a
+    checkpoint loads and the model builds (GPTModel, load_common, ShardedTensor, ...): notices
+    for this project's developers (the test suite tabulates them), not for a tool's user, whose
+    stderr carries only the error line."""
+    import logging
+    import warnings
+
+    for module in (r"megatron\.", r"torch\.distributed\.checkpoint"):
+        warnings.filterwarnings("ignore", module=module)
+    for name in ("megatron.core.models.gpt.gpt_model", "megatron.core.dist_checkpointing"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared with tools/run_text_generation_server.py (Megatron's names)."""
     p.add_argument("--load", required=True, help="flextron checkpoint directory")
@@ -102,6 +116,7 @@ def run(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_upstream()
     from megatron_flextron.parallel import run_tool
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size

@@ -26,7 +26,7 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from generate import add_model_args, generator_from_args  # noqa: E402
+from generate import add_model_args, generator_from_args, quiet_upstream  # noqa: E402
 
 
 def port_number(text: str) -> int:
@@ -75,6 +75,7 @@ def serve(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_upstream()
     from megatron_flextron.parallel import run_tool
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size

@@ -14,7 +14,10 @@ torch 2.13 CPU; greedy output equals full recomputation, tests/test_generate.py)
   mixed steps, ``flash_attn_with_kvcache`` for decode steps, >= 2.7.3 asserted): stand-ins with the
   same signatures that gather each request's blocks and run ``scaled_dot_product_attention``
   (bottom-right causal, GQA), one request at a time;
-- pipeline hand-offs assert ``tensor.is_cuda``: any tensor.
+- pipeline hand-offs assert ``tensor.is_cuda``: any tensor;
+- a step's tokens are padded to a multiple of 64 (requests of 4) for CUDA graphs and kernels:
+  on CPU padding is only work (a one-request decode step computed up to ``max_requests`` rows),
+  so the context rounds to 1 (still a multiple of the TP size).
 
 Everything is process-local. The CPU stand-ins are installed only when CUDA is absent; with CUDA
 megatron runs unpatched, except that where flash-attn does not import (the GPU machines here
@@ -206,6 +209,8 @@ def apply_inference_shims() -> bool:
     text_generation_controller.range_push = lambda *_a, **_k: None
     text_generation_controller.range_pop = lambda *_a, **_k: None
     dynamic_context.triton_append_key_value_cache = None
+    dynamic_context.DynamicInferenceContext.TOKEN_ROUNDER = 1
+    dynamic_context.DynamicInferenceContext.REQUEST_ROUNDER = 1
     _install_paged_attention()
     _APPLIED = True
     return True
