@@ -218,6 +218,11 @@ def make_handler(server: "TextGenerationServer"):
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the library's 5 resets a burst of concurrent clients
+
+
 class TextGenerationServer:
     """``serve_forever`` on rank 0; ``shutdown`` cancels in-flight requests and stops HTTP, the
     scheduler and the other ranks."""
@@ -231,11 +236,10 @@ class TextGenerationServer:
         self.stopping = threading.Event()
         self.scheduler = Scheduler(generator).start()
         try:
-            self.httpd = ThreadingHTTPServer((host, port), make_handler(self))
+            self.httpd = _HTTPServer((host, port), make_handler(self))
         except OSError as e:
             self.scheduler.stop()
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        self.httpd.daemon_threads = True
         self._closed, self._closing = False, threading.Lock()
 
     @property
