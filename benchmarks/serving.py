@@ -3,7 +3,7 @@
 SmolLM2-135M (the bundled GGUF) as an elastic model; for each budget, the sub-network the budget
 maps to (the nearest elastic choices) and megatron's own dense GPTModel of that shape (exported
 with convert/export.py, SDPA core attention like the elastic model), both run by the same
-engine (megatron-core's static inference engine through ElasticGenerator), in interleaved
+engine (megatron-core's dynamic inference engine through ElasticGenerator), in interleaved
 rounds (medians reported):
 
 - prefill: a run that generates one token (batch x prompt tokens through the model);
@@ -85,9 +85,9 @@ def model_bytes(model) -> int:
 
 
 def cache_bytes(generator: ElasticGenerator) -> int:
-    context = generator.controller.inference_wrapped_model.inference_context
-    return sum(t.numel() * t.element_size() for kv in context.key_value_memory_dict.values()
-               for t in kv)
+    """The paged KV caches of the generator's lanes (one per architecture in use)."""
+    return sum(lane.context.memory_buffer.numel() * lane.context.memory_buffer.element_size()
+               for lane in generator.lanes.values())
 
 
 def timed_batch(generator, batch, new_tokens, spec, clock) -> dict:

@@ -409,6 +409,10 @@ TOOL_FLAGS = [
     ("evaluate.py", ["--seq-length", "0"], "argument --seq-length: 0 must be >= 1"),
     ("evaluate.py", ["--micro-batch-size", "0"], "argument --micro-batch-size: 0 must be >= 1"),
     ("evaluate.py", ["--tensor-model-parallel-size", "0"], "0 must be >= 1"),
+    ("run_text_generation_server.py", ["--port", "99999"],
+     "argument --port: 99999 is not a port number in [0, 65535]"),
+    ("run_text_generation_server.py", ["--port", "-1"],
+     "argument --port: -1 is not a port number in [0, 65535]"),
 ]
 
 
@@ -419,6 +423,7 @@ def test_tool_sizes_are_positive_integers(tool, flags, message, capsys):
     base = {
         "convert_checkpoint.py": ["--loader", "hf", "--saver", "flextron"],
         "evaluate.py": ["--load", "x", "--wiki-split", "test"],
+        "run_text_generation_server.py": ["--load", "x"],
     }[tool]
     base += ["--load-dir", "x", "--save-dir", "y"] if tool == "convert_checkpoint.py" else []
     parse_args = importlib.import_module(f"tools.{tool[:-3]}").parse_args

@@ -1,6 +1,7 @@
-"""Generation on megatron-core's inference engine: the decode-step mask, KV-cache decoding against
-full recomputation, SmolLM2's greedy output against transformers', TP/PP against one process,
-the generate tool, and the MHA refusal."""
+"""Generation on megatron-core's dynamic inference engine: the decode-step mask, paged-KV-cache
+decoding against full recomputation, continuous batching and per-request seeds, SmolLM2's greedy
+output against transformers', TP/PP against one process, the generate tool, and the MHA
+refusal."""
 
 from __future__ import annotations
 
@@ -29,6 +30,38 @@ from megatron_flextron.inference import ElasticGenerator, Sampling, SubnetworkSe
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 24
+
+
+def test_the_inference_internals_this_project_relies_on_are_there():
+    """What engine.py and compat/inference.py use where megatron has no public API (one line
+    naming the internal when a release changes it)."""
+    import inspect
+
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.engines import dynamic_engine
+    from megatron.core.inference.text_generation_controllers import text_generation_controller
+    from megatron.core.transformer import attention
+
+    controller = text_generation_controller.TextGenerationController
+    sampler = inspect.getsource(controller._dynamic_step_sample_logits)
+    context_init = inspect.getsource(dynamic_context.DynamicInferenceContext)
+    engine = inspect.getsource(dynamic_engine.DynamicInferenceEngine)
+    needs = {
+        "engine.py SamplingController: the per-step sampling hook and its buffers":
+            all(n in sampler for n in ("_all_logits_cuda", "_sampled_tokens_cuda")),
+        "engine.py: a context's request_ids / paused_request_count / total_request_count":
+            all(n in context_init for n in ("self.request_ids", "self.paused_request_count",
+                                            "self.total_request_count")),
+        "engine.py: finishing a request through stop_word_finished_request_ids, .requests":
+            all(n in engine for n in ("self.stop_word_finished_request_ids", "self.requests")),
+        "compat/inference.py: attention's flash-attn names":
+            all(hasattr(attention, n) for n in ("flash_attn_varlen_func",
+                                                "flash_attn_with_kvcache", "is_fa_min_version")),
+        "compat/inference.py: the Triton KV append switch, the controller's nvtx names":
+            hasattr(dynamic_context, "triton_append_key_value_cache")
+            and hasattr(text_generation_controller, "range_push"),
+    }
+    assert [k for k, ok in needs.items() if not ok] == []
 
 
 def test_one_query_against_a_longer_cache_attends_to_every_cached_key():
@@ -160,6 +193,47 @@ def test_generation_stops_at_the_end_of_document_token():
     assert cut[0].tokens == first[: first.index(stop)] and cut[0].finish_reason == "eod"
     other = full[1].tokens  # the other request of the batch stops at its own EOD, if any
     assert cut[1].tokens == (other[: other.index(stop)] if stop in other else other)
+
+
+def test_requests_join_a_running_batch_with_their_own_seeds_and_stops():
+    """A request added while others decode (same or another sub-network) gets the tokens it gets
+    alone; a seeded sampled request draws the same alone and in a batch; a stop string ends the
+    text before it; a cancelled request leaves the batch."""
+    generator, _, _ = _tiny_generator("llama")
+    seeded = Sampling(max_new_tokens=10, temperature=1.0, top_k=20, seed=7, logprobs=2)
+    spec = TINY_SPECS[1]
+    alone = [generator.generate([generator.request(p, Sampling.greedy(12), subnetwork=s)])[0]
+             for p, s in zip(TINY_PROMPTS, [None, spec, None])]
+    alone_seeded = generator.generate([generator.request(TINY_PROMPTS[0], seeded)])[0]
+    results, ids = {}, {}
+    ids["a"] = generator.new_id()
+    generator.add(ids["a"], generator.request(TINY_PROMPTS[0], Sampling.greedy(12)), 0)
+    for _ in range(3):  # a decodes alone for three steps
+        generator.step()
+    for name, prompt, sampling, s in (("b", TINY_PROMPTS[1], Sampling.greedy(12), spec),
+                                      ("c", TINY_PROMPTS[2], Sampling.greedy(12), None),
+                                      ("seeded", TINY_PROMPTS[0], seeded, None),
+                                      ("cancelled", TINY_PROMPTS[1], Sampling.greedy(12), None)):
+        ids[name] = generator.new_id()
+        seed = 1 if sampling.seed is None else sampling.seed  # what the scheduler passes
+        generator.add(ids[name], generator.request(prompt, sampling, subnetwork=s), seed)
+    generator.step()
+    results[ids["cancelled"]] = generator.cancel(ids["cancelled"]).result
+    while generator.busy:
+        for update in generator.step():
+            if update.result is not None:
+                results[update.rid] = update.result
+    got = {name: results[rid] for name, rid in ids.items()}
+    assert [got[k].tokens for k in "abc"] == [r.tokens for r in alone]
+    assert got["seeded"].tokens == alone_seeded.tokens
+    assert got["seeded"].logprobs == pytest.approx(alone_seeded.logprobs, abs=1e-5)
+    assert got["cancelled"].finish_reason == "cancelled" and len(got["cancelled"].tokens) <= 2
+    assert not generator.live
+    text = alone[0].text
+    stop = text[text.index(" ", 1) : text.index(" ", 1) + 3]
+    cut = generator.generate([generator.request(TINY_PROMPTS[0], Sampling(
+        max_new_tokens=12, top_k=1, stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
 
 
 def _tp_pp_body(rank, world_size, state, expected):

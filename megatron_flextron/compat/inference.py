@@ -1,37 +1,66 @@
-"""Make megatron-core's inference stack (static engine, text-generation controller, GPT inference
-wrapper) run on CPU, on top of the training shims in compat/cpu.py.
+"""Make megatron-core 0.19's dynamic inference engine (continuous batching, paged KV cache) run on
+CPU, on top of the training shims in compat/cpu.py.
 
-What it assumes and what stands in for it here (measured on megatron-core 0.16.1, see
-shared/cpu_notes.md):
-- the controller times every step with ``torch.cuda.Event``: a wall-clock event;
-- the static batch path calls ``.cuda()`` and ``torch.cuda.synchronize()``: identity / no-op
-  (installed by compat/cpu.py);
-- pipeline-parallel hand-offs assert ``tensor.is_cuda`` before broadcasting logits: any tensor.
+What the engine assumes and what stands in for it here (measured on megatron-core 0.19.2,
+torch 2.13 CPU; greedy output equals full recomputation, tests/test_generate.py):
+- host buffers are allocated with ``pin_memory=True`` (needs a CUDA allocator): plain memory, in
+  the context, engine and controller modules only;
+- copies run on side ``torch.cuda.Stream``s ordered by ``torch.cuda.Event``s: CPU work is
+  ordered already, so a stream is a no-op and an event a wall-clock mark (the controller also
+  times steps with events);
+- ``torch.cuda.nvtx`` ranges: no-ops;
+- the KV-cache append is a Triton kernel when triton imports: megatron's own torch indexing path;
+- attention over the paged cache calls flash-attn (``flash_attn_varlen_func`` for prefill and
+  mixed steps, ``flash_attn_with_kvcache`` for decode steps, >= 2.7.3 asserted): stand-ins with the
+  same signatures that gather each request's blocks and run ``scaled_dot_product_attention``
+  (bottom-right causal, GQA), one request at a time;
+- pipeline hand-offs assert ``tensor.is_cuda``: any tensor;
+- a step's tokens are padded to a multiple of 64 (requests of 4) for CUDA graphs and kernels:
+  on CPU padding is only work (a one-request decode step computed up to ``max_requests`` rows),
+  so the context rounds to 1 (still a multiple of the TP size).
 
-Nothing changes when CUDA is available.
+Everything is process-local. The CPU stand-ins are installed only when CUDA is absent; with CUDA
+megatron runs unpatched, except that where flash-attn does not import (the GPU machines here
+have none) the paged-attention stand-ins above (device-agnostic) take its place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from megatron_flextron.compat.cpu import apply_cpu_shims
 
 _APPLIED = False
 
+# megatron modules whose host buffers are pinned
+_PINNED_MODULES = (
+    "megatron.core.inference.contexts.dynamic_context",
+    "megatron.core.inference.contexts.kv_block_allocator",
+    "megatron.core.inference.engines.dynamic_engine",
+    "megatron.core.inference.text_generation_controllers.text_generation_controller",
+)
+
 
 class WallClockEvent:
-    """``torch.cuda.Event(enable_timing=True)`` on the host clock (elapsed_time in ms)."""
+    """``torch.cuda.Event``: a host-clock mark (``elapsed_time`` in ms); CPU work is ordered."""
 
-    def __init__(self, enable_timing: bool = False, **_kwargs):
+    def __init__(self, *_args, **_kwargs):
         self.t = None
 
     def record(self, *_args, **_kwargs) -> None:
         self.t = time.perf_counter()
 
     def synchronize(self) -> None:
+        pass
+
+    def wait(self, *_args, **_kwargs) -> None:
         pass
 
     def query(self) -> bool:
@@ -41,16 +70,134 @@ class WallClockEvent:
         return (end.t - self.t) * 1e3
 
 
+class NullStream:
+    """``torch.cuda.Stream``: CPU has one ordered stream of work."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def wait_stream(self, *_args, **_kwargs) -> None:
+        pass
+
+    def wait_event(self, *_args, **_kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record_event(self, event=None):
+        event = event or WallClockEvent()
+        event.record()
+        return event
+
+
+class _UnpinnedTorch(types.ModuleType):
+    """``torch`` inside one megatron module, with ``pin_memory=`` dropped from factories."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "empty_like", "zeros_like")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        @functools.wraps(attr)
+        def factory(*args, pin_memory=False, **kwargs):
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def _attend(q, keys, values, scale):
+    """q [nq, H, D] over keys/values [nk, Hk, D]: query j sees keys up to nk - nq + j."""
+    nq, nk = q.shape[0], keys.shape[0]
+    mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
+def _paged(cache, blocks, n):
+    """The first n cached tokens of one request: its blocks of cache [blocks, block, Hk, D]."""
+    size = cache.shape[1]
+    rows = blocks[: (n + size - 1) // size].long()
+    return cache[rows].reshape(-1, *cache.shape[2:])[:n]
+
+
+def _check(causal, window_size, extra):
+    if not causal or tuple(window_size) != (-1, -1) or extra:
+        raise NotImplementedError(
+            "the CPU paged attention covers causal attention without sliding windows or "
+            f"softmax statistics (asked: causal={causal}, window={window_size}, {extra})"
+        )
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           softmax_scale=None, causal=False, window_size=(-1, -1),
+                           block_table=None, return_attn_probs=False, **_kwargs):
+    """flash-attn 2's prefill/mixed-step call on a paged cache: q [total_q, H, D]."""
+    _check(causal, window_size, return_attn_probs)
+    out = torch.zeros_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        n = ck[i + 1] - ck[i]
+        keys, values = _paged(k, block_table[i], n), _paged(v, block_table[i], n)
+        out[cq[i] : cq[i + 1]] = _attend(q[cq[i] : cq[i + 1]], keys, values, softmax_scale)
+    return out
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), block_table=None,
+                            return_softmax_lse=False, **_kwargs):
+    """flash-attn 2's decode call on a paged cache: q [requests, new tokens, H, D]."""
+    _check(causal, window_size, return_softmax_lse)
+    out = torch.zeros_like(q)
+    for i, n in enumerate(cache_seqlens.tolist()):
+        keys, values = _paged(k_cache, block_table[i], n), _paged(v_cache, block_table[i], n)
+        out[i] = _attend(q[i], keys, values, softmax_scale)
+    return out
+
+
+def _install_paged_attention() -> None:
+    from megatron.core.transformer import attention
+
+    if attention.flash_attn_varlen_func is None or not torch.cuda.is_available():
+        attention.flash_attn_varlen_func = flash_attn_varlen_func
+        attention.flash_attn_with_kvcache = flash_attn_with_kvcache
+        attention.is_fa_min_version = lambda *_a, **_k: True  # the stand-ins above
+
+
 def apply_inference_shims() -> bool:
-    """Install the CPU training and inference shims once. Returns True if they are active."""
+    """Install the CPU training and inference shims once (and, on a GPU without flash-attn, the
+    paged-attention stand-ins). Returns True if the CPU shims are active."""
     global _APPLIED
     if not apply_cpu_shims():
+        _install_paged_attention()
         return False
     if _APPLIED:
         return True
     torch.cuda.Event = WallClockEvent
-    from megatron.core.inference import communication_utils
+    torch.cuda.Stream = NullStream
+    torch.cuda.current_stream = lambda *_a, **_k: NullStream()
+    torch.cuda.default_stream = lambda *_a, **_k: NullStream()
+    torch.cuda.stream = lambda *_a, **_k: contextlib.nullcontext()
+    torch.Tensor.pin_memory = lambda self, *_a, **_k: self
+    torch.Tensor.record_stream = lambda self, *_a, **_k: None
+    unpinned = _UnpinnedTorch()
+    for name in _PINNED_MODULES:
+        importlib.import_module(name).torch = unpinned
 
+    from megatron.core.inference import communication_utils
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.text_generation_controllers import text_generation_controller
     def _is_tensor(tensor):
         assert tensor is not None
 
@@ -59,26 +206,11 @@ def apply_inference_shims() -> bool:
 
     communication_utils._is_cuda = _is_tensor
     communication_utils._is_cuda_contiguous = _is_contiguous
+    text_generation_controller.range_push = lambda *_a, **_k: None
+    text_generation_controller.range_pop = lambda *_a, **_k: None
+    dynamic_context.triton_append_key_value_cache = None
+    dynamic_context.DynamicInferenceContext.TOKEN_ROUNDER = 1
+    dynamic_context.DynamicInferenceContext.REQUEST_ROUNDER = 1
+    _install_paged_attention()
     _APPLIED = True
     return True
-
-
-class _SilentProgress:
-    """tqdm's interface, drawing nothing."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def update(self, *_args, **_kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def silence_engine_progress() -> None:
-    """megatron's static inference engine draws a tqdm bar per generate call (on every device):
-    replace it with a silent one; it is not an error channel."""
-    from megatron.core.inference.engines import static_engine
-
-    static_engine.tqdm = _SilentProgress
