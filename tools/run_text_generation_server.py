@@ -17,6 +17,7 @@ the other ranks follow its engine steps. SIGINT or SIGTERM cancels what is in fl
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -27,13 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from generate import add_model_args, generator_from_args, quiet_upstream  # noqa: E402
 
+from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
+
 
 def port_number(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port number in [0, 65535]")
     return int(text)
-
-from megatron_flextron.cli import ArgumentParser, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
