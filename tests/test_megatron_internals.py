@@ -107,6 +107,31 @@ def test_heterogeneous_dist_checkpoint_flag():
     )
 
 
+def test_checkpoint_writer_results_queue():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert hasattr(filesystem_async, "_results_queue"), _changed(
+        "dist_checkpointing.strategies.filesystem_async._results_queue",
+        "checkpoint/io.py (dist_save)",
+        "a synchronous save gets an in-process queue, so no Manager process outlives a SIGKILL",
+    )
+
+
+def test_hybrid_stack_final_norm():
+    from megatron.core.models.hybrid.hybrid_block import HybridStack
+
+    params = inspect.signature(HybridStack.__init__).parameters
+    assert "post_layer_norm" in params and "layer_type_list" in params, _changed(
+        "HybridStack.__init__(post_layer_norm=, layer_type_list=)",
+        "elastic/hybrid.py (LocalHybridStack)",
+        "the stack's TE final norm is replaced by a local one",
+    )
+    forward = inspect.getsource(HybridStack.forward)
+    assert "self.final_norm(" in forward and "self.post_layer_norm" in forward, _changed(
+        "HybridStack.forward's final norm", "elastic/hybrid.py", "it calls the local final norm"
+    )
+
+
 def test_moe_aux_loss_scale():
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
