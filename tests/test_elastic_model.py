@@ -294,3 +294,66 @@ def test_layers_as_a_count_keep_the_most_important_layers():
     model = _elastic(m, random_canonical_state(m))
     subnet = set_subnetwork(model, {"layers": 3, "mlp": 64}, m, ranked)
     assert subnet.layers == (0, 2, 3)
+
+
+def test_hybrid_model_skips_an_attention_or_an_mlp_on_its_own():
+    """``skip_attention`` / ``skip_mlp`` drop one half of a layer: the elastic HybridModel then
+    equals megatron's HybridModel built without those layers (pattern ``*--**-``), same weights;
+    parameters counted alike. The GPTModel (one layer holds both) and the exports refuse it."""
+    import dataclasses as dc
+
+    from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+    from megatron_flextron.convert.export import export_subnetwork
+    from megatron_flextron.elastic.hybrid import LocalHybridModel, hybrid_stack_spec
+
+    m = FAMILIES["llama"]
+    canonical = random_canonical_state(m)
+    spec = {"mlp": 64, "skip_attention": [1], "skip_mlp": [2]}
+    elastic = build_hybrid_model(m, m.transformer_config(), elastic=True)
+    elastic.load_state_dict({hybrid_name(k): v for k, v in canonical.items()}, strict=False)
+    subnet = set_subnetwork(elastic, spec, m, elastic_choices(m))
+    assert subnet.to_dict() == {**spec, "heads": 8}
+    # blocks 0..3 as layers: *- | - (no attention) | * (no MLP) | *-
+    where = {(0, "a"): 0, (0, "m"): 1, (1, "m"): 2, (2, "a"): 3, (3, "a"): 4, (3, "m"): 5}
+    small = dc.replace(m, ffn_hidden_size=64)
+    reference = LocalHybridModel(
+        config=small.transformer_config(num_layers=6),
+        hybrid_stack_spec=hybrid_stack_spec(small, elastic=False, canonical_layout=False),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        hybrid_layer_pattern="*--**-",
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type=m.position_embedding,
+        rotary_base=m.rotary_base,
+        rope_scaling_factor=m.rope_scaling_factor,
+    )
+    state = {}
+    sliced = {k: v for k, v in canonical.items() if not k.startswith("decoder.layers.")}
+    for layer in range(4):
+        sliced.update(_hand_sliced_layer(canonical, m, layer, layer, 64, 8))
+    for name, value in sliced.items():
+        if not name.startswith("decoder.layers."):
+            state[name.replace("final_layernorm", "final_norm")] = value
+            continue
+        _, _, block, rest = name.split(".", 3)
+        half = "a" if rest.startswith(("input_layernorm", "self_attention")) else "m"
+        if (int(block), half) in where:
+            state[f"decoder.layers.{where[int(block), half]}.{rest}"] = value
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "_extra_state" not in k]
+    tokens, _ = batch()
+    with torch.no_grad():
+        diff = (_logits(elastic, tokens) - _logits(reference, tokens)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert count_parameters(subnet, m)["total"] == sum(p.numel() for p in reference.parameters())
+    with pytest.raises(ValueError, match="need the elastic HybridModel"):
+        set_subnetwork(_elastic(m, canonical), spec, m, elastic_choices(m))
+    with pytest.raises(CheckpointError, match="cannot be exported yet"):
+        export_subnetwork(Checkpoint(m, canonical), subnet)
+    for bad, message in [
+        ({"skip_attention": [1], "skip_mlp": [1]}, "skip both their attention and their MLP"),
+        ({"layers": [0, 2, 3], "skip_mlp": [1]}, "indices of kept layers"),
+        ({"skip_mlp": 2}, "a list of layer indices"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            set_subnetwork(elastic, bad, m, elastic_choices(m))

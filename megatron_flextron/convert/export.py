@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_flextron.checkpoint.state import Checkpoint, lazy_view
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, lazy_view
 from megatron_flextron.elastic.layout import fc1_blocks, keep_proj, keep_qkv, kept_per_group
 from megatron_flextron.elastic.subnetwork import Subnetwork
 
@@ -46,6 +46,12 @@ def export_subnetwork(ckpt: Checkpoint, subnet: Subnetwork) -> Checkpoint:
     sizes): ``layer_shapes`` records (MLP width, heads) per kept layer and the config keeps the
     largest of each."""
     m = ckpt.model
+    if subnet.skips_half_layers:
+        raise CheckpointError(
+            "a sub-network that skips an attention or an MLP on its own (skip_attention / "
+            "skip_mlp) cannot be exported yet: the dense formats here need both in every layer; "
+            "run it with the elastic model (tools/evaluate.py, tools/generate.py)"
+        )
     shapes = [(subnet.mlp[i], subnet.heads[i]) for i in subnet.layers]
     names = {k: k for k in ckpt.state if not k.startswith("decoder.layers.")}
     cut = {}  # output name -> (name in the layer, width, heads)

@@ -82,12 +82,13 @@ def fc1_blocks(x: torch.Tensor, model: ModelConfig) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ParameterUnits:
-    """Parameters per MLP neuron, per query head, per layer besides those, and outside the
-    layers: a sub-network's count is linear in its widths."""
+    """Parameters per MLP neuron, per query head, per attention and per MLP besides those, and
+    outside the layers: a sub-network's count is linear in its widths."""
 
     per_neuron: int
     per_head: int
-    per_layer: int
+    per_attention: int
+    per_mlp: int
     outside: int
 
     @classmethod
@@ -99,21 +100,41 @@ class ParameterUnits:
         norm = 2 * h if m.normalization == "LayerNorm" else h
         # MHA: each head brings its own k and v rows; GQA: the groups' k, v rows are constant
         per_head = d * (h + qkv_bias) + d * h + (0 if m.is_gqa else 2 * d * (h + qkv_bias))
-        per_layer = (2 * g * d * (h + qkv_bias) if m.is_gqa else 0) + 2 * bias * h + 2 * norm
+        per_attention = (2 * g * d * (h + qkv_bias) if m.is_gqa else 0) + bias * h + norm
         outside = m.vocab_size * h * (1 if m.tie_embeddings else 2) + norm
         if m.position_embedding == "learned_absolute":
             outside += m.max_position_embeddings * h
-        return cls(blocks * (h + bias) + h, per_head, per_layer, outside)
+        return cls(blocks * (h + bias) + h, per_head, per_attention, bias * h + norm, outside)
+
+    @property
+    def per_layer(self) -> int:
+        return self.per_attention + self.per_mlp
+
+    def attention(self, heads: int) -> int:
+        return self.per_attention + heads * self.per_head
+
+    def mlp(self, width: int) -> int:
+        return self.per_mlp + width * self.per_neuron
 
     def layer(self, width: int, heads: int) -> int:
-        return self.per_layer + width * self.per_neuron + heads * self.per_head
+        return self.attention(heads) + self.mlp(width)
 
 
 def count_layer_parameters(
-    model: ModelConfig, widths: Sequence[int], heads: Sequence[int], layers: Sequence[int]
+    model: ModelConfig,
+    widths: Sequence[int],
+    heads: Sequence[int],
+    layers: Sequence[int],
+    skip_attention: Sequence[int] = (),
+    skip_mlp: Sequence[int] = (),
 ) -> dict:
-    """Parameter counts of per-layer widths over the kept ``layers``: transformer layers, and
-    total with embeddings and the final norm."""
+    """Parameter counts of per-layer widths over the kept ``layers`` (less the attention or MLP
+    of the layers listed to skip it): transformer layers, and total with embeddings and the
+    final norm."""
     units = ParameterUnits.of(model)
-    transformer = sum(units.layer(widths[i], heads[i]) for i in layers)
+    transformer = sum(
+        (0 if i in skip_attention else units.attention(heads[i]))
+        + (0 if i in skip_mlp else units.mlp(widths[i]))
+        for i in layers
+    )
     return {"transformer": transformer, "total": transformer + units.outside}

@@ -1,9 +1,11 @@
 """Sub-network specs and the one entry point that activates a sub-network in a model.
 
 A spec (JSON, inline or a file path) is ``{"mlp": int | [int per layer], "heads": int | [int per
-layer], "layers": [kept layer indices] | N}``; every key is optional (missing = full size). A
-count N keeps the N most important layers by the checkpoint's layer ranking
-(``ElasticConfig.layer_ranking``, written by importance ranking). Widths are
+layer], "layers": [kept layer indices] | N, "skip_attention": [layer indices], "skip_mlp":
+[layer indices]}``; every key is optional (missing = full size). A count N keeps the N most
+important layers by the checkpoint's layer ranking (``ElasticConfig.layer_ranking``, written by
+importance ranking). ``skip_attention`` / ``skip_mlp`` skip one half of a kept layer (block):
+its attention or its MLP, each its own layer in the HybridModel. Widths are
 global counts in the model's canonical unit order: MLP hidden size, and query heads (GQA: a
 multiple of the KV group count, trimmed inside every group; MHA: whole heads).
 Everything is validated for every layer before any module changes.
@@ -28,11 +30,14 @@ from megatron_flextron.elastic.mlp import ElasticMLP
 
 @dataclass(frozen=True)
 class Subnetwork:
-    """One choice per layer and axis: per-layer MLP widths, head counts and the kept layers."""
+    """One choice per layer and axis: per-layer MLP widths, head counts and the kept layers, and
+    the kept layers whose attention or MLP alone is skipped."""
 
     mlp: Tuple[int, ...]
     heads: Tuple[int, ...]
     layers: Tuple[int, ...]
+    skip_attention: Tuple[int, ...] = ()
+    skip_mlp: Tuple[int, ...] = ()
 
     @classmethod
     def full(cls, model: ModelConfig) -> "Subnetwork":
@@ -65,9 +70,11 @@ class Subnetwork:
                 raise ValueError(f"sub-network spec is not valid JSON: {e}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"sub-network spec must be a JSON object, got {type(spec).__name__}")
-        unknown = set(spec) - {"mlp", "heads", "layers"}
+        unknown = set(spec) - set(SPEC_KEYS)
         if unknown:
-            raise ValueError(f"unknown sub-network keys {sorted(unknown)}; use mlp, heads, layers")
+            raise ValueError(
+                f"unknown sub-network keys {sorted(unknown)}; use {', '.join(SPEC_KEYS)}"
+            )
         n = model.num_layers
         layers = spec.get("layers")
         if isinstance(layers, int) and not isinstance(layers, bool):
@@ -82,6 +89,8 @@ class Subnetwork:
             layers=tuple(range(n))
             if layers is None
             else tuple(_as_int("layers", v) for v in layers),
+            skip_attention=_indices("skip_attention", spec.get("skip_attention")),
+            skip_mlp=_indices("skip_mlp", spec.get("skip_mlp")),
         )
 
     def to_dict(self) -> dict:
@@ -93,7 +102,15 @@ class Subnetwork:
         out = {"mlp": compact(self.mlp), "heads": compact(self.heads)}
         if self.layers != tuple(range(len(self.mlp))):
             out["layers"] = list(self.layers)
+        for key in ("skip_attention", "skip_mlp"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
         return out
+
+    @property
+    def skips_half_layers(self) -> bool:
+        """True when some kept layer runs without its attention or without its MLP."""
+        return bool(self.skip_attention or self.skip_mlp)
 
     def validate(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int = 1) -> None:
         """Raise ValueError naming the layer and the value the model cannot run."""
@@ -126,8 +143,37 @@ class Subnetwork:
             raise ValueError(
                 f"kept layers {list(self.layers)} must be distinct, sorted indices in [0, {n})"
             )
-        if len(self.layers) < n and not elastic.allow_layer_skipping:
+        if (len(self.layers) < n or self.skips_half_layers) and not elastic.allow_layer_skipping:
             raise ValueError("this elastic model does not allow layer skipping")
+        for key in ("skip_attention", "skip_mlp"):
+            indices = getattr(self, key)
+            if list(indices) != sorted(set(indices)) or not set(indices) <= set(self.layers):
+                raise ValueError(
+                    f"{key} {list(indices)} must be distinct, sorted indices of kept layers "
+                    f"{list(self.layers)}"
+                )
+        both = sorted(set(self.skip_attention) & set(self.skip_mlp))
+        if both:
+            raise ValueError(
+                f"layers {both} skip both their attention and their MLP: leave them out of "
+                "'layers' instead"
+            )
+
+
+SPEC_KEYS = ("mlp", "heads", "layers", "skip_attention", "skip_mlp")
+
+
+def _indices(key: str, value) -> Tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"sub-network {key!r} is a list of layer indices, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"sub-network {key!r} values must be integers, got {v!r}")
+        out.append(v)
+    return tuple(out)
 
 
 def _most_important_layers(count: int, n: int, elastic: Optional[ElasticConfig]) -> list:
@@ -179,6 +225,11 @@ def set_subnetwork(
     subnet.validate(model_config, elastic, tp_size)
     kept = set(subnet.layers)
     blocks = transformer_blocks(gpt)
+    if subnet.skips_half_layers and any(b.attention_layer is b.mlp_layer for b in blocks):
+        raise ValueError(
+            "skip_attention / skip_mlp need the elastic HybridModel (build_elastic_model), "
+            "where a layer's attention and MLP are two layers"
+        )
     for block in blocks:
         for layer in block.layers:
             if not isinstance(layer, ElasticTransformerLayer):
@@ -191,6 +242,11 @@ def set_subnetwork(
             raise TypeError(f"layer {block.index} does not use the elastic MLP and attention")
     for block in blocks:
         block.set_skipped(block.index not in kept)
+        if subnet.skips_half_layers:
+            if block.index in subnet.skip_attention:
+                block.attention_layer.set_skipped(True)
+            if block.index in subnet.skip_mlp:
+                block.mlp_layer.set_skipped(True)
         block.mlp.set_active_width(subnet.mlp[block.index])
         block.self_attention.set_active_heads(subnet.heads[block.index])
     return subnet
@@ -198,4 +254,6 @@ def set_subnetwork(
 
 def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
     """Parameter counts of a sub-network: transformer layers, and total with embeddings."""
-    return count_layer_parameters(model, subnet.mlp, subnet.heads, subnet.layers)
+    return count_layer_parameters(
+        model, subnet.mlp, subnet.heads, subnet.layers, subnet.skip_attention, subnet.skip_mlp
+    )
