@@ -94,7 +94,10 @@ def check_finite_weights(loaded: ElasticModel) -> None:
     the first such tensor: generation would otherwise serve text from it without a word, where
     tools/evaluate.py reports a non-finite loss. Collective over the world (every rank holds
     part of the model)."""
-    bad = [name for name, p in loaded.model.named_parameters() if not p.isfinite().all()]
+    from megatron_flextron.elastic.tp_layout import local_to_global_names
+
+    canonical = local_to_global_names(loaded.model)  # the checkpoint's names, any model class
+    bad = [canonical[n] for n, p in loaded.model.named_parameters() if not p.isfinite().all()]
     count = torch.tensor([float(len(bad))], device=next(loaded.model.parameters()).device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(count)
