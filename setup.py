@@ -13,6 +13,7 @@ setup(
         "megatron-core==0.19.2",
         "triton",
         # what megatron_flextron imports (tests/test_package_graph.py checks the list)
+        "jinja2",  # chat templates (inference)
         "numpy",
         "psutil",  # megatron's torch_dist save needs it and does not declare it
         "safetensors",

@@ -20,6 +20,9 @@ def megatron_single_process():
 
     os.environ["MASTER_PORT"] = str(free_port())
     initialize_model_parallel(1, 1, seed=1234)
+    # this process holds that port now: a tool a test starts must not inherit it (it would
+    # fail with EADDRINUSE), it picks a free one of its own
+    del os.environ["MASTER_PORT"]
     yield
     destroy_model_parallel()
 
