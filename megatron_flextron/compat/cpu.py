@@ -102,8 +102,12 @@ def _patch_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
 
-class _NullStream:
-    """The current CUDA stream of a CPU process: everything is already in order."""
+class NullStream:
+    """``torch.cuda.Stream`` (and the current stream) of a CPU process: CPU work is one ordered
+    stream, so there is nothing to wait for."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
 
     def wait_event(self, *_args, **_kwargs) -> None:
         pass
@@ -114,6 +118,9 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
 
 class _CpuCudaProxy(types.ModuleType):
     """A stand-in for ``torch.cuda`` inside one megatron module: streams are no-ops (gradient
@@ -122,8 +129,8 @@ class _CpuCudaProxy(types.ModuleType):
     def __init__(self):
         super().__init__("torch.cuda")
 
-    def current_stream(self, *_args, **_kwargs) -> _NullStream:
-        return _NullStream()
+    def current_stream(self, *_args, **_kwargs) -> NullStream:
+        return NullStream()
 
     def stream(self, *_args, **_kwargs):
         return contextlib.nullcontext()

@@ -35,7 +35,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from megatron_flextron.compat.cpu import apply_cpu_shims
+from megatron_flextron.compat.cpu import NullStream, apply_cpu_shims
 
 _APPLIED = False
 
@@ -68,30 +68,6 @@ class WallClockEvent:
 
     def elapsed_time(self, end: "WallClockEvent") -> float:
         return (end.t - self.t) * 1e3
-
-
-class NullStream:
-    """``torch.cuda.Stream``: CPU has one ordered stream of work."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def wait_stream(self, *_args, **_kwargs) -> None:
-        pass
-
-    def wait_event(self, *_args, **_kwargs) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def record_event(self, event=None):
-        event = event or WallClockEvent()
-        event.record()
-        return event
 
 
 class _UnpinnedTorch(types.ModuleType):
