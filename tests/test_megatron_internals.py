@@ -112,7 +112,7 @@ def test_checkpoint_writer_results_queue():
 
     assert hasattr(filesystem_async, "_results_queue"), _changed(
         "dist_checkpointing.strategies.filesystem_async._results_queue",
-        "checkpoint/io.py (dist_save)",
+        "compat/checkpoint_writer.py (dist_save)",
         "a synchronous save gets an in-process queue, so no Manager process outlives a SIGKILL",
     )
 

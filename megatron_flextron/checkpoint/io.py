@@ -7,7 +7,6 @@ import contextlib
 import errno
 import json
 import os
-import queue
 import shutil
 import socket
 import sys
@@ -166,16 +165,14 @@ def atomic_output_dir(path: str, replace: bool = False) -> Iterator[str]:
 def dist_save(state: dict, directory: str) -> None:
     """``megatron.core.dist_checkpointing.save`` (synchronous), with a full disk said as such.
 
-    megatron's writer collects its results through a queue of a multiprocessing Manager, a
-    spawned server process (~360 MB) that outlives a tool killed with SIGKILL. A synchronous
-    save puts to that queue from this process only, so an in-process queue serves it and no
-    helper process is started. A write that fails because the disk is full (torch then reports
-    e.g. "unexpected pos 704 vs 598") raises ``OSError(ENOSPC)`` naming ``directory``."""
+    No helper process is started (compat/checkpoint_writer.py). A write that fails because the
+    disk is full (torch then reports e.g. "unexpected pos 704 vs 598") raises
+    ``OSError(ENOSPC)`` naming ``directory``."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", False) is None:
-        filesystem_async._results_queue = queue.Queue()
+    from megatron_flextron.compat.checkpoint_writer import use_in_process_results_queue
+
+    use_in_process_results_queue()
     try:
         dist_checkpointing.save(state, directory)
     except BaseException as e:  # torch's CheckpointException is a BaseException
