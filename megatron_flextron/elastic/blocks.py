@@ -53,16 +53,8 @@ class Block:
         return self.attention_layer.self_attention
 
     @property
-    def input_layernorm(self):
-        return self.attention_layer.input_layernorm
-
-    @property
     def mlp(self):
         return self.mlp_layer.mlp
-
-    @property
-    def pre_mlp_layernorm(self):
-        return self.mlp_layer.pre_mlp_layernorm
 
     @property
     def layers(self) -> List[torch.nn.Module]:
