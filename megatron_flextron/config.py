@@ -68,6 +68,20 @@ class ModelConfig:
     # Llama 3.x RoPE scaling (megatron-core's rope_scaling: low/high frequency factors 1 and 4,
     # original context 8192); None: no scaling
     rope_scaling_factor: Optional[float] = None
+    qk_layernorm: bool = False  # an RMSNorm/LayerNorm per head on q and k (Qwen3)
+    # mixture of experts (megatron's names): None = a dense MLP in every layer, else every layer's
+    # MLP is a mixture of ``num_moe_experts`` experts of ``moe_ffn_hidden_size`` neurons
+    num_moe_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"  # or "sigmoid"
+    # softmax over all experts, then top-k without renormalizing (Qwen2-MoE, OLMoE); False: the
+    # top-k weights sum to one (Mixtral, Qwen3-MoE norm_topk_prob); sigmoid always renormalizes
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = False  # a routing-only bias per expert (sigmoid)
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None  # one shared expert of this width
+    moe_shared_expert_gate: bool = False  # its output scaled by sigmoid(x . gate) (Qwen2-MoE)
 
     def __post_init__(self):
         if self.family not in _FAMILY_DEFAULTS:
@@ -84,6 +98,24 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
+        if self.is_moe:
+            if self.moe_ffn_hidden_size is None:
+                self.moe_ffn_hidden_size = self.ffn_hidden_size
+            if self.moe_router_score_function not in ("softmax", "sigmoid"):
+                raise ValueError(
+                    f"moe_router_score_function={self.moe_router_score_function!r}: softmax or "
+                    "sigmoid"
+                )
+            if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                raise ValueError(
+                    f"moe_router_topk={self.moe_router_topk} must be in [1, "
+                    f"num_moe_experts={self.num_moe_experts}]"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        """True when every layer's MLP is a mixture of experts."""
+        return self.num_moe_experts is not None
 
     @property
     def heads_per_group(self) -> int:
@@ -129,6 +161,29 @@ class ModelConfig:
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,
+            qk_layernorm=self.qk_layernorm,
+            **self.moe_kwargs(),
+        )
+
+    def moe_kwargs(self) -> dict:
+        """megatron's MoE fields: SequentialMLP experts, the all-gather token dispatcher (it runs
+        on CPU and gloo), no token dropping, no auxiliary loss unless the trainer asks."""
+        if not self.is_moe:
+            return {}
+        return dict(
+            num_moe_experts=self.num_moe_experts,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+            moe_router_topk=self.moe_router_topk,
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
         )
 
     def transformer_config(
@@ -179,6 +234,7 @@ class Runtime:
     params_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
     device: Optional[torch.device] = None  # None: this machine's accelerator, else the CPU
+    expert_model_parallel_size: int = 1
 
     @property
     def on_accelerator(self) -> bool:
@@ -198,6 +254,7 @@ class Runtime:
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             sequence_parallel=self.sequence_parallel,
+            expert_model_parallel_size=self.expert_model_parallel_size,
             params_dtype=dtype,
             pipeline_dtype=dtype,
             bf16=dtype == torch.bfloat16,

@@ -22,6 +22,7 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_s: int = 600,
+    expert_model_parallel_size: int = 1,
 ) -> None:
     """Init torch.distributed from the torchrun environment (or a single process) and megatron."""
     apply_cpu_shims()
@@ -57,6 +58,7 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     set_seed(seed)
 

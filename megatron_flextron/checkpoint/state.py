@@ -145,16 +145,44 @@ def expected_shapes(
             shapes[f"{p}pre_mlp_layernorm.{n}"] = (h,)
         shapes[f"{p}self_attention.linear_qkv.weight"] = (qkv, h)
         shapes[f"{p}self_attention.linear_proj.weight"] = (h, heads * d)
-        shapes[f"{p}mlp.linear_fc1.weight"] = (blocks * ffn, h)
-        shapes[f"{p}mlp.linear_fc2.weight"] = (h, ffn)
+        if m.qk_layernorm:
+            for qk in ("q", "k"):
+                for n in norm:
+                    shapes[f"{p}self_attention.{qk}_layernorm.{n}"] = (d,)
+        if m.is_moe:
+            shapes.update(moe_shapes(m, p))
+        else:
+            shapes[f"{p}mlp.linear_fc1.weight"] = (blocks * ffn, h)
+            shapes[f"{p}mlp.linear_fc2.weight"] = (h, ffn)
         if m.has_qkv_bias:
             shapes[f"{p}self_attention.linear_qkv.bias"] = (qkv,)
         if m.add_bias_linear:
             shapes[f"{p}self_attention.linear_proj.bias"] = (h,)
+        if m.add_bias_linear and not m.is_moe:
             shapes[f"{p}mlp.linear_fc1.bias"] = (blocks * ffn,)
             shapes[f"{p}mlp.linear_fc2.bias"] = (h,)
     for n in norm:
         shapes[f"decoder.final_layernorm.{n}"] = (h,)
     if not m.tie_embeddings:
         shapes["output_layer.weight"] = (m.vocab_size, h)
+    return shapes
+
+
+def moe_shapes(m: ModelConfig, prefix: str) -> Dict[str, Tuple[int, ...]]:
+    """One layer's mixture of experts (megatron's local MoE names, experts by global index):
+    router [E, h], experts' fc1/fc2, the shared expert and its gate, the routing bias."""
+    h, blocks, f = m.hidden_size, 2 if m.gated else 1, m.moe_ffn_hidden_size
+    p = f"{prefix}mlp."
+    shapes = {f"{p}router.weight": (m.num_moe_experts, h)}
+    if m.moe_router_enable_expert_bias:
+        shapes[f"{p}router.expert_bias"] = (m.num_moe_experts,)
+    for e in range(m.num_moe_experts):
+        shapes[f"{p}experts.local_experts.{e}.linear_fc1.weight"] = (blocks * f, h)
+        shapes[f"{p}experts.local_experts.{e}.linear_fc2.weight"] = (h, f)
+    shared = m.moe_shared_expert_intermediate_size
+    if shared:
+        shapes[f"{p}shared_experts.linear_fc1.weight"] = (blocks * shared, h)
+        shapes[f"{p}shared_experts.linear_fc2.weight"] = (h, shared)
+        if m.moe_shared_expert_gate:
+            shapes[f"{p}shared_experts.gate_weight"] = (1, h)
     return shapes

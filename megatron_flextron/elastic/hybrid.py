@@ -34,16 +34,17 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.specs import elastic_layer_spec, stock_layer_spec
 
-ATTENTION, MLP, PIPE = "*", "-", "|"
+ATTENTION, MLP, MOE, PIPE = "*", "-", "E", "|"
 
 
-def layer_pattern(num_blocks: int, pipeline_stages: int = 1) -> str:
-    """``*-`` per block; ``|`` between pipeline stages, which hold num_blocks / stages blocks."""
+def layer_pattern(num_blocks: int, pipeline_stages: int = 1, moe: bool = False) -> str:
+    """``*-`` per block (``*E`` for a mixture of experts); ``|`` between pipeline stages, which
+    hold num_blocks / stages blocks."""
     if num_blocks % pipeline_stages:
         raise ValueError(
             f"{num_blocks} layers cannot be split evenly over {pipeline_stages} pipeline stages"
         )
-    per_stage = (ATTENTION + MLP) * (num_blocks // pipeline_stages)
+    per_stage = (ATTENTION + (MOE if moe else MLP)) * (num_blocks // pipeline_stages)
     return PIPE.join([per_stage] * pipeline_stages)
 
 
@@ -167,9 +168,11 @@ def hybrid_stack_spec(
             sharded_state_dict_keys_map=keys,
         ),
     )
+    # a mixture of experts (the layer spec's MLP is then megatron's MoE) is an ``E`` layer
+    layers = {"moe_layer" if model_config.is_moe else "mlp_layer": mlp}
     return ModuleSpec(
         module=LocalHybridStack,
-        submodules=HybridStackSubmodules(attention_layer=attention, mlp_layer=mlp),
+        submodules=HybridStackSubmodules(attention_layer=attention, **layers),
         params={"final_norm": sub.input_layernorm, "canonical_layout": canonical_layout},
     )
 
@@ -200,7 +203,7 @@ def build_hybrid_model(
         hybrid_stack_spec=hybrid_stack_spec(m, elastic, core_attention, canonical_layout),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
-        hybrid_layer_pattern=layer_pattern(blocks, stages),
+        hybrid_layer_pattern=layer_pattern(blocks, stages, m.is_moe),
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=m.tie_embeddings,

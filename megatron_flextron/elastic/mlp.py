@@ -34,24 +34,7 @@ class ElasticMLP(MLP):
 
     def set_active_width(self, width: Optional[int]) -> None:
         """Use the first ``width`` neurons (global, canonical order); None or full: stock MLP."""
-        if width is None or width == self.full_width:
-            self.active_width = None
-            self.linear_fc1.set_active_rows(None)
-            self.linear_fc2.set_active_cols(None)
-            return
-        if width <= 0 or width > self.full_width or width % self.tp_size:
-            raise ValueError(
-                f"MLP width {width} must be in (0, {self.full_width}] and divisible by TP size "
-                f"{self.tp_size}"
-            )
-        local = width // self.tp_size
-        local_full = self.linear_fc2.input_size_per_partition
-        rows = [slice(0, local)]
-        if self.config.gated_linear_unit:
-            rows.append(slice(local_full, local_full + local))  # the up rows follow the gates
-        self.active_width = width
-        self.linear_fc1.set_active_rows(rows)
-        self.linear_fc2.set_active_cols(slice(0, local))
+        self.active_width = set_mlp_width(self, width)
 
     def set_token_routing(self, routing: Optional[Callable]) -> None:
         """Route every token's width with ``routing(mlp, hidden)`` (None: the MLP as set)."""
@@ -72,3 +55,27 @@ class ElasticMLP(MLP):
         else:
             intermediate = act(pieces[0])
         return self.linear_fc2(intermediate)
+
+
+def set_mlp_width(mlp: MLP, width: Optional[int]) -> Optional[int]:
+    """Make megatron's ``mlp`` (elastic linears: an ElasticMLP, an expert, a shared expert) run
+    its first ``width`` neurons; returns the active width, None for the full MLP. Megatron's own
+    MLP.forward then runs the slice: fc1 yields [gate_k; up_k], which its GLU splits in two."""
+    full = mlp.linear_fc2.input_size
+    tp_size = full // mlp.linear_fc2.input_size_per_partition
+    if width is None or width == full:
+        mlp.linear_fc1.set_active_rows(None)
+        mlp.linear_fc2.set_active_cols(None)
+        return None
+    if width <= 0 or width > full or width % tp_size:
+        raise ValueError(
+            f"MLP width {width} must be in (0, {full}] and divisible by TP size {tp_size}"
+        )
+    local = width // tp_size
+    local_full = mlp.linear_fc2.input_size_per_partition
+    rows = [slice(0, local)]
+    if mlp.config.gated_linear_unit:
+        rows.append(slice(local_full, local_full + local))  # the up rows follow the gates
+    mlp.linear_fc1.set_active_rows(rows)
+    mlp.linear_fc2.set_active_cols(slice(0, local))
+    return width

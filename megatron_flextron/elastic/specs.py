@@ -19,6 +19,7 @@ from megatron_flextron.elastic.attention import ElasticSelfAttention
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
 from megatron_flextron.elastic.mlp import ElasticMLP
+from megatron_flextron.elastic.moe import moe_layer_spec
 from megatron_flextron.elastic.sdpa_attention import SDPAttention
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
@@ -26,7 +27,12 @@ CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
 
 def stock_layer_spec(model: ModelConfig, core_attention: str = "local") -> ModuleSpec:
     """Megatron's own dense layer spec (the reference the elastic model must equal)."""
-    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    spec = get_gpt_layer_local_spec(
+        normalization=model.normalization,
+        qk_layernorm=model.qk_layernorm,
+        num_experts=model.num_moe_experts,
+        moe_grouped_gemm=False,
+    )
     return _with_core_attention(spec, core_attention)
 
 
@@ -43,12 +49,15 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
         linear_qkv=ElasticColumnParallelLinear,
         linear_proj=ElasticRowParallelLinear,
     )
-    mlp = replace_in_spec(
-        stock.submodules.mlp,
-        module=ElasticMLP,
-        linear_fc1=ElasticColumnParallelLinear,
-        linear_fc2=ElasticRowParallelLinear,
-    )
+    if model.is_moe:
+        mlp = moe_layer_spec(elastic=True)
+    else:
+        mlp = replace_in_spec(
+            stock.submodules.mlp,
+            module=ElasticMLP,
+            linear_fc1=ElasticColumnParallelLinear,
+            linear_fc2=ElasticRowParallelLinear,
+        )
     return replace_in_spec(stock, module=ElasticTransformerLayer, self_attention=attention, mlp=mlp)
 
 

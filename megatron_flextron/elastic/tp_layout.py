@@ -37,6 +37,8 @@ class TPAxis:
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_MLP = re.compile(r"^mlp\.(?:experts\.local_experts\.\d+\.|shared_experts\.)?(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..+)$")
 
 
 def tp_axis(name: str, model: ModelConfig) -> Optional[TPAxis]:
@@ -50,9 +52,10 @@ def tp_axis(name: str, model: ModelConfig) -> Optional[TPAxis]:
         return TPAxis(dim=0, dealt=True, unit_size=qkv_unit_rows(model))
     if rest == "self_attention.linear_proj.weight":
         return TPAxis(dim=1, dealt=True, unit_size=n * d)
-    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+    mlp = _MLP.match(rest)  # the dense MLP, an expert, or the shared expert
+    if mlp and mlp.group(1) in ("linear_fc1.weight", "linear_fc1.bias"):
         return TPAxis(dim=0, dealt=True, blocks=2 if model.gated else 1)
-    if rest == "mlp.linear_fc2.weight":
+    if mlp and mlp.group(1) == "linear_fc2.weight":
         return TPAxis(dim=1, dealt=True)
     return None
 
@@ -109,20 +112,48 @@ def from_dealt_global(dealt: torch.Tensor, axis: TPAxis, tp_size: int) -> torch.
 
 
 def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
-    """Map this pipeline stage's parameter names to canonical (global layer number) names."""
+    """Map this rank's parameter names (and routing-bias buffers) to canonical names: global
+    layer numbers, and global expert indices (expert parallelism places experts contiguously,
+    as megatron does: local expert j of EP rank r is expert r * local + j)."""
     from megatron_flextron.elastic.blocks import canonical_name, is_hybrid, unwrap_model
 
     gpt = unwrap_model(model)
     hybrid = is_hybrid(gpt)
     offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(gpt.decoder.layers)}
     names = {}
-    for name, _ in gpt.named_parameters():
+    for name, _ in model_tensors(gpt):
         match = _LAYER.match(name)
         name_global = (
             f"decoder.layers.{offsets[match.group(1)]}.{match.group(2)}" if match else name
         )
+        expert = _EXPERT.match(name_global)
+        if expert:
+            local = int(expert.group(2))
+            first = _expert_offset(gpt, name)
+            name_global = f"{expert.group(1)}{first + local}{expert.group(3)}"
         names[name] = canonical_name(name_global) if hybrid else name_global
     return names
+
+
+def model_tensors(model: torch.nn.Module):
+    """(name, tensor) of what a canonical state holds: the parameters, and the routers'
+    expert bias (a buffer that changes which experts a token picks)."""
+    yield from model.named_parameters()
+    for name, buffer in model.named_buffers():
+        if name.endswith("router.expert_bias"):
+            yield name, buffer
+
+
+def _expert_offset(gpt: torch.nn.Module, name: str) -> int:
+    """The global index of this rank's first local expert in the MoE layer owning ``name``."""
+    layer = gpt.get_submodule(name[: name.index(".experts.local_experts.")])
+    return layer.local_expert_indices[0]
+
+
+def expert_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_world_size()
 
 
 def load_canonical_state_dict(
@@ -139,7 +170,7 @@ def load_canonical_state_dict(
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    params = dict(unwrap_model(model).named_parameters())
+    params = dict(model_tensors(unwrap_model(model)))
     with torch.no_grad():
         for local, name in local_to_global_names(model).items():
             if only is not None and not only(name):
@@ -173,7 +204,7 @@ def gather_canonical(
 
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    params = dict(unwrap_model(model).named_parameters())
+    params = dict(model_tensors(unwrap_model(model)))
     out = {}
     for local, name in local_to_global_names(model).items():
         p = params[local]
@@ -185,7 +216,20 @@ def gather_canonical(
         shards = [torch.empty_like(tensor) for _ in range(tp_size)]
         torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
         out[name] = unshard_tensor(shards, axis)
+    if expert_parallel_size() > 1:
+        out.update(_gather_experts(out))
     return out
+
+
+def _gather_experts(out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every EP rank's experts (each rank holds its own, under the same local layout)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_expert_model_parallel_group()
+    names = sorted(name for name in out if _EXPERT.match(name))
+    gathered = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, {n: out[n] for n in names}, group=group)
+    return {name: tensor for part in gathered for name, tensor in part.items()}
 
 
 def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""Elastic mixture of experts: megatron's MoELayer with three nested axes.
+
+- experts: the first e of the (ranked) experts. The router computes the logits of those only
+  (a prefix of its weight rows); the dropped experts' columns are -inf before the score function,
+  so softmax normalizes over the kept experts, exactly as a model of e experts does, with or
+  without renormalizing the top-k (megatron's ``moe_router_pre_softmax``); for sigmoid routers
+  the expert bias of a dropped expert is -inf too, so it is never picked. The experts that got no
+  tokens are not run (under expert parallelism the kept prefix lives on the first ranks).
+- moe_ffn: the first f neurons of every expert (elastic linears, as the dense MLP), and the same
+  fraction of the shared expert's.
+- topk: k' <= k experts per token (megatron's router reads ``self.topk`` per call).
+
+Shapes: hidden [s, b, h]; router weight [E, h]; expert e's fc1 [blocks * F / tp, h].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
+from megatron_flextron.elastic.mlp import set_mlp_width
+
+
+class ElasticTopKRouter(TopKRouter):
+    """megatron's top-k router over the first ``active_experts`` experts with ``active_topk``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full_topk = self.topk
+        self.active_experts: Optional[int] = None
+
+    def set_active(self, experts: Optional[int], topk: Optional[int]) -> None:
+        num = self.config.num_moe_experts
+        experts = None if experts in (None, num) else experts
+        topk = topk or self.full_topk
+        if experts is not None and not 1 <= experts <= num:
+            raise ValueError(f"experts {experts} must be in [1, {num}]")
+        if not 1 <= topk <= min(self.full_topk, experts or num):
+            raise ValueError(
+                f"topk {topk} must be in [1, {min(self.full_topk, experts or num)}] (the source "
+                f"routes {self.full_topk} of {experts or num} kept experts)"
+            )
+        self.active_experts, self.topk = experts, topk
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        if self.active_experts is None:
+            return super().gating(input)
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype
+        )
+        e = self.active_experts
+        bias = None if self.bias is None else self.bias[:e]
+        logits = router_gating_linear(input, self.weight[:e], bias, dtype)
+        dropped = logits.new_full((*logits.shape[:-1], self.config.num_moe_experts - e), -torch.inf)
+        return torch.cat([logits, dropped], dim=-1)
+
+    @contextlib.contextmanager
+    def _dropped_bias(self):
+        """The expert bias with the dropped experts at -inf, for one routing call."""
+        if self.active_experts is None or self.expert_bias is None:
+            yield
+            return
+        kept = self.expert_bias
+        masked = kept.clone()
+        masked[self.active_experts :] = -torch.inf
+        self._buffers["expert_bias"] = masked
+        try:
+            yield
+        finally:
+            self._buffers["expert_bias"] = kept
+
+    def routing(self, logits, padding_mask=None):
+        with self._dropped_bias():
+            return super().routing(logits, padding_mask=padding_mask)
+
+
+class ElasticSequentialMLP(SequentialMLP):
+    """megatron's SequentialMLP whose experts run their first ``moe_ffn`` neurons, skipping the
+    local experts routed no tokens (the dropped ones, whose permuted rows come last)."""
+
+    def set_width(self, width: Optional[int]) -> None:
+        for expert in self.local_experts:
+            set_mlp_width(expert, width)
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        counts = tokens_per_expert.tolist()
+        used = [i for i, c in enumerate(counts) if c > 0]
+        if len(used) == len(counts) or self.config.moe_apply_probs_on_input or self.config.fp8:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        tokens = torch.split(permuted_local_hidden_states, counts)
+        probs = torch.split(permuted_probs, counts)
+        outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in used]
+        if not outputs:  # no token reached this rank's experts
+            return permuted_local_hidden_states.new_zeros(permuted_local_hidden_states.shape), None
+        return torch.cat(outputs, dim=0), None
+
+
+class ElasticMoELayer(MoELayer):
+    """megatron's MoELayer with elastic experts, expert width and top-k (``set_active``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active = (None, None, None)
+
+    @property
+    def full_moe_ffn(self) -> int:
+        return self.config.moe_ffn_hidden_size
+
+    def set_active(
+        self,
+        experts: Optional[int] = None,
+        moe_ffn: Optional[int] = None,
+        topk: Optional[int] = None,
+    ) -> None:
+        """Run the first ``experts`` experts, each on its first ``moe_ffn`` neurons (the shared
+        expert on the same fraction of its own), routing ``topk`` per token; None: full."""
+        full = self.full_moe_ffn
+        shared_width = None
+        if moe_ffn not in (None, full) and self.shared_experts is not None:
+            shared_full = self.config.moe_shared_expert_intermediate_size
+            if (moe_ffn * shared_full) % full:
+                raise ValueError(
+                    f"moe_ffn {moe_ffn} of {full} gives no whole width of the shared expert "
+                    f"({shared_full} neurons)"
+                )
+            shared_width = moe_ffn * shared_full // full
+        self.router.set_active(experts, topk)
+        self.experts.set_width(moe_ffn)
+        if self.shared_experts is not None:
+            set_mlp_width(self.shared_experts, shared_width)
+        self.active = (experts, moe_ffn, topk)
+
+
+def moe_layer_spec(elastic: bool = True):
+    """The MoE builder of a TransformerLayer's ``mlp``: megatron's local MoE (SequentialMLP
+    experts, TopKRouter, an optional shared expert), elastic or stock."""
+    if not elastic:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+        return get_moe_module_spec(use_te=False, num_experts=1, moe_grouped_gemm=False)
+    mlp = MLPSubmodules(
+        linear_fc1=ElasticColumnParallelLinear, linear_fc2=ElasticRowParallelLinear
+    )
+    return functools.partial(
+        ElasticMoELayer,
+        submodules=MoESubmodules(
+            experts=functools.partial(ElasticSequentialMLP, submodules=mlp),
+            shared_experts=functools.partial(SharedExpertMLP, submodules=mlp),
+            router=ElasticTopKRouter,
+        ),
+    )
