@@ -19,7 +19,6 @@ megatron's hybrid names (``decoder.layers.{2i}.self_attention...``,
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Optional
 
 from megatron.core import parallel_state

@@ -123,7 +123,8 @@ class ParameterUnits:
 def moe_parameters(m: ModelConfig, experts: int, width: int, topk: int) -> Tuple[int, int]:
     """(total, active per token) parameters of one MoE layer with ``experts`` experts of
     ``width`` neurons routing ``topk`` each (its shared expert on the same fraction of its own
-    width, the router and its expert bias, the pre-MLP norm): memory counts every expert, compute only the top-k."""
+    width, the router and its expert bias, the pre-MLP norm): memory counts every expert,
+    compute only the top-k."""
     h, blocks = m.hidden_size, 2 if m.gated else 1
     norm = 2 * h if m.normalization == "LayerNorm" else h
     per_expert = (blocks + 1) * h * width
