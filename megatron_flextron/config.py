@@ -286,6 +286,7 @@ DEFAULT_RATIOS = (1.0, 0.75, 0.5, 0.25)
 
 
 _MOE_CHOICES = ("expert_choices", "moe_ffn_choices", "topk_choices")
+BUDGET_TYPES = ("active", "total")
 
 
 def _descending(values) -> Tuple[int, ...]:
@@ -314,6 +315,13 @@ class ElasticConfig:
     expert_choices: Sequence[int] = field(default_factory=tuple)
     moe_ffn_choices: Sequence[int] = field(default_factory=tuple)
     topk_choices: Sequence[int] = field(default_factory=tuple)
+    # what a budget is a fraction of for a mixture of experts: the parameters a token runs
+    # through ("active": compute) or all of them ("total": memory)
+    budget_type: str = "active"
+
+    def __post_init__(self):
+        if self.budget_type not in BUDGET_TYPES:
+            raise ValueError(f"budget type {self.budget_type!r}: one of {BUDGET_TYPES}")
 
     @classmethod
     def from_ratios(
@@ -373,6 +381,8 @@ class ElasticConfig:
         for key in _MOE_CHOICES:
             if getattr(self, key):
                 out[key] = list(getattr(self, key))
+        if self.budget_type != "active":
+            out["budget_type"] = self.budget_type
         return out
 
     @classmethod
@@ -383,6 +393,7 @@ class ElasticConfig:
             allow_layer_skipping=data.get("allow_layer_skipping", True),
             layer_ranking=tuple(data.get("layer_ranking", ())),
             **{key: tuple(data.get(key, ())) for key in _MOE_CHOICES},
+            budget_type=data.get("budget_type", "active"),
         )
 
     def dumps(self) -> str:

@@ -98,7 +98,8 @@ def read_config(path: str) -> dict:
     if config.get("elastic") is not None:
         check_fields(f"{file} elastic", config["elastic"], {"mlp_choices": list,
                      "head_choices": list}, {"allow_layer_skipping": bool, "layer_ranking": list,
-                     "expert_choices": list, "moe_ffn_choices": list, "topk_choices": list},
+                     "expert_choices": list, "moe_ffn_choices": list, "topk_choices": list,
+                     "budget_type": str},
                      known=())  # fmt: skip
     return config
 

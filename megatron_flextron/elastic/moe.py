@@ -100,8 +100,9 @@ class ElasticSequentialMLP(SequentialMLP):
         tokens = torch.split(permuted_local_hidden_states, counts)
         probs = torch.split(permuted_probs, counts)
         outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in used]
-        if not outputs:  # no token reached this rank's experts
-            return permuted_local_hidden_states.new_zeros(permuted_local_hidden_states.shape), None
+        if not outputs:  # no token reached this rank's experts: an empty output that stays in
+            # the autograd graph, so this rank joins the dispatcher's backward collectives
+            return permuted_local_hidden_states * 0, None
         return torch.cat(outputs, dim=0), None
 
 

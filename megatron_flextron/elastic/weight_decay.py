@@ -30,6 +30,7 @@ from megatron_flextron.elastic.linear import (
     ElasticRowParallelLinear,
     Selection,
 )
+from megatron_flextron.elastic.moe import ElasticTopKRouter
 from megatron_flextron.elastic.subnetwork import unwrap_model
 
 # (dim, selection) pieces of a parameter that the active sub-network uses; None = all of it.
@@ -57,11 +58,12 @@ def active_regions(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Param
 
 def unit_dims(model: torch.nn.Module) -> Dict[int, int]:
     """id(weight) -> the dim of its units, for every elastic linear (rows of a column-parallel
-    weight, columns of a row-parallel one): what slices, masks and routing switch off."""
+    weight, columns of a row-parallel one) and MoE router (a row per expert): what slices,
+    masks, routing and dropped experts switch off."""
     dims: Dict[int, int] = {}
     for module in unwrap_model(model).modules():
-        if isinstance(module, ElasticColumnParallelLinear):
-            dims[id(module.weight)] = 0
+        if isinstance(module, (ElasticColumnParallelLinear, ElasticTopKRouter)):
+            dims[id(module.weight)] = 0  # a router's rows are its experts
         elif isinstance(module, ElasticRowParallelLinear):
             dims[id(module.weight)] = 1
     return dims

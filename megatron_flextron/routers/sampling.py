@@ -3,19 +3,22 @@
 With probability ``original_model_sample_prob`` the full model, else a budget drawn from
 ``budget_list`` with ``budget_probs``. A budget b maps to the elastic choices nearest to b x the
 full MLP width and b x the full head count (homogeneous), or, per layer, to a random choice for
-each layer among those at or below them (heterogeneous). The draw is seeded by (seed, iteration,
-micro-batch), never by the rank, so every data-parallel (and TP/PP) rank makes the same choice.
+each layer among those at or below them (heterogeneous). A mixture of experts maps a budget to
+the largest sub-network whose active (or total) parameter count fits it. The draw is seeded by
+(seed, iteration, micro-batch), never by the rank, so every data-parallel (and TP/PP) rank makes
+the same choice.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic.subnetwork import Subnetwork
+from megatron_flextron.elastic.subnetwork import Subnetwork, count_parameters
 from megatron_flextron.routers.cost import check_budget_list
 
 
@@ -37,6 +40,8 @@ def budget_subnetwork(
     budget: float, model: ModelConfig, elastic: ElasticConfig, rng: Optional[random.Random] = None
 ) -> Subnetwork:
     """The sub-network of a budget: homogeneous, or per layer when ``rng`` is given."""
+    if model.is_moe:
+        return moe_budget_subnetwork(budget, model, elastic, rng)
     mlp_choices, head_choices = (sorted(c) for c in elastic.choices_with_full(model))
     mlp = _nearest(mlp_choices, budget * model.ffn_hidden_size)
     heads = _nearest(head_choices, budget * model.num_attention_heads)
@@ -46,6 +51,48 @@ def budget_subnetwork(
     mlps = tuple(rng.choice([c for c in mlp_choices if c <= mlp]) for _ in range(n))
     heads_per_layer = tuple(rng.choice([c for c in head_choices if c <= heads]) for _ in range(n))
     return Subnetwork(mlps, heads_per_layer, tuple(range(n)))
+
+
+def moe_budget_subnetwork(
+    budget: float, model: ModelConfig, elastic: ElasticConfig, rng: Optional[random.Random] = None
+) -> Subnetwork:
+    """A mixture of experts' sub-network of a budget: of the homogeneous choices (experts, expert
+    width, top-k, heads), the largest whose active (or total: ``elastic.budget_type``) parameter
+    count is at most ``budget`` x the full model's (the smallest when none is); per layer with
+    ``rng``: a random choice at or below it on every axis."""
+    n = model.num_layers
+    kind = elastic.budget_type
+    experts, widths, topks = (sorted(c) for c in elastic.moe_choices_with_full(model))
+    _, heads = (sorted(c) for c in elastic.choices_with_full(model))
+    full = count_parameters(Subnetwork.full(model), model)[kind]
+    best = None
+    for choice in itertools.product(experts, widths, topks, heads):
+        if choice[2] > choice[0]:
+            continue
+        subnet = _moe_subnetwork(model, (choice,) * n)
+        ratio = count_parameters(subnet, model)[kind] / full
+        key = (ratio <= budget + 1e-9, ratio if ratio <= budget + 1e-9 else -ratio)
+        if best is None or key > best[0]:
+            best = (key, choice, subnet)
+    if rng is None:
+        return best[2]
+    top = best[1]
+    per_layer = []
+    for _ in range(n):
+        e = rng.choice([c for c in experts if c <= top[0]])
+        k = rng.choice([c for c in topks if c <= min(top[2], e)])
+        f = rng.choice([c for c in widths if c <= top[1]])
+        per_layer.append((e, f, k, rng.choice([c for c in heads if c <= top[3]])))
+    return _moe_subnetwork(model, per_layer)
+
+
+def _moe_subnetwork(model: ModelConfig, per_layer) -> Subnetwork:
+    """(experts, expert width, top-k, heads) per layer -> a Subnetwork."""
+    e, f, k, h = (tuple(axis) for axis in zip(*per_layer))
+    n = model.num_layers
+    return Subnetwork(
+        (model.ffn_hidden_size,) * n, h, tuple(range(n)), experts=e, moe_ffn=f, topk=k
+    )
 
 
 @dataclass

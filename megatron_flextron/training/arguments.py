@@ -24,6 +24,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 class ParallelArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -91,6 +93,9 @@ class ElasticArgs:
     router_budget_weight: float = 30.0
     budget_tolerance: float = 0.02
     router_layer_skipping: bool = False
+    budget_type: Optional[str] = None  # None: the checkpoint's (active by default)
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_load_balancing_type: str = "none"
 
 
 @dataclass
@@ -124,6 +129,9 @@ _GROUPS = {
 _HELP = {
     "tensor_model_parallel_size": "tensor-parallel size (divides heads, KV groups, widths, vocab)",
     "pipeline_model_parallel_size": "pipeline-parallel size (divides the layers)",
+    "expert_model_parallel_size": "expert-parallel size (divides the experts of an MoE)",
+    "sequence_parallel": "split the sequence over TP ranks outside attention and MLP "
+    "(megatron's MoE needs it to train under TP)",
     "data_path": "megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (.bin/.idx)",
     "split": "train,valid,test proportions of the blend, e.g. 969,30,1",
     "seq_length": "tokens per sample",
@@ -179,18 +187,27 @@ _HELP = {
     "router_budget_weight": "weight of the router's budget loss (token routers: of the aux loss)",
     "budget_tolerance": "relative cost error inside which the budget loss is zero",
     "router_layer_skipping": "--router joint: the router also chooses which layers to skip",
+    "budget_type": "mixtures of experts: a budget is a fraction of the active parameters (per "
+    "token: compute) or of the total (memory); default: the checkpoint's, else active",
+    "moe_aux_loss_coeff": "megatron's MoE load-balancing loss coefficient (logged per budget)",
+    "moe_router_load_balancing_type": "megatron's MoE load balancing: none, aux_loss, seq_aux_loss "
+    "or global_aux_loss",
 }
 _CHOICES = {
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
     "router": list(ROUTER_KINDS),
     "router_cost_metric": ["params", "flops", "kv_cache", "latency"],
+    "budget_type": ["active", "total"],
+    "moe_router_load_balancing_type": ["none", "aux_loss", "seq_aux_loss", "global_aux_loss"],
     "tokenizer_type": ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
 }
 # numeric ranges, checked before any process group starts: (lowest, lowest allowed?, highest)
 _RANGES = {
     "tensor_model_parallel_size": (1, True, None),
     "pipeline_model_parallel_size": (1, True, None),
+    "expert_model_parallel_size": (1, True, None),
+    "moe_aux_loss_coeff": (0, True, None),
     "seq_length": (1, True, None),
     "micro_batch_size": (1, True, None),
     "global_batch_size": (1, True, None),

@@ -9,6 +9,7 @@ process; resumes from the newest checkpoint in ``--save`` when there is one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ def _elastic_config(args: TrainingArgs, model_cfg: ModelConfig, stored: Optional
     for width in elastic.mlp_choices:
         if width % tp:
             raise ValueError(f"MLP choice {width} is not divisible by TP size {tp}")
+    if e.budget_type is not None:
+        elastic = dataclasses.replace(elastic, budget_type=e.budget_type)
     return elastic
 
 
@@ -95,9 +98,18 @@ def _build_model(args: TrainingArgs, model_cfg: ModelConfig):
         p.tensor_model_parallel_size,
         p.pipeline_model_parallel_size,
         _params_dtype(args),
+        sequence_parallel=p.sequence_parallel,
         device=current_device(),
+        expert_model_parallel_size=p.expert_model_parallel_size,
     )
-    tconfig = runtime.transformer_config(model_cfg)
+    e = args.elastic
+    moe = {}
+    if model_cfg.is_moe:
+        moe = dict(
+            moe_aux_loss_coeff=e.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=e.moe_router_load_balancing_type,
+        )
+    tconfig = runtime.transformer_config(model_cfg, **moe)
     model = build_elastic_model(model_cfg, tconfig).to(runtime.device)
     if args.run.bf16 or args.run.fp16:
         model = Float16Module(tconfig, model)
@@ -133,7 +145,12 @@ def _policy(args: TrainingArgs, model, model_cfg, elastic_cfg, resume: dict):
 
 def setup(args: TrainingArgs) -> Run:
     p, o, r, e, d = args.parallel, args.optimizer, args.run, args.elastic, args.data
-    initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.seed)
+    initialize_model_parallel(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        r.seed,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+    )
     resuming = has_checkpoint(r.save)
     if resuming:
         check_resume_source(r.save, r.load)
