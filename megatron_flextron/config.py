@@ -68,6 +68,9 @@ class ModelConfig:
     # Llama 3.x RoPE scaling (megatron-core's rope_scaling: low/high frequency factors 1 and 4,
     # original context 8192); None: no scaling
     rope_scaling_factor: Optional[float] = None
+    # a norm (the model's normalization) over each query and key head after the QKV split,
+    # before RoPE, shared by every head (Qwen3; megatron's q_layernorm / k_layernorm)
+    qk_layernorm: bool = False
 
     def __post_init__(self):
         if self.family not in _FAMILY_DEFAULTS:
@@ -126,6 +129,7 @@ class ModelConfig:
             gated_linear_unit=self.gated,
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,

@@ -144,6 +144,10 @@ def expected_shapes(
             shapes[f"{p}input_layernorm.{n}"] = (h,)
             shapes[f"{p}pre_mlp_layernorm.{n}"] = (h,)
         shapes[f"{p}self_attention.linear_qkv.weight"] = (qkv, h)
+        if m.qk_layernorm:  # one norm over the head dim, shared by every head
+            for n in norm:
+                shapes[f"{p}self_attention.q_layernorm.{n}"] = (d,)
+                shapes[f"{p}self_attention.k_layernorm.{n}"] = (d,)
         shapes[f"{p}self_attention.linear_proj.weight"] = (h, heads * d)
         shapes[f"{p}mlp.linear_fc1.weight"] = (blocks * ffn, h)
         shapes[f"{p}mlp.linear_fc2.weight"] = (h, ffn)

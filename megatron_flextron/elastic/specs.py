@@ -26,7 +26,9 @@ CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
 
 def stock_layer_spec(model: ModelConfig, core_attention: str = "local") -> ModuleSpec:
     """Megatron's own dense layer spec (the reference the elastic model must equal)."""
-    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    spec = get_gpt_layer_local_spec(
+        normalization=model.normalization, qk_layernorm=model.qk_layernorm
+    )
     return _with_core_attention(spec, core_attention)
 
 
