@@ -79,8 +79,11 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
     layer_types = cfg.get("layer_types") or []
     if kind in ("qwen2", "qwen3"):  # their sliding_window applies only with use_sliding_window
         window = window if cfg.get("use_sliding_window") else None
-    if window is not None or any(t != "full_attention" for t in layer_types):
+    if window is not None:
         raise _refuse(kind, f"sliding_window={window}", "attention is full (causal) everywhere")
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise _refuse(kind, f"layer_types {other}", "attention is full (causal) everywhere")
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
