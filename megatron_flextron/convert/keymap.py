@@ -1,8 +1,9 @@
 """Declarative key maps between a checkpoint format and the canonical (megatron) names.
 
 A map is a list of rules; a rule names one canonical tensor, the source tensors it is made of, and
-the transform each way. Per-layer rules use ``{i}`` in the source names. One engine applies any
-map in either direction, so a format is described, not coded.
+the transform each way. Per-layer rules use ``{i}`` in the source names, per-expert rules ``{e}``
+in both names (one rule per expert of a mixture). One engine applies any map in either direction,
+so a format is described, not coded.
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ class KeyMap:
             prefix = self.layer_prefix.format(i=i)
             layer = layers[i] if layers else m
             for rule in self.layer_rules:
-                if rule.when(layer):
-                    sources = tuple(prefix + s.format(i=i) for s in rule.sources)
-                    yield f"decoder.layers.{i}.{rule.canonical}", sources, rule, layer
+                if not rule.when(layer):
+                    continue
+                # a per-expert rule ({e} in its names) stands for one rule per expert
+                experts = range(layer.num_moe_experts) if "{e}" in rule.canonical else (0,)
+                for e in experts:
+                    sources = tuple(prefix + s.format(i=i, e=e) for s in rule.sources)
+                    canonical = rule.canonical.format(e=e)
+                    yield f"decoder.layers.{i}.{canonical}", sources, rule, layer
 
     def source_names(self, m: ModelConfig):
         return [s for _, sources, _, _ in self._rules(m) for s in sources]

@@ -1,5 +1,6 @@
 """Hugging Face transformers directories: Llama family (GQA, SwiGLU, RMSNorm, RoPE; Qwen2's q/k/v
-biases, Qwen3's per-head q/k norms, Llama-3 RoPE scaling) and GPT-2.
+biases, Qwen3's per-head q/k norms, Llama-3 RoPE scaling), GPT-2, and the mixtures of experts with
+Llama-family attention (Mixtral, Qwen2-MoE, Qwen3-MoE: their MoE part is hf_moe.py).
 
 Exact or refuse: every config field that changes the function maps to a ModelConfig field or stops
 the conversion naming it, and every stored tensor is read by the key map or named as a leftover.
@@ -17,8 +18,11 @@ from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_ge
 from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
+# the model types with Llama-family attention (the last three: mixtures of experts, hf_moe.py)
+_LLAMA_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 # GPT-2 activation_function -> ModelConfig.activation; anything else is refused
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _GPT2_FIXED = (  # (field, the only value megatron represents, why)
@@ -77,7 +81,7 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
         raise _refuse(kind, f"partial_rotary_factor={partial}", "RoPE on every head dimension")
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types") or []
-    if kind in ("qwen2", "qwen3"):  # their sliding_window applies only with use_sliding_window
+    if kind.startswith("qwen"):  # their sliding_window applies only with use_sliding_window
         window = window if cfg.get("use_sliding_window") else None
     if window is not None:
         raise _refuse(kind, f"sliding_window={window}", "attention is full (causal) everywhere")
@@ -89,14 +93,15 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
 def model_config_from_hf(cfg: dict) -> ModelConfig:
     cfg = check_object("config.json", cfg)
     kind = cfg.get("model_type")
-    if kind in ("llama", "mistral", "qwen2", "qwen3", "gpt2"):
+    if kind in hf_moe.KINDS:  # transformers' defaults differ per family: fill them in first
+        cfg = hf_moe.with_defaults(kind, cfg)
+    if kind in (*_LLAMA_KINDS, "gpt2"):
         check_fields("config.json", cfg, *_SIZES["gpt2" if kind == "gpt2" else "llama"])
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+    if kind in _LLAMA_KINDS:
         _check_llama_family(kind, cfg)
         rope = cfg.get("rope_parameters") or {}
         heads = cfg["num_attention_heads"]
-        return ModelConfig(
-            "llama",
+        kwargs = dict(
             num_layers=cfg["num_hidden_layers"],
             hidden_size=cfg["hidden_size"],
             ffn_hidden_size=cfg["intermediate_size"],
@@ -112,6 +117,9 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             qk_layernorm=kind == "qwen3",  # Qwen3 always has per-head q/k RMSNorms
             rope_scaling_factor=_rope_scaling(kind, cfg),
         )
+        if kind in hf_moe.KINDS:
+            kwargs.update(hf_moe.moe_fields(kind, cfg))
+        return ModelConfig("llama", **kwargs)
     if kind == "gpt2":
         act = cfg.get("activation_function", "gelu_new")
         if act not in _GPT2_ACTIVATIONS:
@@ -134,7 +142,7 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             tie_embeddings=True,
         )
     raise CheckpointError(
-        f"unsupported Hugging Face model_type {kind!r} (llama, mistral, qwen2, qwen3 or gpt2)"
+        f"unsupported Hugging Face model_type {kind!r} ({', '.join(_LLAMA_KINDS)} or gpt2)"
     )
 
 
@@ -183,6 +191,8 @@ def _llama_family_config(m: ModelConfig) -> dict:
 
 
 def hf_config_from_model(m: ModelConfig) -> dict:
+    if m.family == "llama" and m.is_moe:
+        return hf_moe.hf_fields(m, _llama_family_config(m))
     if m.family == "llama":
         return _llama_family_config(m)
     if (
@@ -220,6 +230,8 @@ def hf_config_from_model(m: ModelConfig) -> dict:
 
 
 def _keymap(m: ModelConfig):
+    if m.is_moe:
+        return hf_moe.keymap(m)
     return HF_LLAMA if m.family == "llama" else HF_GPT2
 
 

@@ -1,0 +1,241 @@
+"""Hugging Face mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): transformers is the
+reference. hf -> canonical state -> the elastic HybridModel equals transformers' logits; the saver
+writes the family back (full and cut: fewer / narrower experts, smaller top-k), and transformers
+loads it with the same logits; EP=2 equals EP=1; what has no exact mapping is refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+import torch
+from distributed import run_distributed
+from test_bad_input import run_tool
+from test_convert import TOKENS, hf_logits
+
+from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
+from megatron_flextron.convert.formats import hf_moe
+from megatron_flextron.convert.formats.hf import load_hf, model_config_from_hf, save_hf
+from megatron_flextron.elastic import build_elastic_model
+from megatron_flextron.elastic.moe import ElasticMoELayer
+from megatron_flextron.elastic.tp_layout import gather_canonical, load_canonical_state_dict
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+import transformers  # noqa: E402  (a missing dependency fails, it is not skipped)
+
+COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, max_position_embeddings=64, num_experts_per_tok=2,
+              tie_word_embeddings=False)  # fmt: skip
+FAMILIES = {  # (config class, its fields): 8 experts of width 32, top-2
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, intermediate_size=32)),
+    "qwen2_moe": (  # softmax then top-k, not renormalized; q/k/v biases; a gated shared expert
+        transformers.Qwen2MoeConfig,
+        dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+             shared_expert_intermediate_size=64),
+    ),  # fmt: skip
+    "qwen3_moe": (  # per-head q/k norms, head_dim 32 != 64 / 4, renormalized top-k
+        transformers.Qwen3MoeConfig,
+        dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=32,
+             norm_topk_prob=True),
+    ),  # fmt: skip
+}
+
+
+def tiny_moe(kind: str, directory, **overrides):
+    """A seeded random fp32 transformers MoE saved to ``directory``; norms, biases and router
+    made non-trivial (a router of std 0.02 would route almost uniformly). Returns the model."""
+    torch.manual_seed(0)
+    cls, fields = FAMILIES[kind]
+    model = transformers.AutoModelForCausalLM.from_config(
+        cls(**{**COMMON, **fields, **overrides}), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # the router and Qwen2-MoE's shared-expert gate
+                p.mul_(10.0)
+    model.eval().save_pretrained(directory)
+    return model
+
+
+def elastic_logits(ckpt: Checkpoint, tokens=TOKENS, active=None) -> torch.Tensor:
+    """The elastic model (megatron's HybridModel with ElasticMoELayer) loaded from the canonical
+    state; ``active``: (experts, moe_ffn, topk) of every MoE layer."""
+    m = ckpt.model
+    model = build_elastic_model(m, m.transformer_config())
+    load_canonical_state_dict(model, ckpt.state, m)
+    layers = [mod for mod in model.modules() if isinstance(mod, ElasticMoELayer)]
+    assert len(layers) == m.num_layers
+    for layer in layers:
+        layer.set_active(*(active or ()))
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
+
+
+def hand_cut(ckpt: Checkpoint, experts: int, moe_ffn: int, topk: int) -> Checkpoint:
+    """A smaller MoE cut by hand from the canonical state: the first ``experts`` experts, the
+    first ``moe_ffn`` neurons of each (the same fraction of the shared expert), ``topk``."""
+    m = ckpt.model
+    full, shared = m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size
+    sub = dataclasses.replace(
+        m, num_moe_experts=experts, moe_ffn_hidden_size=moe_ffn, moe_router_topk=topk,
+        moe_shared_expert_intermediate_size=shared and shared * moe_ffn // full,
+    )  # fmt: skip
+    state = {}
+    for name, v in ckpt.state.items():
+        e = re.search(r"local_experts\.(\d+)\.", name)
+        if e and int(e[1]) >= experts:
+            continue
+        if name.endswith("router.weight"):
+            v = v[:experts]
+        elif e or "shared_experts.linear" in name:
+            f = moe_ffn if e else sub.moe_shared_expert_intermediate_size
+            if "linear_fc1" in name:  # gate rows then up rows
+                half = v.shape[0] // 2
+                v = torch.cat([v[:f], v[half : half + f]])
+            else:
+                v = v[:, :f]
+        state[name] = v.clone()
+    return Checkpoint(model=sub, state=state, tokenizer_dir=ckpt.tokenizer_dir)
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
+    source = tiny_moe(kind, tmp_path / "src")
+    with torch.no_grad():
+        ref = source(TOKENS).logits
+    ckpt = load_hf(str(tmp_path / "src"))
+    m = ckpt.model
+    assert (m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_router_topk) == (8, 32, 2)
+    assert m.moe_router_pre_softmax == (kind == "qwen2_moe")
+    assert set(ckpt.state) == set(expected_shapes(m))
+    assert (elastic_logits(ckpt) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    os.makedirs(tmp_path / "out")
+    save_hf(ckpt, str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == kind
+    again = load_hf(str(tmp_path / "out"))
+    assert again.model == m
+    assert again.state.keys() == ckpt.state.keys()
+    assert all(torch.equal(again.state[k], v) for k, v in ckpt.state.items())
+    assert (hf_logits(str(tmp_path / "out"), TOKENS) - ref).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind):
+    """4 of 8 experts, 16 of 32 neurons each, top-1: transformers runs what the elastic layer
+    runs at that choice."""
+    tiny_moe(kind, tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    cut = hand_cut(ckpt, 4, 16, 1)
+    os.makedirs(tmp_path / "cut")
+    save_hf(cut, str(tmp_path / "cut"))
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert (config["model_type"], config["num_experts_per_tok"]) == (kind, 1)
+    ref = elastic_logits(ckpt, active=(4, 16, 1))
+    assert (elastic_logits(ckpt) - ref).abs().max() > 1e-2  # a different function
+    assert (hf_logits(str(tmp_path / "cut"), TOKENS) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (elastic_logits(cut) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def _ep2_body(rank, world_size, state, model_dict, ref):
+    from megatron_flextron.config import ModelConfig
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(1, 1, expert_model_parallel_size=world_size)
+    m = ModelConfig.from_dict(model_dict)
+    model = build_elastic_model(m, m.transformer_config(expert_model_parallel_size=world_size))
+    load_canonical_state_dict(model, state, m)
+    experts = {n for n, _ in model.named_parameters() if "local_experts" in n}
+    assert len(experts) == m.num_layers * 2 * m.num_moe_experts // world_size  # 4 per rank
+    with torch.no_grad():
+        out = model(TOKENS, torch.arange(TOKENS.size(1)).expand_as(TOKENS), None)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (out - ref).abs().max()
+    back = gather_canonical(model, m)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_ep2_equals_ep1(tmp_path):
+    """Qwen2-MoE (shared expert, gate, biases) with its 8 experts over two EP ranks."""
+    tiny_moe("qwen2_moe", tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    state = {k: v.clone() for k, v in ckpt.state.items()}
+    run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt))
+
+
+def test_cli_hf_to_hf_round_trip(tmp_path):
+    source = tiny_moe("mixtral", tmp_path / "src")
+    with torch.no_grad():
+        ref = source(TOKENS).logits
+    out = run_tool(
+        "convert_checkpoint.py", "--loader", "hf", "--saver", "hf",
+        "--load-dir", str(tmp_path / "src"), "--save-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (hf_logits(str(tmp_path / "out"), TOKENS) - ref).abs().max() <= 1e-6
+
+
+def _config(kind: str, **overrides) -> dict:
+    cls, fields = FAMILIES.get(kind, (transformers.OlmoeConfig, dict(num_experts=8)))
+    return {**cls(**{**COMMON, **fields}).to_dict(), **overrides}
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, message",
+    [
+        ("qwen2_moe", dict(mlp_only_layers=[1]), "mlp_only_layers=[1]"),
+        ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+        ("qwen2_moe", dict(num_experts=0), "num_experts=0"),
+        ("olmoe", {}, "q_norm/k_norm over the whole q and k projections"),
+        ("mixtral", dict(routed_scaling_factor=2.5), "routed_scaling_factor=2.5"),
+        ("qwen3_moe", dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
+        ("mixtral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
+        ("mixtral", dict(sliding_window=16), "sliding_window=16"),
+        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=16), "sliding_window=16"),
+        ("mixtral", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+        ("mixtral", dict(num_experts_per_tok=9), "num_experts_per_tok=9"),
+    ],
+)
+def test_refused_configs_name_the_field(kind, overrides, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        model_config_from_hf(_config(kind, **overrides))
+
+
+def test_training_only_fields_are_accepted():
+    base = model_config_from_hf(_config("mixtral"))
+    training = dict(router_aux_loss_coef=0.5, output_router_logits=True, router_jitter_noise=0.1)
+    assert model_config_from_hf(_config("mixtral", **training)) == base
+
+
+def test_defaults_are_transformers_defaults():
+    """A config.json that omits a field means transformers' default: ours must be the same."""
+    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+               "qwen3_moe": transformers.Qwen3MoeConfig}  # fmt: skip
+    for kind, defaults in hf_moe.DEFAULTS.items():
+        theirs = classes[kind]()
+        for key, value in defaults.items():
+            got = theirs.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(
+                theirs, key)
+            assert got == value, (kind, key, got, value)
+
+
+def test_leftover_expert_is_refused(tmp_path):
+    """A stored expert the config does not count would be dropped: named, not converted."""
+    tiny_moe("mixtral", tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_local_experts": 7}))
+    with pytest.raises(CheckpointError, match=r"block_sparse_moe\.experts\.7\.w1\.weight"):
+        load_hf(str(tmp_path / "src"))
+
+
+def test_saver_refuses_a_mixture_no_family_has():
+    m = model_config_from_hf(_config("mixtral"))
+    with pytest.raises(CheckpointError, match="renormalizes the top-k"):
+        hf_moe.family_of(dataclasses.replace(m, moe_router_pre_softmax=True))
+    with pytest.raises(CheckpointError, match="sigmoid"):
+        hf_moe.family_of(dataclasses.replace(m, moe_router_score_function="sigmoid"))
