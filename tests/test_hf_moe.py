@@ -33,13 +33,22 @@ FAMILIES = {  # (config class, its fields): 8 experts of width 32, top-2
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, intermediate_size=32)),
     "qwen2_moe": (  # softmax then top-k, not renormalized; q/k/v biases; a gated shared expert
         transformers.Qwen2MoeConfig,
-        dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96,
-             shared_expert_intermediate_size=64),
+        dict(
+            num_experts=8,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            shared_expert_intermediate_size=64,
+        ),
     ),  # fmt: skip
     "qwen3_moe": (  # per-head q/k norms, head_dim 32 != 64 / 4, renormalized top-k
         transformers.Qwen3MoeConfig,
-        dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=32,
-             norm_topk_prob=True),
+        dict(
+            num_experts=8,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            head_dim=32,
+            norm_topk_prob=True,
+        ),
     ),  # fmt: skip
 }
 
@@ -219,8 +228,11 @@ def test_defaults_are_transformers_defaults():
     for kind, defaults in hf_moe.DEFAULTS.items():
         theirs = classes[kind]()
         for key, value in defaults.items():
-            got = theirs.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(
-                theirs, key)
+            got = (
+                theirs.rope_parameters["rope_theta"]
+                if key == "rope_theta"
+                else getattr(theirs, key)
+            )
             assert got == value, (kind, key, got, value)
 
 

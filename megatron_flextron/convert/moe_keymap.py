@@ -69,6 +69,8 @@ HF_QWEN_MOE = _moe_keymap(
             *(f"mlp.shared_expert.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")),
             when=_shared,
         ),
-        Rule("mlp.shared_experts.gate_weight", ("mlp.shared_expert_gate.weight",), when=_shared_gate),
+        Rule(
+            "mlp.shared_experts.gate_weight", ("mlp.shared_expert_gate.weight",), when=_shared_gate
+        ),
     ],
 )

@@ -63,10 +63,16 @@ DEFAULTS = {
 KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # the experts' count: transformers 5 stores Mixtral's and Qwen3-MoE's as num_local_experts (and
 # reads num_experts as an alias of it), Qwen2-MoE's as num_experts
-_EXPERTS_FIELD = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts",
-                  "qwen3_moe": "num_local_experts"}
-_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+_EXPERTS_FIELD = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_local_experts",
+}
+_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 # accepted: they change training only (the aux loss, returning router logits, Mixtral's jitter
 # noise applies in training mode only)
 _TRAINING_ONLY = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise")
@@ -96,7 +102,8 @@ def with_defaults(kind: str, cfg: dict) -> dict:
         other = cfg.setdefault("num_local_experts", cfg["num_experts"])
         if other != cfg["num_experts"]:
             raise CheckpointError(
-                f"config.json: num_experts={cfg['num_experts']} and num_local_experts={other} differ"
+                f"config.json: num_experts={cfg['num_experts']} and "
+                f"num_local_experts={other} differ"
             )
         cfg.pop("num_experts")
     if not cfg.get("rope_parameters") and "rope_theta" not in cfg:
@@ -106,8 +113,11 @@ def with_defaults(kind: str, cfg: dict) -> dict:
     known = set(DEFAULTS[kind]) | set(_TRAINING_ONLY)
     unknown = sorted(k for k in cfg if _ROUTING_WORDS.search(k) and k not in known)
     if unknown:
-        raise _refuse(kind, f"config field {unknown[0]}={cfg[unknown[0]]!r}",
-                      f"{kind} does not define it; it may change the routing")
+        raise _refuse(
+            kind,
+            f"config field {unknown[0]}={cfg[unknown[0]]!r}",
+            f"{kind} does not define it; it may change the routing",
+        )
     check_fields("config.json", cfg, {}, _MOE_SIZES)
     return cfg
 
@@ -121,11 +131,17 @@ def moe_fields(kind: str, cfg: dict) -> dict:
     if experts < 1:
         raise _refuse(kind, f"num_experts={experts}", "every layer is a mixture of experts")
     if dense:
-        raise _refuse(kind, f"mlp_only_layers={dense}", "dense layers mixed in (every layer "
-                      "of a flextron MoE is a mixture of experts)")
+        raise _refuse(
+            kind,
+            f"mlp_only_layers={dense}",
+            "dense layers mixed in (every layer of a flextron MoE is a mixture of experts)",
+        )
     if step != 1 and layers > 0:
-        raise _refuse(kind, f"decoder_sparse_step={step}", "dense layers mixed in (only layers "
-                      f"i with (i + 1) % {step} == 0 would be mixtures)")
+        raise _refuse(
+            kind,
+            f"decoder_sparse_step={step}",
+            f"dense layers mixed in (only layers i with (i + 1) % {step} == 0 would be mixtures)",
+        )
     topk = cfg["num_experts_per_tok"]
     if not 1 <= topk <= experts:
         raise CheckpointError(f"config.json: num_experts_per_tok={topk} is not in [1, {experts}]")
@@ -142,8 +158,11 @@ def moe_fields(kind: str, cfg: dict) -> dict:
     if kind == "qwen2_moe":
         shared = cfg["shared_expert_intermediate_size"]
         if shared < 1:
-            raise _refuse(kind, f"shared_expert_intermediate_size={shared}", "a shared expert of "
-                          "at least one neuron (Qwen2-MoE always has one)")
+            raise _refuse(
+                kind,
+                f"shared_expert_intermediate_size={shared}",
+                "a shared expert of at least one neuron (Qwen2-MoE always has one)",
+            )
         out.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
     return out
 
@@ -151,18 +170,24 @@ def moe_fields(kind: str, cfg: dict) -> dict:
 def family_of(m: ModelConfig) -> str:
     """The transformers family a MoE model is written as, or a refusal naming what none has."""
     if m.moe_router_score_function != "softmax" or m.moe_router_enable_expert_bias:
-        raise CheckpointError("only softmax routers without expert bias export to transformers "
-                              f"(score function {m.moe_router_score_function!r})")
+        raise CheckpointError(
+            "only softmax routers without expert bias export to transformers "
+            f"(score function {m.moe_router_score_function!r})"
+        )
     if m.moe_router_topk_scaling_factor not in (None, 1.0):
         raise CheckpointError("a top-k scaling factor has no transformers MoE family")
     shared = bool(m.moe_shared_expert_intermediate_size)
     if shared and not m.moe_shared_expert_gate:
-        raise CheckpointError("a shared expert without its sigmoid gate has no transformers "
-                              "family (qwen2_moe gates it)")
+        raise CheckpointError(
+            "a shared expert without its sigmoid gate has no transformers "
+            "family (qwen2_moe gates it)"
+        )
     if m.qk_layernorm:
         if shared:
-            raise CheckpointError("q/k norms with a shared expert: no transformers family "
-                                  "(qwen3_moe has no shared expert, qwen2_moe no q/k norms)")
+            raise CheckpointError(
+                "q/k norms with a shared expert: no transformers family "
+                "(qwen3_moe has no shared expert, qwen2_moe no q/k norms)"
+            )
         return "qwen3_moe"
     if shared:
         return "qwen2_moe"
@@ -179,8 +204,9 @@ def hf_fields(m: ModelConfig, base: dict) -> dict:
     """The config.json of a MoE model from ``base`` (the Llama-family fields of its attention)."""
     kind = family_of(m)
     config = {k: v for k, v in base.items() if k not in ("attention_bias", "mlp_bias")}
-    config.update(architectures=[_ARCHITECTURES[kind]], model_type=kind,
-                  num_experts_per_tok=m.moe_router_topk)
+    config.update(
+        architectures=[_ARCHITECTURES[kind]], model_type=kind, num_experts_per_tok=m.moe_router_topk
+    )
     config[_EXPERTS_FIELD[kind]] = m.num_moe_experts
     if kind == "qwen3_moe":  # transformers 4 (and readers of the raw JSON) know only this name
         config["num_experts"] = m.num_moe_experts
@@ -199,8 +225,10 @@ def hf_fields(m: ModelConfig, base: dict) -> dict:
         max_window_layers=m.num_layers,
     )
     if kind == "qwen2_moe":
-        config.update(shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
-                      qkv_bias=m.add_qkv_bias)
+        config.update(
+            shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            qkv_bias=m.add_qkv_bias,
+        )
     else:
         config.update(attention_bias=False)
     return config
