@@ -137,7 +137,8 @@ def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind):
     """4 of 8 experts, 16 of 32 neurons each, top-1: transformers runs what the elastic layer
-    runs at that choice."""
+    runs at that choice. (megatron itself refuses to build a top-1 router that renormalizes,
+    Mixtral's: "use --moe-router-pre-softmax when topk is 1"; transformers runs it.)"""
     tiny_moe(kind, tmp_path / "src")
     ckpt = load_hf(str(tmp_path / "src"))
     cut = hand_cut(ckpt, 4, 16, 1)
@@ -148,7 +149,6 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
     ref = elastic_logits(ckpt, active=(4, 16, 1))
     assert (elastic_logits(ckpt) - ref).abs().max() > 1e-2  # a different function
     assert (hf_logits(str(tmp_path / "cut"), TOKENS) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert (elastic_logits(cut) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def _ep2_body(rank, world_size, state, model_dict, ref):
