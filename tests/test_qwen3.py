@@ -5,6 +5,7 @@ every conversion path is exact and every exported sub-network equals the elastic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -234,3 +235,44 @@ def test_cli_refuses_a_sliding_window_qwen3_naming_it(tmp_path):
     )  # fmt: skip
     assert_refused(out, "hf qwen3: sliding_window=8 is not supported")
     assert not os.path.exists(tmp_path / "fx")
+
+
+@pytest.mark.parametrize("spec", [None, SUB])
+def test_gguf_qwen3_in_llama_cpp_equals_the_elastic_forward(tmp_path, spec):
+    """--saver gguf writes llama.cpp's qwen3 (rows as they are, attn_q_norm / attn_k_norm); the
+    file reads back exactly (--loader gguf) and llama.cpp's logits equal the elastic forward."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_export import F32_BOUND, IDS, _export, _tokenizer, llama_cpp_run, relative_error
+
+    from megatron_flextron.convert.formats.gguf import load_gguf
+
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    ckpt.tokenizer_dir = _tokenizer(tmp_path / "tok")
+    path = _export(ckpt, spec, tmp_path / "out", "f32")
+    expected = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model)) if spec else ckpt
+    back = load_gguf(path, with_tokenizer=False)
+    eps = expected.model.norm_epsilon  # GGUF stores it as a float32
+    assert back.model.norm_epsilon == torch.tensor(eps, dtype=torch.float32).item()
+    assert dataclasses.replace(back.model, norm_epsilon=eps) == expected.model
+    assert back.state.keys() == expected.state.keys()
+    assert all(torch.equal(back.state[k], v) for k, v in expected.state.items())
+    logits, _, arch = llama_cpp_run(path, IDS)
+    assert arch == "qwen3"
+    err = relative_error(logits, elastic_logits(ckpt, torch.tensor([IDS]), spec)[0])
+    print(f"Qwen3 {spec} f32: max relative error {err:.2e}")
+    assert err <= F32_BOUND
+
+
+def test_gguf_refuses_a_per_layer_qwen3_naming_the_norms(tmp_path):
+    """Per-layer sizes need llama.cpp's deci, which has no q/k norms."""
+    from test_gguf_export import _tokenizer
+
+    from megatron_flextron.convert.formats.gguf import gguf_architecture
+
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    ckpt.tokenizer_dir = _tokenizer(tmp_path / "tok")
+    sub = export_subnetwork(ckpt, Subnetwork.parse({"mlp": [96, 48]}, ckpt.model))
+    with pytest.raises(CheckpointError, match="deci architecture cannot represent q/k norms"):
+        gguf_architecture(sub)
