@@ -276,3 +276,27 @@ def test_gguf_refuses_a_per_layer_qwen3_naming_the_norms(tmp_path):
     sub = export_subnetwork(ckpt, Subnetwork.parse({"mlp": [96, 48]}, ckpt.model))
     with pytest.raises(CheckpointError, match="deci architecture cannot represent q/k norms"):
         gguf_architecture(sub)
+
+
+def test_per_layer_subnetwork_to_megatron_equals_the_elastic_forward(tmp_path):
+    """Per-layer sizes have no transformers or llama.cpp qwen3 config; --saver megatron writes
+    them (megatron's own layers, each with its q/k norms) and reads them back exactly."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
+
+    spec = {"mlp": [96, 48], "heads": [2, 4]}
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    convert(ConvertOptions("hf", "megatron", str(tmp_path / "src"), str(tmp_path / "meg"),
+                           subnetwork=json.dumps(spec)))  # fmt: skip
+    back = load_checkpoint("megatron", str(tmp_path / "meg"))
+    assert back.model.qk_layernorm and back.layer_shapes == [(96, 2), (48, 4)]
+    small = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model))
+    assert all(torch.equal(back.state[k], v) for k, v in small.state.items())
+    dense = build_heterogeneous_gpt_model(back.model, back.layer_shapes)
+    loaded = dist_checkpointing.load(dense.sharded_state_dict(), str(tmp_path / "meg" / "release"))
+    dense.load_state_dict(loaded, strict=False)
+    with torch.no_grad():
+        out = dense(TOKENS, torch.arange(12).expand(2, 12), None)
+    assert (out - elastic_logits(ckpt, TOKENS, spec)).abs().max() <= 1e-5
