@@ -328,7 +328,7 @@ def test_elastic_attention_applies_qk_norms_where_megatron_does(overrides):
     from helpers import SEQ, batch, random_canonical_state, tiny_config
     from test_elastic_model import dense_reference
 
-    from megatron_flextron.elastic import build_gpt_model
+    from megatron_flextron.elastic import build_gpt_model, count_parameters
 
     overrides = dict(overrides)
     m = tiny_config(overrides.pop("family", "llama"), qk_layernorm=True, **overrides)
@@ -343,8 +343,11 @@ def test_elastic_attention_applies_qk_norms_where_megatron_does(overrides):
     assert (elastic_logits(ckpt, tokens) - full).abs().max() <= 1e-5
     for spec in ({"mlp": 64, "heads": 4}, {"heads": [8, 4, 4, 8], "layers": [0, 2, 3]}):
         subnet = Subnetwork.parse(spec, m)
+        dense = dense_reference(m, canonical, subnet)
+        params = sum(p.numel() for p in dense.parameters())
+        assert count_parameters(subnet, m)["total"] == params  # the q/k norms counted once
         with torch.no_grad():
-            ref = dense_reference(m, canonical, subnet)(tokens, positions, None)
+            ref = dense(tokens, positions, None)
         out = elastic_logits(ckpt, tokens, spec)
         assert (out - full).abs().max() > 1e-2  # a different function from the full model
         assert (out - ref).abs().max() <= 1e-5, (spec, (out - ref).abs().max())
