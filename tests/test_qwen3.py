@@ -351,3 +351,16 @@ def test_elastic_attention_applies_qk_norms_where_megatron_does(overrides):
         out = elastic_logits(ckpt, tokens, spec)
         assert (out - full).abs().max() > 1e-2  # a different function from the full model
         assert (out - ref).abs().max() <= 1e-5, (spec, (out - ref).abs().max())
+
+
+def test_megatron_legacy_refuses_qk_layernorm(tmp_path):
+    """Legacy (non-Megatron-Core) GPT checkpoints have no q/k norm tensors to read."""
+    from test_convert import tiny_hf, write_legacy
+
+    write_legacy(tiny_hf("gpt2", tmp_path / "gpt2"), tmp_path / "legacy", tp=1, pp=1)
+    file = tmp_path / "legacy" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(file, weights_only=False)
+    sd["args"].qk_layernorm = True
+    torch.save(sd, file)
+    with pytest.raises(CheckpointError, match="qk_layernorm=True in a legacy torch checkpoint"):
+        load_checkpoint("megatron_legacy", str(tmp_path / "legacy"))
