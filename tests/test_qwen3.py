@@ -5,6 +5,7 @@ every conversion path is exact and every exported sub-network equals the elastic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -79,7 +80,9 @@ def test_hf_qwen3_to_flextron_equals_transformers(tmp_path):
     m = ckpt.model
     assert (m.qk_layernorm, m.kv_channels, m.num_query_groups) == (True, 32, 2)
     assert ckpt.state["decoder.layers.1.self_attention.k_layernorm.weight"].shape == (32,)
-    assert (elastic_logits(ckpt, TOKENS) - ref).abs().max() <= 1e-5
+    err = (elastic_logits(ckpt, TOKENS) - ref).abs().max()
+    print(f"Qwen3 hf -> flextron, elastic vs transformers: max |diff| {err:.1e}")
+    assert err <= 1e-5
     # hf -> hf is exact, and the written directory is a Qwen3 transformers loads
     hf = load_hf(str(tmp_path / "src"))
     os.makedirs(tmp_path / "hf")
@@ -106,7 +109,9 @@ def test_subnetwork_exports_as_qwen3_equal_to_the_elastic_forward(tmp_path, spec
     assert config["intermediate_size"] == spec["mlp"]
     ref = elastic_logits(ckpt, TOKENS, spec)
     assert (elastic_logits(ckpt, TOKENS) - ref).abs().max() > 1e-2  # a different function
-    assert (hf_logits(str(tmp_path / "h"), TOKENS) - ref).abs().max() <= 1e-5
+    err = (hf_logits(str(tmp_path / "h"), TOKENS) - ref).abs().max()
+    print(f"Qwen3 {spec} -> hf, transformers vs elastic: max |diff| {err:.1e}")
+    assert err <= 1e-5
 
 
 def _tp2_body(rank, world_size, directory, tokens, refs):
@@ -125,7 +130,10 @@ def _tp2_body(rank, world_size, directory, tokens, refs):
         with torch.no_grad():
             out = model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
         out = tensor_parallel.gather_from_tensor_model_parallel_region(out)
-        assert (out - ref).abs().max() <= 1e-5, (spec, (out - ref).abs().max())
+        err = (out - ref).abs().max()
+        if rank == 0:
+            print(f"Qwen3 TP=2 vs TP=1 at {spec}: max |diff| {err:.1e}")
+        assert err <= 1e-5, (spec, err)
 
 
 def test_tp2_equals_tp1_at_full_size_and_sliced_heads(tmp_path):
@@ -177,7 +185,9 @@ def test_megatron_round_trip_and_te_names(tmp_path):
     dense.load_state_dict(loaded, strict=False)
     with torch.no_grad():
         out = dense(TOKENS, torch.arange(12).expand(2, 12), None)
-    assert (out - ref).abs().max() <= 1e-5
+    err = (out - ref).abs().max()
+    print(f"Qwen3 hf -> megatron, stock HybridModel vs transformers: max |diff| {err:.1e}")
+    assert err <= 1e-5
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
     os.makedirs(tmp_path / "tok")
@@ -186,7 +196,9 @@ def test_megatron_round_trip_and_te_names(tmp_path):
     te = load_checkpoint("megatron", str(tmp_path / "te"))
     assert te.model == m and all(torch.equal(te.state[k], v) for k, v in ckpt.state.items())
     convert(ConvertOptions("megatron", "hf", str(tmp_path / "te"), str(tmp_path / "hf")))
-    assert (hf_logits(str(tmp_path / "hf"), TOKENS) - ref).abs().max() <= 1e-5
+    err = (hf_logits(str(tmp_path / "hf"), TOKENS) - ref).abs().max()
+    print(f"Qwen3 Megatron-LM (TE names) -> hf, transformers vs transformers: max |diff| {err:.1e}")
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -234,3 +246,121 @@ def test_cli_refuses_a_sliding_window_qwen3_naming_it(tmp_path):
     )  # fmt: skip
     assert_refused(out, "hf qwen3: sliding_window=8 is not supported")
     assert not os.path.exists(tmp_path / "fx")
+
+
+@pytest.mark.parametrize("spec", [None, SUB])
+def test_gguf_qwen3_in_llama_cpp_equals_the_elastic_forward(tmp_path, spec):
+    """--saver gguf writes llama.cpp's qwen3 (rows as they are, attn_q_norm / attn_k_norm); the
+    file reads back exactly (--loader gguf) and llama.cpp's logits equal the elastic forward."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_export import F32_BOUND, IDS, _export, _tokenizer, llama_cpp_run, relative_error
+
+    from megatron_flextron.convert.formats.gguf import load_gguf
+
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    ckpt.tokenizer_dir = _tokenizer(tmp_path / "tok")
+    path = _export(ckpt, spec, tmp_path / "out", "f32")
+    expected = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model)) if spec else ckpt
+    back = load_gguf(path, with_tokenizer=False)
+    eps = expected.model.norm_epsilon  # GGUF stores it as a float32
+    assert back.model.norm_epsilon == torch.tensor(eps, dtype=torch.float32).item()
+    assert dataclasses.replace(back.model, norm_epsilon=eps) == expected.model
+    assert back.state.keys() == expected.state.keys()
+    assert all(torch.equal(back.state[k], v) for k, v in expected.state.items())
+    logits, _, arch = llama_cpp_run(path, IDS)
+    assert arch == "qwen3"
+    err = relative_error(logits, elastic_logits(ckpt, torch.tensor([IDS]), spec)[0])
+    print(f"Qwen3 {spec} f32: max relative error {err:.2e}")
+    assert err <= F32_BOUND
+
+
+def test_gguf_refuses_a_per_layer_qwen3_naming_the_norms(tmp_path):
+    """Per-layer sizes need llama.cpp's deci, which has no q/k norms."""
+    from test_gguf_export import _tokenizer
+
+    from megatron_flextron.convert.formats.gguf import gguf_architecture
+
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    ckpt.tokenizer_dir = _tokenizer(tmp_path / "tok")
+    sub = export_subnetwork(ckpt, Subnetwork.parse({"mlp": [96, 48]}, ckpt.model))
+    with pytest.raises(CheckpointError, match="deci architecture cannot represent q/k norms"):
+        gguf_architecture(sub)
+
+
+def test_per_layer_subnetwork_to_megatron_equals_the_elastic_forward(tmp_path):
+    """Per-layer sizes have no transformers or llama.cpp qwen3 config; --saver megatron writes
+    them (megatron's own layers, each with its q/k norms) and reads them back exactly."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_flextron.elastic.model import build_heterogeneous_gpt_model
+
+    spec = {"mlp": [96, 48], "heads": [2, 4]}
+    tiny_qwen3(tmp_path / "src")
+    ckpt = load_hf(str(tmp_path / "src"))
+    convert(ConvertOptions("hf", "megatron", str(tmp_path / "src"), str(tmp_path / "meg"),
+                           subnetwork=json.dumps(spec)))  # fmt: skip
+    back = load_checkpoint("megatron", str(tmp_path / "meg"))
+    assert back.model.qk_layernorm and back.layer_shapes == [(96, 2), (48, 4)]
+    small = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model))
+    assert all(torch.equal(back.state[k], v) for k, v in small.state.items())
+    dense = build_heterogeneous_gpt_model(back.model, back.layer_shapes)
+    loaded = dist_checkpointing.load(dense.sharded_state_dict(), str(tmp_path / "meg" / "release"))
+    dense.load_state_dict(loaded, strict=False)
+    with torch.no_grad():
+        out = dense(TOKENS, torch.arange(12).expand(2, 12), None)
+    assert (out - elastic_logits(ckpt, TOKENS, spec)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # GQA: 8 heads in 4 KV groups, heads trimmed inside each group
+        {"num_query_groups": 8},  # MHA: whole heads dropped
+        {"family": "gpt3"},  # LayerNorm q/k norms (weight and bias), biases, learned positions
+    ],
+)
+def test_elastic_attention_applies_qk_norms_where_megatron_does(overrides):
+    """Full size: the elastic HybridModel equals megatron's stock GPTModel (its SelfAttention's
+    own q/k norm path). Sliced heads (the elastic path): equal megatron's stock layers built at
+    the smaller size with hand-sliced weights and the same q/k norms."""
+    from helpers import SEQ, batch, random_canonical_state, tiny_config
+    from test_elastic_model import dense_reference
+
+    from megatron_flextron.elastic import build_gpt_model, count_parameters
+
+    overrides = dict(overrides)
+    m = tiny_config(overrides.pop("family", "llama"), qk_layernorm=True, **overrides)
+    canonical = random_canonical_state(m)
+    ckpt = Checkpoint(m, canonical)
+    tokens, _ = batch()
+    positions = torch.arange(SEQ).expand_as(tokens)
+    stock = build_gpt_model(m, m.transformer_config(), elastic=False)
+    load_state_strict(stock, canonical)
+    with torch.no_grad():
+        full = stock(tokens, positions, None)
+    assert (elastic_logits(ckpt, tokens) - full).abs().max() <= 1e-5
+    for spec in ({"mlp": 64, "heads": 4}, {"heads": [8, 4, 4, 8], "layers": [0, 2, 3]}):
+        subnet = Subnetwork.parse(spec, m)
+        dense = dense_reference(m, canonical, subnet)
+        params = sum(p.numel() for p in dense.parameters())
+        assert count_parameters(subnet, m)["total"] == params  # the q/k norms counted once
+        with torch.no_grad():
+            ref = dense(tokens, positions, None)
+        out = elastic_logits(ckpt, tokens, spec)
+        assert (out - full).abs().max() > 1e-2  # a different function from the full model
+        assert (out - ref).abs().max() <= 1e-5, (spec, (out - ref).abs().max())
+
+
+def test_megatron_legacy_refuses_qk_layernorm(tmp_path):
+    """Legacy (non-Megatron-Core) GPT checkpoints have no q/k norm tensors to read."""
+    from test_convert import tiny_hf, write_legacy
+
+    write_legacy(tiny_hf("gpt2", tmp_path / "gpt2"), tmp_path / "legacy", tp=1, pp=1)
+    file = tmp_path / "legacy" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(file, weights_only=False)
+    sd["args"].qk_layernorm = True
+    torch.save(sd, file)
+    with pytest.raises(CheckpointError, match="qk_layernorm=True in a legacy torch checkpoint"):
+        load_checkpoint("megatron_legacy", str(tmp_path / "legacy"))

@@ -184,6 +184,7 @@ HF_LLAMA = KeyMap(
 
 _UNPERMUTE = (T.llama_cpp_unpermute, T.llama_cpp_permute)
 
+
 def _gguf_llama_like(name: str, qkv: Rule, extra: Sequence[Rule] = ()) -> KeyMap:
     return KeyMap(
         name=name,
