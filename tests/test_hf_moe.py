@@ -16,11 +16,13 @@ from distributed import run_distributed
 from test_bad_input import run_tool
 from test_convert import TOKENS, hf_logits
 
+from megatron_flextron.checkpoint.flextron import read_flextron
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
+from megatron_flextron.config import ElasticConfig
+from megatron_flextron.convert import ConvertOptions, convert
 from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.formats.hf import load_hf, model_config_from_hf, save_hf
-from megatron_flextron.elastic import build_elastic_model
-from megatron_flextron.elastic.moe import ElasticMoELayer
+from megatron_flextron.elastic import build_elastic_model, set_subnetwork
 from megatron_flextron.elastic.tp_layout import gather_canonical, load_canonical_state_dict
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -71,45 +73,15 @@ def tiny_moe(kind: str, directory, **overrides):
     return model
 
 
-def elastic_logits(ckpt: Checkpoint, tokens=TOKENS, active=None) -> torch.Tensor:
+def elastic_logits(ckpt: Checkpoint, tokens=TOKENS, spec=None) -> torch.Tensor:
     """The elastic model (megatron's HybridModel with ElasticMoELayer) loaded from the canonical
-    state; ``active``: (experts, moe_ffn, topk) of every MoE layer."""
+    state, at sub-network ``spec`` (None: full size)."""
     m = ckpt.model
     model = build_elastic_model(m, m.transformer_config())
     load_canonical_state_dict(model, ckpt.state, m)
-    layers = [mod for mod in model.modules() if isinstance(mod, ElasticMoELayer)]
-    assert len(layers) == m.num_layers
-    for layer in layers:
-        layer.set_active(*(active or ()))
+    set_subnetwork(model, spec, m, ElasticConfig.from_ratios(m))
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
-
-
-def hand_cut(ckpt: Checkpoint, experts: int, moe_ffn: int, topk: int) -> Checkpoint:
-    """A smaller MoE cut by hand from the canonical state: the first ``experts`` experts, the
-    first ``moe_ffn`` neurons of each (the same fraction of the shared expert), ``topk``."""
-    m = ckpt.model
-    full, shared = m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size
-    sub = dataclasses.replace(
-        m, num_moe_experts=experts, moe_ffn_hidden_size=moe_ffn, moe_router_topk=topk,
-        moe_shared_expert_intermediate_size=shared and shared * moe_ffn // full,
-    )  # fmt: skip
-    state = {}
-    for name, v in ckpt.state.items():
-        e = re.search(r"local_experts\.(\d+)\.", name)
-        if e and int(e[1]) >= experts:
-            continue
-        if name.endswith("router.weight"):
-            v = v[:experts]
-        elif e or "shared_experts.linear" in name:
-            f = moe_ffn if e else sub.moe_shared_expert_intermediate_size
-            if "linear_fc1" in name:  # gate rows then up rows
-                half = v.shape[0] // 2
-                v = torch.cat([v[:f], v[half : half + f]])
-            else:
-                v = v[:, :f]
-        state[name] = v.clone()
-    return Checkpoint(model=sub, state=state, tokenizer_dir=ckpt.tokenizer_dir)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -136,19 +108,22 @@ def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind):
-    """4 of 8 experts, 16 of 32 neurons each, top-1: transformers runs what the elastic layer
-    runs at that choice. (megatron itself refuses to build a top-1 router that renormalizes,
-    Mixtral's: "use --moe-router-pre-softmax when topk is 1"; transformers runs it.)"""
+    """4 of 8 experts, 16 of 32 neurons each, top-1 (the lead's cut of the canonical state, then
+    this saver): transformers runs what the elastic model runs at that sub-network."""
     tiny_moe(kind, tmp_path / "src")
     ckpt = load_hf(str(tmp_path / "src"))
-    cut = hand_cut(ckpt, 4, 16, 1)
-    os.makedirs(tmp_path / "cut")
-    save_hf(cut, str(tmp_path / "cut"))
+    spec = {"experts": 4, "moe_ffn": 16, "topk": 1}
+    convert(ConvertOptions("hf", "hf", str(tmp_path / "src"), str(tmp_path / "cut"),
+                           subnetwork=json.dumps(spec)))  # fmt: skip
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert (config["model_type"], config["num_experts_per_tok"]) == (kind, 1)
-    ref = elastic_logits(ckpt, active=(4, 16, 1))
+    ref = elastic_logits(ckpt, spec=spec)
     assert (elastic_logits(ckpt) - ref).abs().max() > 1e-2  # a different function
-    assert (hf_logits(str(tmp_path / "cut"), TOKENS) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    tol = 1e-5 * ref.abs().max()
+    assert (hf_logits(str(tmp_path / "cut"), TOKENS) - ref).abs().max() <= tol
+    cut = load_hf(str(tmp_path / "cut"))
+    assert (cut.model.num_moe_experts, cut.model.moe_ffn_hidden_size) == (4, 16)
+    assert (elastic_logits(cut) - ref).abs().max() <= tol
 
 
 def _ep2_body(rank, world_size, state, model_dict, ref):
@@ -177,16 +152,22 @@ def test_ep2_equals_ep1(tmp_path):
     run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt))
 
 
-def test_cli_hf_to_hf_round_trip(tmp_path):
+def test_cli_hf_to_flextron_equals_transformers(tmp_path):
+    """tools/convert_checkpoint.py --loader hf --saver flextron; the flextron checkpoint holds
+    the same canonical state and runs as transformers does."""
     source = tiny_moe("mixtral", tmp_path / "src")
     with torch.no_grad():
         ref = source(TOKENS).logits
     out = run_tool(
-        "convert_checkpoint.py", "--loader", "hf", "--saver", "hf",
-        "--load-dir", str(tmp_path / "src"), "--save-dir", str(tmp_path / "out"),
+        "convert_checkpoint.py", "--loader", "hf", "--saver", "flextron",
+        "--load-dir", str(tmp_path / "src"), "--save-dir", str(tmp_path / "fx"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (hf_logits(str(tmp_path / "out"), TOKENS) - ref).abs().max() <= 1e-6
+    back, hf = read_flextron(str(tmp_path / "fx")), load_hf(str(tmp_path / "src"))
+    assert back.model == hf.model
+    assert back.state.keys() == hf.state.keys()
+    assert all(torch.equal(back.state[k], v) for k, v in hf.state.items())
+    assert (elastic_logits(back) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def _config(kind: str, **overrides) -> dict:
