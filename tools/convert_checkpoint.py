@@ -5,7 +5,8 @@
   python tools/convert_checkpoint.py --loader flextron --saver hf \\
       --load-dir ckpt/smollm2 --save-dir out/smollm2-half --subnetwork '{"mlp": 768, "heads": 6}'
 
-Loaders: hf (transformers dir: Llama, Mistral, Qwen2, Qwen3, GPT-2), gguf (Llama family, Qwen3),
+Loaders: hf (transformers dir: Llama, Mistral, Qwen2, Qwen3, GPT-2; mixtures of experts: Mixtral,
+Qwen2-MoE, Qwen3-MoE), gguf (Llama family, Qwen3),
 megatron (Megatron-LM torch_dist checkpoints: the root or one iteration folder), megatron_legacy
 (Megatron GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust),
 flextron.
