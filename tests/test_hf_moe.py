@@ -213,7 +213,9 @@ def test_refused_configs_name_the_field(kind, overrides, message):
 
 def test_training_only_fields_are_accepted():
     base = model_config_from_hf(_config("mixtral"))
-    training = dict(router_aux_loss_coef=0.5, output_router_logits=True, router_jitter_noise=0.1)
+    training = dict(
+        router_aux_loss_coef=0.5, output_router_logits=True, router_jitter_noise=0.1, top_k=50
+    )
     assert model_config_from_hf(_config("mixtral", **training)) == base
 
 

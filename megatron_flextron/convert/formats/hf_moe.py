@@ -74,8 +74,9 @@ _ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 # accepted: they change training only (the aux loss, returning router logits, Mixtral's jitter
-# noise applies in training mode only)
-_TRAINING_ONLY = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise")
+# noise applies in training mode only), or sampling (top_k: a generation default older
+# transformers wrote into config.json)
+_NOT_THE_FUNCTION = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "top_k")
 # a field of this shape that a family does not define may change the routing: refused by name
 _ROUTING_WORDS = re.compile(r"router|expert|top_?k|moe|routed|scoring|sparse|gating|n_group")
 _MOE_SIZES = {"num_experts_per_tok": int, "moe_intermediate_size": int,
@@ -106,11 +107,9 @@ def with_defaults(kind: str, cfg: dict) -> dict:
                 f"num_local_experts={other} differ"
             )
         cfg.pop("num_experts")
-    if not cfg.get("rope_parameters") and "rope_theta" not in cfg:
-        cfg["rope_theta"] = DEFAULTS[kind]["rope_theta"]
     for key, value in DEFAULTS[kind].items():
         cfg.setdefault(key, value)
-    known = set(DEFAULTS[kind]) | set(_TRAINING_ONLY)
+    known = set(DEFAULTS[kind]) | set(_NOT_THE_FUNCTION)
     unknown = sorted(k for k in cfg if _ROUTING_WORDS.search(k) and k not in known)
     if unknown:
         raise _refuse(
