@@ -124,11 +124,12 @@ def with_defaults(kind: str, cfg: dict) -> dict:
 def moe_fields(kind: str, cfg: dict) -> dict:
     """The ModelConfig fields of the mixture (and of the attention flags each family fixes)."""
     layers = cfg["num_hidden_layers"]
-    experts = cfg[_EXPERTS_FIELD.get(kind, "num_experts")]
+    field = _EXPERTS_FIELD[kind]
+    experts = cfg[field]
     dense = [i for i in cfg.get("mlp_only_layers", []) if 0 <= i < layers]
     step = cfg.get("decoder_sparse_step", 1)
     if experts < 1:
-        raise _refuse(kind, f"num_experts={experts}", "every layer is a mixture of experts")
+        raise _refuse(kind, f"{field}={experts}", "every layer is a mixture of experts")
     if dense:
         raise _refuse(
             kind,
