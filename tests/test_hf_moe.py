@@ -169,7 +169,7 @@ def test_ep2_equals_ep1(tmp_path):
 
 def test_cli_hf_to_flextron_equals_transformers(tmp_path):
     """tools/convert_checkpoint.py --loader hf --saver flextron; the flextron checkpoint holds
-    the same canonical state and runs as transformers does."""
+    the same canonical state, runs as transformers does, and writes the same Mixtral back."""
     source = tiny_moe("mixtral", tmp_path / "src")
     with torch.no_grad():
         ref = source(TOKENS).logits
@@ -183,6 +183,10 @@ def test_cli_hf_to_flextron_equals_transformers(tmp_path):
     assert back.state.keys() == hf.state.keys()
     assert all(torch.equal(back.state[k], v) for k, v in hf.state.items())
     close("mixtral hf -> flextron (CLI), elastic vs transformers", elastic_logits(back), ref)
+    convert(ConvertOptions("flextron", "hf", str(tmp_path / "fx"), str(tmp_path / "hf")))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    close("mixtral hf -> flextron -> hf, transformers vs transformers",
+          hf_logits(str(tmp_path / "hf"), TOKENS), ref, 1e-6)  # fmt: skip
 
 
 def _config(kind: str, **overrides) -> dict:
