@@ -68,7 +68,9 @@ class ModelConfig:
     # Llama 3.x RoPE scaling (megatron-core's rope_scaling: low/high frequency factors 1 and 4,
     # original context 8192); None: no scaling
     rope_scaling_factor: Optional[float] = None
-    qk_layernorm: bool = False  # an RMSNorm/LayerNorm per head on q and k (Qwen3)
+    # a norm (the model's normalization) over each query and key head after the QKV split,
+    # before RoPE, shared by every head (Qwen3; megatron's q_layernorm / k_layernorm)
+    qk_layernorm: bool = False
     # mixture of experts (megatron's names): None = a dense MLP in every layer, else every layer's
     # MLP is a mixture of ``num_moe_experts`` experts of ``moe_ffn_hidden_size`` neurons
     num_moe_experts: Optional[int] = None
@@ -158,10 +160,10 @@ class ModelConfig:
             gated_linear_unit=self.gated,
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_method_std,
-            qk_layernorm=self.qk_layernorm,
             **self.moe_kwargs(),
         )
 

@@ -292,7 +292,7 @@ def test_refusals_name_the_problem(tmp_path):
         assert not os.path.exists(tmp_path / "o")
 
     for arg, value, message in [
-        ("qk_layernorm", True, "qk_layernorm=True"),
+        ("qk_l2_norm", True, "qk_l2_norm=True"),
         ("window_size", (16, 0), "window_size"),
         ("rotary_percent", 0.5, "rotary_percent=0.5"),
         ("squared_relu", True, "squared_relu"),

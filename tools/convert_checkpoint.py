@@ -5,12 +5,14 @@
   python tools/convert_checkpoint.py --loader flextron --saver hf \\
       --load-dir ckpt/smollm2 --save-dir out/smollm2-half --subnetwork '{"mlp": 768, "heads": 6}'
 
-Loaders: hf (transformers dir: Llama, Mistral, Qwen2, GPT-2), gguf (Llama family), megatron
-(Megatron-LM torch_dist checkpoints: the root or one iteration folder), megatron_legacy (Megatron
-GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust), flextron.
+Loaders: hf (transformers dir: Llama, Mistral, Qwen2, Qwen3, GPT-2; mixtures of experts: Mixtral,
+Qwen2-MoE, Qwen3-MoE), gguf (Llama family, Qwen3),
+megatron (Megatron-LM torch_dist checkpoints: the root or one iteration folder), megatron_legacy
+(Megatron GPT-3 torch checkpoints; unpickles the file: convert only checkpoints you trust),
+flextron.
 Every loader is exact or refuses (exit 2) naming the field or tensor it cannot represent.
 Savers: flextron (elastic, Megatron-Core dist checkpoint + config), hf, megatron (dense, stock),
-gguf (one model.gguf for llama.cpp: llama, deci for per-layer sub-networks, or gpt2).
+gguf (one model.gguf for llama.cpp: llama, qwen3, deci for per-layer sub-networks, or gpt2).
 A failed conversion exits non-zero and leaves nothing at --save-dir.
 
 Importance ranking sharded over tensor/pipeline parallelism (each rank holds its shard of the

@@ -144,11 +144,11 @@ def expected_shapes(
             shapes[f"{p}input_layernorm.{n}"] = (h,)
             shapes[f"{p}pre_mlp_layernorm.{n}"] = (h,)
         shapes[f"{p}self_attention.linear_qkv.weight"] = (qkv, h)
+        if m.qk_layernorm:  # one norm over the head dim, shared by every head
+            for n in norm:
+                shapes[f"{p}self_attention.q_layernorm.{n}"] = (d,)
+                shapes[f"{p}self_attention.k_layernorm.{n}"] = (d,)
         shapes[f"{p}self_attention.linear_proj.weight"] = (h, heads * d)
-        if m.qk_layernorm:
-            for qk in ("q", "k"):
-                for n in norm:
-                    shapes[f"{p}self_attention.{qk}_layernorm.{n}"] = (d,)
         if m.is_moe:
             shapes.update(moe_shapes(m, p))
         else:

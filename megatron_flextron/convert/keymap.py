@@ -1,8 +1,9 @@
 """Declarative key maps between a checkpoint format and the canonical (megatron) names.
 
 A map is a list of rules; a rule names one canonical tensor, the source tensors it is made of, and
-the transform each way. Per-layer rules use ``{i}`` in the source names. One engine applies any
-map in either direction, so a format is described, not coded.
+the transform each way. Per-layer rules use ``{i}`` in the source names, per-expert rules ``{e}``
+in both names (one rule per expert of a mixture). One engine applies any map in either direction,
+so a format is described, not coded.
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ class KeyMap:
             prefix = self.layer_prefix.format(i=i)
             layer = layers[i] if layers else m
             for rule in self.layer_rules:
-                if rule.when(layer):
-                    sources = tuple(prefix + s.format(i=i) for s in rule.sources)
-                    yield f"decoder.layers.{i}.{rule.canonical}", sources, rule, layer
+                if not rule.when(layer):
+                    continue
+                # a per-expert rule ({e} in its names) stands for one rule per expert
+                experts = range(layer.num_moe_experts) if "{e}" in rule.canonical else (0,)
+                for e in experts:
+                    sources = tuple(prefix + s.format(i=i, e=e) for s in rule.sources)
+                    canonical = rule.canonical.format(e=e)
+                    yield f"decoder.layers.{i}.{canonical}", sources, rule, layer
 
     def source_names(self, m: ModelConfig):
         return [s for _, sources, _, _ in self._rules(m) for s in sources]
@@ -129,6 +135,18 @@ def _qkv_rule(sources, q_fix=None, k_fix=None, when=lambda m: True, suffix="weig
     return Rule(f"self_attention.linear_qkv.{suffix}", tuple(sources), fwd, back, when)
 
 
+def _qk_norm_rules(q: str, k: str) -> Sequence[Rule]:
+    """The per-head q/k norms (Qwen3), one weight over the head dim shared by every head."""
+    return [
+        Rule("self_attention.q_layernorm.weight", (q,), when=_qk_norm),
+        Rule("self_attention.k_layernorm.weight", (k,), when=_qk_norm),
+    ]
+
+
+def _qk_norm(m: ModelConfig) -> bool:
+    return m.qk_layernorm
+
+
 def _gate_up_rule(gate: str, up: str) -> Rule:
     return Rule(
         "mlp.linear_fc1.weight",
@@ -156,6 +174,7 @@ HF_LLAMA = KeyMap(
             when=lambda m: m.add_qkv_bias,
             suffix="bias",
         ),
+        *_qk_norm_rules("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
         Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
         Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
         _gate_up_rule("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -165,22 +184,34 @@ HF_LLAMA = KeyMap(
 
 _UNPERMUTE = (T.llama_cpp_unpermute, T.llama_cpp_permute)
 
-GGUF_LLAMA = KeyMap(
-    name="gguf-llama",
-    layer_prefix="blk.{i}.",
-    global_rules=[
-        Rule("embedding.word_embeddings.weight", ("token_embd.weight",)),
-        Rule("decoder.final_layernorm.weight", ("output_norm.weight",)),
-        Rule("output_layer.weight", ("output.weight",), when=_untied),
-    ],
-    layer_rules=[
-        Rule("input_layernorm.weight", ("attn_norm.weight",)),
-        _qkv_rule(("attn_q.weight", "attn_k.weight", "attn_v.weight"), _UNPERMUTE, _UNPERMUTE),
-        Rule("self_attention.linear_proj.weight", ("attn_output.weight",)),
-        Rule("pre_mlp_layernorm.weight", ("ffn_norm.weight",)),
-        _gate_up_rule("ffn_gate.weight", "ffn_up.weight"),
-        Rule("mlp.linear_fc2.weight", ("ffn_down.weight",)),
-    ],
+
+def _gguf_llama_like(name: str, qkv: Rule, extra: Sequence[Rule] = ()) -> KeyMap:
+    return KeyMap(
+        name=name,
+        layer_prefix="blk.{i}.",
+        global_rules=[
+            Rule("embedding.word_embeddings.weight", ("token_embd.weight",)),
+            Rule("decoder.final_layernorm.weight", ("output_norm.weight",)),
+            Rule("output_layer.weight", ("output.weight",), when=_untied),
+        ],
+        layer_rules=[
+            Rule("input_layernorm.weight", ("attn_norm.weight",)),
+            qkv,
+            *extra,
+            Rule("self_attention.linear_proj.weight", ("attn_output.weight",)),
+            Rule("pre_mlp_layernorm.weight", ("ffn_norm.weight",)),
+            _gate_up_rule("ffn_gate.weight", "ffn_up.weight"),
+            Rule("mlp.linear_fc2.weight", ("ffn_down.weight",)),
+        ],
+    )
+
+
+_GGUF_QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+# llama.cpp's llama rotates interleaved pairs: its Q/K rows are permuted from HF's layout
+GGUF_LLAMA = _gguf_llama_like("gguf-llama", _qkv_rule(_GGUF_QKV, _UNPERMUTE, _UNPERMUTE))
+# its qwen3 rotates halves (NEOX), as megatron and HF do: rows as they are, plus the q/k norms
+GGUF_QWEN3 = _gguf_llama_like(
+    "gguf-qwen3", _qkv_rule(_GGUF_QKV), _qk_norm_rules("attn_q_norm.weight", "attn_k_norm.weight")
 )
 
 

@@ -9,7 +9,10 @@ MHA (one query head per KV head): whole heads are dropped. A head's q, k, v rows
 and heads are dealt round-robin across TP ranks, so the first h/p local heads are a prefix view.
 
 Only the QKV projection and the output projection change; the rest of megatron's forward (RoPE,
-KV cache, core attention) runs unchanged on the smaller tensors.
+KV cache, core attention) runs unchanged on the smaller tensors. Q/K norms (``qk_layernorm``,
+Qwen3) are applied where megatron's SelfAttention applies them, after the split and before RoPE;
+they normalise each head over its d channels with one weight shared by all heads, so fewer heads
+leave the kept heads' function unchanged.
 
 Shapes: hidden [s, b, h]; d = head dim; G_l = KV groups on this rank; n = query heads per group.
 """

@@ -97,10 +97,13 @@ class ParameterUnits:
         bias = 1 if m.add_bias_linear else 0
         qkv_bias = 1 if m.has_qkv_bias else 0  # Qwen2: a bias on the QKV rows only
         blocks = 2 if m.gated else 1
-        norm = 2 * h if m.normalization == "LayerNorm" else h
+        per_channel = 2 if m.normalization == "LayerNorm" else 1  # norm weight (and bias)
+        norm = per_channel * h
         # MHA: each head brings its own k and v rows; GQA: the groups' k, v rows are constant
         per_head = d * (h + qkv_bias) + d * h + (0 if m.is_gqa else 2 * d * (h + qkv_bias))
         per_attention = (2 * g * d * (h + qkv_bias) if m.is_gqa else 0) + bias * h + norm
+        if m.qk_layernorm:  # one q and one k norm over the head dim, whatever the head count
+            per_attention += 2 * per_channel * d
         outside = m.vocab_size * h * (1 if m.tie_embeddings else 2) + norm
         if m.position_embedding == "learned_absolute":
             outside += m.max_position_embeddings * h

@@ -1,13 +1,17 @@
-"""GGUF files (llama.cpp) of the Llama family, dequantized to fp32 with the ``gguf`` package.
+"""GGUF files (llama.cpp) of the Llama family and Qwen3, dequantized to fp32 with the ``gguf``
+package.
 
-Q and K rows are stored in llama.cpp's RoPE layout and are un-permuted by the key map. The
+In llama.cpp's ``llama`` architecture Q and K rows are stored in its RoPE layout and are
+un-permuted by the key map; its ``qwen3`` rotates halves as megatron does (rows as they are) and
+adds the per-head q/k norms. The
 tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
 partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), experts,
 sliding windows and any tensor the key map does not read stop the conversion, named.
 
 ``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
 layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
-and head counts, ``gpt2`` for GPT-2 style models; what the target cannot represent is refused.
+and head counts, ``qwen3`` for a model with q/k norms (one layer shape: ``deci`` has no q/k norms),
+``gpt2`` for GPT-2 style models; what the target cannot represent is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import torch
 from megatron_flextron.checkpoint.io import TensorSource, staged_dir
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, TensorSpec
 from megatron_flextron.config import ModelConfig
-from megatron_flextron.convert.keymap import GGUF_LLAMA
+from megatron_flextron.convert.keymap import GGUF_LLAMA, GGUF_QWEN3
+
+# the llama.cpp architectures read, and their key maps
+_READ = {"llama": GGUF_LLAMA, "qwen3": GGUF_QWEN3}
 
 
 def bundled_smollm2() -> str:
@@ -53,48 +60,51 @@ def _field(reader, key, default=None):
 
 def model_config_from_gguf(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama family only)")
+    if arch not in _READ:
+        raise CheckpointError(
+            f"GGUF architecture {arch!r} is not supported ({' or '.join(_READ)} only)"
+        )
     names = {t.name for t in reader.tensors}
-    heads = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
-    head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
-    _check_supported(reader, head_dim)
-    vocab = reader.fields.get("llama.vocab_size")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    _check_supported(reader, arch, head_dim)
+    vocab = reader.fields.get(f"{arch}.vocab_size")
     return ModelConfig(
         "llama",
-        num_layers=int(_field(reader, "llama.block_count")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
         hidden_size=hidden,
-        ffn_hidden_size=int(_field(reader, "llama.feed_forward_length")),
+        ffn_hidden_size=int(_field(reader, f"{arch}.feed_forward_length")),
         num_attention_heads=heads,
-        num_query_groups=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        num_query_groups=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         kv_channels=head_dim,
         vocab_size=int(vocab.contents()) if vocab else len(_field(reader, "tokenizer.ggml.tokens")),
-        max_position_embeddings=int(_field(reader, "llama.context_length")),
-        norm_epsilon=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rotary_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length")),
+        norm_epsilon=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rotary_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         tie_embeddings="output.weight" not in names,
+        qk_layernorm=arch == "qwen3",
     )
 
 
-def _check_supported(reader, head_dim: int) -> None:
+def _check_supported(reader, arch: str, head_dim: int) -> None:
     """Exact or refuse: metadata that changes the function and has no megatron equivalent."""
 
     def refuse(what, why):
         return CheckpointError(f"GGUF {what} is not supported ({why})")
 
-    rope_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise refuse(f"llama.rope.dimension_count={rope_dim}", f"partial RoPE of {head_dim}")
-    value_dim = int(_field(reader, "llama.attention.value_length", head_dim))
+        raise refuse(f"{arch}.rope.dimension_count={rope_dim}", f"partial RoPE of {head_dim}")
+    value_dim = int(_field(reader, f"{arch}.attention.value_length", head_dim))
     if value_dim != head_dim:
-        raise refuse(f"llama.attention.value_length={value_dim}", "values wider than keys")
-    scaling = reader.fields.get("llama.rope.scaling.type")
+        raise refuse(f"{arch}.attention.value_length={value_dim}", "values wider than keys")
+    scaling = reader.fields.get(f"{arch}.rope.scaling.type")
     if scaling is not None and scaling.contents() != "none":
-        raise refuse(f"llama.rope.scaling.type={scaling.contents()!r}", "plain RoPE only")
+        raise refuse(f"{arch}.rope.scaling.type={scaling.contents()!r}", "plain RoPE only")
     for key, why in (
-        ("llama.expert_count", "mixture of experts"),
-        ("llama.attention.sliding_window", "sliding-window attention"),
+        (f"{arch}.expert_count", "mixture of experts"),
+        (f"{arch}.attention.sliding_window", "sliding-window attention"),
     ):
         if key in reader.fields and int(reader.fields[key].contents() or 0):
             raise refuse(f"{key}={reader.fields[key].contents()}", why)
@@ -122,6 +132,7 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     except Exception as e:  # truncated or not a GGUF file
         raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
     model = model_config_from_gguf(reader)
+    keymap = _READ[_field(reader, "general.architecture")]
     tensors = {t.name: t for t in reader.tensors}
 
     def shape(t) -> tuple:
@@ -136,8 +147,8 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     get = TensorSource(path, specs, read)
 
     # a leftover tensor is refused by name, e.g. rope_freqs.weight (Llama-3 RoPE scaling factors)
-    GGUF_LLAMA.check_consumed(model, tensors)
-    ckpt = Checkpoint(model=model, state=GGUF_LLAMA.to_canonical(model, get))
+    keymap.check_consumed(model, tensors)
+    ckpt = Checkpoint(model=model, state=keymap.to_canonical(model, get))
     ckpt.validate()
     if with_tokenizer:
         ckpt.tokenizer_dir = _convert_tokenizer(path)
@@ -151,15 +162,16 @@ _SOURCE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 
 def gguf_architecture(ckpt: Checkpoint) -> str:
     """llama.cpp's architecture for this model: ``llama`` (one layer shape), ``deci`` (per-layer
-    MLP widths and head counts) or ``gpt2``; whatever it (or its tokenizer) cannot represent is
-    refused by name."""
+    MLP widths and head counts), ``qwen3`` (q/k norms, one layer shape) or ``gpt2``; whatever it
+    (or its tokenizer) cannot represent is refused by name."""
     from megatron_flextron.convert.formats.gguf_tokenizer import tokenizer_pre
 
     tokenizer_pre(ckpt.tokenizer_dir)
     m = ckpt.model
     if m.family == "llama":
-        target = "deci" if ckpt.layer_shapes else "llama"
+        target = "deci" if ckpt.layer_shapes else ("qwen3" if m.qk_layernorm else "llama")
         need = [
+            (not (m.qk_layernorm and ckpt.layer_shapes), "q/k norms (Qwen3)"),
             (m.normalization == "RMSNorm", f"normalization {m.normalization}"),
             (m.activation == "swiglu", f"activation {m.activation}"),
             (m.position_embedding == "rope", f"position embedding {m.position_embedding}"),
@@ -171,6 +183,7 @@ def gguf_architecture(ckpt: Checkpoint) -> str:
         target = "gpt2"
         need = [
             (not ckpt.layer_shapes, "per-layer MLP widths or head counts"),
+            (not m.qk_layernorm, "q/k norms"),
             (m.normalization == "LayerNorm", f"normalization {m.normalization}"),
             (m.activation == "gelu_tanh", f"activation {m.activation} (its GELU is tanh's)"),
             (m.position_embedding == "learned_absolute", f"{m.position_embedding} positions"),
@@ -247,7 +260,7 @@ def save_gguf(ckpt: Checkpoint, out_dir: str, gguf_type: Optional[str] = None) -
         )
     arch = gguf_architecture(ckpt)
     m = ckpt.model
-    keymap = GGUF_GPT2 if arch == "gpt2" else GGUF_LLAMA
+    keymap = {"gpt2": GGUF_GPT2, "qwen3": GGUF_QWEN3}.get(arch, GGUF_LLAMA)
     layers = [layer_config(m, *s) for s in ckpt.layer_shapes] if ckpt.layer_shapes else None
     path = os.path.join(out_dir, "model.gguf")
     w = gguf.GGUFWriter(path, arch)

@@ -1,5 +1,6 @@
 """Hugging Face transformers directories: Llama family (GQA, SwiGLU, RMSNorm, RoPE; Qwen2's q/k/v
-biases, Llama-3 RoPE scaling) and GPT-2.
+biases, Qwen3's per-head q/k norms, Llama-3 RoPE scaling), GPT-2, and the mixtures of experts with
+Llama-family attention (Mixtral, Qwen2-MoE, Qwen3-MoE: their MoE part is hf_moe.py).
 
 Exact or refuse: every config field that changes the function maps to a ModelConfig field or stops
 the conversion naming it, and every stored tensor is read by the key map or named as a leftover.
@@ -17,8 +18,11 @@ from megatron_flextron.checkpoint.io import copy_tokenizer, read_json, tensor_ge
 from megatron_flextron.checkpoint.safetensors_io import shard_specs, write_safetensors
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
+# the model types with Llama-family attention (the last three: mixtures of experts, hf_moe.py)
+_LLAMA_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 # GPT-2 activation_function -> ModelConfig.activation; anything else is refused
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _GPT2_FIXED = (  # (field, the only value megatron represents, why)
@@ -77,23 +81,27 @@ def _check_llama_family(kind: str, cfg: dict) -> None:
         raise _refuse(kind, f"partial_rotary_factor={partial}", "RoPE on every head dimension")
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types") or []
-    if kind == "qwen2":
+    if kind.startswith("qwen"):  # their sliding_window applies only with use_sliding_window
         window = window if cfg.get("use_sliding_window") else None
-    if window is not None or any(t != "full_attention" for t in layer_types):
+    if window is not None:
         raise _refuse(kind, f"sliding_window={window}", "attention is full (causal) everywhere")
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise _refuse(kind, f"layer_types {other}", "attention is full (causal) everywhere")
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
     cfg = check_object("config.json", cfg)
     kind = cfg.get("model_type")
-    if kind in ("llama", "mistral", "qwen2", "gpt2"):
+    if kind in hf_moe.KINDS:  # transformers' defaults differ per family: fill them in first
+        cfg = hf_moe.with_defaults(kind, cfg)
+    if kind in (*_LLAMA_KINDS, "gpt2"):
         check_fields("config.json", cfg, *_SIZES["gpt2" if kind == "gpt2" else "llama"])
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in _LLAMA_KINDS:
         _check_llama_family(kind, cfg)
         rope = cfg.get("rope_parameters") or {}
         heads = cfg["num_attention_heads"]
-        return ModelConfig(
-            "llama",
+        kwargs = dict(
             num_layers=cfg["num_hidden_layers"],
             hidden_size=cfg["hidden_size"],
             ffn_hidden_size=cfg["intermediate_size"],
@@ -106,8 +114,12 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             rotary_base=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             add_qkv_bias=kind == "qwen2",  # Qwen2 always has q/k/v biases and no others
+            qk_layernorm=kind == "qwen3",  # Qwen3 always has per-head q/k RMSNorms
             rope_scaling_factor=_rope_scaling(kind, cfg),
         )
+        if kind in hf_moe.KINDS:
+            kwargs.update(hf_moe.moe_fields(kind, cfg))
+        return ModelConfig("llama", **kwargs)
     if kind == "gpt2":
         act = cfg.get("activation_function", "gelu_new")
         if act not in _GPT2_ACTIVATIONS:
@@ -130,7 +142,7 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
             tie_embeddings=True,
         )
     raise CheckpointError(
-        f"unsupported Hugging Face model_type {kind!r} (llama, mistral, qwen2 or gpt2)"
+        f"unsupported Hugging Face model_type {kind!r} ({', '.join(_LLAMA_KINDS)} or gpt2)"
     )
 
 
@@ -142,7 +154,16 @@ def _llama_family_config(m: ModelConfig) -> dict:
     rope = {"rope_theta": m.rotary_base, "rope_type": "default"}
     if m.rope_scaling_factor is not None:
         rope.update(rope_type="llama3", factor=m.rope_scaling_factor, **LLAMA3_ROPE)
-    arch, kind = ("Qwen2ForCausalLM", "qwen2") if m.add_qkv_bias else ("LlamaForCausalLM", "llama")
+    if m.qk_layernorm and m.add_qkv_bias:
+        raise CheckpointError(
+            "q/k norms together with q/k/v biases have no transformers architecture (Qwen3 has "
+            "the norms and no biases, Qwen2 the biases and no norms)"
+        )
+    arch, kind = ("LlamaForCausalLM", "llama")
+    if m.add_qkv_bias:
+        arch, kind = ("Qwen2ForCausalLM", "qwen2")
+    elif m.qk_layernorm:
+        arch, kind = ("Qwen3ForCausalLM", "qwen3")
     config = {
         "architectures": [arch],
         "model_type": kind,
@@ -160,14 +181,18 @@ def _llama_family_config(m: ModelConfig) -> dict:
         "tie_word_embeddings": m.tie_embeddings,
         "vocab_size": m.vocab_size,
     }
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen3"):
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
-    else:
+    if kind == "qwen3":
+        config.update(attention_bias=False)
+    elif kind == "llama":
         config.update(attention_bias=False, mlp_bias=False)
     return config
 
 
 def hf_config_from_model(m: ModelConfig) -> dict:
+    if m.family == "llama" and m.is_moe:
+        return hf_moe.hf_fields(m, _llama_family_config(m))
     if m.family == "llama":
         return _llama_family_config(m)
     if (
@@ -177,10 +202,11 @@ def hf_config_from_model(m: ModelConfig) -> dict:
         or not m.add_bias_linear
         or m.normalization != "LayerNorm"
         or m.activation not in ("gelu", "gelu_tanh")
+        or m.qk_layernorm
     ):
         raise CheckpointError(
             "GPT-3 style models export as gpt2 only with MHA, tied embeddings, learned positions, "
-            "LayerNorm, GeLU and all linear biases"
+            "LayerNorm, GeLU, all linear biases and no q/k norms"
         )
     if m.kv_channels * m.num_attention_heads != m.hidden_size:
         raise CheckpointError(
@@ -204,6 +230,8 @@ def hf_config_from_model(m: ModelConfig) -> dict:
 
 
 def _keymap(m: ModelConfig):
+    if m.is_moe:
+        return hf_moe.keymap(m)
     return HF_LLAMA if m.family == "llama" else HF_GPT2
 
 

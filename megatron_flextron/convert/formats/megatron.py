@@ -82,6 +82,8 @@ def megatron_lm_flags(m: ModelConfig, model_class: str = "gpt") -> list:
         flags += ["--disable-bias-linear"]
         if m.add_qkv_bias:
             flags += ["--add-qkv-bias"]
+    if m.qk_layernorm:
+        flags += ["--qk-layernorm"]
     if not m.tie_embeddings:
         flags += ["--untie-embeddings-and-output-weights"]
     return [str(f) for f in flags]
@@ -118,6 +120,7 @@ def megatron_lm_args(
         openai_gelu=m.activation == "gelu_tanh",
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         untie_embeddings_and_output_weights=not m.tie_embeddings,
         padded_vocab_size=m.vocab_size,
         make_vocab_size_divisible_by=1,

@@ -19,7 +19,7 @@ _REFUSED = (
     ("apply_residual_connection_post_layernorm", False, "residual taken after the norm"),
     ("apply_layernorm_1p", False, "zero-centred norm weights (1 + gamma)"),
     ("layernorm_zero_centered_gamma", False, "zero-centred norm weights (1 + gamma)"),
-    ("qk_layernorm", False, "norms on queries and keys"),
+    ("qk_l2_norm", False, "L2 norms on queries and keys"),
     ("squared_relu", False, "squared-ReLU MLP"),
     ("quick_geglu", False, "quick-GeGLU MLP"),
     ("glu_linear_offset", 0.0, "an offset inside the gated MLP"),
@@ -162,5 +162,6 @@ def model_config_from_args(args) -> ModelConfig:
         tie_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         norm_epsilon=float(epsilon),
         rotary_base=float(getattr(args, "rotary_base", 10000)),
+        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)) if scaling else None,
     )

@@ -95,6 +95,10 @@ def load_megatron_legacy(path: str) -> Checkpoint:
         raise CheckpointError("a legacy torch checkpoint of a HybridModel: use --ckpt-format "
                               "torch_dist and --loader megatron")
     model = model_config_from_args(first["args"])
+    if model.qk_layernorm:  # only Megatron-Core models have them, under torch_dist names
+        raise CheckpointError("megatron args: qk_layernorm=True in a legacy torch checkpoint is "
+                              "not supported (legacy GPT models have no q/k norms): use "
+                              "--ckpt-format torch_dist and --loader megatron")
     version = float(first.get("checkpoint_version", 0))
     if version < 3.0 and model.is_gqa:
         raise CheckpointError(
