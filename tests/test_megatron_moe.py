@@ -275,3 +275,39 @@ def test_expert_axis_of_the_wrong_size_is_refused(tmp_path):
     torch.save({**common, "args": args}, folder / "common.pt")
     with pytest.raises(CheckpointError, match="mlp.experts.experts.linear_fc1.weight: stacked"):
         load_checkpoint("megatron", str(tmp_path / "meg"))
+
+
+_PARSE = """
+import json, sys, typing
+typing.override = getattr(typing, "override", lambda f: f)  # Python 3.11: Megatron-LM uses 3.12's
+import argparse
+from megatron.training.arguments import add_megatron_arguments
+parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+args, unknown = parser.parse_known_args(open(sys.argv[1]).read().split())
+print(json.dumps({"unknown": unknown, "args": {k: v for k, v in vars(args).items()
+                  if k.startswith(("moe_", "num_experts", "hybrid_layer"))}}, default=str))
+"""
+
+
+def test_megatron_args_txt_parses_with_megatron_lm(tmp_path):
+    """megatron_args.txt of an MoE model is what Megatron-LM's own parser turns into the args the
+    common state holds (every flag known, the same MoE values)."""
+    import json
+    import subprocess
+    import sys
+
+    from megatron_flextron.convert.formats.megatron import save_megatron
+
+    m = moe_config("sigmoid")
+    os.makedirs(tmp_path / "meg")
+    save_megatron(Checkpoint(model=m, state=reference_state(m)), str(tmp_path / "meg"))
+    out = subprocess.run(
+        [sys.executable, "-c", _PARSE, str(tmp_path / "meg" / "megatron_args.txt")],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    parsed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert parsed["unknown"] == []
+    stored = read_common(str(tmp_path / "meg" / "release"))["args"]
+    for key, value in vars(stored).items():
+        if key.startswith(("moe_", "num_experts", "hybrid_layer")):
+            assert parsed["args"][key] == value, key

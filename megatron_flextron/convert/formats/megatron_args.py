@@ -46,7 +46,7 @@ _REFUSED = (
     ("moe_router_force_load_balancing", False, "random (benchmark) routing"),
     ("moe_router_force_biased", None, "biased (benchmark) routing"),
     ("moe_mlp_glu_interleave_size", None, "interleaved gate/up rows in the experts"),
-    ("moe_shared_expert_glu_interleave_size", None, "interleaved gate/up rows in the shared expert"),
+    ("moe_shared_expert_glu_interleave_size", None, "interleaved rows in the shared expert"),
 )
 # load-balancing types that change which experts a token picks at inference (the others only
 # add training losses)
