@@ -188,6 +188,55 @@ def test_hybrid_moe_written_at_ep2_reads_exactly(tmp_path):
         assert_reads(ckpt, m, ref["gathered"], ref["logits"])
 
 
+def _tp2_body(rank, world_size, source, directory, m):
+    """megatron's own resharding: the EP=1 checkpoint loaded into its TP=2 model, then saved
+    again by that model (evaluation mode: megatron's MoE asks for sequence parallelism with TP
+    only in training, and sequence parallelism needs fused norms that CPUs lack)."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(world_size, 1, seed=7)
+    config = m.transformer_config(world_size)
+    model = build_hybrid_model(m, config, elastic=False, pre_process=True, post_process=True)
+    model.eval()
+    source = os.path.join(source, "iter_0000010")
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), source, strict="raise_all")
+    model.load_state_dict(loaded, strict=False)
+    with torch.no_grad():
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+            model(TOKENS, POSITIONS, None)
+        )
+    folder = os.path.join(directory, "iter_0000010")
+    os.makedirs(folder, exist_ok=True)
+    args = argparse.Namespace(**{**vars(moe_args(m)), "tensor_model_parallel_size": world_size})
+    state = {"model": model.sharded_state_dict(), "args": args, "iteration": 10}
+    dist_checkpointing.save(state, folder)
+    if rank == 0:
+        with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("10")
+        torch.save(logits, os.path.join(directory, "logits.pt"))
+
+
+def test_hybrid_moe_written_at_tp2_reads_exactly(tmp_path):
+    """A checkpoint megatron's TP=2 HybridModel ``*E*E`` saved (experts split over TP too)
+    reads the same tensors as the TP=1 one it came from, and the elastic model computes the
+    TP=2 stock model's logits."""
+    m = moe_config("softmax")
+    state = reference_state(m, seed=3)
+    _, logits = write_stock_checkpoint(tmp_path / "tp1", m, state)
+    run_distributed(_tp2_body, 2, str(tmp_path / "tp1"), str(tmp_path / "tp2"), m)
+    from megatron_flextron.checkpoint.dcp_reader import StoredTensors
+
+    stored = StoredTensors(str(tmp_path / "tp2" / "iter_0000010"))
+    fc2 = stored.tensors["decoder.layers.1.mlp.experts.experts.linear_fc2.weight"]
+    assert {tuple(c.sizes) for c in fc2.chunks} == {(1, m.hidden_size, m.moe_ffn_hidden_size // 2)}
+    ckpt = load_checkpoint("megatron", str(tmp_path / "tp2"))
+    tp2_logits = torch.load(tmp_path / "tp2" / "logits.pt")
+    assert (tp2_logits - logits).abs().max() <= 1e-5
+    assert_reads(ckpt, m, state, tp2_logits)
+
+
 @pytest.mark.parametrize(
     "kind, model_class, layout",
     [("softmax", "hybrid", "megatron"), ("softmax", "hybrid", "grouped"),
