@@ -62,7 +62,8 @@ def reference_state(m, seed: int = 0) -> dict:
 def moe_args(m, model_class: str = "hybrid", ep: int = 1) -> argparse.Namespace:
     """Megatron-LM's args of a MoE run, training-only MoE arguments included."""
     hybrid = model_class == "hybrid"
-    extra = dict(hybrid_layer_pattern=layer_pattern(m.num_layers, moe=True)) if hybrid else {}
+    # two pipeline stages in the pattern ("*E|*E"), as a PP=2 run stores it
+    extra = dict(hybrid_layer_pattern=layer_pattern(m.num_layers, 2, moe=True)) if hybrid else {}
     return megatron_lm_args(
         num_layers=2 * m.num_layers if hybrid else m.num_layers, hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size, num_attention_heads=m.num_attention_heads,
