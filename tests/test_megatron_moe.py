@@ -18,6 +18,7 @@ from helpers import tiny_config
 from test_convert import TOKENS
 from test_megatron_dist import megatron_lm_args
 
+from megatron_flextron.checkpoint.flextron import read_flextron
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
 from megatron_flextron.convert import ConvertOptions, convert, load_checkpoint
 from megatron_flextron.convert.formats.megatron_dist import read_common
@@ -245,7 +246,7 @@ def test_hybrid_moe_written_at_tp2_reads_exactly(tmp_path):
 )  # fmt: skip
 def test_moe_written_at_ep1_reads_exactly(tmp_path, kind, model_class, layout):
     """EP=1 in this process: HybridModel and GPTModel (layers and experts both stacked on
-    axes), Transformer Engine's grouped-GEMM names."""
+    axes), Transformer Engine's grouped-GEMM names; converted to flextron exactly."""
     m = moe_config(kind)
     state = reference_state(m, seed=1)
     gathered, logits = write_stock_checkpoint(tmp_path, m, state, model_class, layout)
@@ -255,6 +256,10 @@ def test_moe_written_at_ep1_reads_exactly(tmp_path, kind, model_class, layout):
         "HybridModel" if model_class == "hybrid" else "GPTModel"
     )
     assert_reads(ckpt, m, gathered, logits)
+    convert(ConvertOptions("megatron", "flextron", str(tmp_path), str(tmp_path / "fx")))
+    back = read_flextron(str(tmp_path / "fx"))
+    assert back.state.keys() == state.keys()
+    assert all(torch.equal(back.state[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("model_class", ["hybrid", "gpt"])

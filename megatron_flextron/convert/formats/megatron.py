@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -32,7 +31,6 @@ from megatron_flextron.checkpoint.io import copy_tokenizer, dist_save, write_jso
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, state_dtype
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.hybrid import layer_pattern
-from megatron_flextron.elastic.tp_layout import local_to_global_names
 
 MODEL_CLASSES = ("hybrid", "gpt")
 _MOE_ARGS = (
@@ -174,34 +172,6 @@ def megatron_lm_args(
     )
 
 
-def copy_into_model(model: torch.nn.Module, state) -> None:
-    """The canonical state into a whole stock model: its parameters, and the routers'
-    ``expert_bias`` buffers (kept in the state's dtype, as megatron keeps them in fp32 whatever
-    the model's)."""
-    names = {canonical: name for name, canonical in local_to_global_names(model).items()}
-    biases = [n for n in names if n.endswith(".router.expert_bias")]
-    copy_into_parameters(model, _Without(state, set(biases)))
-    for name in biases:
-        module, _, buffer = names[name].rpartition(".")
-        setattr(model.get_submodule(module), buffer, state[name].clone())
-
-
-class _Without(Mapping):
-    """A state without some of its names (read lazily, as the state is)."""
-
-    def __init__(self, state, left_out: set):
-        self.state, self.names = state, [n for n in state if n not in left_out]
-
-    def __getitem__(self, name):
-        return self.state[name]
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self):
-        return len(self.names)
-
-
 def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = None) -> None:
     """Stream the state into a stock megatron model of its dtype (the only copy held) and save
     it with megatron's dist_checkpointing. ``model_class``: "hybrid" or "gpt"; None: hybrid,
@@ -220,7 +190,7 @@ def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = N
     model = converter_model(
         m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes, model_class=model_class
     )
-    copy_into_model(model, ckpt.state)
+    copy_into_parameters(model, ckpt.state)  # and the routers' expert_bias buffers
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     sharded = views_copied_once(model.sharded_state_dict(), model)

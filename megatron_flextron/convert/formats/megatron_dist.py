@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_flextron.checkpoint.common_state import read_common_state as read_common
-from megatron_flextron.checkpoint.dcp_reader import StoredTensors, _region_planner, load_shards
+from megatron_flextron.checkpoint.dcp_reader import StoredTensors
 from megatron_flextron.checkpoint.flextron import _NORM_KEYS, TRACKER_FILE, iteration_dir
 from megatron_flextron.checkpoint.io import read_json
 from megatron_flextron.checkpoint.state import (
@@ -196,15 +196,7 @@ def _read_parts(stored: StoredTensors, parts) -> torch.Tensor:
 
 def _read_index(stored: StoredTensors, key: str, index: Tuple[int, ...]) -> torch.Tensor:
     """``key[index]`` (a layer, or a layer's expert), reading only the chunks that hold it."""
-    if not index:
-        return stored.read(key)
-    shape, dtype = stored.spec(key)
-    sizes = (1,) * len(index) + tuple(shape[len(index) :])
-    out = torch.empty(sizes, dtype=dtype)
-    offsets = tuple(index) + (0,) * (len(shape) - len(index))
-    planner = _region_planner(key, offsets, sizes)
-    load_shards(stored.folder, {key: out}, reader=stored.reader, no_dist=True, planner=planner)
-    return out.reshape(shape[len(index) :])
+    return stored.read_layer(key, index) if index else stored.read(key)
 
 
 _EMBED = "embedding.word_embeddings.weight"
