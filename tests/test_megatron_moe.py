@@ -112,16 +112,13 @@ def grouped_names(sharded: dict, model) -> dict:
         expert, module, what = rest.split(".")
         if what == "_extra_state":
             key = f"{layer}.mlp.experts.experts.{module}._extra_state"
-            out[name] = ShardedObject(key, b"", (m_experts(model),), (int(expert),))
+            experts = model.config.num_moe_experts
+            out[name] = ShardedObject(key, b"", (experts,), (int(expert),))
             continue
         tensor = params[name].detach().clone()
         key = f"{layer}.mlp.experts.{module}.{what}{expert}"
         out[name] = ShardedTensor.from_rank_offsets(key, tensor)
     return out
-
-
-def m_experts(model) -> int:
-    return model.config.num_moe_experts
 
 
 def write_stock_checkpoint(directory, m, state, model_class="hybrid", layout="megatron", ep=1):
