@@ -230,6 +230,11 @@ def test_megatron_legacy_refuses_unrepresented_args_and_parts(tmp_path):
     _refused(tmp_path, "apply_residual_connection_post_layernorm=True", "megatron_legacy",
              tmp_path / "legacy")
     sd["args"].apply_residual_connection_post_layernorm = False
+    sd["args"].num_experts, sd["args"].add_bias_linear = 4, False  # MoE runs are torch_dist
+    torch.save(sd, file)
+    _refused(tmp_path, "num_experts=4 is not supported in a legacy", "megatron_legacy",
+             tmp_path / "legacy")
+    sd["args"].num_experts, sd["args"].add_bias_linear = None, True
     sd["model"]["language_model"]["pooler"] = {"dense.weight": torch.ones(2, 2)}
     torch.save(sd, file)
     _refused(tmp_path, r"does not convert: \['pooler'\]", "megatron_legacy", tmp_path / "legacy")

@@ -33,6 +33,16 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.elastic.hybrid import layer_pattern
 
 MODEL_CLASSES = ("hybrid", "gpt")
+_MOE_ARGS = (
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "moe_router_enable_expert_bias",
+    "moe_router_topk_scaling_factor",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+)
 
 
 def megatron_lm_flags(m: ModelConfig, model_class: str = "gpt") -> list:
@@ -49,7 +59,7 @@ def megatron_lm_flags(m: ModelConfig, model_class: str = "gpt") -> list:
         2 * m.num_layers if hybrid else m.num_layers,
     ]
     if hybrid:
-        flags += ["--hybrid-layer-pattern", layer_pattern(m.num_layers)]
+        flags += ["--hybrid-layer-pattern", layer_pattern(m.num_layers, moe=m.is_moe)]
     flags += [
         "--hidden-size",
         m.hidden_size,
@@ -86,7 +96,31 @@ def megatron_lm_flags(m: ModelConfig, model_class: str = "gpt") -> list:
         flags += ["--qk-layernorm"]
     if not m.tie_embeddings:
         flags += ["--untie-embeddings-and-output-weights"]
-    return [str(f) for f in flags]
+    return [str(f) for f in flags + moe_flags(m)]
+
+
+def moe_flags(m: ModelConfig) -> list:
+    """Megatron-LM's mixture-of-experts flags (every layer a mixture: ``--moe-layer-freq 1``)."""
+    if not m.is_moe:
+        return []
+    flags = [
+        "--num-experts", m.num_moe_experts,
+        "--moe-ffn-hidden-size", m.moe_ffn_hidden_size,
+        "--moe-router-topk", m.moe_router_topk,
+        "--moe-router-score-function", m.moe_router_score_function,
+        "--moe-layer-freq", 1,
+    ]  # fmt: skip
+    if m.moe_router_pre_softmax:
+        flags += ["--moe-router-pre-softmax"]
+    if m.moe_router_enable_expert_bias:
+        flags += ["--moe-router-enable-expert-bias"]
+    if m.moe_router_topk_scaling_factor is not None:
+        flags += ["--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor]
+    if m.moe_shared_expert_intermediate_size:
+        flags += ["--moe-shared-expert-intermediate-size", m.moe_shared_expert_intermediate_size]
+        if m.moe_shared_expert_gate:
+            flags += ["--moe-shared-expert-gate"]
+    return flags
 
 
 def megatron_lm_args(
@@ -98,8 +132,13 @@ def megatron_lm_args(
     gqa = m.num_query_groups != m.num_attention_heads
     hybrid = {}
     if model_class == "hybrid":
-        hybrid["hybrid_layer_pattern"] = layer_pattern(m.num_layers)
+        hybrid["hybrid_layer_pattern"] = layer_pattern(m.num_layers, moe=m.is_moe)
+    moe = {}
+    if m.is_moe:  # Megatron-LM's names (ModelConfig's, but num_experts)
+        moe = {k: v for k, v in m.moe_kwargs().items() if k in _MOE_ARGS}
+        moe.update(num_experts=m.num_moe_experts, moe_layer_freq=1)
     return argparse.Namespace(
+        **moe,
         **hybrid,
         num_layers=2 * m.num_layers if hybrid else m.num_layers,
         hidden_size=m.hidden_size,
@@ -154,7 +193,7 @@ def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = N
     model = converter_model(
         m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes, model_class=model_class
     )
-    copy_into_parameters(model, ckpt.state)
+    copy_into_parameters(model, ckpt.state)  # and the routers' expert_bias buffers
     shards = os.path.join(out_dir, "release")
     os.makedirs(shards)
     sharded = views_copied_once(model.sharded_state_dict(), model)

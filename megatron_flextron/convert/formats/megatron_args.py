@@ -24,7 +24,6 @@ _REFUSED = (
     ("quick_geglu", False, "quick-GeGLU MLP"),
     ("glu_linear_offset", 0.0, "an offset inside the gated MLP"),
     ("activation_func_clamp_value", None, "a clamped activation"),
-    ("num_experts", None, "mixture-of-experts MLPs"),
     ("multi_latent_attention", False, "multi-latent attention"),
     ("window_size", None, "sliding-window attention"),
     ("attention_output_gate", False, "a gate on the attention output"),
@@ -35,7 +34,23 @@ _REFUSED = (
     ("no_rope_freq", None, "layers without RoPE"),
     ("softmax_type", "vanilla", "a non-standard attention softmax"),
     ("experimental_attention_variant", None, "a non-standard attention"),
+    # mixture of experts: what changes routing or the experts beyond the represented fields
+    ("moe_router_num_groups", None, "group-limited routing"),
+    ("moe_router_group_topk", None, "group-limited routing"),
+    ("moe_router_topk_limited_devices", None, "device-limited routing"),
+    ("moe_expert_capacity_factor", None, "token dropping at an expert capacity"),
+    ("moe_expert_rank_capacity_factor", None, "token dropping at a rank capacity"),
+    ("moe_token_dropping", False, "token dropping"),
+    ("moe_latent_size", None, "experts in a latent space"),
+    ("moe_apply_probs_on_input", False, "routing weights applied to the experts' input"),
+    ("moe_router_force_load_balancing", False, "random (benchmark) routing"),
+    ("moe_router_force_biased", None, "biased (benchmark) routing"),
+    ("moe_mlp_glu_interleave_size", None, "interleaved gate/up rows in the experts"),
+    ("moe_shared_expert_glu_interleave_size", None, "interleaved rows in the shared expert"),
 )
+# load-balancing types that change which experts a token picks at inference (the others only
+# add training losses)
+_ROUTING_TYPES = ("sinkhorn", "quantile_balancing")
 _POSITIONS = ("learned_absolute", "rope")
 _NORMS = ("LayerNorm", "RMSNorm")
 
@@ -53,7 +68,7 @@ def position_embedding(args) -> str:
     return "learned_absolute" if getattr(args, "add_position_embedding", True) else "none"
 
 
-# what each HybridModel layer symbol is; only a dense block (attention, then MLP) is represented
+# what each HybridModel layer symbol is; a block is attention, then an MLP (dense or experts)
 _HYBRID_KINDS = {
     "*": "attention",
     "-": "MLP",
@@ -63,12 +78,14 @@ _HYBRID_KINDS = {
     "+": "multi-latent attention",
     "E": "mixture-of-experts MLP",
 }
+_BLOCK_KINDS = {"-": "dense", "E": "mixture-of-experts"}
 
 
 def hybrid_blocks(args):
-    """The number of dense blocks of a Megatron-LM HybridModel (``--hybrid-layer-pattern``),
-    or None for a GPTModel. Refuses, naming the layer, every pattern that is not ``*-`` per
-    block (pipeline splits ``|`` allowed); multi-token-prediction layers (``/``) too."""
+    """The number of blocks of a Megatron-LM HybridModel (``--hybrid-layer-pattern``), or None
+    for a GPTModel. Refuses, naming the layer, every pattern that is not ``*-`` per block (``*E``
+    with ``num_experts``: every block's MLP a mixture of experts; pipeline splits ``|``
+    allowed); multi-token-prediction layers (``/``) too."""
     arg = "hybrid_layer_pattern"
     pattern = getattr(args, arg, None)
     if pattern is None:
@@ -78,18 +95,21 @@ def hybrid_blocks(args):
     if "/" in pattern:
         raise _refuse(arg, pattern, "multi-token-prediction layers after '/'")
     layers = pattern.replace("|", "")
+    mlp = "E" if getattr(args, "num_experts", None) else "-"
+    block = "*" + mlp
     for i, symbol in enumerate(layers):
-        want = "*" if i % 2 == 0 else "-"
+        want = block[i % 2]
         if symbol != want:
             kind = _HYBRID_KINDS.get(symbol, "an unknown layer kind")
             raise _refuse(
                 arg,
                 pattern,
-                f"layer {i} is {symbol!r} ({kind}) where a dense block's "
-                f"{_HYBRID_KINDS[want]} ({want!r}) belongs: only '*-' per block is represented",
+                f"layer {i} is {symbol!r} ({kind}) where a {_BLOCK_KINDS[mlp]} block's "
+                f"{_HYBRID_KINDS[want]} ({want!r}) belongs: only {block!r} per block is "
+                f"represented (num_experts={getattr(args, 'num_experts', None)})",
             )
     if not layers or len(layers) % 2:
-        raise _refuse(arg, pattern, "it does not end a block with its MLP ('-')")
+        raise _refuse(arg, pattern, f"it does not end a block with its MLP ({mlp!r})")
     num_layers = getattr(args, "num_layers", None)
     if num_layers not in (None, len(layers)):
         raise CheckpointError(
@@ -114,6 +134,24 @@ def check_supported(args) -> None:
         raise _refuse("normalization", norm, f"one of {_NORMS}")
     if getattr(args, "swiglu", False) and getattr(args, "openai_gelu", False):
         raise _refuse("openai_gelu", True, "with --swiglu")
+    if getattr(args, "num_experts", None):
+        check_moe_supported(args)
+
+
+def check_moe_supported(args) -> None:
+    """Every layer a mixture of experts, with the routing and experts ModelConfig represents."""
+    freq = getattr(args, "moe_layer_freq", 1)
+    if not (freq == 1 or (isinstance(freq, (list, tuple)) and set(freq) == {1})):
+        raise _refuse("moe_layer_freq", freq, "dense layers mixed with mixture-of-experts layers")
+    kinds = getattr(args, "moe_router_load_balancing_type", "aux_loss")
+    for kind in kinds if isinstance(kinds, (list, tuple)) else [kinds]:
+        if kind in _ROUTING_TYPES:
+            raise _refuse("moe_router_load_balancing_type", kinds, f"{kind} routing")
+    score = getattr(args, "moe_router_score_function", "softmax")
+    if score not in ("softmax", "sigmoid"):
+        raise _refuse("moe_router_score_function", score, "softmax or sigmoid")
+    if getattr(args, "add_bias_linear", True):
+        raise _refuse("add_bias_linear", True, "biases in the experts")
 
 
 # the sizes the model is built from: (required, optional) {argument: type}
@@ -125,7 +163,8 @@ _SIZES = (
 
 
 def model_config_from_args(args) -> ModelConfig:
-    """The dense architecture a Megatron-LM run trained (vocabulary: the padded size)."""
+    """The architecture a Megatron-LM run trained, dense or mixture of experts (vocabulary: the
+    padded size)."""
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(
             f"megatron args are a {type(args).__name__}, not Megatron-LM's argparse.Namespace"
@@ -164,4 +203,30 @@ def model_config_from_args(args) -> ModelConfig:
         rotary_base=float(getattr(args, "rotary_base", 10000)),
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         rope_scaling_factor=float(getattr(args, "rope_scaling_factor", 8.0)) if scaling else None,
+        **moe_fields(args),
+    )
+
+
+def moe_fields(args) -> dict:
+    """ModelConfig's mixture-of-experts fields (the same names as Megatron-LM's arguments, but
+    ``num_experts``); empty for a dense model. Training-only arguments (auxiliary and z losses,
+    the load-balancing loss type, the bias update rate, input jitter, dispatcher, grouped GEMM,
+    router dtype) do not change the function and are not carried."""
+    experts = getattr(args, "num_experts", None)
+    if not experts:
+        return {}
+    scaling = getattr(args, "moe_router_topk_scaling_factor", None)
+    return dict(
+        num_moe_experts=experts,
+        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None)
+        or getattr(args, "ffn_hidden_size", None),
+        moe_router_topk=getattr(args, "moe_router_topk", 2),
+        moe_router_score_function=getattr(args, "moe_router_score_function", "softmax"),
+        moe_router_pre_softmax=bool(getattr(args, "moe_router_pre_softmax", False)),
+        moe_router_enable_expert_bias=bool(getattr(args, "moe_router_enable_expert_bias", False)),
+        moe_router_topk_scaling_factor=None if scaling is None else float(scaling),
+        moe_shared_expert_intermediate_size=getattr(
+            args, "moe_shared_expert_intermediate_size", None
+        ),
+        moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
     )

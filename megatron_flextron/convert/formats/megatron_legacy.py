@@ -99,6 +99,12 @@ def load_megatron_legacy(path: str) -> Checkpoint:
         raise CheckpointError("megatron args: qk_layernorm=True in a legacy torch checkpoint is "
                               "not supported (legacy GPT models have no q/k norms): use "
                               "--ckpt-format torch_dist and --loader megatron")
+    if model.is_moe:  # the legacy (non-mcore) GPT has no experts; mcore MoE runs are torch_dist
+        raise CheckpointError(
+            f"megatron args: num_experts={model.num_moe_experts} is not supported in a legacy "
+            "torch checkpoint (mixture-of-experts: use --ckpt-format torch_dist and "
+            "--loader megatron)"
+        )
     version = float(first.get("checkpoint_version", 0))
     if version < 3.0 and model.is_gqa:
         raise CheckpointError(
