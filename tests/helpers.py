@@ -106,12 +106,26 @@ def train_step(ddp_model, tokens, labels, forward_only: bool = False):
     return None, None
 
 
+def train_tiny_tokenizer(tok_dir: str, texts) -> None:
+    """A byte-level BPE of 320 tokens (``<|endoftext|>`` = 0) trained on ``texts``, saved as
+    ``tok_dir``/tokenizer.json: what a tiny flextron checkpoint carries to generate text."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    os.makedirs(tok_dir, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.save(os.path.join(tok_dir, "tokenizer.json"))
+
+
 def write_training_setup(directory: str, family: str = "llama", docs: int = 300) -> dict:
     """A tiny flextron checkpoint (random weights) with a byte-level BPE tokenizer trained on the
     bundled corpus, and that corpus preprocessed to .bin/.idx: what the trainer needs."""
     import os
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from megatron_flextron.checkpoint.flextron import save_flextron
     from megatron_flextron.checkpoint.state import Checkpoint
@@ -120,14 +134,8 @@ def write_training_setup(directory: str, family: str = "llama", docs: int = 300)
     from megatron_flextron.data.tokenizer import build_tokenizer
 
     tok_dir = os.path.join(directory, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
     texts = wiki_documents("train")[:docs]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"])
-    tok.train_from_iterator(texts, trainer)
-    tok.save(os.path.join(tok_dir, "tokenizer.json"))
+    train_tiny_tokenizer(tok_dir, texts)
     model = tiny_config(family, vocab_size=320)
     ckpt = Checkpoint(
         model=model,

@@ -206,6 +206,27 @@ def _controller_class():
     return SamplingController
 
 
+def check_moe_layers(model) -> None:
+    """Every MoE layer must be elastic and run megatron's ordinary route -> dispatch -> experts
+    path while the engine's ``InferenceMode`` is on: megatron swaps in its own dispatcher and
+    fused experts then only for ``transformer_impl="inference_optimized"``, whose router and
+    experts would ignore the sub-network (fewer experts, narrower experts, smaller top-k)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_flextron.elastic.moe import ElasticMoELayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and (
+            not isinstance(module, ElasticMoELayer)
+            or hasattr(module, "_inference_token_dispatcher")
+        ):
+            raise ValueError(
+                f"{name}: {type(module).__name__} with transformer_impl="
+                f"{module.config.transformer_impl!r} cannot serve MoE sub-networks: serve the "
+                "elastic MoE layer (build_elastic_model), not megatron's inference-optimized one"
+            )
+
+
 @contextlib.contextmanager
 def _inference_mode():
     """megatron's process-wide "an engine uses the model" flag, only while one does (its engine
@@ -290,6 +311,7 @@ class ElasticGenerator:
                 f"max sequence length {max_sequence_length} exceeds the model's "
                 f"{limit} learned positions"
             )
+        check_moe_layers(model)
         logging.getLogger("megatron.core.inference").setLevel(logging.WARNING)
         self.model, self.selector = model, selector
         self.tokenizer = EngineTokenizer(tokenizer, end_ids)

@@ -3,9 +3,10 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the tokenizer's chat template), with
 ``stream``, ``n``, ``seed``, ``stop``, ``logprobs`` and ``usage``; ``GET /v1/models`` lists every
 budget and named sub-network as a model id (``smollm2``, ``smollm2@0.5``,
-``smollm2@mlp768-heads6``), so any OpenAI client picks one by ``model``. The ``budget`` and
-``subnetwork`` body fields (and ``top_k``) are accepted as well. A field this server does not
-know or does not support is a 400 naming it: nothing is silently ignored.
+``smollm2@mlp768-heads6``; a mixture of experts: ``qwen3moe@experts4-moe_ffn16-topk1-heads4``),
+so any OpenAI client picks one by ``model``. The ``budget`` and ``subnetwork`` body fields (and
+``top_k``) are accepted as well. A field this server does not know or does not support is a 400
+naming it: nothing is silently ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from megatron_flextron.inference.http import HTTPError
 
 MAX_PROMPTS = 128
 MAX_N = 16
-_SUBNET_ID = re.compile(r"^mlp(\d+)-heads(\d+)(?:-layers(\d+))?$")
+_SUBNET_ID = re.compile(r"^mlp(?P<mlp>\d+)-heads(?P<heads>\d+)(?:-layers(?P<layers>\d+))?$")
+_MOE_SUBNET_ID = re.compile(r"^experts(?P<experts>\d+)-moe_ffn(?P<moe_ffn>\d+)-topk(?P<topk>\d+)"
+                            r"(?:-heads(?P<heads>\d+))?(?:-layers(?P<layers>\d+))?$")
 
 # fields accepted only at their no-op value: anything else is a 400 saying so
 _NO_OP = {"echo": False, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
@@ -85,19 +88,27 @@ def selection(body: dict) -> dict:
 
 class ModelCatalog:
     """Model ids: ``name`` (the full model, or the policy's default), ``name@B`` per budget,
-    ``name@mlpM-headsH[-layersL]`` per named sub-network."""
+    ``name@mlpM-headsH[-layersL]`` per named sub-network; a mixture of experts names its
+    sub-networks ``name@expertsE-moe_ffnF-topkK[-headsH][-layersL]`` (the spec's keys)."""
 
     def __init__(self, name: str, generator: ElasticGenerator):
         self.name, self.generator = name, generator
         sel = generator.selector
         m, e = sel.model_config, sel.elastic
-        budgets = getattr(sel.policy, "budgets", None)
-        if not budgets:
-            full = m.ffn_hidden_size
-            budgets = sorted({round(w / full, 4) for w in e.choices_with_full(m)[0]}, reverse=True)
-        self.budgets = [float(b) for b in budgets]
         mlp, heads = e.choices_with_full(m)
-        self.subnetworks = [f"mlp{w}-heads{h}" for w in mlp for h in heads]
+        budgets = getattr(sel.policy, "budgets", None)
+        if m.is_moe:
+            experts, widths, topks = e.moe_choices_with_full(m)
+            if not budgets:  # the expert width ratios, as the MLP ratios of a dense model
+                budgets = sorted({round(w / m.moe_ffn_hidden_size, 4) for w in widths},
+                                 reverse=True)
+            self.subnetworks = [f"experts{x}-moe_ffn{w}-topk{k}-heads{h}" for x in experts
+                                for w in widths for k in topks if k <= x for h in heads]
+        else:
+            if not budgets:
+                budgets = sorted({round(w / m.ffn_hidden_size, 4) for w in mlp}, reverse=True)
+            self.subnetworks = [f"mlp{w}-heads{h}" for w in mlp for h in heads]
+        self.budgets = [float(b) for b in budgets]
         self.created = int(time.time())
 
     def ids(self) -> List[str]:
@@ -128,14 +139,14 @@ class ModelCatalog:
             return {"budget": float(which)}
         except ValueError:
             pass
-        match = _SUBNET_ID.match(which)
-        if not match:
-            raise HTTPError(404, f"model {model_id!r} does not exist: after '@' comes a budget "
-                            "(0.5) or mlpM-headsH[-layersL]", "model", "model_not_found")
-        spec = {"mlp": int(match[1]), "heads": int(match[2])}
-        if match[3]:
-            spec["layers"] = int(match[3])
-        return {"subnetwork": spec}
+        for pattern in (_SUBNET_ID, _MOE_SUBNET_ID):
+            match = pattern.match(which)
+            if match:
+                return {"subnetwork": {k: int(v) for k, v in match.groupdict().items()
+                                       if v is not None}}
+        raise HTTPError(404, f"model {model_id!r} does not exist: after '@' comes a budget "
+                        "(0.5), mlpM-headsH[-layersL] or expertsE-moe_ffnF-topkK[-headsH]"
+                        "[-layersL]", "model", "model_not_found")
 
 
 def _sampling_fields(body: dict, max_tokens: int, logprobs: Optional[int]) -> Sampling:

@@ -97,9 +97,8 @@ class SubnetworkSelector:
                 "for all of them: serve every head of this model (or export the sub-network "
                 "with tools/convert_checkpoint.py --subnetwork and serve the dense model)"
             )
-        key = ("static", subnet.mlp, subnet.heads, subnet.layers, subnet.skip_attention,
-               subnet.skip_mlp)
-        return Architecture(key, subnet, budget, info=info)
+        # the whole sub-network (every axis, MoE ones included) decides what a step runs
+        return Architecture(("static", subnet), subnet, budget, info=info)
 
     def active(self, model, arch: Architecture) -> ContextManager:
         """``model`` runs ``arch`` inside the block (views only: no copy of the weights) and is

@@ -227,6 +227,8 @@ class NearestChoices(BudgetPolicy):
         choice = self.nearest(budget)
         mlp, heads = self.elastic.choices_with_full(self.model_cfg)
         m = self.model_cfg
+        if m.is_moe:
+            return self._moe_note(budget, choice)
         if budget * m.ffn_hidden_size >= mlp[-1] or budget * m.num_attention_heads >= heads[-1]:
             return choice
         subnet = choice.subnetwork
@@ -237,10 +239,27 @@ class NearestChoices(BudgetPolicy):
             f"{m.ffn_hidden_size}, {heads[-1]} of {m.num_attention_heads} heads): it runs that, "
             f"{subnet.to_dict()}, {ratio:.3f} of the full model's parameters"
         )
+        return self._noted(budget, choice, note)
+
+    def _moe_note(self, budget: float, choice: Choice) -> Choice:
+        """A mixture of experts' budget maps to the largest sub-network whose active (or total)
+        parameters fit; when even the smallest does not fit, the note says what runs."""
+        m, kind = self.model_cfg, self.elastic.budget_type
+        full = count_parameters(Subnetwork.full(m), m)[kind]
+        ratio = count_parameters(choice.subnetwork, m)[kind] / full
+        if ratio <= budget + 1e-9:
+            return choice
+        note = (
+            f"budget {budget:g} is below the smallest sub-network: it runs that, "
+            f"{choice.subnetwork.to_dict()}, {ratio:.3f} of the full model's {kind} parameters"
+        )
+        return self._noted(budget, choice, note)
+
+    def _noted(self, budget: float, choice: Choice, note: str) -> Choice:
         if budget not in self._warned:
             self._warned.add(budget)
             print(f"warning: {note}", file=sys.stderr)
-        return Choice(budget, subnet, {**choice.info, "note": note})
+        return Choice(budget, choice.subnetwork, {**choice.info, "note": note})
 
 
 class StaticRouterPolicy(BudgetPolicy):
