@@ -179,6 +179,29 @@ def test_a_budget_below_every_moe_sub_network_says_what_runs(generator):
     assert "note" not in generator.selector.resolve(budget=0.75).info
 
 
+def _tp2_body(rank, world_size, ckpt_dir, selections, expected):
+    from megatron_flextron.inference import build_generator
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(world_size, 1, seed=1234)
+    generator = build_generator(ckpt_dir, max_batch_size=4, max_sequence_length=64)
+    requests = [generator.request(PROMPT, Sampling.greedy(NEW), **s) for s in selections]
+    got = [r.tokens for r in generator.generate(requests)]
+    assert got == expected, (rank, got, expected)
+
+
+def test_tp2_serves_the_moe_sub_networks_one_process_serves(moe_ckpt, generator):
+    """The checkpoint loaded at TP=2 (every expert's neurons split over the ranks, megatron's
+    all-gather dispatcher across them) generates, at a spec and a budget, what TP=1 does."""
+    from distributed import run_distributed
+
+    selections = [{"subnetwork": SUBNET}, {"budget": 0.75}, {}]
+    requests = [generator.request(PROMPT, Sampling.greedy(NEW), **s) for s in selections]
+    expected = [r.tokens for r in generator.generate(requests)]
+    assert len({tuple(t) for t in expected}) == 3
+    run_distributed(_tp2_body, 2, moe_ckpt, selections, expected)
+
+
 @pytest.fixture(scope="module")
 def served(generator):
     from megatron_flextron.inference.server import TextGenerationServer
