@@ -285,14 +285,18 @@ def test_openai_client_lists_and_uses_the_moe_model_ids(served):
 def test_generate_tool_runs_moe_sub_networks_and_budgets(moe_ckpt, generator):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     env.pop("MASTER_PORT", None)
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", moe_ckpt,
-         "--subnetwork", json.dumps(SUBNET), "--max-new-tokens", str(NEW), "--prompt", PROMPT],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    (line,) = [json.loads(x) for x in out.stdout.strip().splitlines()]
-    want = generator.generate([generator.request(PROMPT, Sampling.greedy(NEW),
-                                                 subnetwork=SUBNET)])[0]  # fmt: skip
-    assert line["tokens"] == want.tokens and line["text"] == want.text
-    assert line["subnetwork"] == {"mlp": 96, "heads": 4, **SUBNET}
+    for flag, value, select in (("--subnetwork", json.dumps(SUBNET), {"subnetwork": SUBNET}),
+                                ("--budget", "0.75", {"budget": 0.75})):
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", moe_ckpt,
+             flag, value, "--max-new-tokens", str(NEW), "--prompt", PROMPT],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        (line,) = [json.loads(x) for x in out.stdout.strip().splitlines()]
+        request = generator.request(PROMPT, Sampling.greedy(NEW), **select)
+        want = generator.generate([request])[0]
+        assert line["tokens"] == want.tokens and line["text"] == want.text
+        assert {k: v for k, v in line.items() if k not in ("prompt", "text", "tokens")} == {
+            "finish_reason": "length", **request.architecture.describe()}
+    assert line["subnetwork"]["experts"] == 4 and line["chosen_by"] == "nearest choices"
