@@ -239,3 +239,45 @@ def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path
     path = tmp_path / "ep1.pt"
     torch.save({"state": state, "stats": reference}, path)
     run_distributed(_ep_body, 2, str(path), kind)
+
+
+def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_path):
+    """The converter's entry point: experts and their neurons come out ranked, the function
+    unchanged, and the metadata says how."""
+    from helpers import elastic_choices
+    from test_importance import SEQ, _calibration_file
+
+    from megatron_flextron.checkpoint.state import Checkpoint
+    from megatron_flextron.importance import rank_and_permute
+    from megatron_flextron.importance.expert_permute import permute_moe_state
+
+    m = moe_config("softmax")
+    state = moe_state(m)
+    ckpt = Checkpoint(model=m, state=state, elastic=elastic_choices(m))
+    data = _calibration_file(tmp_path / "calib.jsonl")
+    ranked = rank_and_permute(ckpt, data, samples=16, seq_length=SEQ)
+    info = ranked.metadata["importance"]
+    losses = info["expert_selection"]["loss"]
+    assert info["expert_selection"]["experts"] == [E // 2, E // 4]
+    mean = {k: sum(v.values()) / len(v) for k, v in losses.items()}
+    assert set(mean) == {"original", "frequency", "reap"}
+    assert info["expert_estimator"] == min(mean, key=mean.get)
+    assert (
+        info["expert_order"] == info["expert_selection"]["expert_order"][info["expert_estimator"]]
+    )
+    assert info["expert_neuron_estimator"] in ("original", "activation")
+    assert info["expert_neuron_selection"]["moe_ffn"] == FFN // 2
+
+    # the state is the source permuted by the recorded orders, and computes the same function
+    orders = [torch.tensor(o) for o in info["expert_order"]]
+    neurons = [torch.tensor(n) for n in info["expert_neuron_order"]]  # by ranked position
+    by_source = [torch.empty_like(n) for n in neurons]
+    for layer in range(m.num_layers):
+        by_source[layer][orders[layer]] = neurons[layer]
+    shared = [torch.tensor(s) for s in info["shared_neuron_order"]]
+    expected = permute_moe_state(state, m, orders, by_source, shared)
+    for name in state:
+        assert torch.equal(ranked.state[name], expected[name]), name
+    batch = calibration()[1]
+    before = logits_of(build(m, state), batch)
+    assert (logits_of(build(m, dict(ranked.state)), batch) - before).abs().max() < 1e-5
