@@ -64,7 +64,7 @@ def moe_model_config(vocab: int, seq: int):
     )
 
 
-def train(m, windows, steps: int, batch: int, lr: float, aux: float):
+def train(m, windows, steps: int, batch: int, lr: float, aux: float, seed: int = 0):
     """A tiny MoE trained with AdamW (cosine schedule) through megatron's schedule."""
     import torch
 
@@ -72,13 +72,13 @@ def train(m, windows, steps: int, batch: int, lr: float, aux: float):
     from megatron_flextron.elastic.tp_layout import gather_canonical
     from megatron_flextron.lm_step import forward_backward, pad_microbatches
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     overrides = {}
     if aux > 0:
         overrides = dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=aux)
     model = build_elastic_model(m, m.transformer_config(**overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed + 1)
     losses = []
     for step in range(steps):
         for group in opt.param_groups:
@@ -110,7 +110,12 @@ def evaluate(ckpt, ranked, test) -> dict:
     candidates = ranked.metadata["importance"]["expert_selection"]["expert_order"]
     columns = {
         name: permute_moe_state(ckpt.state, m, [torch.tensor(o) for o in candidates[key]])
-        for name, key in (("source", "original"), ("frequency", "frequency"), ("REAP", "reap"))
+        for name, key in (
+            ("source", "original"),
+            ("frequency", "frequency"),
+            ("REAP", "reap"),
+            ("REAP x frequency", "reap_total"),
+        )
     }
     columns["chosen"] = ranked.state
     model = ranking_model(ckpt)
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--aux-loss", type=float, default=1e-2)
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--test-sequences", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
     p.add_argument("--json", help="write the results here (atomically)")
     args = p.parse_args(argv)
 
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_dir)
         m = moe_model_config(args.vocab, args.seq_length)
         windows = packed_sequences(docs[1000:], tok, args.seq_length)
-        state, losses = train(m, windows, args.steps, args.batch, args.lr, args.aux_loss)
+        state, losses = train(m, windows, args.steps, args.batch, args.lr, args.aux_loss, args.seed)
         trained = time.time() - start
         ckpt = Checkpoint(
             model=m, state=state, tokenizer_dir=tok_dir, elastic=ElasticConfig.from_ratios(m)

@@ -130,7 +130,7 @@ def test_permutation_preserves_function_and_ranks_experts_first(megatron_single_
 
 def hand_statistics(m, state, batches, layer_inputs) -> dict:
     """REAP, frequency and neuron scores computed from the weights and each MoE layer's input."""
-    out = {k: [] for k in ("reap", "frequency", "expert_neurons", "shared")}
+    out = {k: [] for k in ("reap", "frequency", "reap_total", "expert_neurons", "shared")}
     for layer in range(m.num_layers):
         p = f"decoder.layers.{layer}.mlp."
         count = torch.zeros(E, dtype=torch.float64)
@@ -171,6 +171,7 @@ def hand_statistics(m, state, batches, layer_inputs) -> dict:
                 shared_sq += ((act * valid).sum(0) / valid.sum(0)).pow(2).sum(0)
         out["reap"].append(reap / count.clamp(min=1))
         out["frequency"].append(count / count.sum())
+        out["reap_total"].append(reap / count.sum())
         out["expert_neurons"].append(neurons / count.clamp(min=1).unsqueeze(-1))
         out["shared"].append(shared_sq.sqrt() if m.moe_shared_expert_intermediate_size else None)
     return out
@@ -200,7 +201,7 @@ def test_reap_statistics_equal_hand_computation(megatron_single_process, kind):
     tokens = sum(b["loss_mask"].sum() for b in batches)
     for layer in range(m.num_layers):
         assert stats["tokens"][layer].sum() == TOPK * tokens  # padding left out
-        for key in ("reap", "frequency", "expert_neurons", "shared"):
+        for key in ("reap", "frequency", "reap_total", "expert_neurons", "shared"):
             if expected[key][layer] is None:
                 assert stats[key][layer] is None
                 continue
@@ -221,7 +222,7 @@ def _ep_body(rank, world_size, reference_path, kind):
     assert len(model.decoder.layers[1].mlp.experts.local_experts) == E // 2
     stats = collect_expert_statistics(model, calibration(), m)
     reference = saved["stats"]
-    for key in ("reap", "frequency", "expert_neurons", "shared"):
+    for key in ("reap", "frequency", "reap_total", "expert_neurons", "shared"):
         for got, want in zip(stats[key], reference[key]):
             if want is None:
                 assert got is None
@@ -260,7 +261,7 @@ def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_p
     losses = info["expert_selection"]["loss"]
     assert info["expert_selection"]["experts"] == [E // 2, E // 4]
     mean = {k: sum(v.values()) / len(v) for k, v in losses.items()}
-    assert set(mean) == {"original", "frequency", "reap"}
+    assert set(mean) == {"original", "frequency", "reap", "reap_total"}
     assert info["expert_estimator"] == min(mean, key=mean.get)
     assert (
         info["expert_order"] == info["expert_selection"]["expert_order"][info["expert_estimator"]]

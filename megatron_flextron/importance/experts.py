@@ -5,6 +5,9 @@ Per MoE layer (E experts of F neurons, a shared expert of Fs neurons):
   tokens routed to expert e of g_e(x) * ||f_e(x)||_2, g the router weight the layer multiplies the
   expert output by (after top-k and any renormalization), f_e the expert's output.  -> [E]
 - "frequency" (the baseline): the share of routing slots (token, k) that chose expert e.  -> [E]
+- "reap_total": REAP x frequency, the sum of g_e(x) * ||f_e(x)|| over the routed tokens per
+  routing slot: how much expert e adds to the layer's output on average over all tokens (REAP
+  alone ignores how often an expert is chosen).  -> [E]
 - "expert_neurons": each expert's neurons as the dense MLP's (Minitron activation, elastic/mlp):
   the input of the expert's second matmul, |a| averaged over the expert's routed tokens. Tokens
   reach an expert one by one, not as sequences, so the average is per token.  -> [E, F]
@@ -83,8 +86,9 @@ def collect_expert_statistics(model, microbatches: list, model_config) -> Dict[s
     """Run the calibration micro-batches through an MoE model at full size (any TP/EP/PP).
 
     Collective over the model-parallel groups; returns every layer's statistics on every rank
-    (CPU, float64), lists over layers: "reap" [E], "frequency" [E], "expert_neurons" [E, F],
-    "shared" [Fs] (None without a shared expert), "tokens" [E] (routed valid tokens).
+    (CPU, float64), lists over layers: "reap", "frequency", "reap_total" [E], "expert_neurons"
+    [E, F], "shared" [Fs] (None without a shared expert), "tokens" [E] (routed valid tokens, as
+    often as the dispatcher gathers them: once per data-parallel copy).
     """
     from megatron.core import parallel_state
 
@@ -198,6 +202,7 @@ def _finish(st: _MoEStats, layer, model_config) -> dict:
     return {
         "reap": reap / denominator,
         "frequency": count / count.sum().clamp(min=1),
+        "reap_total": reap / count.sum().clamp(min=1),
         "expert_neurons": neuron_sums / denominator.unsqueeze(-1),
         "shared": None if shared is None else shared.sqrt(),
         "tokens": count,
@@ -229,5 +234,5 @@ def _gather_layers(local: Dict[int, dict], model_config) -> Dict[str, List]:
         everything = {i: e for part in parts for i, e in part.items()}
     if sorted(everything) != list(range(model_config.num_layers)):
         raise RuntimeError(f"expert statistics gathered for layers {sorted(everything)}")
-    keys = ("reap", "frequency", "expert_neurons", "shared", "tokens")
+    keys = ("reap", "frequency", "reap_total", "expert_neurons", "shared", "tokens")
     return {k: [everything[i][k] for i in range(model_config.num_layers)] for k in keys}

@@ -2,7 +2,8 @@
 
 The converter's ``rank_and_permute`` hands an MoE checkpoint here. Candidates, each scored by the
 held-out loss of reduced shapes (as the dense axes are chosen):
-- expert order: the source order, routing frequency, REAP (experts.py); scored at every reduced
+- expert order: the source order, routing frequency, REAP, REAP x frequency (experts.py); scored
+  at every reduced
   expert count (half and a quarter of the experts, at least top-k, unless the elastic config
   lists its own ``expert_choices``), the lowest mean wins;
 - neuron order inside the experts (and the shared expert): the source order, the dense MLP's
@@ -26,7 +27,7 @@ from megatron_flextron.importance.expert_permute import (
 )
 from megatron_flextron.importance.experts import collect_expert_statistics, moe_layers
 
-EXPERT_ESTIMATORS = ("frequency", "reap")
+EXPERT_ESTIMATORS = ("frequency", "reap", "reap_total")
 
 
 def set_moe_active(
