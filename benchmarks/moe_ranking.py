@@ -97,7 +97,42 @@ def train(m, windows, steps: int, batch: int, lr: float, aux: float, seed: int =
     return {k: v.detach().clone() for k, v in gather_canonical(model, m).items()}, losses
 
 
-def evaluate(ckpt, ranked, test) -> dict:
+def drop_one_orders(ckpt, batches) -> tuple:
+    """A loss-based reference order (L x E forward passes): each expert of each layer is
+    dropped alone (moved last, that layer runs E-1 experts, the router renormalizes over the
+    rest) and the experts are sorted by the loss increase, largest first."""
+    import torch
+
+    from megatron_flextron.importance import held_out_loss, ranking_model
+    from megatron_flextron.importance.expert_permute import permute_moe_state
+    from megatron_flextron.importance.experts import moe_layers
+    from megatron_flextron.importance.moe_ranking import load_only
+
+    m = ckpt.model
+    model = ranking_model(ckpt)
+    base = held_out_loss(model, batches)
+    identity = [torch.arange(E) for _ in range(m.num_layers)]
+    increase = torch.zeros(m.num_layers, E, dtype=torch.float64)
+    for block, layer in moe_layers(model):
+        for e in range(E):
+            orders = list(identity)
+            orders[block.index] = torch.tensor([x for x in range(E) if x != e] + [e])
+            load_only(model, permute_moe_state(ckpt.state, m, orders), m)
+            layer.set_active(E - 1)
+            increase[block.index, e] = held_out_loss(model, batches) - base
+            layer.set_active()
+    return [torch.argsort(-row, stable=True) for row in increase], increase
+
+
+def spearman(a, b) -> float:
+    import torch
+
+    ra, rb = (torch.argsort(torch.argsort(torch.as_tensor(x))).double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def evaluate(ckpt, ranked, test, reference=None) -> dict:
     """Held-out NLL of every candidate expert order (source neuron order) and of the checkpoint
     the library wrote ("chosen": its expert order and its neuron order) at every shape."""
     import torch
@@ -117,6 +152,8 @@ def evaluate(ckpt, ranked, test) -> dict:
             ("REAP x frequency", "reap_total"),
         )
     }
+    if reference is not None:
+        columns["drop-one loss"] = permute_moe_state(ckpt.state, m, reference)
     columns["chosen"] = ranked.state
     model = ranking_model(ckpt)
     table = {}
@@ -140,6 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--test-sequences", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+    p.add_argument(
+        "--drop-one",
+        action="store_true",
+        help="also the order by the loss increase when each expert alone is dropped",
+    )
     p.add_argument("--json", help="write the results here (atomically)")
     args = p.parse_args(argv)
 
@@ -174,7 +216,13 @@ def main(argv=None) -> int:
         test = pad_microbatches(
             packed_sequences(wiki_documents("test"), tok, args.seq_length, args.test_sequences), 16
         )
-        table = evaluate(ckpt, ranked, test)
+        reference = None
+        if args.drop_one:
+            calib = pad_microbatches(
+                packed_sequences(docs, tok, args.seq_length, args.calibration_samples), 16
+            )
+            reference, increase = drop_one_orders(ckpt, calib)
+        table = evaluate(ckpt, ranked, test, reference)
     info = ranked.metadata["importance"]
     columns = list(next(iter(table.values())))
     print(f"| held-out loss | {' | '.join(columns)} |")
@@ -188,6 +236,13 @@ def main(argv=None) -> int:
         f"{info['expert_estimator']}, neurons {info['expert_neuron_estimator']}; routing share "
         f"per expert min {freq.min():.3f} max {freq.max():.3f}"
     )
+    correlation = None
+    if args.drop_one:  # per layer: how each score orders experts vs the drop-one loss increase
+        correlation = {
+            k: [round(spearman(s, inc), 3) for s, inc in zip(info["expert_scores"][k], increase)]
+            for k in ("frequency", "reap", "reap_total")
+        }
+        print(f"Spearman vs drop-one loss increase, per layer: {correlation}")
     if args.json:
         write_json(
             args.json,
@@ -197,6 +252,7 @@ def main(argv=None) -> int:
                 "train_loss_last20": sum(losses[-20:]) / 20,
                 "train_seconds": trained,
                 "ranking_seconds": ranking_s,
+                "spearman_vs_drop_one": correlation,
                 "importance": {k: v for k, v in info.items() if k != "expert_neuron_order"},
             },
         )
