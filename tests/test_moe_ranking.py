@@ -248,7 +248,7 @@ def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_p
     from helpers import elastic_choices
     from test_importance import SEQ, _calibration_file
 
-    from megatron_flextron.checkpoint.state import Checkpoint
+    from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
     from megatron_flextron.importance import rank_and_permute
     from megatron_flextron.importance.expert_permute import permute_moe_state
 
@@ -282,3 +282,5 @@ def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_p
     batch = calibration()[1]
     before = logits_of(build(m, state), batch)
     assert (logits_of(build(m, dict(ranked.state)), batch) - before).abs().max() < 1e-5
+    with pytest.raises(CheckpointError, match="heads of an MoE model are not ranked yet"):
+        rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="taylor")

@@ -83,7 +83,6 @@ def rank_and_permute_moe(
     seq_length: int = 256,
     micro_batch_size: int = 4,
     head_estimator: str = "auto",
-    **_dense_options,
 ) -> Checkpoint:
     """Rank experts and expert neurons on calibration data; permute the checkpoint. Collective
     over the model-parallel groups (TP, EP, PP) when sharded."""
