@@ -270,11 +270,26 @@ class Runtime:
             batch_p2p_sync=self.on_accelerator,
         )
         kwargs.update(overrides)
+        topk = kwargs.get("moe_router_topk")
+        if topk == 1 and kwargs.get("num_moe_experts") and not kwargs["moe_router_pre_softmax"]:
+            # megatron's validation asks for pre-softmax routing at top-1 (a softmax over one
+            # logit is 1); a renormalizing router's top-1 (Mixtral-style, or a top-1
+            # sub-network) is exactly that: weight 1. Validate at top-2, then route top-1.
+            config = TransformerConfig(**{**kwargs, "moe_router_topk": 2})
+            config.moe_router_topk = 1
+            return config
         return TransformerConfig(**kwargs)
 
 
 # the width ratios of each elastic axis when none are given (the checkpoint's choices win)
 DEFAULT_RATIOS = (1.0, 0.75, 0.5, 0.25)
+
+
+_MOE_CHOICES = ("expert_choices", "moe_ffn_choices", "topk_choices")
+
+
+def _descending(values) -> Tuple[int, ...]:
+    return tuple(sorted(set(values), reverse=True))
 
 
 def _scaled(full: int, ratio: float, unit: int) -> int:
@@ -295,6 +310,10 @@ class ElasticConfig:
     allow_layer_skipping: bool = True
     # the layers, most important first (importance ranking): a sub-network may keep a count
     layer_ranking: Sequence[int] = field(default_factory=tuple)
+    # mixtures of experts: kept experts (a ranked prefix), expert widths, experts per token
+    expert_choices: Sequence[int] = field(default_factory=tuple)
+    moe_ffn_choices: Sequence[int] = field(default_factory=tuple)
+    topk_choices: Sequence[int] = field(default_factory=tuple)
 
     @classmethod
     def from_ratios(
@@ -309,10 +328,23 @@ class ElasticConfig:
         tp = tensor_model_parallel_size
         mlp = {_scaled(model.ffn_hidden_size, r, tp) for r in mlp_ratios}
         heads = {_scaled(model.num_attention_heads, r, model.head_unit(tp)) for r in head_ratios}
+        moe = {}
+        if model.is_moe:  # the MLP ratios scale the experts' axes; an MoE has no dense MLP
+            mlp = {model.ffn_hidden_size}
+            moe = dict(
+                expert_choices=_descending(
+                    _scaled(model.num_moe_experts, r, 1) for r in mlp_ratios
+                ),
+                moe_ffn_choices=_descending(
+                    _scaled(model.moe_ffn_hidden_size, r, tp) for r in mlp_ratios
+                ),
+                topk_choices=_descending(_scaled(model.moe_router_topk, r, 1) for r in mlp_ratios),
+            )
         return cls(
-            mlp_choices=tuple(sorted(mlp, reverse=True)),
-            head_choices=tuple(sorted(heads, reverse=True)),
+            mlp_choices=_descending(mlp),
+            head_choices=_descending(heads),
             allow_layer_skipping=allow_layer_skipping,
+            **moe,
         )
 
     def choices_with_full(self, model: ModelConfig) -> Tuple[List[int], List[int]]:
@@ -322,13 +354,26 @@ class ElasticConfig:
         heads = sorted(set(self.head_choices) | {model.num_attention_heads}, reverse=True)
         return mlp, heads
 
+    def moe_choices_with_full(self, model: ModelConfig) -> Tuple[List[int], List[int], List[int]]:
+        """(expert counts, expert widths, top-k), each largest first with the full size among
+        them; empty lists for a dense model."""
+        if not model.is_moe:
+            return [], [], []
+        full = (model.num_moe_experts, model.moe_ffn_hidden_size, model.moe_router_topk)
+        chosen = (self.expert_choices, self.moe_ffn_choices, self.topk_choices)
+        return [sorted(set(c) | {f}, reverse=True) for c, f in zip(chosen, full)]
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "mlp_choices": list(self.mlp_choices),
             "head_choices": list(self.head_choices),
             "allow_layer_skipping": self.allow_layer_skipping,
             "layer_ranking": list(self.layer_ranking),
         }
+        for key in _MOE_CHOICES:
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "ElasticConfig":
@@ -337,6 +382,7 @@ class ElasticConfig:
             head_choices=tuple(data["head_choices"]),
             allow_layer_skipping=data.get("allow_layer_skipping", True),
             layer_ranking=tuple(data.get("layer_ranking", ())),
+            **{key: tuple(data.get(key, ())) for key in _MOE_CHOICES},
         )
 
     def dumps(self) -> str:

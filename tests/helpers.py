@@ -45,8 +45,19 @@ def random_canonical_state(model: ModelConfig, seed: int = 0) -> dict:
     state = {}
     for name, p in gpt.named_parameters():
         base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        state[name] = base + 0.05 * torch.randn_like(p)
+        # routers at a larger scale: clear top-k margins, so float noise never flips a choice
+        scale = 1.0 if name.endswith("router.weight") else 0.05
+        state[name] = base + scale * torch.randn_like(p)
+    for name, buffer in gpt.named_buffers():
+        if name.endswith("router.expert_bias"):
+            state[name] = 0.1 * torch.randn_like(buffer)
     return state
+
+
+def tiny_moe(**overrides) -> ModelConfig:
+    """A 2-layer Llama-style mixture of 8 experts of 32 neurons, top-2."""
+    base = dict(num_layers=2, num_moe_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2)
+    return tiny_config("llama", **{**base, **overrides})
 
 
 def batch(seed: int = 1, vocab: int = 128):

@@ -9,7 +9,7 @@ every layer of that kind at once. ``read_layer`` plans reads for the chunks of l
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -89,25 +89,30 @@ class StoredTensors:
         spec = self.spec(key)
         return self._load(key, torch.empty(spec.shape, dtype=spec.dtype))
 
-    def read_layer(self, key: str, layer: int) -> torch.Tensor:
-        """Index ``layer`` of the leading (stacked layers) axis of ``key``."""
+    def read_layer(self, key: str, layer: Union[int, Tuple[int, ...]]) -> torch.Tensor:
+        """Index ``layer`` of the leading (stacked layers) axis of ``key``; a tuple indexes as
+        many leading axes (layer, expert: megatron stacks an MoE's experts per layer)."""
         shape, dtype = self.spec(key)
-        if not shape or not 0 <= layer < shape[0]:
+        index = (layer,) if isinstance(layer, int) else tuple(layer)
+        if len(shape) < len(index) or not all(0 <= i < n for i, n in zip(index, shape)):
             raise CheckpointError(f"{key} of shape {shape} has no layer {layer}")
-        out = torch.empty((1, *shape[1:]), dtype=dtype)
-        offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])
-        self._load(key, out, planner=_region_planner(key, offsets, sizes))
-        return out[0]
+        rest = shape[len(index):]
+        out = torch.empty((1,) * len(index) + rest, dtype=dtype)
+        offsets = index + (0,) * len(rest)
+        self._load(key, out, planner=_region_planner(key, offsets, (1,) * len(index) + rest))
+        return out.reshape(rest)
 
     def lazy_state(
         self, where: Dict[str, Tuple[str, Optional[int]]], transform: Optional[Callable] = None
     ) -> LazyState:
-        """A lazy state over ``where`` (name -> (stored key, layer of a stacked key or None)),
+        """A lazy state over ``where`` (name -> (stored key, layer of a stacked key, a tuple of
+        leading indices, or None)),
         each read passed through ``transform(name, tensor)`` (which keeps shape and dtype)."""
         specs = {}
         for name, (key, layer) in where.items():
             shape, dtype = self.spec(key)
-            specs[name] = TensorSpec(shape if layer is None else shape[1:], dtype)
+            depth = 0 if layer is None else 1 if isinstance(layer, int) else len(layer)
+            specs[name] = TensorSpec(shape[depth:], dtype)
 
         def read(name: str) -> torch.Tensor:
             key, layer = where[name]

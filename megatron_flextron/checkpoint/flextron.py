@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from tqdm import tqdm
@@ -41,6 +41,7 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.tp_layout import (
     from_dealt_global,
     local_to_global_names,
+    model_tensors,
     to_dealt_global,
     tp_axis,
 )
@@ -57,6 +58,7 @@ _NORM_KEYS = {
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 _STACKED = re.compile(r"^decoder\.layers\.(.+)$")  # megatron's per-layer tensors, stacked
+_STACKED_EXPERTS = re.compile(r"^(mlp\.experts\.)experts\.(.+)$")  # and experts per layer
 _OPTIMIZER = re.compile(r"^optimizer\.")
 
 
@@ -95,7 +97,8 @@ def read_config(path: str) -> dict:
     check_fields(f"{file} model", config["model"], required, optional, known=())
     if config.get("elastic") is not None:
         check_fields(f"{file} elastic", config["elastic"], {"mlp_choices": list,
-                     "head_choices": list}, {"allow_layer_skipping": bool, "layer_ranking": list},
+                     "head_choices": list}, {"allow_layer_skipping": bool, "layer_ranking": list,
+                     "expert_choices": list, "moe_ffn_choices": list, "topk_choices": list},
                      known=())  # fmt: skip
     return config
 
@@ -197,7 +200,7 @@ def copy_into_parameters(model: torch.nn.Module, state, transform=None) -> None:
     """Copy a canonical state into a whole model's parameters one tensor at a time (a lazy
     state is read once per tensor); names must match exactly."""
     names = local_to_global_names(model)  # canonical names, whatever class the model is
-    params = {names[name]: p for name, p in model.named_parameters()}
+    params = {names[name]: p for name, p in model_tensors(model)}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -260,8 +263,11 @@ def stored_shapes(metadata) -> Dict[str, tuple]:
         if not isinstance(meta, TensorStorageMetadata) or key.startswith("optimizer."):
             continue
         size = tuple(meta.size)
-        names = _layer_names(key, size[0] if size else 0)
-        shapes.update({n: size[1:] for n in names} if names else {key: size})
+        names = _layer_names(key, size)
+        if names:
+            shapes.update({n: size[1 if isinstance(i, int) else len(i):] for n, i in names.items()})
+        else:
+            shapes[key] = size
     return shapes
 
 
@@ -301,8 +307,8 @@ def read_flextron(path: str) -> Checkpoint:
     tp = config["dealt_tensor_parallel_size"]
     where = {}  # canonical name -> (stored key, layer index or None)
     for key, meta in stored.tensors.items():
-        names = _layer_names(key, meta.size[0] if len(meta.size) else 0)
-        where.update({n: (key, i) for i, n in enumerate(names)} if names else {key: (key, None)})
+        names = _layer_names(key, tuple(meta.size))
+        where.update({n: (key, i) for n, i in names.items()} if names else {key: (key, None)})
     if model.tie_embeddings:
         where.pop("output_layer.weight", None)
 
@@ -322,14 +328,23 @@ def read_flextron(path: str) -> Checkpoint:
     return ckpt
 
 
-def _layer_names(key: str, layers: int) -> Optional[List[str]]:
-    """The per-layer names of a stacked key (None for any other key): megatron stacks per-layer
-    tensors along a leading layer axis under one key."""
+def _layer_names(key: str, size: tuple) -> Optional[Dict[str, object]]:
+    """The per-layer names of a stacked key and their leading indices (None for any other key):
+    megatron stacks per-layer tensors along a leading layer axis under one key, and an MoE's
+    experts along a second axis (``mlp.experts.experts.*``, [layers, experts, ...])."""
     match = _STACKED.match(key)
     if not match:
         return None
     name = _NORM_KEYS.get(match.group(1), match.group(1))
-    return [f"decoder.layers.{i}.{name}" for i in range(layers)]
+    layers = size[0] if size else 0
+    expert = _STACKED_EXPERTS.match(name)
+    if expert:
+        return {
+            f"decoder.layers.{i}.{expert.group(1)}local_experts.{e}.{expert.group(2)}": (i, e)
+            for i in range(layers)
+            for e in range(size[1])
+        }
+    return {f"decoder.layers.{i}.{name}": i for i in range(layers)}
 
 
 def load_dist_checkpoint(request: dict, shards: str) -> dict:

@@ -18,7 +18,7 @@ megatron's hybrid names (``decoder.layers.{2i}.self_attention...``,
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from typing import Optional
 
 from megatron.core import parallel_state
@@ -193,7 +193,8 @@ def build_hybrid_model(
     m = model_config
     blocks = transformer_config.num_layers
     stages = transformer_config.pipeline_model_parallel_size
-    config = dataclasses.replace(transformer_config, num_layers=2 * blocks)
+    config = copy.copy(transformer_config)  # validated already (and again would refuse a
+    config.num_layers = 2 * blocks  # top-1 renormalized router: see Runtime.transformer_config)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

@@ -14,7 +14,7 @@ h heads. Shapes: G groups, n query heads per group, d head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -120,6 +120,23 @@ class ParameterUnits:
         return self.attention(heads) + self.mlp(width)
 
 
+def moe_parameters(m: ModelConfig, experts: int, width: int, topk: int) -> Tuple[int, int]:
+    """(total, active per token) parameters of one MoE layer with ``experts`` experts of
+    ``width`` neurons routing ``topk`` each (its shared expert on the same fraction of its own
+    width, the router and its expert bias, the pre-MLP norm): memory counts every expert,
+    compute only the top-k."""
+    h, blocks = m.hidden_size, 2 if m.gated else 1
+    norm = 2 * h if m.normalization == "LayerNorm" else h
+    per_expert = (blocks + 1) * h * width
+    shared = 0
+    if m.moe_shared_expert_intermediate_size:
+        shared_width = m.moe_shared_expert_intermediate_size * width // m.moe_ffn_hidden_size
+        shared = (blocks + 1) * h * shared_width + (h if m.moe_shared_expert_gate else 0)
+    router = experts * (h + (1 if m.moe_router_enable_expert_bias else 0))
+    fixed = router + shared + norm
+    return fixed + experts * per_expert, fixed + topk * per_expert
+
+
 def count_layer_parameters(
     model: ModelConfig,
     widths: Sequence[int],
@@ -127,14 +144,23 @@ def count_layer_parameters(
     layers: Sequence[int],
     skip_attention: Sequence[int] = (),
     skip_mlp: Sequence[int] = (),
+    moe: Optional[Sequence[Tuple[int, int, int]]] = None,
 ) -> dict:
     """Parameter counts of per-layer widths over the kept ``layers`` (less the attention or MLP
     of the layers listed to skip it): transformer layers, and total with embeddings and the
-    final norm."""
+    final norm. ``moe``: (experts, expert width, top-k) per layer of a mixture of experts, which
+    adds ``active``, the parameters one token runs through (``total`` is what memory holds)."""
     units = ParameterUnits.of(model)
-    transformer = sum(
-        (0 if i in skip_attention else units.attention(heads[i]))
-        + (0 if i in skip_mlp else units.mlp(widths[i]))
-        for i in layers
-    )
-    return {"transformer": transformer, "total": transformer + units.outside}
+    transformer = active = 0
+    for i in layers:
+        attention = 0 if i in skip_attention else units.attention(heads[i])
+        if moe is None:
+            mlp = (0, 0) if i in skip_mlp else (units.mlp(widths[i]),) * 2
+        else:
+            mlp = (0, 0) if i in skip_mlp else moe_parameters(model, *moe[i])
+        transformer += attention + mlp[0]
+        active += attention + mlp[1]
+    out = {"transformer": transformer, "total": transformer + units.outside}
+    if moe is not None:
+        out["active"] = active + units.outside
+    return out

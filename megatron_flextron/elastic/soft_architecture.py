@@ -89,6 +89,7 @@ def set_soft_architecture(
 
 def clear_soft_architecture(model: torch.nn.Module) -> None:
     for layer in transformer_blocks(model):
-        layer.mlp.linear_fc2.set_input_scale(None)
+        if hasattr(layer.mlp, "linear_fc2"):  # a dense MLP (soft masks are not over experts)
+            layer.mlp.linear_fc2.set_input_scale(None)
         layer.self_attention.linear_proj.set_input_scale(None)
         layer.set_keep(None)

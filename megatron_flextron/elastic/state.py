@@ -24,6 +24,7 @@ import torch
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.blocks import transformer_blocks
+from megatron_flextron.elastic.moe import ElasticMoELayer
 from megatron_flextron.elastic.soft_architecture import (
     clear_soft_architecture,
     set_soft_architecture,
@@ -45,7 +46,8 @@ class SoftArchitecture:
 
 def clear_token_routing(model: torch.nn.Module) -> None:
     for block in transformer_blocks(model):
-        block.mlp.set_token_routing(None)
+        if not isinstance(block.mlp, ElasticMoELayer):  # experts are routed by their router
+            block.mlp.set_token_routing(None)
 
 
 def set_token_routing(model: torch.nn.Module, routings: Sequence[Optional[Callable]]) -> None:
@@ -63,7 +65,10 @@ def reset_elastic_state(model: torch.nn.Module) -> None:
     clear_token_routing(model)
     for layer in transformer_blocks(model):
         layer.set_skipped(False)
-        layer.mlp.set_active_width(None)
+        if isinstance(layer.mlp, ElasticMoELayer):
+            layer.mlp.set_active()
+        else:
+            layer.mlp.set_active_width(None)
         layer.self_attention.set_active_heads(None)
 
 

@@ -2,10 +2,13 @@
 
 A spec (JSON, inline or a file path) is ``{"mlp": int | [int per layer], "heads": int | [int per
 layer], "layers": [kept layer indices] | N, "skip_attention": [layer indices], "skip_mlp":
-[layer indices]}``; every key is optional (missing = full size). A count N keeps the N most
-important layers by the checkpoint's layer ranking (``ElasticConfig.layer_ranking``, written by
-importance ranking). ``skip_attention`` / ``skip_mlp`` skip one half of a kept layer (block):
-its attention or its MLP, each its own layer in the HybridModel. Widths are
+[layer indices], "experts": ..., "moe_ffn": ..., "topk": ...}``; every key is optional (missing =
+full size). A mixture of experts keeps its first ``experts`` (ranked) experts, each on its
+first ``moe_ffn`` neurons, routing ``topk`` of them per token (int or a list per layer).
+A count N keeps the N most important layers by the checkpoint's layer ranking
+(``ElasticConfig.layer_ranking``, written by importance ranking). ``skip_attention`` /
+``skip_mlp`` skip one half of a kept layer (block): its attention or its MLP, each its own
+layer in the HybridModel. Widths are
 global counts in the model's canonical unit order: MLP hidden size, and query heads (GQA: a
 multiple of the KV group count, trimmed inside every group; MHA: whole heads).
 Everything is validated for every layer before any module changes.
@@ -26,6 +29,7 @@ from megatron_flextron.elastic.blocks import transformer_blocks, unwrap_model  #
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.layout import count_layer_parameters
 from megatron_flextron.elastic.mlp import ElasticMLP
+from megatron_flextron.elastic.moe import ElasticMoELayer
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,25 @@ class Subnetwork:
     layers: Tuple[int, ...]
     skip_attention: Tuple[int, ...] = ()
     skip_mlp: Tuple[int, ...] = ()
+    # mixtures of experts, per layer (empty for a dense model): kept experts, expert width, top-k
+    experts: Tuple[int, ...] = ()
+    moe_ffn: Tuple[int, ...] = ()
+    topk: Tuple[int, ...] = ()
 
     @classmethod
     def full(cls, model: ModelConfig) -> "Subnetwork":
         n = model.num_layers
-        return cls((model.ffn_hidden_size,) * n, (model.num_attention_heads,) * n, tuple(range(n)))
+        return cls(
+            (model.ffn_hidden_size,) * n,
+            (model.num_attention_heads,) * n,
+            tuple(range(n)),
+            **{key: (full,) * n for key, full in _moe_full(model).items()},
+        )
+
+    @property
+    def moe(self) -> Optional[Tuple[Tuple[int, int, int], ...]]:
+        """(experts, expert width, top-k) per layer; None for a dense model."""
+        return tuple(zip(self.experts, self.moe_ffn, self.topk)) if self.experts else None
 
     @classmethod
     def parse(
@@ -83,7 +101,12 @@ class Subnetwork:
             raise ValueError(
                 f"sub-network 'layers' is a list of indices or a count, got {layers!r}"
             )
+        moe_full = _moe_full(model)
+        for key in MOE_KEYS:
+            if key in spec and not moe_full:
+                raise ValueError(f"sub-network {key!r}: this model has no mixture of experts")
         return cls(
+            **{key: _per_layer(key, spec.get(key), full, n) for key, full in moe_full.items()},
             mlp=_per_layer("mlp", spec.get("mlp"), model.ffn_hidden_size, n),
             heads=_per_layer("heads", spec.get("heads"), model.num_attention_heads, n),
             layers=tuple(range(n))
@@ -105,6 +128,9 @@ class Subnetwork:
         for key in ("skip_attention", "skip_mlp"):
             if getattr(self, key):
                 out[key] = list(getattr(self, key))
+        for key in MOE_KEYS:
+            if getattr(self, key):
+                out[key] = compact(getattr(self, key))
         return out
 
     @property
@@ -115,6 +141,8 @@ class Subnetwork:
     def validate(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int = 1) -> None:
         """Raise ValueError naming the layer and the value the model cannot run."""
         n = model.num_layers
+        if model.is_moe:
+            self._validate_moe(model, elastic, tp_size)
         mlp_ok, head_ok = map(set, elastic.choices_with_full(model))
         for layer, (width, heads) in enumerate(zip(self.mlp, self.heads)):
             if width not in mlp_ok:
@@ -160,7 +188,45 @@ class Subnetwork:
             )
 
 
-SPEC_KEYS = ("mlp", "heads", "layers", "skip_attention", "skip_mlp")
+    def _validate_moe(self, model: ModelConfig, elastic: ElasticConfig, tp_size: int) -> None:
+        allowed = dict(zip(MOE_KEYS, map(set, elastic.moe_choices_with_full(model))))
+        for layer in range(model.num_layers):
+            if self.mlp[layer] != model.ffn_hidden_size:
+                raise ValueError(
+                    f"layer {layer}: MLP width {self.mlp[layer]}: a mixture of experts has no "
+                    "dense MLP; its axes are experts, moe_ffn and topk"
+                )
+            for key in MOE_KEYS:
+                value = getattr(self, key)[layer]
+                if value not in allowed[key]:
+                    raise ValueError(
+                        f"layer {layer}: {key} {value} is not one of the configured choices "
+                        f"{sorted(allowed[key])}"
+                    )
+            experts, width, topk = self.experts[layer], self.moe_ffn[layer], self.topk[layer]
+            if topk > experts:
+                raise ValueError(f"layer {layer}: topk {topk} is more than its {experts} experts")
+            if width % tp_size:
+                raise ValueError(
+                    f"layer {layer}: moe_ffn {width} is not divisible by TP size {tp_size}"
+                )
+            shared = model.moe_shared_expert_intermediate_size
+            if shared and (width * shared) % model.moe_ffn_hidden_size:
+                raise ValueError(
+                    f"layer {layer}: moe_ffn {width} gives no whole width of the shared expert "
+                    f"({shared} neurons at {model.moe_ffn_hidden_size})"
+                )
+
+
+MOE_KEYS = ("experts", "moe_ffn", "topk")
+SPEC_KEYS = ("mlp", "heads", "layers", "skip_attention", "skip_mlp", *MOE_KEYS)
+
+
+def _moe_full(model: ModelConfig) -> dict:
+    if not model.is_moe:
+        return {}
+    full = (model.num_moe_experts, model.moe_ffn_hidden_size, model.moe_router_topk)
+    return dict(zip(MOE_KEYS, full))
 
 
 def _indices(key: str, value) -> Tuple[int, ...]:
@@ -236,7 +302,7 @@ def set_subnetwork(
                 raise TypeError(
                     f"{type(layer).__name__} is not elastic: build with elastic_layer_spec"
                 )
-        if not isinstance(block.mlp, ElasticMLP) or not isinstance(
+        if not isinstance(block.mlp, (ElasticMLP, ElasticMoELayer)) or not isinstance(
             block.self_attention, ElasticSelfAttention
         ):
             raise TypeError(f"layer {block.index} does not use the elastic MLP and attention")
@@ -247,7 +313,10 @@ def set_subnetwork(
                 block.attention_layer.set_skipped(True)
             if block.index in subnet.skip_mlp:
                 block.mlp_layer.set_skipped(True)
-        block.mlp.set_active_width(subnet.mlp[block.index])
+        if isinstance(block.mlp, ElasticMoELayer):
+            block.mlp.set_active(*subnet.moe[block.index])
+        else:
+            block.mlp.set_active_width(subnet.mlp[block.index])
         block.self_attention.set_active_heads(subnet.heads[block.index])
     return subnet
 
@@ -255,5 +324,11 @@ def set_subnetwork(
 def count_parameters(subnet: Subnetwork, model: ModelConfig) -> dict:
     """Parameter counts of a sub-network: transformer layers, and total with embeddings."""
     return count_layer_parameters(
-        model, subnet.mlp, subnet.heads, subnet.layers, subnet.skip_attention, subnet.skip_mlp
+        model,
+        subnet.mlp,
+        subnet.heads,
+        subnet.layers,
+        subnet.skip_attention,
+        subnet.skip_mlp,
+        subnet.moe,
     )
