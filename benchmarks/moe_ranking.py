@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 E = 8
 SHAPES = (  # (label, experts, moe_ffn, topk); None = full
     ("full model", None, None, None),
+    ("6 of 8 experts", 6, None, None),
     ("4 of 8 experts", 4, None, None),
     ("2 of 8 experts", 2, None, None),
     ("expert width 64 of 128", None, 64, None),
@@ -118,7 +119,7 @@ def drop_one_orders(ckpt, batches) -> tuple:
             orders = list(identity)
             orders[block.index] = torch.tensor([x for x in range(E) if x != e] + [e])
             load_only(model, permute_moe_state(ckpt.state, m, orders), m)
-            layer.set_active(E - 1)
+            layer.set_active(E - 1)  # not a configured choice: the layer itself, not a spec
             increase[block.index, e] = held_out_loss(model, batches) - base
             layer.set_active()
     return [torch.argsort(-row, stable=True) for row in increase], increase
@@ -137,9 +138,10 @@ def evaluate(ckpt, ranked, test, reference=None) -> dict:
     the library wrote ("chosen": its expert order and its neuron order) at every shape."""
     import torch
 
+    from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.importance import held_out_loss, ranking_model
     from megatron_flextron.importance.expert_permute import permute_moe_state
-    from megatron_flextron.importance.moe_ranking import load_only, set_moe_active
+    from megatron_flextron.importance.moe_ranking import load_only
 
     m = ckpt.model
     candidates = ranked.metadata["importance"]["expert_selection"]["expert_order"]
@@ -160,9 +162,10 @@ def evaluate(ckpt, ranked, test, reference=None) -> dict:
     for name, state in columns.items():
         load_only(model, state, m)
         for label, e, f, k in SHAPES:
-            set_moe_active(model, e, f, k)
+            spec = {"experts": e, "moe_ffn": f, "topk": k}
+            set_subnetwork(model, {k: v for k, v in spec.items() if v}, m, ckpt.elastic)
             table.setdefault(label, {})[name] = held_out_loss(model, test)
-            set_moe_active(model)
+            set_subnetwork(model, None, m, ckpt.elastic)
     return table
 
 

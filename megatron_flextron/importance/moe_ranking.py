@@ -1,15 +1,15 @@
 """Importance ranking of a mixture-of-experts model: experts, and neurons inside every expert.
 
 The converter's ``rank_and_permute`` hands an MoE checkpoint here. Candidates, each scored by the
-held-out loss of reduced shapes (as the dense axes are chosen):
+held-out loss of the elastic config's reduced shapes (as the dense axes are chosen):
 - expert order: the source order, routing frequency, REAP, REAP x frequency (experts.py); scored
-  at every reduced
-  expert count (half and a quarter of the experts, at least top-k, unless the elastic config
-  lists its own ``expert_choices``), the lowest mean wins;
+  at every reduced expert count of ``ElasticConfig.expert_choices`` (at least top-k), the lowest
+  mean wins (REAP x frequency when no reduced count is configured);
 - neuron order inside the experts (and the shared expert): the source order, the dense MLP's
-  activation estimator; scored with the chosen expert order at the expert width nearest half.
-Attention heads and the layer ranking of an MoE model stay in source order for now: the
-sub-network entry point (elastic/subnetwork.py) does not run MoE layers yet.
+  activation estimator; scored with the chosen expert order at the configured expert width
+  nearest half (activation when none is configured).
+Attention heads and the layer ranking of an MoE model stay in source order for now (joining the
+dense head ranking, which branch rankcost reworks, is the next step).
 """
 
 from __future__ import annotations
@@ -25,34 +25,26 @@ from megatron_flextron.importance.expert_permute import (
     order_by,
     permute_moe_state,
 )
-from megatron_flextron.importance.experts import collect_expert_statistics, moe_layers
+from megatron_flextron.importance.experts import collect_expert_statistics
 
 EXPERT_ESTIMATORS = ("frequency", "reap", "reap_total")
 
 
-def set_moe_active(
-    model, experts: Optional[int] = None, moe_ffn: Optional[int] = None, topk=None
-) -> None:
-    """Every local MoE layer runs its first ``experts`` experts on ``moe_ffn`` neurons with
-    ``topk`` (None: full size)."""
-    for _, layer in moe_layers(model):
-        layer.set_active(experts, moe_ffn, topk)
+DEFAULT_EXPERT_ESTIMATOR = "reap_total"  # with no reduced count to choose on (docs/ranking.md)
 
 
 def reduced_expert_counts(m, elastic) -> List[int]:
-    """The expert counts below the full count that the choice is scored at, largest first."""
-    choices = getattr(elastic, "expert_choices", None) or (
-        m.num_moe_experts // 2,
-        m.num_moe_experts // 4,
-    )
-    return sorted({c for c in choices if m.moe_router_topk <= c < m.num_moe_experts}, reverse=True)
+    """The configured expert counts below the full count (and >= top-k), largest first."""
+    experts, _, _ = elastic.moe_choices_with_full(m)
+    return [c for c in experts if m.moe_router_topk <= c < m.num_moe_experts]
 
 
-def half_expert_width(m) -> int:
-    """The expert width the neuron order is scored at: half, kept whole for the shared expert."""
-    full, shared = m.moe_ffn_hidden_size, m.moe_shared_expert_intermediate_size
-    widths = [w for w in range(1, full) if not shared or (w * shared) % full == 0]
-    return min(widths, key=lambda w: abs(w - full / 2), default=full)
+def half_expert_width(m, elastic) -> Optional[int]:
+    """The configured expert width nearest half (None when only the full width is)."""
+    _, widths, _ = elastic.moe_choices_with_full(m)
+    full = m.moe_ffn_hidden_size
+    smaller = [w for w in widths if w < full]
+    return min(smaller, key=lambda w: abs(w - full / 2), default=None)
 
 
 def expert_candidates(stats: Dict[str, list], m) -> Dict[str, List[torch.Tensor]]:
@@ -86,6 +78,7 @@ def rank_and_permute_moe(
 ) -> Checkpoint:
     """Rank experts and expert neurons on calibration data; permute the checkpoint. Collective
     over the model-parallel groups (TP, EP, PP) when sharded."""
+    from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.importance import calibration_sequences, held_out_loss, ranking_model
     from megatron_flextron.lm_step import pad_microbatches
     from megatron_flextron.parallel import current_device
@@ -106,32 +99,33 @@ def rank_and_permute_moe(
     model = ranking_model(ckpt)
     stats = collect_expert_statistics(model, calib, m)
 
-    def score(orders: dict, **active) -> float:
-        state = permute_moe_state(ckpt.state, m, **orders)
-        load_only(model, state, m)
-        set_moe_active(model, **active)
+    def score(orders: dict, spec: dict) -> float:
+        load_only(model, permute_moe_state(ckpt.state, m, **orders), m)
+        set_subnetwork(model, spec, m, ckpt.elastic)
         try:
             return held_out_loss(model, heldout)
         finally:
-            set_moe_active(model)
+            set_subnetwork(model, None, m, ckpt.elastic)
 
     levels = reduced_expert_counts(m, ckpt.elastic)
     experts = expert_candidates(stats, m)
     expert_losses = {
-        name: {e: score({"expert_orders": orders}, experts=e) for e in levels}
+        name: {e: score({"expert_orders": orders}, {"experts": e}) for e in levels}
         for name, orders in progress(list(experts.items()), "importance: expert estimators")
     }
-    mean = {k: sum(v.values()) / max(1, len(v)) for k, v in expert_losses.items()}
-    best_experts = min(mean, key=mean.get) if levels else "reap"
+    mean = {k: sum(v.values()) / len(v) for k, v in expert_losses.items() if v}
+    best_experts = min(mean, key=mean.get) if mean else DEFAULT_EXPERT_ESTIMATOR
     expert_orders = experts[best_experts]
 
-    width = half_expert_width(m)
+    width = half_expert_width(m, ckpt.elastic)
     neurons = neuron_candidates(stats, m)
-    neuron_losses = {
-        name: score({"expert_orders": expert_orders, **orders}, moe_ffn=width)
-        for name, orders in progress(list(neurons.items()), "importance: expert neurons")
-    }
-    best_neurons = min(neuron_losses, key=neuron_losses.get)
+    neuron_losses = {}
+    if width is not None:
+        neuron_losses = {
+            name: score({"expert_orders": expert_orders, **orders}, {"moe_ffn": width})
+            for name, orders in progress(list(neurons.items()), "importance: expert neurons")
+        }
+    best_neurons = min(neuron_losses, key=neuron_losses.get) if neuron_losses else "activation"
     orders = {"expert_orders": expert_orders, **neurons[best_neurons]}
     state = permute_moe_state(ckpt.state, m, **orders)
     load_only(model, state, m)
