@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,13 +245,15 @@ def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path
     run_distributed(_ep_body, 2, str(path), kind)
 
 
-def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_path):
+def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(megatron_single_process, tmp_path):
     """The converter's entry point: experts and their neurons come out ranked, the function
     unchanged, and the metadata says how."""
     from helpers import elastic_choices
     from test_importance import SEQ, _calibration_file
 
+    from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
     from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+    from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.importance import rank_and_permute
     from megatron_flextron.importance.expert_permute import permute_moe_state
 
@@ -282,5 +287,16 @@ def test_rank_and_permute_ranks_an_moe_checkpoint(megatron_single_process, tmp_p
     batch = calibration()[1]
     before = logits_of(build(m, state), batch)
     assert (logits_of(build(m, dict(ranked.state)), batch) - before).abs().max() < 1e-5
+    # the converter (flextron -> flextron with calibration data) writes the same ranking
+    os.makedirs(tmp_path / "src")
+    save_flextron(ckpt, str(tmp_path / "src"))
+    ranking = dict(samples=16, seq_length=SEQ)
+    options = ConvertOptions("flextron", "flextron", str(tmp_path / "src"), str(tmp_path / "out"))
+    convert(dataclasses.replace(options, calibration_data=data, ranking=ranking))
+    written = read_flextron(str(tmp_path / "out"))
+    assert written.metadata["importance"]["expert_order"] == info["expert_order"]
+    assert written.elastic.expert_choices == ckpt.elastic.expert_choices
+    for name in state:
+        assert torch.equal(written.state[name], ranked.state[name]), name
     with pytest.raises(CheckpointError, match="heads of an MoE model are not ranked yet"):
         rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="taylor")
