@@ -245,7 +245,9 @@ def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path
     run_distributed(_ep_body, 2, str(path), kind)
 
 
-def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(megatron_single_process, tmp_path):
+def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
+    megatron_single_process, tmp_path
+):
     """The converter's entry point: experts and their neurons come out ranked, the function
     unchanged, and the metadata says how."""
     from helpers import elastic_choices
