@@ -258,6 +258,7 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.importance import rank_and_permute
     from megatron_flextron.importance.expert_permute import permute_moe_state
+    from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
 
     m = moe_config("softmax")
     state = moe_state(m)
@@ -300,5 +301,14 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     assert written.elastic.expert_choices == ckpt.elastic.expert_choices
     for name in state:
         assert torch.equal(written.state[name], ranked.state[name]), name
+    # fast mode: one statistics pass over every sequence, REAP x frequency and activation
+    fast = rank_and_permute_moe(ckpt, data, samples=16, seq_length=SEQ, mode="fast")
+    fast_info = fast.metadata["importance"]
+    assert fast_info["calibration_sequences"] == 16 and fast_info["heldout_sequences"] == 0
+    assert (fast_info["expert_estimator"], fast_info["expert_neuron_estimator"]) == (
+        "reap_total",
+        "activation",
+    )
+    assert fast_info["expert_order"] == fast_info["expert_selection"]["expert_order"]["reap_total"]
     with pytest.raises(CheckpointError, match="heads of an MoE model are not ranked yet"):
         rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="taylor")

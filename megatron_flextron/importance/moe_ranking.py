@@ -75,9 +75,12 @@ def rank_and_permute_moe(
     seq_length: int = 256,
     micro_batch_size: int = 4,
     head_estimator: str = "auto",
+    mode: str = "thorough",
 ) -> Checkpoint:
     """Rank experts and expert neurons on calibration data; permute the checkpoint. Collective
-    over the model-parallel groups (TP, EP, PP) when sharded."""
+    over the model-parallel groups (TP, EP, PP) when sharded. ``thorough``: the candidates are
+    chosen on held-out calibration sequences (a quarter); ``fast``: every sequence feeds the
+    statistics and the orders are REAP x frequency and activation, nothing is scored."""
     from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.importance import calibration_sequences, held_out_loss, ranking_model
     from megatron_flextron.lm_step import pad_microbatches
@@ -87,14 +90,17 @@ def rank_and_permute_moe(
         raise CheckpointError(
             f"--head-estimator {head_estimator}: the heads of an MoE model are not ranked yet"
         )
+    if mode not in ("fast", "thorough"):
+        raise ValueError(f"unknown ranking mode {mode!r}; expected fast or thorough")
+    thorough = mode == "thorough"
     m = ckpt.model
     seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
-    held = max(micro_batch_size, len(seqs) // 4)
-    if len(seqs) <= held:
+    held = max(micro_batch_size, len(seqs) // 4) if thorough else 0
+    if thorough and len(seqs) <= held:
         raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
     device = current_device()
     calib = pad_microbatches(seqs[held:], 1, device)
-    heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
+    heldout = pad_microbatches(seqs[:held], micro_batch_size, device) if held else None
 
     model = ranking_model(ckpt)
     stats = collect_expert_statistics(model, calib, m)
@@ -107,7 +113,7 @@ def rank_and_permute_moe(
         finally:
             set_subnetwork(model, None, m, ckpt.elastic)
 
-    levels = reduced_expert_counts(m, ckpt.elastic)
+    levels = reduced_expert_counts(m, ckpt.elastic) if thorough else []
     experts = expert_candidates(stats, m)
     expert_losses = {
         name: {e: score({"expert_orders": orders}, {"experts": e}) for e in levels}
@@ -117,7 +123,7 @@ def rank_and_permute_moe(
     best_experts = min(mean, key=mean.get) if mean else DEFAULT_EXPERT_ESTIMATOR
     expert_orders = experts[best_experts]
 
-    width = half_expert_width(m, ckpt.elastic)
+    width = half_expert_width(m, ckpt.elastic) if thorough else None
     neurons = neuron_candidates(stats, m)
     neuron_losses = {}
     if width is not None:
@@ -135,7 +141,8 @@ def rank_and_permute_moe(
         "calibration_sequences": len(seqs) - held,
         "heldout_sequences": held,
         "seq_length": seq_length,
-        "full_loss": held_out_loss(model, heldout),
+        "mode": mode,
+        "full_loss": held_out_loss(model, heldout) if held else None,
         "head_estimator": None,  # heads and layers of an MoE model keep the source order
         "expert_estimator": best_experts,
         "expert_selection": {
