@@ -198,6 +198,29 @@ def _install_forward_only_linears() -> None:
     layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
 
 
+def _install_plain_rope() -> None:
+    """megatron's unfused RoPE slices off a pass-through part, scales by ``mscale`` and casts
+    cos/sin to the input dtype on every call (q and k of every layer and step). When there is
+    nothing to pass through, scale or cast, the same arithmetic without those no-op copies."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    general = rope_utils._apply_rotary_pos_emb_bshd
+
+    @functools.wraps(general)
+    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False,
+                                   mla_rotary_interleaved=False, mscale=1.0,
+                                   multi_latent_attention=None):
+        if (rotary_interleaved or mla_rotary_interleaved or mscale != 1.0
+                or multi_latent_attention is not None or freqs.shape[-1] != t.shape[-1]
+                or freqs.dtype != t.dtype):
+            return general(t, freqs, rotary_interleaved, mla_rotary_interleaved, mscale,
+                           multi_latent_attention)
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * torch.cos(freqs) + torch.cat((-x2, x1), dim=-1) * torch.sin(freqs)
+
+    rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd
+
+
 def apply_inference_shims() -> bool:
     """Install the CPU training and inference shims once (and, on a GPU without flash-attn, the
     paged-attention stand-ins). Returns True if the CPU shims are active."""
@@ -236,5 +259,6 @@ def apply_inference_shims() -> bool:
     dynamic_context.DynamicInferenceContext.REQUEST_ROUNDER = 1
     _install_paged_attention()
     _install_forward_only_linears()
+    _install_plain_rope()
     _APPLIED = True
     return True

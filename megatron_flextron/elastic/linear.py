@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import (
 )
 
 Selection = Union[slice, torch.Tensor]
+FEW_TOKENS = 32  # up to this many tokens, an index selection picks outputs, not weight rows
 
 
 def select(
@@ -70,7 +71,15 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         rows = self.active_rows or [slice(None)]
-        return [F.linear(x, select(self.weight, r, 0), select(self.bias, r, 0)) for r in rows]
+        return [self._piece(x, r) for r in rows]
+
+    def _piece(self, x: torch.Tensor, rows: Selection) -> torch.Tensor:
+        if (isinstance(rows, torch.Tensor) and not torch.is_grad_enabled()
+                and x.numel() <= FEW_TOKENS * x.shape[-1]):
+            # a few tokens without grad (a decode step): the full product's selected outputs
+            # read the weight once; gathering its rows would copy most of it every step
+            return F.linear(x, self.weight, self.bias).index_select(-1, rows)
+        return F.linear(x, select(self.weight, rows, 0), select(self.bias, rows, 0))
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if self.active_rows is None or weight is not None:
