@@ -126,7 +126,15 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"elastic row-parallel input has {input_.shape[-1]} features, "
                 f"the active selection has {width}"
             )
-        output_parallel = F.linear(input_, select(self.weight, self.active_cols, 1))
+        cols = self.active_cols
+        if (isinstance(cols, torch.Tensor) and not torch.is_grad_enabled()
+                and input_.numel() <= FEW_TOKENS * width):
+            # a few tokens without grad: the input placed in the full width (zeros elsewhere)
+            # reads the weight once; gathering its columns would copy most of it every step
+            full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
+            output_parallel = F.linear(full.index_copy_(-1, cols, input_), self.weight)
+        else:
+            output_parallel = F.linear(input_, select(self.weight, cols, 1))
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(
                 output_parallel, group=self.tp_group
