@@ -19,6 +19,12 @@ torch 2.13 CPU; greedy output equals full recomputation, tests/test_generate.py)
   on CPU padding is only work (a one-request decode step computed up to ``max_requests`` rows),
   so the context rounds to 1 (still a multiple of the TP size).
 
+Per-step Python, not the matmuls, is what separates one request on the engine from
+transformers ``generate`` on a CPU (benchmarks/serving_python_calls.py), so with grad disabled
+(every generation step) the same arithmetic runs without megatron's backward-only wrappers: the
+frozen-weight linear and the TP copy/reduce are plain calls (no autograd Function), RoPE skips its
+no-op slices, scales and casts, and a single query attends without a mask.
+
 Everything is process-local. The CPU stand-ins are installed only when CUDA is absent; with CUDA
 megatron runs unpatched, except that where flash-attn does not import (the GPU machines here
 have none) the paged-attention stand-ins above (device-agnostic) take its place.
