@@ -497,6 +497,7 @@ class ElasticGenerator:
             for update in self.step():
                 if update.result is not None:
                     results[update.rid] = update.result
+        self.release()  # the full model afterwards, even while megatron still drops the last
         return [results[rid] for rid in rids]
 
 
