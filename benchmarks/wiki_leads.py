@@ -1,6 +1,7 @@
 """Write Wikipedia lead sections from the bundled offline corpus as a plain text file.
 
   python benchmarks/wiki_leads.py --out leads400.txt            # 400 leads of the train split
+  python benchmarks/wiki_leads.py --out leads400-lines.txt --one-per-line
 
 The file a new user would pass as ``--calibration-data``: one lead per document, documents
 separated by a blank line (the text format of ``data/corpus.py``). Leads are taken in the
@@ -33,9 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=400)
     p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.add_argument(
+        "--one-per-line",
+        action="store_true",
+        help="one lead per line, no blank lines: the converter then reads the whole file as one "
+        "document (no end-of-document token between leads)",
+    )
     args = p.parse_args(argv)
     try:
-        text = "\n\n".join(leads(args.split, args.count)) + "\n"
+        text = ("\n" if args.one_per_line else "\n\n").join(leads(args.split, args.count)) + "\n"
     except (ValueError, RuntimeError) as e:
         print(f"wiki_leads: {e}", file=sys.stderr)
         return 2
