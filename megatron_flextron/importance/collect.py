@@ -92,8 +92,8 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
     """Run the calibration micro-batches through an elastic model at full size (any TP/PP).
 
     Collective over the model-parallel groups; returns the whole model's statistics on every
-    rank, on the CPU in float64: "mlp", "activation", "taylor" (lists over layers, canonical unit
-    order) and "layer".
+    rank, on the CPU in float64: "mlp", "activation", "taylor", "taylor_token" (lists over layers,
+    canonical unit order), "layer", and "loss" (the mean token loss of the pass).
     """
 
     layers = transformer_blocks(model)
@@ -153,12 +153,14 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
             layer.attention_layer.register_forward_pre_hook(block_input(st), with_kwargs=True)
         )
         handles.append(layer.mlp_layer.register_forward_hook(layer_hook(st), with_kwargs=True))
+    nll_sum = tokens = 0.0
     try:
         with activation_gradients_only(model):
             for batch in progress(microbatches, "importance: calibration batches"):
                 current["mask"] = batch["loss_mask"]
                 model.zero_grad(set_to_none=True)
-                forward_backward(model, [batch], forward_only=not with_taylor)
+                out = forward_backward(model, [batch], forward_only=not with_taylor)
+                nll_sum, tokens = nll_sum + out["nll_sum"], tokens + out["tokens"]
     finally:
         for h in handles:
             h.remove()
@@ -173,7 +175,9 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         }
         for st, layer in zip(stats, layers)
     }
-    return _gather(local, model_config, with_taylor)
+    gathered = _gather(local, model_config, with_taylor)
+    gathered["loss"] = nll_sum / max(tokens, 1.0)  # the calibration loss, for the record
+    return gathered
 
 
 HEAD_KEYS = ("activation", "taylor", "taylor_token")
