@@ -209,15 +209,7 @@ def _gather(local: Dict[int, dict], model_config, with_taylor: bool) -> Dict:
         i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in e.items()}
         for i, e in local.items()
     }
-    everything = dict(local)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        parts = [None] * torch.distributed.get_world_size(group)
-        torch.distributed.all_gather_object(parts, local, group=group)
-        everything = {i: e for part in parts for i, e in part.items()}
-    if sorted(everything) != list(range(model_config.num_layers)):
-        raise RuntimeError(f"statistics gathered for layers {sorted(everything)}")
-    ordered = [everything[i] for i in range(model_config.num_layers)]
+    ordered = gather_pipeline_layers(local, model_config.num_layers, "statistics")
     out = {key: [e[key] for e in ordered] for key in ("mlp", "layer") + HEAD_KEYS}
     if not with_taylor:
         out["taylor"] = out["taylor_token"] = None
@@ -250,3 +242,19 @@ def head_ablation_scores(model, microbatches: list, model_config) -> List[torch.
             layer_scores[h] = out["nll_sum"] / out["tokens"] - base_loss
         scores.append(layer_scores)
     return scores
+
+
+def gather_pipeline_layers(local: dict, num_layers: int, what: str) -> list:
+    """Every layer's entry, in layer order, from this stage's ``{layer: entry}`` (gathered over
+    the pipeline stages); a RuntimeError naming ``what`` when a layer is missing."""
+    from megatron.core import parallel_state
+
+    everything = dict(local)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        parts = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(parts, local, group=group)
+        everything = {i: e for part in parts for i, e in part.items()}
+    if sorted(everything) != list(range(num_layers)):
+        raise RuntimeError(f"{what} gathered for layers {sorted(everything)}")
+    return [everything[i] for i in range(num_layers)]
