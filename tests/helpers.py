@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -122,7 +123,9 @@ def train_tiny_tokenizer(tok_dir: str, texts) -> None:
     tok.save(os.path.join(tok_dir, "tokenizer.json"))
 
 
-def write_training_setup(directory: str, family: str = "llama", docs: int = 300) -> dict:
+def write_training_setup(
+    directory: str, family: str = "llama", docs: int = 300, model: ModelConfig = None
+) -> dict:
     """A tiny flextron checkpoint (random weights) with a byte-level BPE tokenizer trained on the
     bundled corpus, and that corpus preprocessed to .bin/.idx: what the trainer needs."""
     import os
@@ -136,7 +139,8 @@ def write_training_setup(directory: str, family: str = "llama", docs: int = 300)
     tok_dir = os.path.join(directory, "tokenizer")
     texts = wiki_documents("train")[:docs]
     train_tiny_tokenizer(tok_dir, texts)
-    model = tiny_config(family, vocab_size=320)
+    model = tiny_config(family) if model is None else model
+    model = dataclasses.replace(model, vocab_size=320)
     ckpt = Checkpoint(
         model=model,
         state=random_canonical_state(model),
