@@ -109,6 +109,27 @@ class SubnetworkSelector:
         return elastic_state(model, self.model_config, self.elastic, subnetwork=arch.subnetwork)
 
 
+def check_moe_layers(model) -> None:
+    """Every MoE layer must be elastic and run megatron's ordinary route -> dispatch -> experts
+    path while the engine's ``InferenceMode`` is on: megatron swaps in its own dispatcher and
+    fused experts then only for ``transformer_impl="inference_optimized"``, whose router and
+    experts would ignore the sub-network (fewer experts, narrower experts, smaller top-k)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_flextron.elastic.moe import ElasticMoELayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and (
+            not isinstance(module, ElasticMoELayer)
+            or hasattr(module, "_inference_token_dispatcher")
+        ):
+            raise ValueError(
+                f"{name}: {type(module).__name__} with transformer_impl="
+                f"{module.config.transformer_impl!r} cannot serve MoE sub-networks: serve the "
+                "elastic MoE layer (build_elastic_model), not megatron's inference-optimized one"
+            )
+
+
 def load_served_model(ckpt_dir: str, dtype, router: Optional[str] = None):
     """This rank's elastic model loaded from a flextron checkpoint (current TP/PP), and the
     selector for its sub-networks (``router``: see ``load_budget_policy``). Returns
