@@ -203,6 +203,28 @@ def test_tp2_serves_the_moe_sub_networks_one_process_serves(moe_ckpt, generator)
     run_distributed(_tp2_body, 2, moe_ckpt, selections, expected)
 
 
+def test_generate_tool_runs_moe_sub_networks_and_budgets(moe_ckpt, generator):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env.pop("MASTER_PORT", None)
+    for flag, value, select in (("--subnetwork", json.dumps(SUBNET), {"subnetwork": SUBNET}),
+                                ("--budget", "0.75", {"budget": 0.75})):
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", moe_ckpt,
+             flag, value, "--max-new-tokens", str(NEW), "--prompt", PROMPT],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        (line,) = [json.loads(x) for x in out.stdout.strip().splitlines()]
+        request = generator.request(PROMPT, Sampling.greedy(NEW), **select)
+        want = generator.generate([request])[0]
+        assert line["tokens"] == want.tokens and line["text"] == want.text
+        assert {k: v for k, v in line.items() if k not in ("prompt", "text", "tokens")} == {
+            "finish_reason": "length", **request.architecture.describe()}
+    assert line["subnetwork"]["moe_ffn"] == 24 and line["chosen_by"] == "nearest choices"
+
+
+# the server tests last: the tests above call the generator directly, which only the server's
+# scheduler thread may do once it runs
 @pytest.fixture(scope="module")
 def served(generator):
     from megatron_flextron.inference.server import TextGenerationServer
@@ -281,23 +303,3 @@ def test_openai_client_lists_and_uses_the_moe_model_ids(served):
     with pytest.raises(openai.BadRequestError, match="experts 3 is not one of the configured"):
         client.completions.create(model=f"{NAME}@experts3-moe_ffn16-topk1", prompt=PROMPT,
                                   max_tokens=2)
-
-
-def test_generate_tool_runs_moe_sub_networks_and_budgets(moe_ckpt, generator):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    env.pop("MASTER_PORT", None)
-    for flag, value, select in (("--subnetwork", json.dumps(SUBNET), {"subnetwork": SUBNET}),
-                                ("--budget", "0.75", {"budget": 0.75})):
-        out = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", moe_ckpt,
-             flag, value, "--max-new-tokens", str(NEW), "--prompt", PROMPT],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        (line,) = [json.loads(x) for x in out.stdout.strip().splitlines()]
-        request = generator.request(PROMPT, Sampling.greedy(NEW), **select)
-        want = generator.generate([request])[0]
-        assert line["tokens"] == want.tokens and line["text"] == want.text
-        assert {k: v for k, v in line.items() if k not in ("prompt", "text", "tokens")} == {
-            "finish_reason": "length", **request.architecture.describe()}
-    assert line["subnetwork"]["moe_ffn"] == 24 and line["chosen_by"] == "nearest choices"
