@@ -134,14 +134,26 @@ def test_greedy_at_moe_sub_networks_equals_decoding_by_hand_and_transformers(
     assert len({tuple(r.tokens) for r in results}) == 3
 
 
-def test_every_sub_network_runs_on_the_one_weight_copy(generator):
+def test_every_sub_network_runs_on_the_one_weight_copy(generator, monkeypatch):
     """Every lane's engine wraps the same model; generating at MoE sub-networks moves, copies
     and adds no parameter; the model is the full one afterwards; megatron's inference-only MoE
-    dispatcher is absent, so the engine runs the elastic MoE layer's own path."""
+    dispatcher is absent, so the engine runs the elastic MoE layer's own forward, with the
+    engine's InferenceMode on and the lane's sub-network set."""
+    from megatron.core.inference.utils import InferenceMode
+
+    seen = set()
+    forward = ElasticMoELayer.forward
+
+    def recording(self, *args, **kwargs):
+        seen.add((InferenceMode.is_active(), self.active, self.router.topk))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ElasticMoELayer, "forward", recording)
     model = generator.model
     before = {n: (p.data_ptr(), p.shape) for n, p in model.named_parameters()}
     generator.generate([generator.request(PROMPT, Sampling.greedy(3), budget=b)
                         for b in (0.75, 0.5)])  # fmt: skip
+    assert seen == {(True, (8, 24, 1), 1), (True, (8, 8, 1), 1)}
     assert {n: (p.data_ptr(), p.shape) for n, p in model.named_parameters()} == before
     assert len(generator.lanes) >= 2
     for lane in generator.lanes.values():
