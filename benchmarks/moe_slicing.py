@@ -1,0 +1,228 @@
+"""Elastic MoE sub-networks vs megatron's MoE of the smaller shape: time per token, side by side.
+
+For each sub-network (half the experts; half the expert width; top-1 of top-2; all three), in one
+process, on the same input, with interleaved timing rounds (medians):
+  elastic sub-network   the elastic model set to the sub-network (prefix views, no copies)
+  dense twin            megatron's own MoE (build_hybrid_model(..., elastic=False)) of exactly
+                        that smaller shape, loaded with the exported weights (export_subnetwork)
+  masked                the same sub-network as a mask: the dropped experts' router logits at
+                        -inf (the elastic path) and every expert at full width with the neurons
+                        past the kept ones multiplied by zero (the upstream way to shrink width)
+and, once, the elastic full model and megatron's MoE at full size. Two modes: a training step
+(forward + backward) and inference (forward only, torch.inference_mode). The target (issue 20):
+elastic sub-network / dense twin within 5% on CPU. The twin's logits are checked against the
+elastic sub-network's before timing (max |diff|, printed), so the rows compute the same function.
+
+  python benchmarks/moe_slicing.py --json benchmarks/results/cpu_moe_slicing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_flextron.checkpoint.state import Checkpoint  # noqa: E402
+from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
+from megatron_flextron.convert.export import export_subnetwork  # noqa: E402
+from megatron_flextron.elastic import set_subnetwork  # noqa: E402
+from megatron_flextron.elastic.blocks import hybrid_name  # noqa: E402
+from megatron_flextron.elastic.hybrid import build_hybrid_model  # noqa: E402
+from megatron_flextron.elastic.tp_layout import gather_canonical  # noqa: E402
+from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
+
+MODEL = dict(
+    num_layers=2,
+    hidden_size=256,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=64,
+    ffn_hidden_size=512,
+    num_moe_experts=8,
+    moe_ffn_hidden_size=512,
+    moe_router_topk=2,
+    vocab_size=1024,
+    max_position_embeddings=256,
+)
+BATCH, SEQ = 4, 256
+SUBNETWORKS = {
+    "half experts": {"experts": 4},
+    "half expert width": {"moe_ffn": 256},
+    "top-1 of top-2": {"topk": 1},
+    "all three": {"experts": 4, "moe_ffn": 256, "topk": 1},
+}
+
+
+class MaskedExpert(torch.nn.Module):
+    """An expert (megatron's MLP, elastic linears at full width) whose neurons past ``width``
+    are multiplied by zero: full-width compute, the sub-network's function."""
+
+    def __init__(self, expert, width: int):
+        super().__init__()
+        self.expert = expert
+        full = expert.linear_fc2.input_size
+        self.register_buffer("mask", (torch.arange(full) < width).float(), persistent=False)
+
+    def forward(self, hidden, per_token_scale=None):
+        e = self.expert
+        gate, up = torch.chunk(e.linear_fc1(hidden)[0], 2, dim=-1)
+        intermediate = e.config.activation_func(gate) * up * self.mask
+        if per_token_scale is not None:
+            intermediate = intermediate * per_token_scale.unsqueeze(-1)
+        return e.linear_fc2(intermediate)
+
+
+def mask_expert_width(model, width: int) -> None:
+    """Wrap every expert of ``model`` (elastic, full width) in a MaskedExpert of ``width``."""
+    for layer in model.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            for i, expert in enumerate(experts.local_experts):
+                inner = expert.expert if isinstance(expert, MaskedExpert) else expert
+                experts.local_experts[i] = MaskedExpert(inner, width)
+
+
+def load(model, state):
+    result = model.load_state_dict({hybrid_name(k): v for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if "_extra_state" not in k]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    return model
+
+
+def training_step(model, tokens, labels, position_ids):
+    loss = model(tokens, position_ids, None, labels=labels).float().mean()
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def inference(model, tokens, labels, position_ids):
+    with torch.inference_mode():
+        model(tokens, position_ids, None)
+
+
+def build(m: ModelConfig, elastic: ElasticConfig):
+    """{row name: (model, sub-network spec or None)} and the max |logit diff| per twin."""
+    torch.manual_seed(0)
+    full = build_hybrid_model(m, m.transformer_config(), elastic=True)
+    with torch.no_grad():  # routers at a larger scale, as trained ones: uneven, decisive routing
+        for name, p in full.named_parameters():
+            if name.endswith("router.weight"):
+                p.mul_(50.0)
+    state = gather_canonical(full, m)
+    stock = load(build_hybrid_model(m, m.transformer_config(), elastic=False, core_attention="sdpa"), state)
+    rows = {"elastic full": (full, None), "megatron MoE full": (stock, None)}
+    tokens, positions = _inputs(m)[0], _inputs(m)[2]
+    diffs = {}
+    for label, spec in SUBNETWORKS.items():
+        subnet = set_subnetwork(full, spec, m, elastic)
+        small = export_subnetwork(Checkpoint(model=m, state=state), subnet)
+        twin = build_hybrid_model(
+            small.model, small.model.transformer_config(), elastic=False, core_attention="sdpa"
+        )
+        load(twin, dict(small.state))
+        with torch.no_grad():
+            diffs[label] = (full(tokens, positions, None) - twin(tokens, positions, None)).abs().max().item()
+        masked = load(build_hybrid_model(m, m.transformer_config(), elastic=True), state)
+        set_subnetwork(masked, {k: v for k, v in spec.items() if k != "moe_ffn"}, m, elastic)
+        mask_expert_width(masked, subnet.moe[0][1])
+        with torch.no_grad():
+            diffs[label + " (masked)"] = (
+                full(tokens, positions, None) - masked(tokens, positions, None)
+            ).abs().max().item()
+        rows[f"elastic {label}"] = (full, spec)
+        rows[f"twin {label}"] = (twin, None)
+        rows[f"masked {label}"] = (masked, None)
+    set_subnetwork(full, None, m, elastic)
+    return rows, diffs
+
+
+def _inputs(m: ModelConfig):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, m.vocab_size, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, m.vocab_size, (BATCH, SEQ), generator=g)
+    return tokens, labels, torch.arange(SEQ).expand(BATCH, SEQ)
+
+
+def measure(rows, fn, inputs, rounds, m, elastic):
+    times = {name: [] for name in rows}
+    for _ in range(rounds + 1):  # the first round warms up; interleaved against machine noise
+        for name, (model, spec) in rows.items():
+            set_subnetwork(model, spec, m, elastic) if name.startswith("elastic") else None
+            t0 = time.perf_counter()
+            fn(model, *inputs)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def table(medians, tokens):
+    """Rows: microseconds per token; per sub-network the ratios that matter."""
+    out = {"us_per_token": {k: round(v / tokens * 1e6, 2) for k, v in medians.items()}}
+    out["elastic full / megatron MoE full"] = round(
+        medians["elastic full"] / medians["megatron MoE full"], 3
+    )
+    for label in SUBNETWORKS:
+        e, t, k = (medians[f"{p} {label}"] for p in ("elastic", "twin", "masked"))
+        out[label] = {
+            "elastic / twin": round(e / t, 3),
+            "elastic / elastic full": round(e / medians["elastic full"], 3),
+            "masked / elastic": round(k / e, 3),
+        }
+    return out
+
+
+def _print(mode, result):
+    print(f"\n{mode}: microseconds per token (batch {BATCH} x seq {SEQ})")
+    print(f"{'sub-network':<20}{'elastic':>10}{'twin':>10}{'masked':>10}"
+          f"{'el/twin':>10}{'el/full':>10}{'mask/el':>10}")  # fmt: skip
+    us = result["us_per_token"]
+    print(f"{'full':<20}{us['elastic full']:>10}{us['megatron MoE full']:>10}{'':>10}"
+          f"{result['elastic full / megatron MoE full']:>10}")  # fmt: skip
+    for label in SUBNETWORKS:
+        r = result[label]
+        print(f"{label:<20}{us['elastic ' + label]:>10}{us['twin ' + label]:>10}"
+              f"{us['masked ' + label]:>10}{r['elastic / twin']:>10}"
+              f"{r['elastic / elastic full']:>10}{r['masked / elastic']:>10}")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    initialize_model_parallel(1, 1)
+    m = ModelConfig("llama", **MODEL)
+    elastic = ElasticConfig(expert_choices=(4,), moe_ffn_choices=(256,), topk_choices=(1,))
+    rows, diffs = build(m, elastic)
+    print("max |logit diff| vs the elastic sub-network:",
+          {k: f"{v:.1e}" for k, v in diffs.items()})  # fmt: skip
+    inputs = _inputs(m)
+    results = {
+        "device": f"CPU ({torch.get_num_threads()} thread)",
+        "model": MODEL,
+        "batch": BATCH,
+        "seq": SEQ,
+        "rounds": args.rounds,
+        "max_logit_diff": diffs,
+    }
+    for mode, fn in (("training step", training_step), ("inference", inference)):
+        medians = measure(rows, fn, inputs, args.rounds, m, elastic)
+        results[mode] = table(medians, BATCH * SEQ)
+        _print(mode, results[mode])
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
