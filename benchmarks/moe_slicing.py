@@ -117,9 +117,11 @@ def build(m: ModelConfig, elastic: ElasticConfig):
             if name.endswith("router.weight"):
                 p.mul_(50.0)
     state = gather_canonical(full, m)
-    stock = load(build_hybrid_model(m, m.transformer_config(), elastic=False, core_attention="sdpa"), state)
+    stock = load(
+        build_hybrid_model(m, m.transformer_config(), elastic=False, core_attention="sdpa"), state
+    )
     rows = {"elastic full": (full, None), "megatron MoE full": (stock, None)}
-    tokens, positions = _inputs(m)[0], _inputs(m)[2]
+    tokens, _, positions = _inputs(m)
     diffs = {}
     for label, spec in SUBNETWORKS.items():
         subnet = set_subnetwork(full, spec, m, elastic)
@@ -128,20 +130,23 @@ def build(m: ModelConfig, elastic: ElasticConfig):
             small.model, small.model.transformer_config(), elastic=False, core_attention="sdpa"
         )
         load(twin, dict(small.state))
-        with torch.no_grad():
-            diffs[label] = (full(tokens, positions, None) - twin(tokens, positions, None)).abs().max().item()
+        diffs[label] = _max_diff(full, twin, tokens, positions)
         masked = load(build_hybrid_model(m, m.transformer_config(), elastic=True), state)
         set_subnetwork(masked, {k: v for k, v in spec.items() if k != "moe_ffn"}, m, elastic)
         mask_expert_width(masked, subnet.moe[0][1])
-        with torch.no_grad():
-            diffs[label + " (masked)"] = (
-                full(tokens, positions, None) - masked(tokens, positions, None)
-            ).abs().max().item()
+        diffs[label + " (masked)"] = _max_diff(full, masked, tokens, positions)
         rows[f"elastic {label}"] = (full, spec)
         rows[f"twin {label}"] = (twin, None)
         rows[f"masked {label}"] = (masked, None)
     set_subnetwork(full, None, m, elastic)
+    # control: the full model is not the last twin, so a zero above is a real check
+    diffs["control: elastic full vs the last twin"] = _max_diff(full, twin, tokens, positions)
     return rows, diffs
+
+
+@torch.no_grad()
+def _max_diff(a, b, tokens, positions) -> float:
+    return (a(tokens, positions, None) - b(tokens, positions, None)).abs().max().item()
 
 
 def _inputs(m: ModelConfig):
@@ -152,28 +157,39 @@ def _inputs(m: ModelConfig):
 
 
 def measure(rows, fn, inputs, rounds, m, elastic):
+    """Per row, the CPU seconds of each round (process time: on a shared machine the time this
+    process computes, not the time it waits for a core). Rounds interleave every row, in
+    alternating order, so that slow phases of the machine hit every row alike."""
     times = {name: [] for name in rows}
-    for _ in range(rounds + 1):  # the first round warms up; interleaved against machine noise
-        for name, (model, spec) in rows.items():
-            set_subnetwork(model, spec, m, elastic) if name.startswith("elastic") else None
-            t0 = time.perf_counter()
+    names = list(rows)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names if r % 2 else names[::-1]:
+            model, spec = rows[name]
+            if name.startswith("elastic"):
+                set_subnetwork(model, spec, m, elastic)
+            t0 = time.process_time()
             fn(model, *inputs)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+            times[name].append(time.process_time() - t0)
+    return {name: t[1:] for name, t in times.items()}
 
 
-def table(medians, tokens):
-    """Rows: microseconds per token; per sub-network the ratios that matter."""
-    out = {"us_per_token": {k: round(v / tokens * 1e6, 2) for k, v in medians.items()}}
-    out["elastic full / megatron MoE full"] = round(
-        medians["elastic full"] / medians["megatron MoE full"], 3
-    )
+def table(times, tokens):
+    """Microseconds per token (medians); ratios are medians of the per-round ratios."""
+
+    def ratio(a, b):
+        return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+
+    out = {
+        "us_per_token": {
+            k: round(statistics.median(v) / tokens * 1e6, 2) for k, v in times.items()
+        },
+        "elastic full / megatron MoE full": ratio("elastic full", "megatron MoE full"),
+    }
     for label in SUBNETWORKS:
-        e, t, k = (medians[f"{p} {label}"] for p in ("elastic", "twin", "masked"))
         out[label] = {
-            "elastic / twin": round(e / t, 3),
-            "elastic / elastic full": round(e / medians["elastic full"], 3),
-            "masked / elastic": round(k / e, 3),
+            "elastic / twin": ratio(f"elastic {label}", f"twin {label}"),
+            "elastic / elastic full": ratio(f"elastic {label}", "elastic full"),
+            "masked / elastic": ratio(f"masked {label}", f"elastic {label}"),
         }
     return out
 
@@ -206,7 +222,7 @@ def main():
           {k: f"{v:.1e}" for k, v in diffs.items()})  # fmt: skip
     inputs = _inputs(m)
     results = {
-        "device": f"CPU ({torch.get_num_threads()} thread)",
+        "device": f"CPU ({torch.get_num_threads()} thread), process time",
         "model": MODEL,
         "batch": BATCH,
         "seq": SEQ,
@@ -214,8 +230,8 @@ def main():
         "max_logit_diff": diffs,
     }
     for mode, fn in (("training step", training_step), ("inference", inference)):
-        medians = measure(rows, fn, inputs, args.rounds, m, elastic)
-        results[mode] = table(medians, BATCH * SEQ)
+        times = measure(rows, fn, inputs, args.rounds, m, elastic)
+        results[mode] = table(times, BATCH * SEQ)
         _print(mode, results[mode])
     if args.json:
         tmp = args.json + ".tmp"
