@@ -33,8 +33,9 @@ def test_moe_worked_example_runs_and_its_export_is_the_subnetwork(tmp_path):
     assert shape == {"model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32}
     assert config["num_experts_per_tok"] == 1
 
-    trained, converted = read_flextron(str(out_dir / "trained")), read_flextron(
-        str(out_dir / "flextron")
+    trained, converted = (
+        read_flextron(str(out_dir / "trained")),
+        read_flextron(str(out_dir / "flextron")),
     )
     router = "decoder.layers.0.mlp.router.weight"
     assert not torch.equal(trained.state[router], converted.state[router])  # training moved it
