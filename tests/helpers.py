@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -106,7 +107,9 @@ def train_step(ddp_model, tokens, labels, forward_only: bool = False):
     return None, None
 
 
-def write_training_setup(directory: str, family: str = "llama", docs: int = 300) -> dict:
+def write_training_setup(
+    directory: str, family: str = "llama", docs: int = 300, model: ModelConfig = None
+) -> dict:
     """A tiny flextron checkpoint (random weights) with a byte-level BPE tokenizer trained on the
     bundled corpus, and that corpus preprocessed to .bin/.idx: what the trainer needs."""
     import os
@@ -128,7 +131,8 @@ def write_training_setup(directory: str, family: str = "llama", docs: int = 300)
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"])
     tok.train_from_iterator(texts, trainer)
     tok.save(os.path.join(tok_dir, "tokenizer.json"))
-    model = tiny_config(family, vocab_size=320)
+    model = tiny_config(family) if model is None else model
+    model = dataclasses.replace(model, vocab_size=320)
     ckpt = Checkpoint(
         model=model,
         state=random_canonical_state(model),

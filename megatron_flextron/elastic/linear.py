@@ -65,7 +65,9 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
 
     def forward_pieces(self, input_: torch.Tensor) -> List[torch.Tensor]:
         """One output [s, b, rows_i] per active piece, bias included."""
-        if self.sequence_parallel:
+        if getattr(self, "explicit_expert_comm", False):
+            x = input_  # an expert under TP/EP: the token dispatcher moves the tokens
+        elif self.sequence_parallel:
             x = gather_from_sequence_parallel_region(input_, group=self.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
@@ -118,7 +120,9 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"the active selection has {width}"
             )
         output_parallel = F.linear(input_, select(self.weight, self.active_cols, 1))
-        if self.sequence_parallel:
+        if getattr(self, "explicit_expert_comm", False):
+            output = output_parallel  # an expert: the dispatcher's combine sums over TP
+        elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(
                 output_parallel, group=self.tp_group
             )

@@ -100,9 +100,11 @@ class ElasticSequentialMLP(SequentialMLP):
         tokens = torch.split(permuted_local_hidden_states, counts)
         probs = torch.split(permuted_probs, counts)
         outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in used]
-        if not outputs:  # no token reached this rank's experts: an empty output that stays in
-            # the autograd graph, so this rank joins the dispatcher's backward collectives
-            return permuted_local_hidden_states * 0, None
+        if not outputs:  # no token reached this rank's experts: an empty output that depends on
+            # the dispatched tokens and weights, so this rank joins the dispatcher's backward
+            # collectives (of both) as the ranks holding experts do
+            weights = permuted_probs.unsqueeze(-1).to(permuted_local_hidden_states.dtype)
+            return permuted_local_hidden_states * weights * 0, None
         return torch.cat(outputs, dim=0), None
 
 

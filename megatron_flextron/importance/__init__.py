@@ -68,6 +68,7 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
         parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=dtype,
         perform_initialization=False,  # overwritten below
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
     )
     model = build_elastic_model(m, config).to(device=current_device(), dtype=dtype)
     load_canonical_state_dict(model, ckpt.state, m)
@@ -105,6 +106,12 @@ def rank_and_permute(
     from megatron_flextron.lm_step import pad_microbatches
     from megatron_flextron.parallel import current_device
 
+    if ckpt.model.is_moe:  # experts and the neurons inside them: moe_ranking.py
+        from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+
+        return rank_and_permute_moe(
+            ckpt, calibration_data, samples, seq_length, micro_batch_size, head_estimator
+        )
     if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
         raise ValueError(f"unknown head estimator {head_estimator!r}")
     sharded = (

@@ -58,11 +58,15 @@ def moe_budget_subnetwork(
 ) -> Subnetwork:
     """A mixture of experts' sub-network of a budget: of the homogeneous choices (experts, expert
     width, top-k, heads), the largest whose active (or total: ``elastic.budget_type``) parameter
-    count is at most ``budget`` x the full model's (the smallest when none is); per layer with
-    ``rng``: a random choice at or below it on every axis."""
+    count is at most ``budget`` x the full model's (the smallest when none is), ties going to
+    the larger other count. An active budget keeps every expert (they cost memory, not
+    compute); per layer with ``rng``: a random choice at or below it on every axis."""
     n = model.num_layers
     kind = elastic.budget_type
+    other = "total" if kind == "active" else "active"
     experts, widths, topks = (sorted(c) for c in elastic.moe_choices_with_full(model))
+    if kind == "active":
+        experts = [max(experts)]
     _, heads = (sorted(c) for c in elastic.choices_with_full(model))
     full = count_parameters(Subnetwork.full(model), model)[kind]
     best = None
@@ -70,8 +74,9 @@ def moe_budget_subnetwork(
         if choice[2] > choice[0]:
             continue
         subnet = _moe_subnetwork(model, (choice,) * n)
-        ratio = count_parameters(subnet, model)[kind] / full
-        key = (ratio <= budget + 1e-9, ratio if ratio <= budget + 1e-9 else -ratio)
+        counts = count_parameters(subnet, model)
+        fits = counts[kind] <= budget * full + 1e-9
+        key = (fits, counts[kind] if fits else -counts[kind], counts[other])
         if best is None or key > best[0]:
             best = (key, choice, subnet)
     if rng is None:

@@ -78,6 +78,7 @@ class ElasticStep:
         if self.policy is None:
             self.policy = NearestChoices(self.model_cfg, self.elastic_cfg)
         self.budget_keys = sorted({1.0, *self.sampler.budgets}, reverse=True)
+        self.moe_aux: Dict[float, float] = {}  # budget -> this stage's summed aux losses
 
     def _student(self, budget: float, subnet: Subnetwork, full: Subnetwork) -> bool:
         """Whether a micro-batch trains something other than the plain full model: a smaller
@@ -133,6 +134,7 @@ class ElasticStep:
         """Forward/backward of one iteration; returns per-budget sums (see ``reduce_stats``)."""
         plan = [self.sampler.sample(iteration, m) for m in range(len(microbatches))]
         teachers = self._teacher_logits(plan, microbatches)
+        self.moe_aux = {}
 
         def forward_step(data_iterator, model):
             m, batch = next(data_iterator)
@@ -143,6 +145,8 @@ class ElasticStep:
             if self.weight_decay is not None and not forward_only:
                 self.weight_decay.record()
             output = model(batch["tokens"], position_ids(batch), None)
+            if self.model_cfg.is_moe:
+                self.moe_aux[budget] = self.moe_aux.get(budget, 0.0) + take_moe_aux_loss()
             self.policy.after_forward(model, budget, handle)
             teacher = teachers.get(m)
             return output, partial(self._loss_func, m, budget, batch, teacher, handle)
@@ -157,6 +161,8 @@ class ElasticStep:
         from the last stage, per-stage policy stats such as token widths from every stage)."""
         keys = self.budget_keys
         names = list(self.policy.stat_names)
+        if self.model_cfg.is_moe:
+            names.append("moe aux loss")
         device = current_device()
         totals = torch.zeros(len(keys), 3 + len(names), dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
@@ -165,7 +171,10 @@ class ElasticStep:
                 values = [float(o["lm loss"]), float(o["kd loss"]), 1.0]
                 values += [float(o.get(name, 0.0)) for name in names]
                 totals[row] += torch.tensor(values, device=device)
-        for budget, stage in self.policy.stage_stats().items():
+        stages = {b: dict(s) for b, s in self.policy.stage_stats().items()}
+        for budget, aux in self.moe_aux.items():  # a mean over MoE layers, summed over stages
+            stages.setdefault(budget, {})["moe aux loss"] = aux / self.model_cfg.num_layers
+        for budget, stage in stages.items():
             values = [0.0, 0.0, 0.0] + [stage.get(name, 0.0) for name in names]
             totals[keys.index(budget)] += torch.tensor(values, device=device)
         for group in (
@@ -185,5 +194,19 @@ class ElasticStep:
                 row = {"lm loss": lm / n, "kd loss": kd / n, "n": int(n)}
                 if self.policy.routes(key):
                     row.update({name: value / n for name, value in zip(names, policy)})
+                if self.model_cfg.is_moe:
+                    row["moe aux loss"] = policy[-1] / n
                 result["budgets"][f"{key:g}"] = row
         return result
+
+
+def take_moe_aux_loss() -> float:
+    """The sum over this stage's MoE layers of megatron's load-balancing losses (divided by their
+    coefficients, as megatron logs them) recorded since the last call, which resets them; 0
+    when no auxiliary loss is configured."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    total = sum(float(entry.values.sum()) for entry in tracker.metrics.values())
+    tracker.clear()
+    return total

@@ -127,6 +127,12 @@ def _frozen_teacher(args: TrainingArgs, model_cfg: ModelConfig):
 def _policy(args: TrainingArgs, model, model_cfg, elastic_cfg, resume: dict):
     """The run's budget policy (--router none | joint | token), resumed from the checkpoint."""
     e = args.elastic
+    if model_cfg.is_moe and e.router != "none":
+        raise ValueError(
+            f"--router {e.router} is not built for mixtures of experts yet (its choices are MLP "
+            "widths and head counts); use --router none: a budget then runs the largest MoE "
+            "sub-network whose parameters (--budget-type) fit it"
+        )
     settings = RouterSettings(
         kind=e.router,
         budgets=e.budget_list,
