@@ -3,16 +3,16 @@
 # flextron checkpoint, elastic training, a sub-network exported back to transformers, generation.
 #   1. a tiny Qwen3-MoE (random init, 8 experts of 64 neurons, top-2) saved with save_pretrained,
 #      with the bundled SmolLM2 tokenizer
-#   2. tools/convert_checkpoint.py --loader hf --saver flextron: expert choices 8/4, expert widths
-#      64/32, top-k 2/1 (--mlp-choices 1,0.5 scales the three expert axes)
-#      [ranking: not yet for mixtures of experts; see the marked step below]
+#   2. tools/convert_checkpoint.py --loader hf --saver flextron --calibration-data wiki: experts
+#      and their neurons ranked; expert choices 8/4, expert widths 64/32, top-k 2/1
 #   3. the Wikipedia train split -> megatron .bin/.idx with that tokenizer
-#   4. torchrun tools/pretrain_flextron.py: budgets 1.0 and 0.5 of the active parameters
+#   4. torchrun tools/pretrain_flextron.py: budgets 1.0 and 0.5 of the active parameters (an
+#      active budget keeps every expert and narrows experts, top-k and heads)
 #   5. the half sub-network (4 experts of 32 neurons, top-1) exported with --saver hf
 #   6. tools/generate.py on the flextron checkpoint at that sub-network, and transformers on the
 #      export: the same greedy tokens
 #
-#   bash examples/moe_worked_example.sh          # CPU, a few minutes; OUT=dir (default runs/moe_example)
+#   bash examples/moe_worked_example.sh     # CPU, about a minute or two; OUT=dir (runs/moe_example)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
@@ -52,13 +52,11 @@ model.save_pretrained(sys.argv[1])
 tokenizer.save_pretrained(sys.argv[1])
 EOF
 
-echo "== 2. convert to flextron (expert choices from --mlp-choices 1,0.5)"
+echo "== 2. convert to flextron, ranking experts and their neurons on Wikipedia text"
+# --mlp-choices 1,0.5 scales the three expert axes: experts 8/4, expert width 64/32, top-k 2/1
 "$PY" tools/convert_checkpoint.py --loader hf --saver flextron --load-dir "$OUT/qwen3_moe" \
-  --save-dir "$OUT/flextron" --mlp-choices 1,0.5
-# 2b. RANKING (marked step, not run): expert ranking by calibration data is being added on
-# branch rankmoe; there, add to the command above:
-#   --calibration-data wiki --calibration-samples 16 --calibration-seq-length 64
-# On this branch --calibration-data does not rank mixtures of experts (docs/moe.md).
+  --save-dir "$OUT/flextron" --mlp-choices 1,0.5 \
+  --calibration-data wiki --calibration-samples 16 --calibration-seq-length 64
 
 echo "== 3. tokenize the Wikipedia train split"
 "$PY" tools/preprocess_data.py --input wiki:train --output-prefix "$OUT/data/wiki_train" \

@@ -1,7 +1,8 @@
 """docs/moe.md's worked example runs as written (examples/moe_worked_example.sh): a tiny
 Qwen3-MoE from transformers -> flextron -> elastic training under torchrun -> the half sub-network
-exported with --saver hf -> transformers generates what tools/generate.py generates. Checked here
-too: the export is the sub-network's shape and computes the trained elastic model's logits at it."""
+exported with --saver hf -> transformers generates what tools/generate.py generates
+(experts ranked at conversion). Checked here too: the export is the sub-network's shape and
+computes the trained elastic model's logits at it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def test_moe_worked_example_runs_and_its_export_is_the_subnetwork(tmp_path):
     shape = {k: config[k] for k in ("model_type", "num_experts", "moe_intermediate_size")}
     assert shape == {"model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32}
     assert config["num_experts_per_tok"] == 1
+    importance = json.loads((out_dir / "flextron" / "flextron_config.json").read_text())
+    orders = importance["metadata"]["importance"]["expert_order"]  # ranked at conversion
+    assert [sorted(layer) for layer in orders] == [list(range(8))] * 2, orders
 
     trained, converted = (
         read_flextron(str(out_dir / "trained")),
