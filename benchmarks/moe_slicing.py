@@ -70,6 +70,10 @@ class MaskedExpert(torch.nn.Module):
         full = expert.linear_fc2.input_size
         self.register_buffer("mask", (torch.arange(full) < width).float(), persistent=False)
 
+    @property
+    def linear_fc1(self):  # read by the elastic experts: full width, so megatron's own path
+        return self.expert.linear_fc1
+
     def forward(self, hidden, per_token_scale=None):
         e = self.expert
         gate, up = torch.chunk(e.linear_fc1(hidden)[0], 2, dim=-1)
