@@ -14,6 +14,7 @@ elastic sub-network / dense twin within 5% on CPU. The twin's logits are checked
 elastic sub-network's before timing (max |diff|, printed), so the rows compute the same function.
 
   python benchmarks/moe_slicing.py --json benchmarks/results/cpu_moe_slicing.json
+  python benchmarks/moe_slicing.py --one-expert   # one expert at half width vs its twin
 """
 
 from __future__ import annotations
@@ -212,12 +213,60 @@ def _print(mode, result):
               f"{r['elastic / elastic full']:>10}{r['masked / elastic']:>10}")  # fmt: skip
 
 
+def one_expert(rounds: int, tokens=256, hidden=256, full=512, width=256) -> dict:
+    """One SwiGLU expert's training step (forward + backward) on ``tokens`` tokens at ``width`` of
+    ``full`` neurons, process time relative to contiguous weights of that width: prefix views
+    with the gate and up pieces concatenated (megatron's MLP.forward on the elastic fc1) and fed
+    to the GLU directly (the elastic experts' path)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    w1, w2 = torch.randn(2 * full, hidden), torch.randn(hidden, full)
+    small = [w1.view(2, full, hidden)[:, :width].reshape(2 * width, hidden), w2[:, :width]]
+    params = [p.requires_grad_() for p in [w1, w2, *(t.contiguous() for t in small)]]
+    w1, w2, s1, s2 = params
+
+    def twin():
+        gate, up = torch.chunk(F.linear(x, s1), 2, -1)
+        return F.linear(F.silu(gate) * up, s2)
+
+    def pieces(concatenate: bool):
+        gate, up = F.linear(x, w1[:width]), F.linear(x, w1[full : full + width])
+        if concatenate:
+            gate, up = torch.chunk(torch.cat([gate, up], -1), 2, -1)
+        return F.linear(F.silu(gate) * up, w2[:, :width])
+
+    rows = {"twin": twin, "concatenated": lambda: pieces(True), "pieces": lambda: pieces(False)}
+    times = {name: [] for name in rows}
+    for _ in range(rounds + 1):  # round 0 warms up
+        for name, fn in rows.items():
+            t0 = time.process_time()
+            for _ in range(10):
+                fn().sum().backward()
+                for p in [x, *params]:
+                    p.grad = None
+            times[name].append(time.process_time() - t0)
+    return {
+        f"{name} / twin": round(
+            statistics.median(a / b for a, b in zip(times[name][1:], times["twin"][1:])), 3
+        )
+        for name in ("concatenated", "pieces")
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--one-expert", action="store_true", help="only one expert's step: why width costs more"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.one_expert:
+        print(json.dumps(one_expert(max(args.rounds, 30))))
+        return
     initialize_model_parallel(1, 1)
     m = ModelConfig("llama", **MODEL)
     elastic = ElasticConfig(expert_choices=(4,), moe_ffn_choices=(256,), topk_choices=(1,))
