@@ -1,12 +1,19 @@
 """Held-out loss of ranked SmolLM2-135M sub-networks (no training), per head estimator.
 
   python benchmarks/ranking_quality.py --json benchmarks/results/cpu_ranking_quality.json
+  python benchmarks/ranking_quality.py --mode thorough     # the held-out choice + refinement
+  python benchmarks/wiki_leads.py --out leads400.txt
+  python benchmarks/ranking_quality.py --calibration-data leads400.txt --calibration-samples 64 \
+      --test leads --test-sequences 40          # a new user's setting: a text file, short leads
 
-Ranks once with the library (``rank_and_permute``: calibration on the Wikipedia train split, a
-quarter of it held out for the estimator choice), then evaluates every candidate head order it
-considered, with the ranked MLP order, on the Wikipedia test split. "taylor" is the reference of
-issue 15 (MLP: Minitron activation; heads: per-sequence first-order Taylor); "chosen" is what the
-library wrote into the checkpoint. Prints a markdown table.
+Ranks once with the library (``rank_and_permute`` in ``--mode``; calibration on the Wikipedia
+train split or a file, packed into ``--seq-length`` windows as the converter packs it), then
+evaluates every candidate head order it recorded, with the ranked MLP order, on held-out text:
+``--test wiki`` packs the Wikipedia test split into windows, ``--test leads`` runs each of the
+first test-split leads as its own sequence (``--test-prefix ID`` puts a token such as a BOS in
+front of each). "taylor" is the reference of issue 15 (MLP: Minitron activation; heads:
+per-sequence first-order Taylor, from the same statistics); "chosen" is what the library wrote
+into the checkpoint. Prints a markdown table; the ranking's CPU seconds per stage go to the JSON.
 
   python benchmarks/ranking_quality.py --gqa-diagnostic --calibration-samples 16 --test-sequences 8
 
@@ -71,10 +78,31 @@ def gqa_diagnostic(source, calib, test) -> dict:
     return out
 
 
+def test_batches(args, tokenizer_dir) -> list:
+    """Held-out micro-batches of 4: packed test-split windows, or one test-split lead per row
+    (sorted by length, each micro-batch padded to its longest lead only)."""
+    from megatron_flextron.data.corpus import load_tokenizer, token_sequences, wiki_documents
+    from megatron_flextron.lm_step import pad_microbatches
+
+    if args.test == "wiki":
+        seqs = token_sequences("wiki:test", tokenizer_dir, args.seq_length, args.test_sequences)
+        return pad_microbatches(seqs, 4)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prefix = [] if args.test_prefix is None else [args.test_prefix]
+    docs = wiki_documents("test")[: args.test_sequences]
+    seqs = [(prefix + tokenizer.encode(d).ids)[: args.seq_length + 1] for d in docs]
+    seqs = sorted(seqs, key=len)
+    return [b for i in range(0, len(seqs), 4) for b in pad_microbatches(seqs[i : i + 4], 4)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calibration-data", default="wiki", help="wiki or a file (converter's)")
     p.add_argument("--calibration-samples", type=int, default=32)
-    p.add_argument("--test-sequences", type=int, default=8)
+    p.add_argument("--mode", default="fast", choices=["fast", "thorough"])
+    p.add_argument("--test", default="wiki", choices=["wiki", "leads"])
+    p.add_argument("--test-sequences", type=int, default=8, help="windows (wiki) or leads")
+    p.add_argument("--test-prefix", type=int, help="--test leads: a token id put before each")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--gqa-diagnostic", action="store_true", help="see the module docstring")
@@ -117,7 +145,11 @@ def main(argv=None) -> int:
                 f.write("\n")
         return 0
     ranked = rank_and_permute(
-        source, "wiki", samples=args.calibration_samples, seq_length=args.seq_length
+        source,
+        args.calibration_data,
+        samples=args.calibration_samples,
+        seq_length=args.seq_length,
+        mode=args.mode,
     )
     rank_s = time.time() - t0
     info = ranked.metadata["importance"]
@@ -126,10 +158,7 @@ def main(argv=None) -> int:
     if info["head_refinement"]:
         candidates[info["head_estimator"] + "+refined"] = info["head_refinement"]["head_order"]
     candidates["chosen"] = info["head_order"]
-    test = pad_microbatches(
-        token_sequences("wiki:test", source.tokenizer_dir, args.seq_length, args.test_sequences),
-        4,
-    )
+    test = test_batches(args, source.tokenizer_dir)
     print(info["head_estimator"], info["head_selection"]["loss"], file=sys.stderr, flush=True)
     model = ranking_model(source)
     results, seen = {}, {}
@@ -166,9 +195,14 @@ def main(argv=None) -> int:
             json.dump(
                 {
                     "model": "SmolLM2-135M (bundled GGUF)",
-                    "calibration": f"wiki:train, {args.calibration_samples} x {args.seq_length}",
-                    "test": f"wiki:test, {args.test_sequences} x {args.seq_length}",
-                    "rank_seconds": round(rank_s, 1),
+                    "command": " ".join(["python benchmarks/ranking_quality.py", *sys.argv[1:]]),
+                    "calibration": f"{args.calibration_data}, "
+                    f"{args.calibration_samples} x {args.seq_length}",
+                    "test": f"{args.test}, {args.test_sequences}"
+                    + (f", prefix {args.test_prefix}" if args.test_prefix is not None else ""),
+                    "mode": args.mode,
+                    "rank_wall_seconds": round(rank_s, 1),
+                    "rank_cpu_seconds": info["cpu_seconds"],
                     "selection": {
                         k: info[k]
                         for k in ("head_estimator", "head_refinement", "mlp_estimator")

@@ -282,6 +282,7 @@ def main(argv=None) -> int:
         "--loader", "gguf", "--saver", "flextron", "--load-dir", gguf_path(),
         "--calibration-data", "wiki", "--calibration-samples", str(n),
         "--calibration-seq-length", str(length), "--head-estimator", args.head_estimator,
+        "--ranking-mode", "thorough",  # what the comparison below reads: every candidate scored
     ]  # fmt: skip
     one = [sys.executable]
     many = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"]

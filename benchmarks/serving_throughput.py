@@ -7,9 +7,10 @@ over the budgets (``smollm2@1``, ``@0.75``, ...), greedy, ``--new-tokens`` each.
 ``--requests-per-client`` requests per client; the table gives requests and generated tokens per
 second, per CPU second of the process (robust to other load on a shared machine: server and
 clients run in this one process) and per wall second, and per-request latency (median, max).
-The baseline runs the same requests one at a time through transformers' ``generate`` (KV
-cache) on the hf export of each budget's sub-network. Last, a short request sent while a long
-one decodes: its latency against the long one's.
+The baseline runs the one-client level's requests (the same budgets and prompts, in the same
+order) one at a time through transformers' ``generate`` (KV cache) on the hf export of each
+budget's sub-network, right after that level. Last, a short request sent while a long one
+decodes: its latency against the long one's.
 
   OMP_NUM_THREADS=1 python benchmarks/serving_throughput.py \\
       --output benchmarks/results/cpu_serving_throughput.json
@@ -72,9 +73,8 @@ def level(url: str, clients: int, per_client: int, budgets, new_tokens: int) -> 
     def client(c: int):
         start.wait()
         for r in range(per_client):
-            i = c * per_client + r
-            model = f"{NAME}@{budgets[i % len(budgets)]:g}"
-            records.append(complete(url, model, PROMPTS[i % len(PROMPTS)], new_tokens))
+            budget, prompt = request_mix(c * per_client + r, budgets)
+            records.append(complete(url, f"{NAME}@{budget:g}", prompt, new_tokens))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -96,8 +96,13 @@ def level(url: str, clients: int, per_client: int, budgets, new_tokens: int) -> 
             "latency_max_s": round(max(latencies), 2)}
 
 
-def transformers_baseline(ckpt, elastic, tokenizer, budgets, n: int, new_tokens: int) -> dict:
-    """The same greedy requests, one at a time, through transformers on each budget's export."""
+def request_mix(i: int, budgets) -> tuple:
+    """The i-th request of a client sequence: (budget, prompt)."""
+    return budgets[i % len(budgets)], PROMPTS[i % len(PROMPTS)]
+
+
+def transformers_models(ckpt, elastic, budgets) -> dict:
+    """transformers' model of each budget's sub-network (the hf export)."""
     import transformers
 
     from megatron_flextron.convert.export import export_subnetwork
@@ -111,13 +116,19 @@ def transformers_baseline(ckpt, elastic, tokenizer, budgets, n: int, new_tokens:
             save_hf(dense, out)
             models[b] = transformers.AutoModelForCausalLM.from_pretrained(
                 out, dtype=torch.float32).eval()
+    return models
+
+
+def transformers_baseline(models, tokenizer, budgets, n: int, new_tokens: int) -> dict:
+    """The first n requests of the client sequence, one at a time, through transformers."""
     tokens, latencies = 0, []
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
-        ids = torch.tensor([tokenizer.tokenize(PROMPTS[i % len(PROMPTS)])])
+        budget, prompt = request_mix(i, budgets)
+        ids = torch.tensor([tokenizer.tokenize(prompt)])
         start = time.perf_counter()
         with torch.no_grad():
-            out = models[budgets[i % len(budgets)]].generate(
+            out = models[budget].generate(
                 ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[0, 2],
                 pad_token_id=0)
         latencies.append(time.perf_counter() - start)
@@ -167,7 +178,7 @@ def main(argv=None) -> int:
     elastic = ElasticConfig.from_ratios(ckpt.model, head_ratios=(1.0, 2 / 3, 1 / 3))
     ckpt.elastic = elastic
     tokenizer = build_tokenizer("HuggingFaceTokenizer", ckpt.tokenizer_dir)
-    most = max(args.clients) * args.requests_per_client
+    models = transformers_models(ckpt, elastic, args.budgets)
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, NAME)
         os.makedirs(path)
@@ -180,12 +191,15 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{server.port}"
         level(url, 1, 1, args.budgets, 4)  # warm-up: one lane per budget
         level(url, len(args.budgets), 1, args.budgets, 4)
-        levels = [level(url, c, args.requests_per_client, args.budgets, args.new_tokens)
-                  for c in args.clients]
+        levels, baseline = [], None
+        for c in args.clients:
+            levels.append(level(url, c, args.requests_per_client, args.budgets,
+                                args.new_tokens))
+            if baseline is None:  # the first level's requests, at the same time of the run
+                baseline = transformers_baseline(models, tokenizer, args.budgets,
+                                                 levels[0]["requests"], args.new_tokens)
         waiting = short_behind_long(url, args.new_tokens)
         server.shutdown()
-    baseline = transformers_baseline(ckpt, elastic, tokenizer, args.budgets,
-                                     min(most, 2 * len(args.budgets)), args.new_tokens)
     one = levels[0]["tokens_per_cpu_s"]
     result = {
         "command": " ".join(["python benchmarks/serving_throughput.py", *(argv or sys.argv[1:])]),
@@ -214,7 +228,8 @@ def markdown(result: dict) -> str:
              "(wall) | tokens/s (wall) | latency median / max (s, wall) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = [(str(r["clients"]), r) for r in result["server"]]
-    rows.append(("transformers, 1", result["transformers_one_at_a_time"]))
+    first = result["server"][0]["clients"]
+    rows.insert(1, (f"transformers ({first}'s requests)", result["transformers_one_at_a_time"]))
     for name, r in rows:
         lines.append(f"| {name} | {r['requests']} | {r['tokens']} | {r['requests_per_cpu_s']:.3f} "
                      f"| {r['tokens_per_cpu_s']:.1f} | {r['requests_per_s']:.3f} | "

@@ -9,6 +9,11 @@ from megatron_flextron.training.arguments import build_parser, parse_args
 FLAGS = {
     "--tensor-model-parallel-size",
     "--pipeline-model-parallel-size",
+    "--expert-model-parallel-size",
+    "--sequence-parallel",
+    "--budget-type",
+    "--moe-aux-loss-coeff",
+    "--moe-router-load-balancing-type",
     "--data-path",
     "--split",
     "--seq-length",

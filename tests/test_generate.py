@@ -24,6 +24,7 @@ from serving_helpers import (
 )
 
 from megatron_flextron.elastic import build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
 from megatron_flextron.inference import ElasticGenerator, Sampling, SubnetworkSelector
 
@@ -178,6 +179,45 @@ def test_mha_head_trimming_is_refused_with_a_clear_message():
     assert generator.request([1, 2], Sampling.greedy(4), subnetwork={"mlp": 64}).architecture
     with pytest.raises(ValueError, match="exceeds the maximum sequence length 48"):
         generator.request([1] * 40, Sampling.greedy(9))
+
+
+def test_the_model_keeps_a_lane_s_sub_network_between_steps_and_is_full_afterwards():
+    """Switching the elastic state costs a pass over every layer: it is set once per run of one
+    lane, not per step, and reset when the work is done."""
+    generator, _, model = _tiny_generator("llama")
+    mlps = [layer.mlp for layer in transformer_blocks(model)]
+    rid = generator.new_id()
+    generator.add(rid, generator.request(TINY_PROMPTS[0], Sampling.greedy(4),
+                                         subnetwork={"mlp": 64, "heads": 4}), seed=0)
+    generator.step()
+    assert [m.active_width for m in mlps] == [64] * len(mlps)  # held between steps
+    while generator.busy:
+        generator.step()
+    assert [m.active_width for m in mlps] == [None] * len(mlps)  # the full model when idle
+    generator.generate([generator.request(TINY_PROMPTS[1], Sampling.greedy(3),
+                                          subnetwork={"mlp": 32, "heads": 4})])
+    assert [m.active_width for m in mlps] == [None] * len(mlps)
+
+
+def test_decode_step_selections_equal_the_gathered_weights():
+    """Without grad and for a few tokens, trimmed GQA heads select outputs of the full QKV
+    product and pad the projection's input (no weight gather): the same numbers as the gather
+    (the path with grad, and for many tokens)."""
+    generator, m, model = _tiny_generator("llama")
+    set_subnetwork(model, {"heads": 4}, m, elastic_choices(m))
+    attention = transformer_blocks(model)[0].self_attention
+    qkv, proj = attention.linear_qkv, attention.linear_proj
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, qkv.input_size, generator=g)
+    h = torch.randn(3, 1, proj.weight.shape[1] // 2, generator=g)
+    with torch.enable_grad():
+        gathered = qkv(x)[0], proj(h)[0]
+    with torch.no_grad():
+        selected = qkv(x)[0], proj(h)[0]
+    for a, b in zip(gathered, selected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    set_subnetwork(model, None, m, elastic_choices(m))
 
 
 def test_generation_stops_at_the_end_of_document_token():

@@ -122,10 +122,58 @@ def test_reorder_kept_heads():
     assert mha.tolist() == [1, 3, 0, 2]
 
 
+def test_fast_mode_ranks_from_one_statistics_pass(tmp_path):
+    """The default (fast) mode: every calibration sequence feeds one statistics pass, heads by
+    per-token Taylor, neurons by activation, no held-out choice and no refinement; the orders
+    equal those of an independent statistics pass."""
+    from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+    from megatron_flextron.importance import held_out_loss, rank_and_permute, ranking_model
+    from megatron_flextron.importance.collect import collect_statistics
+    from megatron_flextron.importance.order import head_order, neuron_order
+    from megatron_flextron.importance.permute import permute_state
+    from megatron_flextron.lm_step import pad_microbatches
+
+    data = _calibration_file(tmp_path / "calib.jsonl")
+    ckpt = _tiny_checkpoint()
+    m = ckpt.model
+    ranked = rank_and_permute(ckpt, data, samples=16, seq_length=SEQ)
+    info = ranked.metadata["importance"]
+    assert (info["mode"], info["head_estimator"], info["mlp_estimator"]) == (
+        "fast", "taylor_token", "activation",
+    )  # fmt: skip
+    assert (info["calibration_sequences"], info["heldout_sequences"]) == (16, 0)
+    assert info["head_refinement"] is None and info["head_selection"]["loss"] == {}
+    # the cheap path ran: statistics, no selection or refinement stage
+    assert set(info["cpu_seconds"]) == {"tokenize", "load model", "statistics", "permute", "total"}
+
+    seqs = [json.loads(line) for line in open(data)]
+    model = ranking_model(ckpt)
+    stats = collect_statistics(model, pad_microbatches(seqs, 4), m, with_taylor=True)
+    heads = [head_order(s, m.num_query_groups).tolist() for s in stats["taylor_token"]]
+    mlp = [neuron_order(s).tolist() for s in stats["mlp"]]
+    assert info["head_order"] == heads and info["mlp_order"] == mlp
+    assert heads != [list(range(12))] * m.num_layers
+    assert abs(info["calibration_loss"] - stats["loss"]) < 1e-5
+
+    # the ranked checkpoint is the source permuted by these orders (function-preserving)
+    expected = permute_state(
+        ckpt.state,
+        m,
+        head_orders=[torch.tensor(h) for h in heads],
+        mlp_orders=[torch.tensor(o) for o in mlp],
+    )
+    assert all(torch.equal(ranked.state[k], expected[k]) for k in ckpt.state)
+    batches = pad_microbatches(seqs, 4)
+    load_canonical_state_dict(model, ranked.state, m)
+    assert abs(held_out_loss(model, batches) - stats["loss"]) < 1e-5
+
+
 def _rank(ckpt, data, estimator):
     from megatron_flextron.importance import rank_and_permute
 
-    return rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator=estimator)
+    return rank_and_permute(
+        ckpt, data, samples=16, seq_length=SEQ, head_estimator=estimator, mode="thorough"
+    )
 
 
 def _compare(ranked, ref_state, ref_info, ref_stats, stats):

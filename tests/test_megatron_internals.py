@@ -176,3 +176,38 @@ def test_cpu_shims_are_inert_with_cuda():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_moe_internals():
+    """The elastic MoE (elastic/moe.py, linear.py, tp_layout.py) and the trainer's per-budget
+    load-balancing loss (training/elastic_step.py) rely on these shapes of megatron's MoE."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.moe import moe_logging, moe_utils
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    user = "elastic/moe.py (the elastic MoE layer)"
+    for name in ("gating", "routing"):
+        assert callable(getattr(TopKRouter, name, None)), _changed(f"TopKRouter.{name}", user, "")
+    init = inspect.getsource(TopKRouter.__init__)
+    for field in ("self.topk", "'expert_bias'"):
+        assert field in init, _changed(f"TopKRouter {field}", user, "top-k and bias per call")
+    assert list(inspect.signature(moe_utils.router_gating_linear).parameters) == [
+        "inp", "weight", "bias", "router_dtype"
+    ], _changed("moe_utils.router_gating_linear", user, "the kept experts' logits")
+    params = list(inspect.signature(SequentialMLP.forward).parameters)
+    assert params[1:4] == ["permuted_local_hidden_states", "tokens_per_expert", "permuted_probs"], (
+        _changed("SequentialMLP.forward", user, "experts that got no token are not run")
+    )
+    assert "self.local_expert_indices" in inspect.getsource(BaseMoELayer.__init__), _changed(
+        "BaseMoELayer.local_expert_indices", "elastic/tp_layout.py", "global expert indices"
+    )
+    for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):
+        assert "self.explicit_expert_comm" in inspect.getsource(cls.__init__), _changed(
+            f"{cls.__name__}.explicit_expert_comm", "elastic/linear.py", "experts' communication"
+        )
+    tracker = moe_logging.get_moe_metrics_tracker()
+    assert isinstance(tracker.metrics, dict) and callable(tracker.clear), _changed(
+        "moe_logging.get_moe_metrics_tracker", "training/elastic_step.py", "aux loss per budget"
+    )

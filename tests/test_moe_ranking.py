@@ -264,7 +264,7 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     state = moe_state(m)
     ckpt = Checkpoint(model=m, state=state, elastic=elastic_choices(m))
     data = _calibration_file(tmp_path / "calib.jsonl")
-    ranked = rank_and_permute(ckpt, data, samples=16, seq_length=SEQ)
+    ranked = rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, mode="thorough")
     info = ranked.metadata["importance"]
     losses = info["expert_selection"]["loss"]
     assert info["expert_selection"]["experts"] == [6, 4, 2]  # the configured reduced counts
@@ -293,7 +293,7 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     # the converter (flextron -> flextron with calibration data) writes the same ranking
     os.makedirs(tmp_path / "src")
     save_flextron(ckpt, str(tmp_path / "src"))
-    ranking = dict(samples=16, seq_length=SEQ)
+    ranking = dict(samples=16, seq_length=SEQ, mode="thorough")
     options = ConvertOptions("flextron", "flextron", str(tmp_path / "src"), str(tmp_path / "out"))
     convert(dataclasses.replace(options, calibration_data=data, ranking=ranking))
     written = read_flextron(str(tmp_path / "out"))

@@ -82,7 +82,9 @@ def test_importance_ranking_on_real_text(smol, tmp_path):
     from megatron_flextron.importance import rank_and_permute
 
     smol.elastic = ElasticConfig.from_ratios(smol.model, head_ratios=(1.0, 2 / 3, 1 / 3))
-    ranked = rank_and_permute(smol, "wiki", samples=16, seq_length=128, head_estimator="auto")
+    ranked = rank_and_permute(
+        smol, "wiki", samples=16, seq_length=128, head_estimator="auto", mode="thorough"
+    )
     info = ranked.metadata["importance"]
     mlp = info["mlp_selection"]["loss"]
     # at 50% MLP width, importance order is clearly better than the source order

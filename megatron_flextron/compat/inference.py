@@ -19,6 +19,12 @@ torch 2.13 CPU; greedy output equals full recomputation, tests/test_generate.py)
   on CPU padding is only work (a one-request decode step computed up to ``max_requests`` rows),
   so the context rounds to 1 (still a multiple of the TP size).
 
+Per-step Python, not the matmuls, is what separates one request on the engine from
+transformers ``generate`` on a CPU (benchmarks/serving_python_calls.py), so with grad disabled
+(every generation step) the same arithmetic runs without megatron's backward-only wrappers: the
+frozen-weight linear and the TP copy/reduce are plain calls (no autograd Function), RoPE skips its
+no-op slices, scales and casts, and a single query attends without a mask.
+
 Everything is process-local. The CPU stand-ins are installed only when CUDA is absent; with CUDA
 megatron runs unpatched, except that where flash-attn does not import (the GPU machines here
 have none) the paged-attention stand-ins above (device-agnostic) take its place.
@@ -93,7 +99,8 @@ class _UnpinnedTorch(types.ModuleType):
 def _attend(q, keys, values, scale):
     """q [nq, H, D] over keys/values [nk, Hk, D]: query j sees keys up to nk - nq + j."""
     nq, nk = q.shape[0], keys.shape[0]
-    mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+    # a single query sees every cached key: no mask (the decode step of every request)
+    mask = None if nq == 1 else torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
         attn_mask=mask, scale=scale, enable_gqa=True,
@@ -104,8 +111,8 @@ def _attend(q, keys, values, scale):
 def _paged(cache, blocks, n):
     """The first n cached tokens of one request: its blocks of cache [blocks, block, Hk, D]."""
     size = cache.shape[1]
-    rows = blocks[: (n + size - 1) // size].long()
-    return cache[rows].reshape(-1, *cache.shape[2:])[:n]
+    rows = blocks[: (n + size - 1) // size]
+    return cache.index_select(0, rows).flatten(0, 1)[:n]
 
 
 def _check(causal, window_size, extra):
@@ -135,10 +142,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, softmax_sca
                             return_softmax_lse=False, **_kwargs):
     """flash-attn 2's decode call on a paged cache: q [requests, new tokens, H, D]."""
     _check(causal, window_size, return_softmax_lse)
-    out = torch.zeros_like(q)
-    for i, n in enumerate(cache_seqlens.tolist()):
-        keys, values = _paged(k_cache, block_table[i], n), _paged(v_cache, block_table[i], n)
-        out[i] = _attend(q[i], keys, values, softmax_scale)
+    lengths = cache_seqlens.tolist()
+    outs = [
+        _attend(q[i], _paged(k_cache, block_table[i], n), _paged(v_cache, block_table[i], n),
+                softmax_scale)
+        for i, n in enumerate(lengths)
+    ]
+    if len(outs) == q.shape[0]:
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+    out = torch.zeros_like(q)  # padded rows (none on CPU: the context rounds to 1)
+    out[: len(outs)] = torch.stack(outs)
     return out
 
 
@@ -149,6 +162,69 @@ def _install_paged_attention() -> None:
         attention.flash_attn_varlen_func = flash_attn_varlen_func
         attention.flash_attn_with_kvcache = flash_attn_with_kvcache
         attention.is_fa_min_version = lambda *_a, **_k: True  # the stand-ins above
+
+
+def _install_forward_only_linears() -> None:
+    """megatron's linears run through autograd Functions (frozen-weight matmul, copy to / reduce
+    from the TP region) whose only job is the backward pass; with grad disabled (every
+    generation step) each costs a Function call and a TP-group look-up per linear and layer.
+    Without grad: the same arithmetic called directly (``LinearWithFrozenWeight.forward``'s matmul
+    and bias add; the copy's identity; the reduce's all-reduce, skipped for one rank)."""
+    from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    frozen = layers.linear_with_frozen_weight
+    copy_to = layers.copy_to_tensor_model_parallel_region
+    reduce_from = layers.reduce_from_tensor_model_parallel_region
+
+    @functools.wraps(frozen)
+    def linear_with_frozen_weight(input, weight, bias, gradient_accumulation_fusion=False,
+                                  allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
+                                  grad_output_buffer=None, wgrad_deferral_limit=None,
+                                  gtp_remat_size=1):
+        if torch.is_grad_enabled() or sequence_parallel or gtp_remat_size > 1:
+            return frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                          sequence_parallel, tp_group, grad_output_buffer, wgrad_deferral_limit,
+                          gtp_remat_size)
+        output = torch.matmul(input, weight.t())
+        return output if bias is None else output + bias
+
+    @functools.wraps(copy_to)
+    def copy_to_tensor_model_parallel_region(input_, group=None):
+        return copy_to(input_, group) if torch.is_grad_enabled() else input_
+
+    @functools.wraps(reduce_from)
+    def reduce_from_tensor_model_parallel_region(input_, group=None):
+        if torch.is_grad_enabled():
+            return reduce_from(input_, group)
+        return mappings._reduce(input_, group or get_tensor_model_parallel_group_if_none(None))
+
+    layers.linear_with_frozen_weight = linear_with_frozen_weight
+    layers.copy_to_tensor_model_parallel_region = copy_to_tensor_model_parallel_region
+    layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
+
+
+def _install_plain_rope() -> None:
+    """megatron's unfused RoPE slices off a pass-through part, scales by ``mscale`` and casts
+    cos/sin to the input dtype on every call (q and k of every layer and step). When there is
+    nothing to pass through, scale or cast, the same arithmetic without those no-op copies."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    general = rope_utils._apply_rotary_pos_emb_bshd
+
+    @functools.wraps(general)
+    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False,
+                                   mla_rotary_interleaved=False, mscale=1.0,
+                                   multi_latent_attention=None):
+        if (rotary_interleaved or mla_rotary_interleaved or mscale != 1.0
+                or multi_latent_attention is not None or freqs.shape[-1] != t.shape[-1]
+                or freqs.dtype != t.dtype):
+            return general(t, freqs, rotary_interleaved, mla_rotary_interleaved, mscale,
+                           multi_latent_attention)
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * torch.cos(freqs) + torch.cat((-x2, x1), dim=-1) * torch.sin(freqs)
+
+    rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd
 
 
 def apply_inference_shims() -> bool:
@@ -188,5 +264,7 @@ def apply_inference_shims() -> bool:
     dynamic_context.DynamicInferenceContext.TOKEN_ROUNDER = 1
     dynamic_context.DynamicInferenceContext.REQUEST_ROUNDER = 1
     _install_paged_attention()
+    _install_forward_only_linears()
+    _install_plain_rope()
     _APPLIED = True
     return True

@@ -3,7 +3,8 @@
 GQA (several query heads per KV group): every KV group is kept and the first h/G query heads of
 each group run, so the KV cache keeps its shape. Megatron's fused QKV rows are laid out per group
 as [q_0 .. q_{n-1}, k, v]; the kept rows are not contiguous, so they are gathered (a copy of
-(h/G + 2)/(n + 2) of the QKV weight per step, cheaper than re-arranging activations).
+(h/G + 2)/(n + 2) of the QKV weight per step, cheaper than re-arranging activations); a decode
+step of a few tokens without grad selects the full product's outputs instead (linear.py).
 
 MHA (one query head per KV head): whole heads are dropped. A head's q, k, v rows are contiguous
 and heads are dealt round-robin across TP ranks, so the first h/p local heads are a prefix view.

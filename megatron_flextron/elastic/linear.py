@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import (
 )
 
 Selection = Union[slice, torch.Tensor]
+FEW_TOKENS = 32  # up to this many tokens, an index selection picks outputs, not weight rows
 
 
 def select(
@@ -72,7 +73,15 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         rows = self.active_rows or [slice(None)]
-        return [F.linear(x, select(self.weight, r, 0), select(self.bias, r, 0)) for r in rows]
+        return [self._piece(x, r) for r in rows]
+
+    def _piece(self, x: torch.Tensor, rows: Selection) -> torch.Tensor:
+        if (isinstance(rows, torch.Tensor) and not torch.is_grad_enabled()
+                and x.numel() <= FEW_TOKENS * x.shape[-1]):
+            # a few tokens without grad (a decode step): the full product's selected outputs
+            # read the weight once; gathering its rows would copy most of it every step
+            return F.linear(x, self.weight, self.bias).index_select(-1, rows)
+        return F.linear(x, select(self.weight, rows, 0), select(self.bias, rows, 0))
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if self.active_rows is None or weight is not None:
@@ -119,7 +128,15 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"elastic row-parallel input has {input_.shape[-1]} features, "
                 f"the active selection has {width}"
             )
-        output_parallel = F.linear(input_, select(self.weight, self.active_cols, 1))
+        cols = self.active_cols
+        if (isinstance(cols, torch.Tensor) and not torch.is_grad_enabled()
+                and input_.numel() <= FEW_TOKENS * width):
+            # a few tokens without grad: the input placed in the full width (zeros elsewhere)
+            # reads the weight once; gathering its columns would copy most of it every step
+            full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
+            output_parallel = F.linear(full.index_copy_(-1, cols, input_), self.weight)
+        else:
+            output_parallel = F.linear(input_, select(self.weight, cols, 1))
         if getattr(self, "explicit_expert_comm", False):
             output = output_parallel  # an expert: the dispatcher's combine sums over TP
         elif self.sequence_parallel:

@@ -20,6 +20,7 @@ from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
 from megatron_flextron.elastic.mlp import ElasticMLP
 from megatron_flextron.elastic.moe import moe_layer_spec
+from megatron_flextron.elastic.norm import LocalNorm
 from megatron_flextron.elastic.sdpa_attention import SDPAttention
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
@@ -43,11 +44,13 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
     or "local" (megatron's DotProductAttention, which works only at full head count).
     """
     stock = stock_layer_spec(model, core_attention)
+    qk_norms = {"q_layernorm": LocalNorm, "k_layernorm": LocalNorm} if model.qk_layernorm else {}
     attention = replace_in_spec(
         stock.submodules.self_attention,
         module=ElasticSelfAttention,
         linear_qkv=ElasticColumnParallelLinear,
         linear_proj=ElasticRowParallelLinear,
+        **qk_norms,
     )
     if model.is_moe:
         mlp = moe_layer_spec(elastic=True)
@@ -58,7 +61,14 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
             linear_fc1=ElasticColumnParallelLinear,
             linear_fc2=ElasticRowParallelLinear,
         )
-    return replace_in_spec(stock, module=ElasticTransformerLayer, self_attention=attention, mlp=mlp)
+    return replace_in_spec(
+        stock,
+        module=ElasticTransformerLayer,
+        self_attention=attention,
+        mlp=mlp,
+        input_layernorm=LocalNorm,  # norms that also run under sequence parallelism
+        pre_mlp_layernorm=LocalNorm,
+    )
 
 
 def replace_in_spec(spec: ModuleSpec, module=None, **submodules) -> ModuleSpec:

@@ -1,16 +1,20 @@
 """Importance ranking: collect statistics -> order units -> permute the checkpoint.
 
 After ranking, a width k means the k most important units (at every TP size, see tp_layout), so
-prefix sub-networks start out as good as the estimator makes them. Several estimators are
-computed and the one with the lowest held-out loss over the reduced sizes is kept, per axis; the
-comparison is recorded in the checkpoint metadata. Runs in one process or sharded over the
-current TP/PP layout (every rank returns the same ranked checkpoint).
+prefix sub-networks start out as good as the estimator makes them. Two modes (docs/ranking.md
+has their cost and quality): ``fast`` (the default) ranks with fixed estimators from one pass
+over all calibration sequences; ``thorough`` also scores every estimator by held-out loss over
+the reduced sizes, keeps the best per axis and re-estimates heads after each cut (refine.py).
+The metadata records the orders, the comparison and the CPU seconds of every stage. Runs in one
+process or sharded over the current TP/PP layout (every rank returns the same ranked checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Dict, List, Sequence
+import time
+from typing import Dict, List
 
 import torch
 
@@ -18,14 +22,42 @@ from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.importance.collect import (
     collect_statistics,
     head_ablation_scores,
-    progress,
 )
 from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
 from megatron_flextron.importance.permute import changes_with_orders, permute_state
-from megatron_flextron.importance.refine import refine_head_orders
+from megatron_flextron.importance.select import (
+    LOSS_BASED,
+    choose_orders,
+    held_out_loss,
+    reduced_sizes,
+)
 
 HEAD_ESTIMATORS = ("activation", "taylor", "taylor_token", "ablation")
-LOSS_BASED = ("taylor", "taylor_token")
+RANKING_MODES = ("fast", "thorough")
+# the fast mode's estimators (no choice): measured best on both settings of docs/ranking.md
+FAST_HEAD_ESTIMATOR = "taylor_token"
+FAST_MLP_ESTIMATOR = "activation"
+
+
+class StageClock:
+    """CPU seconds of this process per stage (``time.process_time``: every thread's CPU time,
+    not wall time, which on a shared machine measures the other jobs too)."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+        self._start = time.process_time()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            spent = time.process_time() - start
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + spent, 2)
+
+    def report(self) -> Dict[str, float]:
+        return dict(self.seconds, total=round(time.process_time() - self._start, 2))
 
 
 def calibration_sequences(
@@ -42,14 +74,6 @@ def calibration_sequences(
     if not seqs:
         raise CheckpointError(f"calibration data {spec} is shorter than one sequence")
     return seqs
-
-
-def held_out_loss(model, batches) -> float:
-    from megatron_flextron.lm_step import forward_backward
-
-    with torch.no_grad():
-        out = forward_backward(model, batches, forward_only=True)
-    return out["nll_sum"] / out["tokens"]
 
 
 def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
@@ -75,11 +99,6 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     return model
 
 
-def reduced_sizes(full: int, choices: Sequence[int]) -> List[int]:
-    """The elastic choices below full size, largest first."""
-    return sorted({c for c in choices if c < full}, reverse=True)
-
-
 def rank_and_permute(
     ckpt: Checkpoint,
     calibration_data: str,
@@ -88,29 +107,34 @@ def rank_and_permute(
     head_estimator: str = "auto",
     micro_batch_size: int = 4,
     refine: bool = True,
+    mode: str = "fast",
 ) -> Checkpoint:
     """Rank MLP neurons and heads on calibration data and permute the checkpoint accordingly.
 
-    A quarter of the calibration sequences (at least one micro-batch) is held out to choose
-    between estimators by the mean held-out loss over every reduced head count (MLP: the width
-    nearest half); the source order is always a candidate. With ``refine``, a loss-based head
-    order is re-estimated at each reduced head count in turn (see refine.py) and kept where it
-    lowers the held-out loss. Collective over the model-parallel groups when TP/PP > 1.
-    Statistics are collected one sequence per micro-batch (the sums are per sequence or per
-    token, so the batching does not change them): backward keeps one sequence's activations.
+    ``fast``: every calibration sequence feeds the statistics (one forward and one backward
+    each); heads are ranked by ``head_estimator`` ("auto": FAST_HEAD_ESTIMATOR), MLP neurons by
+    their activation. ``thorough``: a quarter of the sequences (at least one micro-batch) is held
+    out to choose between estimators by the mean held-out loss over every reduced head count
+    (MLP: the width nearest half); the source order is always a candidate. With ``refine``, a
+    loss-based head order is then re-estimated at each reduced head count in turn (see
+    refine.py) and kept where it lowers the held-out loss. Collective over the model-parallel
+    groups when TP/PP > 1. Statistics are collected one sequence per micro-batch (the sums are
+    per sequence or per token, so the batching does not change them): backward keeps one
+    sequence's activations.
     """
     from megatron.core import parallel_state
 
-    from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
     from megatron_flextron.lm_step import pad_microbatches
     from megatron_flextron.parallel import current_device
 
+    if mode not in RANKING_MODES:
+        raise ValueError(f"unknown ranking mode {mode!r}; expected one of {RANKING_MODES}")
     if ckpt.model.is_moe:  # experts and the neurons inside them: moe_ranking.py
         from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
 
         return rank_and_permute_moe(
-            ckpt, calibration_data, samples, seq_length, micro_batch_size, head_estimator
+            ckpt, calibration_data, samples, seq_length, micro_batch_size, head_estimator, mode
         )
     if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
         raise ValueError(f"unknown head estimator {head_estimator!r}")
@@ -120,93 +144,77 @@ def rank_and_permute(
     )
     if head_estimator == "ablation" and sharded:
         raise ValueError("--head-estimator ablation runs at TP=1, PP=1 only")
+    clock = StageClock()
     m, elastic = ckpt.model, ckpt.elastic
-    seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
-    held = max(micro_batch_size, len(seqs) // 4)
-    if len(seqs) <= held:
+    with clock("tokenize"):
+        seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
+    held = max(micro_batch_size, len(seqs) // 4) if mode == "thorough" else 0
+    if mode == "thorough" and len(seqs) <= held:
         raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
     device = current_device()  # the GPU when there is one
     calib = pad_microbatches(seqs[held:], 1, device)
-    heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
 
-    model = ranking_model(ckpt)
+    with clock("load model"):
+        model = ranking_model(ckpt)
+    if head_estimator == "auto" and mode == "fast":
+        head_estimator = FAST_HEAD_ESTIMATOR
     with_taylor = head_estimator in ("auto",) + LOSS_BASED
-    stats = collect_statistics(model, calib, m, with_taylor)
+    with clock("statistics"):
+        stats = collect_statistics(model, calib, m, with_taylor)
 
     head_scores: Dict[str, List[torch.Tensor]] = {"activation": stats["activation"]}
     if with_taylor:
         head_scores["taylor"] = stats["taylor"]
         head_scores["taylor_token"] = stats["taylor_token"]
     if head_estimator == "ablation":
-        head_scores["ablation"] = head_ablation_scores(model, calib, m)
+        with clock("ablation"):
+            head_scores["ablation"] = head_ablation_scores(model, calib, m)
     head_candidates = {"original": identity_orders(m.num_layers, m.num_attention_heads)}
-    for name, scores in head_scores.items():
-        if head_estimator in ("auto", name):
+    for name, scores in head_scores.items():  # fast: every order computed, for comparisons
+        if head_estimator in ("auto", name) or mode == "fast":
             head_candidates[name] = [head_order(s, m.num_query_groups) for s in scores]
     mlp_candidates = {
         "original": identity_orders(m.num_layers, m.ffn_hidden_size),
         "activation": [neuron_order(s) for s in stats["mlp"]],
     }
-
     head_levels = reduced_sizes(m.num_attention_heads, elastic.head_choices)
     smaller_mlp = reduced_sizes(m.ffn_hidden_size, elastic.mlp_choices)
     test_mlp = min(
         smaller_mlp, key=lambda w: abs(w - m.ffn_hidden_size / 2), default=m.ffn_hidden_size
     )
 
-    def score(spec, **orders):
-        load_canonical_state_dict(
-            model, permute_state(ckpt.state, m, **orders), m, only=changes_with_orders
-        )
-        set_subnetwork(model, spec, m, elastic)
-        loss = held_out_loss(model, heldout)
-        set_subnetwork(model, None, m, elastic)
-        return loss
-
-    def head_losses(orders) -> Dict[int, float]:
-        return {h: score({"heads": h}, head_orders=orders) for h in head_levels}
-
-    head_selection = {
-        k: head_losses(head_candidates[k])
-        for k in progress(list(head_candidates), "importance: head estimators")
-    }
-    mean = {k: sum(v.values()) / max(1, len(v)) for k, v in head_selection.items()}
-    best_head = head_estimator if head_estimator != "auto" else min(mean, key=mean.get)
-    head_orders = head_candidates[best_head]
-    refinement = None
-    if refine and best_head in LOSS_BASED and len(head_levels) > 1:
-        refined = refine_head_orders(
-            model, ckpt, calib, head_orders, head_levels[:-1], best_head
-        )
-        refined_losses = head_losses(refined)
-        refinement = {
-            "loss": refined_losses,
-            "kept": False,
-            "head_order": [o.tolist() for o in refined],
-        }
-        if sum(refined_losses.values()) < sum(head_selection[best_head].values()):
-            head_orders, refinement["kept"] = refined, True
-
-    mlp_losses = {
-        k: score({"mlp": test_mlp}, mlp_orders=mlp_candidates[k])
-        for k in progress(list(mlp_candidates), "importance: MLP estimators")
-    }
-    best_mlp = min(mlp_losses, key=mlp_losses.get)
+    if mode == "fast":
+        best_head, best_mlp, heldout = head_estimator, FAST_MLP_ESTIMATOR, None
+        head_orders = head_candidates[best_head]
+        head_losses, refinement, mlp_losses = {}, None, {}
+        full_loss = None
+    else:
+        heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
+        chosen = choose_orders(
+            model, ckpt, calib, heldout, head_candidates, mlp_candidates, head_estimator,
+            refine, clock,
+        )  # fmt: skip
+        best_head, head_orders, head_losses, refinement, best_mlp, mlp_losses = chosen
     mlp_orders = mlp_candidates[best_mlp]
 
-    state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=head_orders)
-    load_canonical_state_dict(model, state, m, only=changes_with_orders)
+    with clock("permute"):
+        state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=head_orders)
+        if heldout is not None:
+            load_canonical_state_dict(model, state, m, only=changes_with_orders)
+            full_loss = held_out_loss(model, heldout)
     metadata = dict(ckpt.metadata)
     metadata["importance"] = {
+        "mode": mode,
         "calibration_data": calibration_data,
         "calibration_sequences": len(seqs) - held,
         "heldout_sequences": held,
         "seq_length": seq_length,
-        "full_loss": held_out_loss(model, heldout),
+        "calibration_loss": stats["loss"],
+        "full_loss": full_loss,
         "head_estimator": best_head,
         "head_selection": {
             "heads": head_levels,
-            "loss": head_selection,
+            "loss": head_losses,
             "head_order": {k: [o.tolist() for o in v] for k, v in head_candidates.items()},
         },
         "head_refinement": refinement,
@@ -216,6 +224,7 @@ def rank_and_permute(
         # canonical unit i of layer l is source unit order[l][i]
         "mlp_order": [o.tolist() for o in mlp_orders],
         "head_order": [o.tolist() for o in head_orders],
+        "cpu_seconds": clock.report(),
     }
     # the layers that change their input most first (a stable sort: ties keep layer order)
     scores = stats["layer"]

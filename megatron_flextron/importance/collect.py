@@ -92,8 +92,8 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
     """Run the calibration micro-batches through an elastic model at full size (any TP/PP).
 
     Collective over the model-parallel groups; returns the whole model's statistics on every
-    rank, on the CPU in float64: "mlp", "activation", "taylor" (lists over layers, canonical unit
-    order) and "layer".
+    rank, on the CPU in float64: "mlp", "activation", "taylor", "taylor_token" (lists over layers,
+    canonical unit order), "layer", and "loss" (the mean token loss of the pass).
     """
 
     layers = transformer_blocks(model)
@@ -153,12 +153,14 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
             layer.attention_layer.register_forward_pre_hook(block_input(st), with_kwargs=True)
         )
         handles.append(layer.mlp_layer.register_forward_hook(layer_hook(st), with_kwargs=True))
+    nll_sum = tokens = 0.0
     try:
         with activation_gradients_only(model):
             for batch in progress(microbatches, "importance: calibration batches"):
                 current["mask"] = batch["loss_mask"]
                 model.zero_grad(set_to_none=True)
-                forward_backward(model, [batch], forward_only=not with_taylor)
+                out = forward_backward(model, [batch], forward_only=not with_taylor)
+                nll_sum, tokens = nll_sum + out["nll_sum"], tokens + out["tokens"]
     finally:
         for h in handles:
             h.remove()
@@ -173,7 +175,9 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         }
         for st, layer in zip(stats, layers)
     }
-    return _gather(local, model_config, with_taylor)
+    gathered = _gather(local, model_config, with_taylor)
+    gathered["loss"] = nll_sum / max(tokens, 1.0)  # the calibration loss, for the record
+    return gathered
 
 
 HEAD_KEYS = ("activation", "taylor", "taylor_token")
@@ -205,15 +209,7 @@ def _gather(local: Dict[int, dict], model_config, with_taylor: bool) -> Dict:
         i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in e.items()}
         for i, e in local.items()
     }
-    everything = dict(local)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        parts = [None] * torch.distributed.get_world_size(group)
-        torch.distributed.all_gather_object(parts, local, group=group)
-        everything = {i: e for part in parts for i, e in part.items()}
-    if sorted(everything) != list(range(model_config.num_layers)):
-        raise RuntimeError(f"statistics gathered for layers {sorted(everything)}")
-    ordered = [everything[i] for i in range(model_config.num_layers)]
+    ordered = gather_pipeline_layers(local, model_config.num_layers, "statistics")
     out = {key: [e[key] for e in ordered] for key in ("mlp", "layer") + HEAD_KEYS}
     if not with_taylor:
         out["taylor"] = out["taylor_token"] = None
@@ -246,3 +242,19 @@ def head_ablation_scores(model, microbatches: list, model_config) -> List[torch.
             layer_scores[h] = out["nll_sum"] / out["tokens"] - base_loss
         scores.append(layer_scores)
     return scores
+
+
+def gather_pipeline_layers(local: dict, num_layers: int, what: str) -> list:
+    """Every layer's entry, in layer order, from this stage's ``{layer: entry}`` (gathered over
+    the pipeline stages); a RuntimeError naming ``what`` when a layer is missing."""
+    from megatron.core import parallel_state
+
+    everything = dict(local)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        parts = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(parts, local, group=group)
+        everything = {i: e for part in parts for i, e in part.items()}
+    if sorted(everything) != list(range(num_layers)):
+        raise RuntimeError(f"{what} gathered for layers {sorted(everything)}")
+    return [everything[i] for i in range(num_layers)]

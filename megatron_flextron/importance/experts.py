@@ -32,7 +32,11 @@ import torch
 
 from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.tp_layout import TPAxis, unshard_tensor
-from megatron_flextron.importance.collect import _per_sequence_mean, progress
+from megatron_flextron.importance.collect import (
+    _per_sequence_mean,
+    gather_pipeline_layers,
+    progress,
+)
 from megatron_flextron.lm_step import forward_backward
 
 
@@ -224,15 +228,6 @@ def _undeal(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _gather_layers(local: Dict[int, dict], model_config) -> Dict[str, List]:
-    from megatron.core import parallel_state
-
-    everything = dict(local)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        parts = [None] * torch.distributed.get_world_size(group)
-        torch.distributed.all_gather_object(parts, local, group=group)
-        everything = {i: e for part in parts for i, e in part.items()}
-    if sorted(everything) != list(range(model_config.num_layers)):
-        raise RuntimeError(f"expert statistics gathered for layers {sorted(everything)}")
+    ordered = gather_pipeline_layers(local, model_config.num_layers, "expert statistics")
     keys = ("reap", "frequency", "reap_total", "expert_neurons", "shared", "tokens")
-    return {k: [everything[i][k] for i in range(model_config.num_layers)] for k in keys}
+    return {k: [entry[k] for entry in ordered] for k in keys}

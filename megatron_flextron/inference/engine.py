@@ -299,6 +299,8 @@ class ElasticGenerator:
         self.lanes: "OrderedDict[tuple, _Lane]" = OrderedDict()
         self._turn = 0
         self._ids = itertools.count()
+        self._held = contextlib.ExitStack()  # the architecture the model is set to between steps
+        self._held_key: Optional[tuple] = None
         self.chat_template: Optional[str] = None  # the tokenizer's, for chat requests
 
     # ---- requests -------------------------------------------------------------------------
@@ -354,8 +356,22 @@ class ElasticGenerator:
 
     def reset(self) -> None:
         """Drop every request and lane (after an error left them in an unknown state)."""
+        self.release()
         self.live.clear()
         self.lanes.clear()
+
+    def release(self) -> None:
+        """Set the model back to the full model (it keeps a lane's architecture while busy)."""
+        self._held_key = None
+        self._held.close()
+
+    def _hold(self, arch: Architecture) -> None:
+        """The model runs ``arch`` until another architecture or :meth:`release`: switching costs
+        a pass over every layer, so consecutive steps of one lane switch once."""
+        if self._held_key != arch.key:
+            self.release()
+            self._held.enter_context(self.selector.active(self.model, arch))
+            self._held_key = arch.key
 
     @property
     def busy(self) -> bool:
@@ -369,8 +385,13 @@ class ElasticGenerator:
         lane = lanes[self._turn % len(lanes)]
         self._turn += 1
         lane.controller.drawn = {}
-        with self.selector.active(self.model, lane.arch), _inference_mode():
-            lane.engine.step_modern()
+        try:
+            self._hold(lane.arch)
+            with _inference_mode():
+                lane.engine.step_modern()
+        except BaseException:
+            self.release()
+            raise
         updates = []
         for rid, (token, logp, top) in lane.controller.drawn.items():
             live = self.live.get(rid)
@@ -384,6 +405,8 @@ class ElasticGenerator:
             elif rid not in lane.engine.requests:  # megatron ended it (its own length / EOD)
                 full = len(live.tokens) >= live.request.sampling.max_new_tokens
                 updates.append(self._finish(rid, live, "length" if full else "eod"))
+        if not self.busy:
+            self.release()
         return updates
 
     def _advance(self, rid, live: _Live, token, logp, top) -> Update:
@@ -474,6 +497,7 @@ class ElasticGenerator:
             for update in self.step():
                 if update.result is not None:
                     results[update.rid] = update.result
+        self.release()  # the full model afterwards, even while megatron still drops the last
         return [results[rid] for rid in rids]
 
 
