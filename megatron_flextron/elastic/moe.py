@@ -95,17 +95,44 @@ class ElasticSequentialMLP(SequentialMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         counts = tokens_per_expert.tolist()
         used = [i for i, c in enumerate(counts) if c > 0]
-        if len(used) == len(counts) or self.config.moe_apply_probs_on_input or self.config.fp8:
+        narrow = self.local_experts[0].linear_fc1.active_rows is not None
+        if (
+            (len(used) == len(counts) and not narrow)
+            or self.config.moe_apply_probs_on_input
+            or self.config.fp8
+        ):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         tokens = torch.split(permuted_local_hidden_states, counts)
         probs = torch.split(permuted_probs, counts)
-        outputs = [self.local_experts[i](tokens[i], probs[i])[0] for i in used]
+        outputs = [_run_expert(self.local_experts[i], tokens[i], probs[i]) for i in used]
         if not outputs:  # no token reached this rank's experts: an empty output that depends on
             # the dispatched tokens and weights, so this rank joins the dispatcher's backward
             # collectives (of both) as the ranks holding experts do
             weights = permuted_probs.unsqueeze(-1).to(permuted_local_hidden_states.dtype)
             return permuted_local_hidden_states * weights * 0, None
         return torch.cat(outputs, dim=0), None
+
+
+def _run_expert(expert, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """One expert (megatron's MLP) on its routed tokens, scaled by their router weights. At a
+    reduced width the gate and up pieces of fc1 feed the GLU directly: megatron's MLP.forward
+    calls fc1 once, which would concatenate them (a copy forward and backward, per expert and
+    call: on CPU ~1.28x a narrow expert's training step instead of 1.14x)."""
+    if expert.linear_fc1.active_rows is None:
+        return expert(hidden, probs)[0]
+    c = expert.config
+    plain = c.gated_linear_unit and not (
+        c.bias_activation_fusion
+        or c.use_te_activation_func
+        or c.activation_func_clamp_value is not None
+        or c.add_bias_linear
+    )
+    if not plain:
+        return expert(hidden, probs)[0]
+    gate, up = expert.linear_fc1.forward_pieces(hidden)  # as megatron's unfused GLU path
+    intermediate = c.activation_func(gate) * (up + c.glu_linear_offset)
+    intermediate = (intermediate * probs.unsqueeze(-1)).to(intermediate.dtype)
+    return expert.linear_fc2(intermediate)[0]
 
 
 class ElasticMoELayer(MoELayer):
