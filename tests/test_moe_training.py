@@ -1,7 +1,7 @@
 """Elastic continued pretraining of a mixture of experts: every budget samples MoE sub-networks
 (fewer experts, narrower experts, smaller top-k) by its active or total parameter count, the loss
 falls at every budget, megatron's load-balancing loss is logged per budget, and an expert-parallel
-run (EP=2) equals the single-process run."""
+run (EP=2) equals the data-parallel run of the same ranks."""
 
 from __future__ import annotations
 
@@ -70,10 +70,12 @@ def test_loss_falls_at_every_budget_and_the_aux_loss_is_logged(reference):
             assert row["moe aux loss"] > 0, (h["iteration"], budget)
 
 
-def test_expert_parallel_run_equals_the_single_process_run(setup, reference, tmp_path):
-    history = _train(
-        tmp_path, "ep2", 2, training_flags(setup, **RUN, expert_model_parallel_size=2)
-    )
+def test_expert_parallel_run_equals_the_data_parallel_run(setup, tmp_path):
+    """Megatron carves EP out of data parallelism: on two ranks EP=2 is DP=2 with each rank
+    holding half the experts; it equals the DP=2 run holding them all (same data split)."""
+    flags = training_flags(setup, **RUN)
+    reference = _train(tmp_path, "dp2", 2, flags)
+    history = _train(tmp_path, "ep2", 2, flags + ["--expert-model-parallel-size", "2"])
     assert len(history) == len(reference)
     for got, want in zip(history, reference):
         assert got["lm loss"] == pytest.approx(want["lm loss"], abs=2e-4), got["iteration"]
@@ -81,3 +83,5 @@ def test_expert_parallel_run_equals_the_single_process_run(setup, reference, tmp
             ref = want["budgets"][budget]
             assert v["lm loss"] == pytest.approx(ref["lm loss"], abs=2e-4)
             assert v["moe aux loss"] == pytest.approx(ref["moe aux loss"], rel=1e-3)
+    for budget, loss in reference[-1]["eval"].items():
+        assert history[-1]["eval"][budget] == pytest.approx(loss, abs=2e-4)

@@ -209,7 +209,8 @@ def test_requests_join_the_running_batch_and_a_short_one_does_not_wait(served):
     scheduler = server.scheduler
     long = generator.request(PROMPTS[0], Sampling.greedy(60), budget=1.0)
     shorts = [generator.request(PROMPTS[1], Sampling.greedy(4), budget=b) for b in (1.0, 0.5)]
-    alone = generator.generate([long] + shorts)
+    # through the scheduler, whose thread is the one that steps the engine
+    alone = [handle.wait() for handle in scheduler.submit([long] + shorts)]
     for short, want in zip(shorts, alone[1:]):
         (running,) = scheduler.submit([long])
         rid, first, _ = running.sink.get()  # the long request is decoding
