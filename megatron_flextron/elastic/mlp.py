@@ -47,14 +47,7 @@ class ElasticMLP(MLP):
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         if per_token_scale is not None:
             raise NotImplementedError("per_token_scale (MoE experts) is not elastic")
-        pieces = self.linear_fc1.forward_pieces(hidden_states)  # [s, b, k/p] each
-        act = self.config.activation_func
-        if self.config.gated_linear_unit:
-            gate, up = pieces
-            intermediate = act(gate) * (up + self.config.glu_linear_offset)
-        else:
-            intermediate = act(pieces[0])
-        return self.linear_fc2(intermediate)
+        return sliced_forward(self, hidden_states)
 
 
 def set_mlp_width(mlp: MLP, width: Optional[int]) -> Optional[int]:
@@ -79,3 +72,19 @@ def set_mlp_width(mlp: MLP, width: Optional[int]) -> Optional[int]:
     mlp.linear_fc1.set_active_rows(rows)
     mlp.linear_fc2.set_active_cols(slice(0, local))
     return width
+
+
+def sliced_forward(mlp: MLP, hidden, per_token_scale=None):
+    """megatron's unfused MLP forward on the active slice of ``mlp`` (elastic linears): fc1's
+    pieces ([s, b, k/p] each: gate and up) feed the activation directly, never concatenated;
+    ``per_token_scale`` (an expert's router weights) scales the activation as megatron's does."""
+    pieces = mlp.linear_fc1.forward_pieces(hidden)
+    act = mlp.config.activation_func
+    if mlp.config.gated_linear_unit:
+        gate, up = pieces
+        intermediate = act(gate) * (up + mlp.config.glu_linear_offset)
+    else:
+        intermediate = act(pieces[0])
+    if per_token_scale is not None:
+        intermediate = (intermediate * per_token_scale.unsqueeze(-1)).to(intermediate.dtype)
+    return mlp.linear_fc2(intermediate)

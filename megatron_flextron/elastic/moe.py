@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
-from megatron_flextron.elastic.mlp import set_mlp_width
+from megatron_flextron.elastic.mlp import set_mlp_width, sliced_forward
 
 
 class ElasticTopKRouter(TopKRouter):
@@ -129,10 +129,7 @@ def _run_expert(expert, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     )
     if not plain:
         return expert(hidden, probs)[0]
-    gate, up = expert.linear_fc1.forward_pieces(hidden)  # as megatron's unfused GLU path
-    intermediate = c.activation_func(gate) * (up + c.glu_linear_offset)
-    intermediate = (intermediate * probs.unsqueeze(-1)).to(intermediate.dtype)
-    return expert.linear_fc2(intermediate)[0]
+    return sliced_forward(expert, hidden, probs)[0]
 
 
 class ElasticMoELayer(MoELayer):
