@@ -209,9 +209,19 @@ def _gguf_llama_like(name: str, qkv: Rule, extra: Sequence[Rule] = ()) -> KeyMap
 _GGUF_QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
 # llama.cpp's llama rotates interleaved pairs: its Q/K rows are permuted from HF's layout
 GGUF_LLAMA = _gguf_llama_like("gguf-llama", _qkv_rule(_GGUF_QKV, _UNPERMUTE, _UNPERMUTE))
-# its qwen3 rotates halves (NEOX), as megatron and HF do: rows as they are, plus the q/k norms
+# its qwen3 (and qwen2moe) rotate halves (NEOX), as megatron and HF do: rows as they are, plus
+# the q/k norms (Qwen3) or the q/k/v biases (Qwen2-MoE), each when the model has them
 GGUF_QWEN3 = _gguf_llama_like(
-    "gguf-qwen3", _qkv_rule(_GGUF_QKV), _qk_norm_rules("attn_q_norm.weight", "attn_k_norm.weight")
+    "gguf-qwen3",
+    _qkv_rule(_GGUF_QKV),
+    [
+        _qkv_rule(
+            ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+            when=lambda m: m.add_qkv_bias,
+            suffix="bias",
+        ),
+        *_qk_norm_rules("attn_q_norm.weight", "attn_k_norm.weight"),
+    ],
 )
 
 

@@ -6,15 +6,20 @@ of experts in every layer, per expert by ``{e}`` rules.
   (gate / up / down).
 - Qwen2-MoE and Qwen3-MoE: ``mlp.gate`` (router), ``mlp.experts.{e}.gate_proj/up_proj/down_proj``;
   Qwen2-MoE's ``mlp.shared_expert.*`` and its sigmoid ``mlp.shared_expert_gate`` [1, h].
+
+GGUF (llama.cpp) stacks a layer's experts in one tensor each, ``ffn_{gate,up,down}_exps`` [E, ...]:
+its maps read the ``STACKED`` names of a state whose experts were stacked (``gguf_moe``), beside
+the router ``ffn_gate_inp`` [E, h] and Qwen2-MoE's ``ffn_*_shexp`` and ``ffn_gate_inp_shexp`` [h].
 """
 
 from __future__ import annotations
 
 from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert import transforms as T
-from megatron_flextron.convert.keymap import HF_LLAMA, KeyMap, Rule
+from megatron_flextron.convert.keymap import GGUF_LLAMA, GGUF_QWEN3, HF_LLAMA, KeyMap, Rule
 
 EXPERT = "mlp.experts.local_experts.{e}."
+STACKED = "mlp.experts.stacked."  # a layer's experts in one tensor [E, ...] (GGUF)
 # the attention half of a Llama-family layer (the dense MLP rules are the mixture's here)
 _ATTENTION = [r for r in HF_LLAMA.layer_rules if not r.canonical.startswith("mlp.")]
 
@@ -27,14 +32,14 @@ def _shared_gate(m: ModelConfig) -> bool:
     return _shared(m) and m.moe_shared_expert_gate
 
 
-def _swiglu(canonical: str, gate: str, up: str, down: str, when=lambda m: True):
-    """A gated MLP's fc1 (gate rows, then up rows) and fc2."""
+def _swiglu(canonical: str, gate: str, up: str, down: str, when=lambda m: True, dim: int = 0):
+    """A gated MLP's fc1 (gate rows, then up rows; rows on axis ``dim``) and fc2."""
     return [
         Rule(
             canonical + "linear_fc1.weight",
             (gate, up),
-            lambda m, g, u: T.gate_up_fuse(g, u),
-            lambda m, w: T.gate_up_split(w),
+            lambda m, g, u: T.gate_up_fuse(g, u, dim),
+            lambda m, w: T.gate_up_split(w, dim),
             when,
         ),
         Rule(canonical + "linear_fc2.weight", (down,), when=when),
@@ -71,6 +76,44 @@ HF_QWEN_MOE = _moe_keymap(
         ),
         Rule(
             "mlp.shared_experts.gate_weight", ("mlp.shared_expert_gate.weight",), when=_shared_gate
+        ),
+    ],
+)
+
+
+def _gguf_moe_keymap(name: str, base: KeyMap, shared=()) -> KeyMap:
+    """``base``'s attention and norms, the router and the stacked experts (rows on axis 1)."""
+    return KeyMap(
+        name=name,
+        layer_prefix=base.layer_prefix,
+        global_rules=base.global_rules,
+        layer_rules=[
+            *(r for r in base.layer_rules if not r.canonical.startswith("mlp.")),
+            Rule("mlp.router.weight", ("ffn_gate_inp.weight",)),
+            *_swiglu(STACKED, *(f"ffn_{w}_exps.weight" for w in ("gate", "up", "down")), dim=1),
+            *shared,
+        ],
+    )
+
+
+# Mixtral: llama.cpp's llama with experts (Q/K rows in its RoPE layout, as GGUF_LLAMA)
+GGUF_LLAMA_MOE = _gguf_moe_keymap("gguf-llama-moe", GGUF_LLAMA)
+GGUF_QWEN3_MOE = _gguf_moe_keymap("gguf-qwen3moe", GGUF_QWEN3)
+GGUF_QWEN2_MOE = _gguf_moe_keymap(
+    "gguf-qwen2moe",
+    GGUF_QWEN3,  # its attention without q/k norms, with q/k/v biases
+    shared=[
+        *_swiglu(
+            "mlp.shared_experts.",
+            *(f"ffn_{w}_shexp.weight" for w in ("gate", "up", "down")),
+            when=_shared,
+        ),
+        Rule(
+            "mlp.shared_experts.gate_weight",
+            ("ffn_gate_inp_shexp.weight",),
+            lambda m, w: w.reshape(1, -1),  # llama.cpp's [h], megatron's [1, h]
+            lambda m, w: (w.reshape(-1),),
+            _shared_gate,
         ),
     ],
 )

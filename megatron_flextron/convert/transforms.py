@@ -40,12 +40,13 @@ def qkv_fused_to_stacked(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.cat(qkv_split(qkv, groups=heads, heads_per_group=1), dim=0)
 
 
-def gate_up_fuse(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0)
+def gate_up_fuse(gate: torch.Tensor, up: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``dim``: the rows' axis (1 for experts stacked [E, rows, in])."""
+    return torch.cat([gate, up], dim=dim)
 
 
-def gate_up_split(fc1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    gate, up = fc1.chunk(2, dim=0)
+def gate_up_split(fc1: torch.Tensor, dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    gate, up = fc1.chunk(2, dim=dim)
     return gate, up
 
 

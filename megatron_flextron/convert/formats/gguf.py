@@ -11,7 +11,8 @@ sliding windows and any tensor the key map does not read stop the conversion, na
 ``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
 layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
 and head counts, ``qwen3`` for a model with q/k norms (one layer shape: ``deci`` has no q/k norms),
-``gpt2`` for GPT-2 style models; what the target cannot represent is refused.
+``gpt2`` for GPT-2 style models; mixtures of experts as ``llama`` (Mixtral), ``qwen3moe`` or
+``qwen2moe`` (``gguf_moe``); what the target cannot represent is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ import torch
 from megatron_flextron.checkpoint.io import TensorSource, staged_dir
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, TensorSpec
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.convert.formats.gguf_moe import (
+    KEYMAPS,
+    add_moe_hparams,
+    moe_target,
+    stack_experts,
+)
 from megatron_flextron.convert.keymap import GGUF_LLAMA, GGUF_QWEN3
 
 # the llama.cpp architectures read, and their key maps
@@ -162,26 +169,31 @@ _SOURCE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf
 
 def gguf_architecture(ckpt: Checkpoint) -> str:
     """llama.cpp's architecture for this model: ``llama`` (one layer shape), ``deci`` (per-layer
-    MLP widths and head counts), ``qwen3`` (q/k norms, one layer shape) or ``gpt2``; whatever it
-    (or its tokenizer) cannot represent is refused by name."""
+    MLP widths and head counts), ``qwen3`` (q/k norms, one layer shape) or ``gpt2``; for a mixture
+    of experts ``llama`` (Mixtral), ``qwen3moe`` or ``qwen2moe`` (``gguf_moe``). Whatever it (or its
+    tokenizer) cannot represent is refused by name."""
     from megatron_flextron.convert.formats.gguf_tokenizer import tokenizer_pre
 
     tokenizer_pre(ckpt.tokenizer_dir)
     m = ckpt.model
     if m.family == "llama":
         target = "deci" if ckpt.layer_shapes else ("qwen3" if m.qk_layernorm else "llama")
-        need = [
-            (not (m.qk_layernorm and ckpt.layer_shapes), "q/k norms (Qwen3)"),
+        need = [(not (m.qk_layernorm and ckpt.layer_shapes), "q/k norms (Qwen3)")]
+        if m.is_moe:
+            target, need = moe_target(ckpt)
+        elif m.add_qkv_bias:
+            need.append((False, "q/k/v biases (Qwen2)"))
+        need += [
             (m.normalization == "RMSNorm", f"normalization {m.normalization}"),
             (m.activation == "swiglu", f"activation {m.activation}"),
             (m.position_embedding == "rope", f"position embedding {m.position_embedding}"),
             (not m.add_bias_linear, "linear-layer biases"),
-            (not m.add_qkv_bias, "q/k/v biases (Qwen2)"),
             (m.rope_scaling_factor is None, f"RoPE scaling (factor {m.rope_scaling_factor})"),
         ]
     else:
         target = "gpt2"
         need = [
+            (not m.is_moe, "a mixture of experts"),
             (not ckpt.layer_shapes, "per-layer MLP widths or head counts"),
             (not m.qk_layernorm, "q/k norms"),
             (m.normalization == "LayerNorm", f"normalization {m.normalization}"),
@@ -204,7 +216,8 @@ def gguf_architecture(ckpt: Checkpoint) -> str:
 
 def _add_hparams(w, ckpt: Checkpoint, arch: str, file_type: int) -> None:
     m = ckpt.model
-    shapes = ckpt.layer_shapes or [(m.ffn_hidden_size, m.num_attention_heads)] * m.num_layers
+    width = m.moe_ffn_hidden_size if m.is_moe else m.ffn_hidden_size  # Mixtral's llama reads it
+    shapes = ckpt.layer_shapes or [(width, m.num_attention_heads)] * m.num_layers
     widths = [width for width, _ in shapes]
     heads = [h for _, h in shapes]
     groups = [m.num_query_groups if m.is_gqa else h for h in heads]
@@ -231,6 +244,8 @@ def _add_hparams(w, ckpt: Checkpoint, arch: str, file_type: int) -> None:
         w.add_layer_norm_rms_eps(m.norm_epsilon)
         w.add_rope_dimension_count(m.kv_channels)
         w.add_rope_freq_base(m.rotary_base)
+    if m.is_moe:
+        add_moe_hparams(w, m)
 
 
 def _tensor_type(gguf, name: str, shape: tuple, gguf_type: str):
@@ -261,13 +276,16 @@ def save_gguf(ckpt: Checkpoint, out_dir: str, gguf_type: Optional[str] = None) -
     arch = gguf_architecture(ckpt)
     m = ckpt.model
     keymap = {"gpt2": GGUF_GPT2, "qwen3": GGUF_QWEN3}.get(arch, GGUF_LLAMA)
+    state = ckpt.state
+    if m.is_moe:  # llama.cpp holds a layer's experts in one tensor each
+        keymap, state = KEYMAPS[arch], stack_experts(m, state)
     layers = [layer_config(m, *s) for s in ckpt.layer_shapes] if ckpt.layer_shapes else None
     path = os.path.join(out_dir, "model.gguf")
     w = gguf.GGUFWriter(path, arch)
     _add_hparams(w, ckpt, arch, GGUF_TYPES[gguf_type][1])
     add_tokenizer(w, ckpt.tokenizer_dir, m.vocab_size)
     qtypes = []
-    for name, spec in keymap.from_canonical_specs(m, ckpt.state, layers):
+    for name, spec in keymap.from_canonical_specs(m, state, layers):
         qtype = _tensor_type(gguf, name, spec.shape, gguf_type)
         nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(spec.shape, qtype)))
         w.add_tensor_info(name, spec.shape, np.float32, nbytes, raw_dtype=qtype)
@@ -275,7 +293,7 @@ def save_gguf(ckpt: Checkpoint, out_dir: str, gguf_type: Optional[str] = None) -
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for (_, tensor), qtype in zip(keymap.from_canonical(m, ckpt.state, layers), qtypes):
+    for (_, tensor), qtype in zip(keymap.from_canonical(m, state, layers), qtypes):
         w.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), qtype))
     w.close()
     return path
