@@ -20,7 +20,7 @@ from test_hf_moe import elastic_logits, tiny_moe
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.convert import ConvertOptions, convert
 from megatron_flextron.convert.export import export_subnetwork
-from megatron_flextron.convert.formats.gguf import gguf_architecture
+from megatron_flextron.convert.formats import gguf as gguf_format
 from megatron_flextron.convert.formats.hf import load_hf
 from megatron_flextron.elastic import Subnetwork
 
@@ -51,25 +51,17 @@ def _gguf_names(arch: str, layers: int) -> set:
     kind = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = [gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[kind]]
     return {
-        f"{n.format(bid=i)}.{part}" for n in names for i in range(layers) for part in ("weight", "bias")
+        f"{n.format(bid=i)}.{part}"
+        for n in names
+        for i in range(layers)
+        for part in ("weight", "bias")
     }
 
 
-@pytest.mark.parametrize("spec", [None, CUT, CUT_HEADS], ids=["full", "cut", "cut_heads"])
-@pytest.mark.parametrize("kind", sorted(ARCH))
-def test_moe_gguf_in_llama_cpp_equals_the_elastic_forward(tmp_path, kind, spec):
-    if kind == "qwen2_moe" and spec is CUT_HEADS:
-        pytest.skip("qwen2moe's attention output is square: trimmed heads are refused (below)")
-    src = _source(kind, tmp_path / "src")
-    out = tmp_path / "out"
-    convert(
-        ConvertOptions(
-            "hf", "gguf", src, str(out), subnetwork=spec and json.dumps(spec), gguf_type="f32"
-        )
-    )
-    path = str(out / "model.gguf")
+def _check_file(path: str, arch: str, spec, shared: bool) -> None:
+    """The MoE metadata and stacked tensor shapes llama.cpp reads, named as the gguf package
+    names them for the architecture."""
     reader = gguf.GGUFReader(path)
-    arch = ARCH[kind]
     experts, width, topk = (8, 32, 3) if spec is None else (6, 16, 2)
 
     def field(key):
@@ -77,7 +69,7 @@ def test_moe_gguf_in_llama_cpp_equals_the_elastic_forward(tmp_path, kind, spec):
 
     assert (field("expert_count"), field("expert_used_count")) == (experts, topk)
     assert field("expert_feed_forward_length") == width
-    if kind == "qwen2_moe":  # the shared expert narrows with the experts
+    if shared:  # the shared expert narrows with the experts
         assert field("expert_shared_feed_forward_length") == 64 * width // 32
     tensors = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
     assert set(tensors) <= _gguf_names(arch, 2)
@@ -85,15 +77,70 @@ def test_moe_gguf_in_llama_cpp_equals_the_elastic_forward(tmp_path, kind, spec):
     assert tensors["blk.1.ffn_down_exps.weight"] == (experts, 64, width)
     assert tensors["blk.1.ffn_gate_inp.weight"] == (experts, 64)
 
-    logits, _, got_arch = llama_cpp_run(path, IDS)
-    assert got_arch == arch
+
+def _error_in_llama_cpp(src: str, path: str, spec):
+    """(relative error of llama.cpp's logits of the file against the elastic forward of ``src``
+    at ``spec``, the architecture llama.cpp read)."""
+    logits, _, arch = llama_cpp_run(path, IDS)
     ckpt = load_hf(src)
     ref = elastic_logits(ckpt, torch.tensor([IDS]), spec)[0]
     if spec is not None:  # a different function from the full model's
         assert (elastic_logits(ckpt, torch.tensor([IDS]))[0] - ref).abs().max() > 1e-2
-    err = relative_error(logits, ref)
-    print(f"{kind} {spec} -> GGUF {arch} f32 in llama.cpp: max relative error {err:.2e}")
+    return relative_error(logits, ref), arch
+
+
+CASES = [  # (family, source overrides, sub-network); qwen2moe's attention output is square, so
+    # its trimmed heads are refused (below)
+    *((kind, {}, spec) for kind in sorted(ARCH) for spec in (None, CUT)),
+    ("mixtral", {}, CUT_HEADS),
+    ("qwen3_moe", {}, CUT_HEADS),
+    ("qwen2_moe", {"qkv_bias": False}, None),  # llama.cpp's q/k/v biases are optional
+]
+
+
+@pytest.mark.parametrize("kind, source, spec", CASES)
+def test_moe_gguf_in_llama_cpp_equals_the_elastic_forward(tmp_path, kind, source, spec):
+    src = _source(kind, tmp_path / "src", **source)
+    out = tmp_path / "out"
+    subnetwork = spec and json.dumps(spec)
+    convert(ConvertOptions("hf", "gguf", src, str(out), subnetwork=subnetwork, gguf_type="f32"))
+    path = str(out / "model.gguf")
+    _check_file(path, ARCH[kind], spec, kind == "qwen2_moe")
+    err, arch = _error_in_llama_cpp(src, path, spec)
+    assert arch == ARCH[kind]
+    print(f"{kind} {source} {spec} -> GGUF {arch} f32 in llama.cpp: max relative error {err:.2e}")
     assert err <= F32_BOUND
+
+
+NEEDED = [  # (family, source overrides, model overrides, sub-network): refused below, because
+    ("qwen3_moe", {"norm_topk_prob": False}, {}, None),  # its graph renormalizes: the logits differ
+    ("qwen2_moe", {"norm_topk_prob": True}, {}, None),  # its graph does not: the logits differ
+    ("qwen2_moe", {}, {"tie_embeddings": True}, None),  # it fails to load (no output.weight)
+    ("qwen2_moe", {}, {}, {"heads": 2}),  # it fails to load (square attention output)
+]
+
+
+@pytest.mark.parametrize("kind, source, model, spec", NEEDED)
+def test_each_refusal_is_needed(tmp_path, monkeypatch, kind, source, model, spec):
+    """Written anyway (the refusal bypassed), llama.cpp's logits miss the bound or it refuses
+    to load the file."""
+    src = _source(kind, tmp_path / "src", **source)
+    ckpt = load_hf(src)
+    if model:
+        state = {k: v for k, v in ckpt.state.items() if k != "output_layer.weight"}
+        ckpt = Checkpoint(dataclasses.replace(ckpt.model, **model), state, ckpt.tokenizer_dir)
+    if spec:
+        ckpt = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model))
+    monkeypatch.setattr(gguf_format, "moe_target", lambda ckpt: (ARCH[kind], []))
+    os.makedirs(tmp_path / "out")
+    path = gguf_format.save_gguf(ckpt, str(tmp_path / "out"), "f32")
+    if model or spec:
+        with pytest.raises(ValueError, match="Failed to load model"):
+            llama_cpp_run(path, IDS)
+        return
+    err, _ = _error_in_llama_cpp(src, path, spec)
+    print(f"{kind} {source} forced into {ARCH[kind]}: max relative error {err:.2e}")
+    assert err > F32_BOUND
 
 
 def _refused(ckpt: Checkpoint, what: str, spec=None, **model) -> None:
@@ -102,14 +149,13 @@ def _refused(ckpt: Checkpoint, what: str, spec=None, **model) -> None:
     if spec:
         ckpt = export_subnetwork(ckpt, Subnetwork.parse(spec, ckpt.model))
     with pytest.raises(CheckpointError, match="cannot represent") as e:
-        gguf_architecture(ckpt)
+        gguf_format.gguf_architecture(ckpt)
     assert what in str(e.value), str(e.value)
 
 
 REFUSALS = [  # (family, source overrides, model overrides, sub-network, what the message names)
     ("qwen3_moe", {"norm_topk_prob": False}, {}, None, "top-k weights not renormalized"),
     ("qwen2_moe", {"norm_topk_prob": True}, {}, None, "renormalized top-k weights"),
-    ("qwen2_moe", {"qkv_bias": False}, {}, None, "attention without q/k/v biases"),
     ("qwen2_moe", {}, {"tie_embeddings": True}, None, "tied embeddings"),
     ("qwen2_moe", {}, {}, {"heads": 2}, "trimmed heads (2 x 16 != 64)"),
     ("qwen2_moe", {}, {"moe_shared_expert_gate": False}, None, "shared expert without its"),

@@ -9,8 +9,9 @@ routing picks the architecture or is refused:
   ``moe_router_pre_softmax=False``); its ``feed_forward_length`` is the experts' width.
 - ``qwen3moe``: per-head q/k norms, renormalized top-k (Qwen3-MoE with ``norm_topk_prob``).
 - ``qwen2moe``: a shared expert scaled by sigmoid(x . gate), top-k of a softmax *not*
-  renormalized (``moe_router_pre_softmax=True``), q/k/v biases (it requires them, and an ``output``
-  tensor: tied embeddings refused), heads x head dim = hidden size (its attention output is square).
+  renormalized (``moe_router_pre_softmax=True``), q/k/v biases or none; it requires an ``output``
+  tensor (tied embeddings refused) and heads x head dim = hidden size (its attention output is
+  square): llama.cpp fails to load either otherwise.
 
 Refused by name: sigmoid routers, expert bias, top-k scaling, a shared expert elsewhere or without
 its gate, per-layer shapes (no llama.cpp MoE architecture has per-layer sizes).
@@ -56,7 +57,10 @@ def moe_target(ckpt: Checkpoint) -> Tuple[str, List[Tuple[bool, str]]]:
             m.moe_router_score_function == "softmax",
             f"router score function {m.moe_router_score_function!r} (softmax gating only)",
         ),
-        (not m.moe_router_enable_expert_bias, "a routing expert bias (moe_router_enable_expert_bias)"),
+        (
+            not m.moe_router_enable_expert_bias,
+            "a routing expert bias (moe_router_enable_expert_bias)",
+        ),
         (
             m.moe_router_topk_scaling_factor in (None, 1.0),
             f"moe_router_topk_scaling_factor={m.moe_router_topk_scaling_factor}",
@@ -67,7 +71,6 @@ def moe_target(ckpt: Checkpoint) -> Tuple[str, List[Tuple[bool, str]]]:
             (m.moe_shared_expert_gate, "a shared expert without its sigmoid gate"),
             (not m.qk_layernorm, "q/k norms beside a shared expert"),
             (not renormalized, "renormalized top-k weights (moe_router_pre_softmax=False)"),
-            (m.add_qkv_bias, "attention without q/k/v biases (it requires them)"),
             (not m.tie_embeddings, "tied embeddings (it requires output.weight)"),
             (
                 m.num_attention_heads * m.kv_channels == m.hidden_size,
