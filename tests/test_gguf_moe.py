@@ -180,3 +180,28 @@ def test_refused_before_anything_is_written(tmp_path):
     with pytest.raises(CheckpointError, match="qwen3moe architecture cannot represent top-k"):
         convert(ConvertOptions("hf", "gguf", src, str(out)))
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("gguf_type, bound", [("f16", 3e-3), ("q8_0", 0.15)])
+@pytest.mark.parametrize("kind", sorted(ARCH))
+def test_lower_precision_keeps_the_router_f32_and_stays_within_its_bound(
+    tmp_path, kind, gguf_type, bound
+):
+    """Bounds: about 4x the errors measured (docs/serving.md). The router stays f32, as llama.cpp's
+    own converter writes it: a rounded router logit could pick another expert."""
+    src = _source(kind, tmp_path / "src")
+    out = tmp_path / "out"
+    convert(ConvertOptions("hf", "gguf", src, str(out), gguf_type=gguf_type))
+    path = str(out / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert (
+        types["blk.0.ffn_up_exps.weight"]
+        == types["blk.0.ffn_down_exps.weight"]
+        == gguf_type.upper()
+    )
+    err, _ = _error_in_llama_cpp(src, path, None)
+    print(
+        f"{kind} full -> GGUF {ARCH[kind]} {gguf_type} in llama.cpp: max relative error {err:.2e}"
+    )
+    assert err <= bound

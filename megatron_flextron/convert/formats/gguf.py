@@ -249,9 +249,10 @@ def _add_hparams(w, ckpt: Checkpoint, arch: str, file_type: int) -> None:
 
 
 def _tensor_type(gguf, name: str, shape: tuple, gguf_type: str):
-    """Vectors (norms, biases) stay f32 as llama.cpp's converter writes them; Q8_0 needs rows in
-    blocks of 32 and falls back to f16 otherwise, as that converter does."""
-    if len(shape) == 1:
+    """Vectors (norms, biases) and MoE routers (a rounded router logit can pick another expert)
+    stay f32 as llama.cpp's converter writes them; Q8_0 needs rows in blocks of 32 and falls back
+    to f16 otherwise, as that converter does."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return gguf.GGMLQuantizationType.F32
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
