@@ -164,6 +164,7 @@ REFUSALS = [  # (family, source overrides, model overrides, sub-network, what th
     ("mixtral", {}, {"moe_router_topk_scaling_factor": 2.5}, None, "scaling_factor=2.5"),
     ("mixtral", {}, {"add_qkv_bias": True}, None, "q/k/v biases"),
     ("qwen3_moe", {}, {}, {"heads": [4, 2]}, "per-layer MLP widths or head counts in a mixture"),
+    ("mixtral", {}, {"family": "gpt3"}, None, "gpt2 architecture cannot represent a mixture"),
 ]
 
 
