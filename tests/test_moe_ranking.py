@@ -248,17 +248,18 @@ def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path
 def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     megatron_single_process, tmp_path
 ):
-    """The converter's entry point: experts and their neurons come out ranked, the function
-    unchanged, and the metadata says how."""
+    """The converter's entry point: heads, layers, experts and expert neurons come out ranked
+    in one pass, the function unchanged, and the metadata says how."""
     from helpers import elastic_choices
     from test_importance import SEQ, _calibration_file
 
     from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
-    from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+    from megatron_flextron.checkpoint.state import Checkpoint
     from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.importance import rank_and_permute
     from megatron_flextron.importance.expert_permute import permute_moe_state
     from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+    from megatron_flextron.importance.permute import permute_state
 
     m = moe_config("softmax")
     state = moe_state(m)
@@ -276,6 +277,16 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     )
     assert info["expert_neuron_estimator"] in ("original", "activation")
     assert info["expert_neuron_selection"]["moe_ffn"] == FFN // 2
+    # heads: the dense path's choice (every candidate scored at every reduced head count)
+    head_losses = info["head_selection"]["loss"]
+    assert set(head_losses) == {"original", "activation", "taylor", "taylor_token"}
+    assert all(list(v) == info["head_selection"]["heads"] for v in head_losses.values())
+    assert info["head_estimator"] in head_losses
+    assert any(h != list(range(m.num_attention_heads)) for h in info["head_order"])
+    scores = info["layer_scores"]
+    assert ranked.elastic.layer_ranking == tuple(
+        sorted(range(m.num_layers), key=lambda i: -scores[i])
+    )
 
     # the state is the source permuted by the recorded orders, and computes the same function
     orders = [torch.tensor(o) for o in info["expert_order"]]
@@ -284,7 +295,8 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     for layer in range(m.num_layers):
         by_source[layer][orders[layer]] = neurons[layer]
     shared = [torch.tensor(s) for s in info["shared_neuron_order"]]
-    expected = permute_moe_state(state, m, orders, by_source, shared)
+    heads = [torch.tensor(o) for o in info["head_order"]]
+    expected = permute_state(permute_moe_state(state, m, orders, by_source, shared), m, None, heads)
     for name in state:
         assert torch.equal(ranked.state[name], expected[name]), name
     batch = calibration()[1]
@@ -310,5 +322,7 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
         "activation",
     )
     assert fast_info["expert_order"] == fast_info["expert_selection"]["expert_order"]["reap_total"]
-    with pytest.raises(CheckpointError, match="heads of an MoE model are not ranked yet"):
-        rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="taylor")
+    assert fast_info["head_estimator"] == "taylor_token"
+    assert fast_info["head_order"] == fast_info["head_selection"]["head_order"]["taylor_token"]
+    with pytest.raises(ValueError, match="unknown head estimator 'norm'"):
+        rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="norm")
