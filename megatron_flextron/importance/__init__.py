@@ -95,22 +95,26 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     return model
 
 
-def calibration_split(ckpt, calibration_data, samples, seq_length, micro_batch_size, mode):
+def ranking_inputs(ckpt, calibration_data, samples, seq_length, micro_batch_size, mode, clock):
     """-> (number of sequences, held-out count, calibration micro-batches of one sequence each,
-    held-out micro-batches or None): thorough holds out a quarter (at least one micro-batch)."""
+    held-out micro-batches or None, the ranking model): thorough holds out a quarter (at least
+    one micro-batch)."""
     from megatron_flextron.lm_step import pad_microbatches
     from megatron_flextron.parallel import current_device
 
     if mode not in RANKING_MODES:
         raise ValueError(f"unknown ranking mode {mode!r}; expected one of {RANKING_MODES}")
-    seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
+    with clock("tokenize"):
+        seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
     held = max(micro_batch_size, len(seqs) // 4) if mode == "thorough" else 0
     if mode == "thorough" and len(seqs) <= held:
         raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
     device = current_device()  # the GPU when there is one
     calib = pad_microbatches(seqs[held:], 1, device)
     heldout = pad_microbatches(seqs[:held], micro_batch_size, device) if held else None
-    return len(seqs), held, calib, heldout
+    with clock("load model"):
+        model = ranking_model(ckpt)
+    return len(seqs), held, calib, heldout, model
 
 
 def is_sharded(expert_parallel: bool = False) -> bool:
@@ -162,13 +166,9 @@ def rank_and_permute(
     head_estimator = resolve_head_estimator(head_estimator, mode, is_sharded())
     clock = StageClock()
     m, elastic = ckpt.model, ckpt.elastic
-    with clock("tokenize"):
-        split = calibration_split(
-            ckpt, calibration_data, samples, seq_length, micro_batch_size, mode
-        )
-    count, held, calib, heldout = split
-    with clock("load model"):
-        model = ranking_model(ckpt)
+    count, held, calib, heldout, model = ranking_inputs(
+        ckpt, calibration_data, samples, seq_length, micro_batch_size, mode, clock
+    )
     with clock("statistics"):
         stats = collect_statistics(model, calib, m, needs_taylor(head_estimator))
     heads = rank_heads(model, ckpt, calib, heldout, stats, head_estimator, mode, refine, clock)

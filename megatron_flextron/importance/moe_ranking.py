@@ -98,22 +98,17 @@ def rank_and_permute_moe(
     from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.importance import (
         StageClock,
-        calibration_split,
         held_out_loss,
         is_sharded,
-        ranking_model,
+        ranking_inputs,
     )
 
     head_estimator = resolve_head_estimator(head_estimator, mode, is_sharded(True))
     clock = StageClock()
     m = ckpt.model
-    with clock("tokenize"):
-        split = calibration_split(
-            ckpt, calibration_data, samples, seq_length, micro_batch_size, mode
-        )
-    count, held, calib, heldout = split
-    with clock("load model"):
-        model = ranking_model(ckpt)
+    count, held, calib, heldout, model = ranking_inputs(
+        ckpt, calibration_data, samples, seq_length, micro_batch_size, mode, clock
+    )
     with clock("statistics"), expert_hooks(model, m) as hooks:  # one pass: heads and experts
         dense = collect_statistics(model, calib, m, needs_taylor(head_estimator), hooks.start)
     stats = hooks.result()
