@@ -4,7 +4,8 @@ The converter's ``rank_and_permute`` hands an MoE checkpoint here. One statistic
 calibration sequences feeds both the dense head and layer estimators (collect.py: attention and
 a block's change of its input are the same in an MoE model) and the expert ones (experts.py).
 Candidates, each scored by the held-out loss of the elastic config's reduced shapes (thorough):
-- head order within each KV group, and layer order: exactly the dense path's (heads.py);
+- head order within each KV group: the dense path's candidates and choice (heads.py); the
+  layer ranking is the dense one too (a block's change of its input, nothing to choose);
 - expert order: the source order, routing frequency, REAP, REAP x frequency (experts.py); scored
   at every reduced expert count of ``ElasticConfig.expert_choices`` (at least top-k), the lowest
   mean wins (REAP x frequency when no reduced count is configured);
