@@ -1,4 +1,4 @@
-"""Held-out loss of pruned MoE shapes: experts ranked by REAP vs routing frequency vs source order.
+"""Held-out loss of pruned MoE shapes: experts, heads and layers ranked vs source order.
 
   python benchmarks/moe_ranking.py --json benchmarks/results/cpu_moe_ranking.json
 
@@ -8,7 +8,8 @@ of 8 experts, top-2, Mixtral routing (softmax over the top-2 logits), megatron's
 load-balancing loss, AdamW on packed train windows. The library then ranks it as the converter
 does (``rank_and_permute`` with ``--calibration-data wiki``: calibration windows of the train
 split, a quarter held out for the choice), and every candidate order is evaluated on windows of
-the Wikipedia test split at pruned shapes (mean NLL). Prints a markdown table.
+the Wikipedia test split at pruned shapes (mean NLL). Prints two markdown tables: expert orders,
+then head orders (half the heads: one per KV group) and the layer ranking (3 of 4 layers kept).
 """
 
 from __future__ import annotations
@@ -169,6 +170,61 @@ def evaluate(ckpt, ranked, test, reference=None) -> dict:
     return table
 
 
+HEAD_SHAPES = (  # (label, sub-network spec)
+    ("full model", None),
+    ("2 of 4 heads (1 per KV group)", {"heads": 2}),
+    ("2 of 4 heads, 4 of 8 experts", {"heads": 2, "experts": 4}),
+)
+
+
+def evaluate_heads(ckpt, ranked, test) -> dict:
+    """Held-out NLL at the head shapes of every candidate head order (experts in source order)
+    and of the checkpoint the library wrote ("chosen": heads, experts and neurons ranked); and
+    with 3 of 4 layers: the library's layer ranking's top 3 vs the first 3 (source order)."""
+    import torch
+
+    from megatron_flextron.elastic import set_subnetwork
+    from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
+    from megatron_flextron.importance import held_out_loss, ranking_model
+    from megatron_flextron.importance.permute import permute_state
+
+    m = ckpt.model
+    info = ranked.metadata["importance"]
+    columns = {
+        ("source" if name == "original" else name): permute_state(
+            ckpt.state, m, head_orders=[torch.tensor(o) for o in orders]
+        )
+        for name, orders in info["head_selection"]["head_order"].items()
+    }
+    columns["chosen"] = ranked.state
+    model = ranking_model(ckpt)
+
+    def loss(spec) -> float:
+        set_subnetwork(model, spec, m, ckpt.elastic)
+        try:
+            return held_out_loss(model, test)
+        finally:
+            set_subnetwork(model, None, m, ckpt.elastic)
+
+    table = {}
+    for name, state in columns.items():
+        load_canonical_state_dict(model, state, m)
+        for label, spec in HEAD_SHAPES:
+            table.setdefault(label, {})[name] = loss(spec)
+    load_canonical_state_dict(model, ckpt.state, m)  # layers: the same weights, other layers
+    top = sorted(ranked.elastic.layer_ranking[:3])
+    layers = {"ranked": top, "ranked_loss": loss({"layers": top})}
+    return table, dict(layers, source_loss=loss({"layers": [0, 1, 2]}))
+
+
+def print_table(table: dict) -> None:
+    columns = list(next(iter(table.values())))
+    print(f"| held-out loss | {' | '.join(columns)} |")
+    print(f"| --- | {' | '.join('---:' for _ in columns)} |")
+    for label, row in table.items():
+        print(f"| {label} | {' | '.join(f'{row[c]:.3f}' for c in columns)} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400)
@@ -180,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-samples", type=int, default=64)
     p.add_argument("--test-sequences", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+    p.add_argument("--mode", choices=("fast", "thorough"), default="thorough")
     p.add_argument(
         "--drop-one",
         action="store_true",
@@ -213,8 +270,9 @@ def main(argv=None) -> int:
             model=m, state=state, tokenizer_dir=tok_dir, elastic=ElasticConfig.from_ratios(m)
         )
         ranked = rank_and_permute(
-            ckpt, "wiki", samples=args.calibration_samples, seq_length=args.seq_length
-        )
+            ckpt, "wiki", samples=args.calibration_samples, seq_length=args.seq_length,
+            mode=args.mode,
+        )  # fmt: skip
         ranking_s = time.time() - start - trained
         test = pad_microbatches(
             packed_sequences(wiki_documents("test"), tok, args.seq_length, args.test_sequences), 16
@@ -226,12 +284,17 @@ def main(argv=None) -> int:
             )
             reference, increase = drop_one_orders(ckpt, calib)
         table = evaluate(ckpt, ranked, test, reference)
+        head_table, layers = evaluate_heads(ckpt, ranked, test)
     info = ranked.metadata["importance"]
-    columns = list(next(iter(table.values())))
-    print(f"| held-out loss | {' | '.join(columns)} |")
-    print(f"| --- | {' | '.join('---:' for _ in columns)} |")
-    for label, row in table.items():
-        print(f"| {label} | {' | '.join(f'{row[c]:.3f}' for c in columns)} |")
+    print_table(table)
+    print()
+    print_table(head_table)
+    print(
+        f"chosen heads: {info['head_estimator']}; layer ranking {ranked.elastic.layer_ranking} "
+        f"(scores {[round(x, 3) for x in info['layer_scores']]}); 3 of 4 layers: ranked "
+        f"{layers['ranked']} {layers['ranked_loss']:.3f}, source [0, 1, 2] "
+        f"{layers['source_loss']:.3f}"
+    )
     freq = torch.tensor(info["expert_scores"]["frequency"])
     print(
         f"trained {args.steps} steps in {trained:.0f} s (last-20 train loss "
@@ -252,6 +315,9 @@ def main(argv=None) -> int:
             {
                 "args": vars(args),
                 "table": table,
+                "head_table": head_table,
+                "layers": layers,
+                "layer_ranking": list(ranked.elastic.layer_ranking),
                 "train_loss_last20": sum(losses[-20:]) / 20,
                 "train_seconds": trained,
                 "ranking_seconds": ranking_s,

@@ -248,17 +248,18 @@ def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path
 def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     megatron_single_process, tmp_path
 ):
-    """The converter's entry point: experts and their neurons come out ranked, the function
-    unchanged, and the metadata says how."""
+    """The converter's entry point: heads, layers, experts and expert neurons come out ranked
+    in one pass, the function unchanged, and the metadata says how."""
     from helpers import elastic_choices
     from test_importance import SEQ, _calibration_file
 
     from megatron_flextron.checkpoint.flextron import read_flextron, save_flextron
-    from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
+    from megatron_flextron.checkpoint.state import Checkpoint
     from megatron_flextron.convert import ConvertOptions, convert
     from megatron_flextron.importance import rank_and_permute
     from megatron_flextron.importance.expert_permute import permute_moe_state
     from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+    from megatron_flextron.importance.permute import permute_state
 
     m = moe_config("softmax")
     state = moe_state(m)
@@ -276,6 +277,16 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     )
     assert info["expert_neuron_estimator"] in ("original", "activation")
     assert info["expert_neuron_selection"]["moe_ffn"] == FFN // 2
+    # heads: the dense path's choice (every candidate scored at every reduced head count)
+    head_losses = info["head_selection"]["loss"]
+    assert set(head_losses) == {"original", "activation", "taylor", "taylor_token"}
+    assert all(list(v) == info["head_selection"]["heads"] for v in head_losses.values())
+    assert info["head_estimator"] in head_losses
+    assert any(h != list(range(m.num_attention_heads)) for h in info["head_order"])
+    scores = info["layer_scores"]
+    assert ranked.elastic.layer_ranking == tuple(
+        sorted(range(m.num_layers), key=lambda i: -scores[i])
+    )
 
     # the state is the source permuted by the recorded orders, and computes the same function
     orders = [torch.tensor(o) for o in info["expert_order"]]
@@ -284,7 +295,8 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
     for layer in range(m.num_layers):
         by_source[layer][orders[layer]] = neurons[layer]
     shared = [torch.tensor(s) for s in info["shared_neuron_order"]]
-    expected = permute_moe_state(state, m, orders, by_source, shared)
+    heads = [torch.tensor(o) for o in info["head_order"]]
+    expected = permute_state(permute_moe_state(state, m, orders, by_source, shared), m, None, heads)
     for name in state:
         assert torch.equal(ranked.state[name], expected[name]), name
     batch = calibration()[1]
@@ -310,5 +322,119 @@ def test_rank_and_permute_and_the_converter_rank_an_moe_checkpoint(
         "activation",
     )
     assert fast_info["expert_order"] == fast_info["expert_selection"]["expert_order"]["reap_total"]
-    with pytest.raises(CheckpointError, match="heads of an MoE model are not ranked yet"):
-        rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="taylor")
+    assert fast_info["head_estimator"] == "taylor_token"
+    assert fast_info["head_order"] == fast_info["head_selection"]["head_order"]["taylor_token"]
+    with pytest.raises(ValueError, match="unknown head estimator 'norm'"):
+        rank_and_permute(ckpt, data, samples=16, seq_length=SEQ, head_estimator="norm")
+
+
+def _head_scaled(m, state, seed: int = 5, dead: bool = False) -> dict:
+    """Heads of unequal weight (output-projection columns scaled per head: rankings far from
+    ties); with ``dead``, the first head of every KV group has a zero output projection."""
+    g = torch.Generator().manual_seed(seed)
+    state = dict(state)
+    d, n = m.kv_channels, m.num_attention_heads // m.num_query_groups
+    for layer in range(m.num_layers):
+        name = f"decoder.layers.{layer}.self_attention.linear_proj.weight"
+        scale = 0.5 + 4 * torch.rand(m.num_attention_heads, generator=g)
+        if dead:
+            scale[::n] = 0
+        w = state[name]
+        state[name] = (w.reshape(w.shape[0], -1, d) * scale[None, :, None]).reshape(w.shape)
+    return state
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_head_and_expert_permutations_together_preserve_an_moe(megatron_single_process, kind):
+    from megatron_flextron.importance.expert_permute import permute_moe_state
+    from megatron_flextron.importance.permute import permute_state
+
+    m = moe_config(kind)
+    state = moe_state(m)
+    batch = calibration()[0]
+    before = logits_of(build(m, state), batch)
+    g = torch.Generator().manual_seed(11)
+    n, groups = m.num_attention_heads // m.num_query_groups, m.num_query_groups
+    heads = [  # inside each KV group, as the ranking permutes them
+        torch.cat([j * n + torch.randperm(n, generator=g) for j in range(groups)])
+        for _ in range(m.num_layers)
+    ]
+    experts = [torch.randperm(E, generator=g) for _ in range(m.num_layers)]
+    both = dict(permute_state(permute_moe_state(state, m, experts), m, head_orders=heads))
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert not torch.equal(both[name], state[name])
+    assert (logits_of(build(m, both), batch) - before).abs().max() < 1e-5
+
+
+def test_dead_heads_rank_last_and_half_the_heads_keep_the_function(
+    megatron_single_process, tmp_path
+):
+    """A constructed case where the ranking is unambiguous: the first head of every KV group
+    adds nothing (zero output projection). Ranked, the half-heads sub-network is the full
+    model's function; in source order it keeps only the dead heads."""
+    from helpers import elastic_choices
+    from test_importance import SEQ, _calibration_file
+
+    from megatron_flextron.checkpoint.state import Checkpoint
+    from megatron_flextron.elastic import set_subnetwork
+    from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+
+    m = moe_config("softmax")
+    state = _head_scaled(m, moe_state(m), dead=True)
+    ckpt = Checkpoint(model=m, state=state, elastic=elastic_choices(m))
+    data = _calibration_file(tmp_path / "calib.jsonl")
+    ranked = rank_and_permute_moe(ckpt, data, samples=8, seq_length=SEQ, mode="fast")
+    n = m.num_attention_heads // m.num_query_groups
+    for order in ranked.metadata["importance"]["head_order"]:
+        assert all(h % n != 0 for h in order[::n])  # a live head leads every group
+
+    half = {"heads": m.num_attention_heads // 2}
+    batch = calibration()[1]
+
+    def at_half(s):
+        model = build(m, s)
+        set_subnetwork(model, half, m, ckpt.elastic)
+        return logits_of(model, batch)
+
+    full = logits_of(build(m, state), batch)
+    assert (at_half(dict(ranked.state)) - full).abs().max() < 1e-5
+    assert (at_half(state) - full).abs().max() > 1e-2
+
+
+def _ep_ranking_body(rank, world_size, ckpt_path, data, out_path):
+    from test_importance import SEQ
+
+    from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(1, 1, seed=1234, expert_model_parallel_size=2)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ranked = rank_and_permute_moe(ckpt, data, samples=8, seq_length=SEQ, mode="fast")
+    if rank == 0:
+        torch.save((ranked.metadata["importance"], ranked.elastic.layer_ranking), out_path)
+
+
+def test_head_and_layer_ranking_under_ep2_equals_ep1(megatron_single_process, tmp_path):
+    """Heads, layers and experts ranked by 2 EP ranks (each holding half the experts) as by
+    one process. (MoE at TP > 1 does not build on CPU: docs/ranking.md.)"""
+    from helpers import elastic_choices
+    from test_importance import SEQ, _calibration_file
+
+    from megatron_flextron.checkpoint.state import Checkpoint
+    from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+
+    m = moe_config("softmax")
+    ckpt = Checkpoint(model=m, state=_head_scaled(m, moe_state(m)), elastic=elastic_choices(m))
+    data = _calibration_file(tmp_path / "calib.jsonl")
+    one = rank_and_permute_moe(ckpt, data, samples=8, seq_length=SEQ, mode="fast")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    run_distributed(_ep_ranking_body, 2, str(tmp_path / "ckpt.pt"), data, str(tmp_path / "ep2.pt"))
+    info, layer_ranking = torch.load(tmp_path / "ep2.pt", weights_only=False)
+    want = one.metadata["importance"]
+    assert layer_ranking == one.elastic.layer_ranking
+    torch.testing.assert_close(info["layer_scores"], want["layer_scores"], rtol=1e-5, atol=0)
+    assert info["head_selection"]["head_order"] == want["head_selection"]["head_order"]
+    assert info["head_order"] == want["head_order"]
+    assert info["expert_order"] == want["expert_order"]
+    identity = list(range(m.num_attention_heads))
+    assert any(o != identity for o in want["head_selection"]["head_order"]["taylor_token"])

@@ -19,23 +19,19 @@ from typing import Dict, List
 import torch
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
-from megatron_flextron.importance.collect import (
-    collect_statistics,
-    head_ablation_scores,
+from megatron_flextron.importance.collect import collect_statistics
+from megatron_flextron.importance.heads import (
+    layer_ranking,
+    needs_taylor,
+    rank_heads,
+    resolve_head_estimator,
 )
-from megatron_flextron.importance.order import head_order, identity_orders, neuron_order
+from megatron_flextron.importance.order import identity_orders, neuron_order
 from megatron_flextron.importance.permute import changes_with_orders, permute_state
-from megatron_flextron.importance.select import (
-    LOSS_BASED,
-    choose_orders,
-    held_out_loss,
-    reduced_sizes,
-)
+from megatron_flextron.importance.select import choose_mlp_order, held_out_loss, reduced_sizes
 
-HEAD_ESTIMATORS = ("activation", "taylor", "taylor_token", "ablation")
 RANKING_MODES = ("fast", "thorough")
-# the fast mode's estimators (no choice): measured best on both settings of docs/ranking.md
-FAST_HEAD_ESTIMATOR = "taylor_token"
+# the fast mode's MLP estimator (no choice): measured best on both settings of docs/ranking.md
 FAST_MLP_ESTIMATOR = "activation"
 
 
@@ -99,6 +95,41 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     return model
 
 
+def ranking_inputs(ckpt, calibration_data, samples, seq_length, micro_batch_size, mode, clock):
+    """-> (number of sequences, held-out count, calibration micro-batches of one sequence each,
+    held-out micro-batches or None, the ranking model): thorough holds out a quarter (at least
+    one micro-batch)."""
+    from megatron_flextron.lm_step import pad_microbatches
+    from megatron_flextron.parallel import current_device
+
+    if mode not in RANKING_MODES:
+        raise ValueError(f"unknown ranking mode {mode!r}; expected one of {RANKING_MODES}")
+    with clock("tokenize"):
+        seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
+    held = max(micro_batch_size, len(seqs) // 4) if mode == "thorough" else 0
+    if mode == "thorough" and len(seqs) <= held:
+        raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
+    device = current_device()  # the GPU when there is one
+    calib = pad_microbatches(seqs[held:], 1, device)
+    heldout = pad_microbatches(seqs[:held], micro_batch_size, device) if held else None
+    with clock("load model"):
+        model = ranking_model(ckpt)
+    return len(seqs), held, calib, heldout, model
+
+
+def is_sharded(expert_parallel: bool = False) -> bool:
+    """Whether the ranking model is split over TP or PP (or EP, when asked)."""
+    from megatron.core import parallel_state
+
+    sizes = [
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    ]
+    if expert_parallel:
+        sizes.append(parallel_state.get_expert_model_parallel_world_size())
+    return max(sizes) > 1
+
+
 def rank_and_permute(
     ckpt: Checkpoint,
     calibration_data: str,
@@ -112,93 +143,52 @@ def rank_and_permute(
     """Rank MLP neurons and heads on calibration data and permute the checkpoint accordingly.
 
     ``fast``: every calibration sequence feeds the statistics (one forward and one backward
-    each); heads are ranked by ``head_estimator`` ("auto": FAST_HEAD_ESTIMATOR), MLP neurons by
-    their activation. ``thorough``: a quarter of the sequences (at least one micro-batch) is held
-    out to choose between estimators by the mean held-out loss over every reduced head count
-    (MLP: the width nearest half); the source order is always a candidate. With ``refine``, a
-    loss-based head order is then re-estimated at each reduced head count in turn (see
-    refine.py) and kept where it lowers the held-out loss. Collective over the model-parallel
-    groups when TP/PP > 1. Statistics are collected one sequence per micro-batch (the sums are
-    per sequence or per token, so the batching does not change them): backward keeps one
-    sequence's activations.
+    each); heads are ranked by ``head_estimator`` ("auto": heads.FAST_HEAD_ESTIMATOR), MLP
+    neurons by their activation. ``thorough``: a quarter of the sequences (at least one
+    micro-batch) is held out to choose between estimators by the mean held-out loss over
+    every reduced head count (MLP: the width nearest half); the source order is always a
+    candidate. With ``refine``, a loss-based head order is then re-estimated at each reduced
+    head count in turn (see refine.py) and kept where it lowers the held-out loss. Collective
+    over the model-parallel groups when TP/PP > 1. Statistics are collected one sequence per
+    micro-batch (the sums are per sequence or per token, so the batching does not change
+    them): backward keeps one sequence's activations. An MoE checkpoint goes to
+    moe_ranking.py, which ranks its heads and layers the same way.
     """
-    from megatron.core import parallel_state
-
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
-    from megatron_flextron.lm_step import pad_microbatches
-    from megatron_flextron.parallel import current_device
 
-    if mode not in RANKING_MODES:
-        raise ValueError(f"unknown ranking mode {mode!r}; expected one of {RANKING_MODES}")
     if ckpt.model.is_moe:  # experts and the neurons inside them: moe_ranking.py
         from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
 
         return rank_and_permute_moe(
-            ckpt, calibration_data, samples, seq_length, micro_batch_size, head_estimator, mode
-        )
-    if head_estimator not in ("auto",) + HEAD_ESTIMATORS:
-        raise ValueError(f"unknown head estimator {head_estimator!r}")
-    sharded = (
-        parallel_state.get_tensor_model_parallel_world_size() > 1
-        or parallel_state.get_pipeline_model_parallel_world_size() > 1
-    )
-    if head_estimator == "ablation" and sharded:
-        raise ValueError("--head-estimator ablation runs at TP=1, PP=1 only")
+            ckpt, calibration_data, samples, seq_length, micro_batch_size, head_estimator, mode,
+            refine,
+        )  # fmt: skip
+    head_estimator = resolve_head_estimator(head_estimator, mode, is_sharded())
     clock = StageClock()
     m, elastic = ckpt.model, ckpt.elastic
-    with clock("tokenize"):
-        seqs = calibration_sequences(calibration_data, ckpt.tokenizer_dir, samples, seq_length)
-    held = max(micro_batch_size, len(seqs) // 4) if mode == "thorough" else 0
-    if mode == "thorough" and len(seqs) <= held:
-        raise CheckpointError(f"need more than {held} calibration sequences, got {len(seqs)}")
-    device = current_device()  # the GPU when there is one
-    calib = pad_microbatches(seqs[held:], 1, device)
-
-    with clock("load model"):
-        model = ranking_model(ckpt)
-    if head_estimator == "auto" and mode == "fast":
-        head_estimator = FAST_HEAD_ESTIMATOR
-    with_taylor = head_estimator in ("auto",) + LOSS_BASED
+    count, held, calib, heldout, model = ranking_inputs(
+        ckpt, calibration_data, samples, seq_length, micro_batch_size, mode, clock
+    )
     with clock("statistics"):
-        stats = collect_statistics(model, calib, m, with_taylor)
-
-    head_scores: Dict[str, List[torch.Tensor]] = {"activation": stats["activation"]}
-    if with_taylor:
-        head_scores["taylor"] = stats["taylor"]
-        head_scores["taylor_token"] = stats["taylor_token"]
-    if head_estimator == "ablation":
-        with clock("ablation"):
-            head_scores["ablation"] = head_ablation_scores(model, calib, m)
-    head_candidates = {"original": identity_orders(m.num_layers, m.num_attention_heads)}
-    for name, scores in head_scores.items():  # fast: every order computed, for comparisons
-        if head_estimator in ("auto", name) or mode == "fast":
-            head_candidates[name] = [head_order(s, m.num_query_groups) for s in scores]
+        stats = collect_statistics(model, calib, m, needs_taylor(head_estimator))
+    heads = rank_heads(model, ckpt, calib, heldout, stats, head_estimator, mode, refine, clock)
     mlp_candidates = {
         "original": identity_orders(m.num_layers, m.ffn_hidden_size),
         "activation": [neuron_order(s) for s in stats["mlp"]],
     }
-    head_levels = reduced_sizes(m.num_attention_heads, elastic.head_choices)
     smaller_mlp = reduced_sizes(m.ffn_hidden_size, elastic.mlp_choices)
     test_mlp = min(
         smaller_mlp, key=lambda w: abs(w - m.ffn_hidden_size / 2), default=m.ffn_hidden_size
     )
-
-    if mode == "fast":
-        best_head, best_mlp, heldout = head_estimator, FAST_MLP_ESTIMATOR, None
-        head_orders = head_candidates[best_head]
-        head_losses, refinement, mlp_losses = {}, None, {}
-        full_loss = None
-    else:
-        heldout = pad_microbatches(seqs[:held], micro_batch_size, device)
-        chosen = choose_orders(
-            model, ckpt, calib, heldout, head_candidates, mlp_candidates, head_estimator,
-            refine, clock,
-        )  # fmt: skip
-        best_head, head_orders, head_losses, refinement, best_mlp, mlp_losses = chosen
+    best_mlp, mlp_losses, full_loss = FAST_MLP_ESTIMATOR, {}, None
+    if heldout is not None:
+        best_mlp, mlp_losses = choose_mlp_order(
+            model, ckpt, heldout, mlp_candidates, test_mlp, clock
+        )
     mlp_orders = mlp_candidates[best_mlp]
 
     with clock("permute"):
-        state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=head_orders)
+        state = permute_state(ckpt.state, m, mlp_orders=mlp_orders, head_orders=heads.orders)
         if heldout is not None:
             load_canonical_state_dict(model, state, m, only=changes_with_orders)
             full_loss = held_out_loss(model, heldout)
@@ -206,30 +196,20 @@ def rank_and_permute(
     metadata["importance"] = {
         "mode": mode,
         "calibration_data": calibration_data,
-        "calibration_sequences": len(seqs) - held,
+        "calibration_sequences": count - held,
         "heldout_sequences": held,
         "seq_length": seq_length,
         "calibration_loss": stats["loss"],
         "full_loss": full_loss,
-        "head_estimator": best_head,
-        "head_selection": {
-            "heads": head_levels,
-            "loss": head_losses,
-            "head_order": {k: [o.tolist() for o in v] for k, v in head_candidates.items()},
-        },
-        "head_refinement": refinement,
+        **heads.metadata(),
         "mlp_estimator": best_mlp,
         "mlp_selection": {"mlp": test_mlp, "loss": mlp_losses},
         "layer_scores": stats["layer"],
         # canonical unit i of layer l is source unit order[l][i]
         "mlp_order": [o.tolist() for o in mlp_orders],
-        "head_order": [o.tolist() for o in head_orders],
         "cpu_seconds": clock.report(),
     }
-    # the layers that change their input most first (a stable sort: ties keep layer order)
-    scores = stats["layer"]
-    ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
-    elastic = dataclasses.replace(elastic, layer_ranking=tuple(ranking))
+    elastic = dataclasses.replace(elastic, layer_ranking=layer_ranking(stats["layer"]))
     return Checkpoint(
         model=m, state=state, tokenizer_dir=ckpt.tokenizer_dir, elastic=elastic, metadata=metadata
     )

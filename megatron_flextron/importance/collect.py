@@ -88,12 +88,16 @@ def activation_gradients_only(model):
             p.requires_grad_(True)
 
 
-def collect_statistics(model, microbatches: list, model_config, with_taylor: bool) -> Dict:
-    """Run the calibration micro-batches through an elastic model at full size (any TP/PP).
+def collect_statistics(
+    model, microbatches: list, model_config, with_taylor: bool, on_batch=None
+) -> Dict:
+    """Run the calibration micro-batches through an elastic model at full size (any TP/EP/PP).
 
     Collective over the model-parallel groups; returns the whole model's statistics on every
     rank, on the CPU in float64: "mlp", "activation", "taylor", "taylor_token" (lists over layers,
-    canonical unit order), "layer", and "loss" (the mean token loss of the pass).
+    canonical unit order; "mlp" is None for an MoE layer), "layer", and "loss" (the mean token
+    loss of the pass). ``on_batch(batch)`` runs before each micro-batch (the expert statistics
+    of experts.ExpertHooks ride on the same pass).
     """
 
     layers = transformer_blocks(model)
@@ -147,7 +151,8 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         return hook
 
     for st, layer in zip(stats, layers):
-        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(st)))
+        if hasattr(layer.mlp, "linear_fc2"):  # a dense MLP (experts: experts.py)
+            handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(st)))
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(proj_hook(st)))
         handles.append(
             layer.attention_layer.register_forward_pre_hook(block_input(st), with_kwargs=True)
@@ -158,6 +163,8 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         with activation_gradients_only(model):
             for batch in progress(microbatches, "importance: calibration batches"):
                 current["mask"] = batch["loss_mask"]
+                if on_batch is not None:
+                    on_batch(batch)
                 model.zero_grad(set_to_none=True)
                 out = forward_backward(model, [batch], forward_only=not with_taylor)
                 nll_sum, tokens = nll_sum + out["nll_sum"], tokens + out["tokens"]
@@ -167,7 +174,7 @@ def collect_statistics(model, microbatches: list, model_config, with_taylor: boo
         model.zero_grad(set_to_none=True)
     local = {
         layer.layer_number - 1: {
-            "mlp": st.mlp.sqrt(),
+            "mlp": None if st.mlp is None else st.mlp.sqrt(),
             "activation": st.head_act.sqrt(),
             "taylor": st.taylor if with_taylor else None,
             "taylor_token": st.taylor_token if with_taylor else None,

@@ -26,6 +26,7 @@ data-parallel ranks holding the same calibration batch) changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -94,25 +95,66 @@ def collect_expert_statistics(model, microbatches: list, model_config) -> Dict[s
     [E, F], "shared" [Fs] (None without a shared expert), "tokens" [E] (routed valid tokens, as
     often as the dispatcher gathers them: once per data-parallel copy).
     """
-    from megatron.core import parallel_state
+    with expert_hooks(model, model_config) as hooks:
+        with torch.no_grad():
+            for batch in progress(microbatches, "importance: expert statistics"):
+                hooks.start(batch)
+                forward_backward(model, [batch], forward_only=True)
+    return hooks.result()
 
-    layers = moe_layers(model)
-    stats = [_MoEStats(layer) for _, layer in layers]
-    current = {}
-    handles = []
-    etp_group = parallel_state.get_expert_tensor_parallel_group()
-    etp = torch.distributed.get_world_size(etp_group) if etp_group is not None else 1
 
-    def router_hook(st):
+class ExpertHooks:
+    """The expert statistics of the forward passes run while installed (``expert_hooks``):
+    ``start(batch)`` before each micro-batch, ``result()`` (collective) after removal. The
+    dense statistics pass (collect.py) runs them too, so one pass ranks heads and experts."""
+
+    def __init__(self, model, model_config):
+        from megatron.core import parallel_state
+
+        self.model_config = model_config
+        self.layers = moe_layers(model)
+        self.stats = [_MoEStats(layer) for _, layer in self.layers]
+        self.current = {}
+        self.handles = []
+        etp_group = parallel_state.get_expert_tensor_parallel_group()
+        self.etp_group = etp_group
+        self.etp = torch.distributed.get_world_size(etp_group) if etp_group is not None else 1
+        for st, (_, layer) in zip(self.stats, self.layers):
+            self.handles.append(layer.router.register_forward_hook(self._router_hook(st)))
+            for j, expert in enumerate(layer.experts.local_experts):
+                self.handles.append(expert.register_forward_pre_hook(self._expert_pre_hook(st, j)))
+                self.handles.append(expert.register_forward_hook(self._expert_hook(st, j)))
+                fc2 = expert.linear_fc2
+                self.handles.append(fc2.register_forward_pre_hook(self._neuron_hook(st, j)))
+            if layer.shared_experts is not None:
+                fc2 = layer.shared_experts.linear_fc2
+                self.handles.append(fc2.register_forward_pre_hook(self._shared_hook(st)))
+
+    def start(self, batch: dict) -> None:
+        self.current["mask"] = batch["loss_mask"]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def result(self) -> Dict[str, list]:
+        local = {
+            block.index: _finish(st, layer, self.model_config)
+            for st, (block, layer) in zip(self.stats, self.layers)
+        }
+        return _gather_layers(local, self.model_config)
+
+    def _router_hook(self, st):
         def hook(module, args, output):
             _, routing_map = output  # [T_local, E] bool
-            valid = _token_mask(current["mask"], routing_map.shape[0])
+            valid = _token_mask(self.current["mask"], routing_map.shape[0])
             st.routing_map = _dispatched(routing_map)
             st.valid = _dispatched(valid.to(device=routing_map.device, dtype=torch.uint8)) > 0
 
         return hook
 
-    def expert_pre_hook(st, j):
+    def _expert_pre_hook(self, st, j):
         def hook(module, args):
             routed = st.routing_map[:, st.indices[j]]  # [T_global]; megatron keeps token order
             if int(routed.sum()) != args[0].shape[0]:
@@ -124,55 +166,42 @@ def collect_expert_statistics(model, microbatches: list, model_config) -> Dict[s
 
         return hook
 
-    def expert_hook(st, j):
+    def _expert_hook(self, st, j):
         def hook(module, args, output):
             out = output[0].detach()
-            if etp > 1:  # each expert-TP rank holds a partial sum of the output
+            if self.etp > 1:  # each expert-TP rank holds a partial sum of the output
                 out = out.clone()
-                torch.distributed.all_reduce(out, group=etp_group)
+                torch.distributed.all_reduce(out, group=self.etp_group)
             norms = out.double().norm(dim=-1)[st.expert_mask]
             st.count[j] += norms.numel()
             st.reap[j] += norms.sum().cpu()
 
         return hook
 
-    def neuron_hook(st, j):
+    def _neuron_hook(self, st, j):
         def hook(module, args):
             a = args[0].detach().double()[st.expert_mask].abs().sum(0).cpu()  # [F_local]
             st.neurons[j] = a if st.neurons[j] is None else st.neurons[j] + a
 
         return hook
 
-    def shared_hook(st):
+    def _shared_hook(self, st):
         def hook(module, args):
             a = args[0].detach().double()  # [s, b, Fs_local]
-            sq = _per_sequence_mean(a.abs(), current["mask"]).pow(2).sum(0).cpu()
+            sq = _per_sequence_mean(a.abs(), self.current["mask"]).pow(2).sum(0).cpu()
             st.shared = sq if st.shared is None else st.shared + sq
 
         return hook
 
-    for st, (_, layer) in zip(stats, layers):
-        handles.append(layer.router.register_forward_hook(router_hook(st)))
-        for j, expert in enumerate(layer.experts.local_experts):
-            handles.append(expert.register_forward_pre_hook(expert_pre_hook(st, j)))
-            handles.append(expert.register_forward_hook(expert_hook(st, j)))
-            handles.append(expert.linear_fc2.register_forward_pre_hook(neuron_hook(st, j)))
-        if layer.shared_experts is not None:
-            handles.append(
-                layer.shared_experts.linear_fc2.register_forward_pre_hook(shared_hook(st))
-            )
+
+@contextlib.contextmanager
+def expert_hooks(model, model_config):
+    """ExpertHooks installed on ``model`` for the duration of the block."""
+    hooks = ExpertHooks(model, model_config)
     try:
-        with torch.no_grad():
-            for batch in progress(microbatches, "importance: expert statistics"):
-                current["mask"] = batch["loss_mask"]
-                forward_backward(model, [batch], forward_only=True)
+        yield hooks
     finally:
-        for h in handles:
-            h.remove()
-    local = {
-        block.index: _finish(st, layer, model_config) for st, (block, layer) in zip(stats, layers)
-    }
-    return _gather_layers(local, model_config)
+        hooks.remove()
 
 
 def _finish(st: _MoEStats, layer, model_config) -> dict:

@@ -34,29 +34,34 @@ def reduced_sizes(full: int, choices: Sequence[int]) -> List[int]:
     return sorted({c for c in choices if c < full}, reverse=True)
 
 
-def choose_orders(
-    model, ckpt, calib, heldout, head_candidates, mlp_candidates, head_estimator, refine, clock
-):
-    """-> (head estimator, head orders, its candidates' held-out losses per head count, the
-    refinement record or None, MLP estimator, the MLP candidates' held-out losses)."""
+def _scorer(model, ckpt, heldout):
+    """score(spec, **orders): the held-out loss of the sub-network ``spec`` of the source state
+    permuted by ``orders`` (permute_state's), loaded into the ranking model."""
     from megatron_flextron.elastic import set_subnetwork
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
 
     m, elastic = ckpt.model, ckpt.elastic
-    head_levels = reduced_sizes(m.num_attention_heads, elastic.head_choices)
-    smaller_mlp = reduced_sizes(m.ffn_hidden_size, elastic.mlp_choices)
-    test_mlp = min(
-        smaller_mlp, key=lambda w: abs(w - m.ffn_hidden_size / 2), default=m.ffn_hidden_size
-    )
 
     def score(spec, **orders):
         load_canonical_state_dict(
             model, permute_state(ckpt.state, m, **orders), m, only=changes_with_orders
         )
         set_subnetwork(model, spec, m, elastic)
-        loss = held_out_loss(model, heldout)
-        set_subnetwork(model, None, m, elastic)
-        return loss
+        try:
+            return held_out_loss(model, heldout)
+        finally:
+            set_subnetwork(model, None, m, elastic)
+
+    return score
+
+
+def choose_head_orders(model, ckpt, calib, heldout, head_candidates, head_estimator, refine, clock):
+    """-> (head estimator, head orders, its candidates' held-out losses per head count, the
+    refinement record or None). Only the attention tensors are reloaded: the rest of the
+    ranking model (MLP, experts) stays as it is, at full size."""
+    m, elastic = ckpt.model, ckpt.elastic
+    head_levels = reduced_sizes(m.num_attention_heads, elastic.head_choices)
+    score = _scorer(model, ckpt, heldout)
 
     def head_losses(orders) -> Dict[int, float]:
         return {h: score({"heads": h}, head_orders=orders) for h in head_levels}
@@ -83,11 +88,15 @@ def choose_orders(
         }
         if sum(refined_losses.values()) < sum(head_selection[best_head].values()):
             head_orders, refinement["kept"] = refined, True
+    return best_head, head_orders, head_selection, refinement
 
+
+def choose_mlp_order(model, ckpt, heldout, mlp_candidates, test_mlp, clock):
+    """-> (MLP estimator, the MLP candidates' held-out losses at width ``test_mlp``)."""
+    score = _scorer(model, ckpt, heldout)
     with clock("MLP selection"):
         mlp_losses = {
             k: score({"mlp": test_mlp}, mlp_orders=mlp_candidates[k])
             for k in progress(list(mlp_candidates), "importance: MLP estimators")
         }
-    best_mlp = min(mlp_losses, key=mlp_losses.get)
-    return best_head, head_orders, head_selection, refinement, best_mlp, mlp_losses
+    return min(mlp_losses, key=mlp_losses.get), mlp_losses
