@@ -15,7 +15,7 @@ canonical indices. At EP=1 both placements are the identity.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 EXPERT_PLACEMENTS = ("contiguous", "balanced")
 
@@ -40,8 +40,25 @@ def slot_experts(placement: str, num_experts: int, ep_size: int) -> Optional[Lis
     return [(s % local) * ep_size + s // local for s in range(num_experts)]
 
 
-def experts_per_rank(placement: str, kept: int, num_experts: int, ep_size: int) -> List[int]:
-    """How many of the first ``kept`` ranked experts each EP rank holds."""
+def expert_ranks(placement: str, num_experts: int, ep_size: int) -> List[int]:
+    """The EP rank holding each ranked expert."""
     slots = slot_experts(placement, num_experts, ep_size) or list(range(num_experts))
     local = num_experts // ep_size
-    return [sum(c < kept for c in slots[r * local : (r + 1) * local]) for r in range(ep_size)]
+    ranks = [0] * num_experts
+    for slot, expert in enumerate(slots):
+        ranks[expert] = slot // local
+    return ranks
+
+
+def load_per_rank(placement: str, per_expert: Sequence[float], ep_size: int) -> List[float]:
+    """Each EP rank's share of a per-ranked-expert quantity (tokens routed, experts kept)."""
+    ranks = expert_ranks(placement, len(per_expert), ep_size)
+    out = [0] * ep_size
+    for rank, value in zip(ranks, per_expert):
+        out[rank] += value
+    return out
+
+
+def experts_per_rank(placement: str, kept: int, num_experts: int, ep_size: int) -> List[int]:
+    """How many of the first ``kept`` ranked experts each EP rank holds."""
+    return load_per_rank(placement, [int(i < kept) for i in range(num_experts)], ep_size)
