@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_slicing import MODEL as SLICING_MODEL  # noqa: E402  (this script's folder)
+
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.elastic import set_subnetwork  # noqa: E402
 from megatron_flextron.elastic.expert_placement import load_per_rank  # noqa: E402
@@ -37,19 +39,8 @@ from megatron_flextron.importance.expert_permute import order_by, permute_moe_st
 from megatron_flextron.importance.experts import moe_layers  # noqa: E402
 from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
 
-MODEL = dict(
-    num_layers=2,
-    hidden_size=256,
-    num_attention_heads=4,
-    num_query_groups=2,
-    kv_channels=64,
-    ffn_hidden_size=512,
-    num_moe_experts=16,
-    moe_ffn_hidden_size=128,
-    moe_router_topk=2,
-    vocab_size=1024,
-    max_position_embeddings=256,
-)
+# moe_slicing.py's model with 16 narrower experts (a prefix of 4 is then 1 expert per EP=4 rank)
+MODEL = {**SLICING_MODEL, "num_moe_experts": 16, "moe_ffn_hidden_size": 128}
 BATCH, SEQ = 8, 256
 KEPT = (16, 12, 8, 6, 4)
 EP_SIZES = (2, 4)
