@@ -10,6 +10,7 @@ FLAGS = {
     "--tensor-model-parallel-size",
     "--pipeline-model-parallel-size",
     "--expert-model-parallel-size",
+    "--expert-placement",
     "--sequence-parallel",
     "--budget-type",
     "--moe-aux-loss-coeff",

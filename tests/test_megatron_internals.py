@@ -191,8 +191,16 @@ def test_moe_internals():
     for name in ("gating", "routing"):
         assert callable(getattr(TopKRouter, name, None)), _changed(f"TopKRouter.{name}", user, "")
     init = inspect.getsource(TopKRouter.__init__)
-    for field in ("self.topk", "'expert_bias'"):
+    for field in ("self.topk", "'expert_bias'", "'local_tokens_per_expert'"):
         assert field in init, _changed(f"TopKRouter {field}", user, "top-k and bias per call")
+    assert "self.local_tokens_per_expert +=" in inspect.getsource(TopKRouter), _changed(
+        "TopKRouter.local_tokens_per_expert", user, "counts permuted per call when balanced"
+    )
+    saving = inspect.getsource(SequentialMLP.sharded_state_dict)
+    for field in ("expert_global_idx, num_global_experts", "f'{prefix}experts.'", "dp_group"):
+        assert field in saving, _changed(
+            "SequentialMLP.sharded_state_dict", user, "balanced experts stored by ranked index"
+        )
     assert list(inspect.signature(moe_utils.router_gating_linear).parameters) == [
         "inp", "weight", "bias", "router_dtype"
     ], _changed("moe_utils.router_gating_linear", user, "the kept experts' logits")

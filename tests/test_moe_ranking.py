@@ -66,11 +66,11 @@ def calibration(seed: int = 3, padded: bool = True) -> list:
     return batches
 
 
-def build(m, state, **tc):
+def build(m, state, placement="contiguous", **tc):
     from megatron_flextron.elastic import build_elastic_model
     from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
 
-    model = build_elastic_model(m, m.transformer_config(**tc))
+    model = build_elastic_model(m, m.transformer_config(**tc), expert_placement=placement)
     load_canonical_state_dict(model, state, m)
     return model.eval()
 
@@ -221,16 +221,19 @@ def _ep_body(rank, world_size, reference_path, kind):
     initialize_model_parallel(1, 1, seed=1234, expert_model_parallel_size=2)
     m = moe_config(kind)
     saved = torch.load(reference_path)  # the canonical state and the EP=1 statistics
-    model = build(m, saved["state"], expert_model_parallel_size=2)
-    assert len(model.decoder.layers[1].mlp.experts.local_experts) == E // 2
-    stats = collect_expert_statistics(model, calibration(), m)
     reference = saved["stats"]
-    for key in ("reap", "frequency", "reap_total", "expert_neurons", "shared"):
-        for got, want in zip(stats[key], reference[key]):
-            if want is None:
-                assert got is None
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # fp32 noise
+    for placement in ("contiguous", "balanced"):  # statistics keyed by the ranked expert
+        model = build(m, saved["state"], placement, expert_model_parallel_size=2)
+        assert len(model.decoder.layers[1].mlp.experts.local_experts) == E // 2
+        stats = collect_expert_statistics(model, calibration(), m)
+        for key in ("reap", "frequency", "reap_total", "expert_neurons", "shared"):
+            for got, want in zip(stats[key], reference[key]):
+                if want is None:
+                    assert got is None
+                else:  # fp32 noise
+                    torch.testing.assert_close(
+                        got, want, rtol=1e-5, atol=1e-8, msg=lambda e, p=placement: f"{p}: {e}"
+                    )
 
 
 def test_expert_statistics_under_ep2_equal_ep1(megatron_single_process, tmp_path):

@@ -133,14 +133,17 @@ def hybrid_stack_spec(
     elastic: bool = True,
     core_attention: Optional[str] = None,
     canonical_layout: Optional[bool] = None,
+    expert_placement: str = "contiguous",
 ) -> ModuleSpec:
     """The stack of attention (``*``) and MLP (``-``) layers: elastic, or megatron's own
     modules (the reference the elastic model must equal). Checkpoints in GPTModel's layout for
     the elastic model, megatron's hybrid layout for the stock one, unless told otherwise."""
     if canonical_layout is None:
         canonical_layout = elastic
+    if expert_placement != "contiguous" and not elastic:
+        raise ValueError(f"expert placement {expert_placement!r} needs the elastic model")
     if elastic:
-        layer = elastic_layer_spec(model_config, core_attention or "sdpa")
+        layer = elastic_layer_spec(model_config, core_attention or "sdpa", expert_placement)
     else:
         layer = stock_layer_spec(model_config, core_attention or "local")
     sub = layer.submodules
@@ -186,10 +189,12 @@ def build_hybrid_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     canonical_layout: Optional[bool] = None,
+    expert_placement: str = "contiguous",
 ) -> HybridModel:
     """This pipeline stage's HybridModel of ``model_config`` (call after
     ``initialize_model_parallel``). ``transformer_config`` counts blocks (``num_layers`` = N, as
-    for GPTModel); the HybridModel gets 2N layers."""
+    for GPTModel); the HybridModel gets 2N layers. ``expert_placement``: how an MoE's ranked
+    experts sit over the EP ranks (elastic/expert_placement.py; elastic models only)."""
     m = model_config
     blocks = transformer_config.num_layers
     stages = transformer_config.pipeline_model_parallel_size
@@ -201,7 +206,9 @@ def build_hybrid_model(
         post_process = parallel_state.is_pipeline_last_stage()
     return LocalHybridModel(
         config=config,
-        hybrid_stack_spec=hybrid_stack_spec(m, elastic, core_attention, canonical_layout),
+        hybrid_stack_spec=hybrid_stack_spec(
+            m, elastic, core_attention, canonical_layout, expert_placement
+        ),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         hybrid_layer_pattern=layer_pattern(blocks, stages, m.is_moe),

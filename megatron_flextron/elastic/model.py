@@ -23,10 +23,12 @@ def build_elastic_model(
     core_attention: Optional[str] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    expert_placement: str = "contiguous",
 ):
     """This pipeline stage's elastic model: megatron-core's HybridModel, ``*-`` per block
     (call after ``initialize_model_parallel``). Its checkpoints have the elastic GPTModel's
-    layout, and it computes the elastic GPTModel's function."""
+    layout, and it computes the elastic GPTModel's function. ``expert_placement``: how an
+    MoE's ranked experts sit over the EP ranks (elastic/expert_placement.py)."""
     from megatron_flextron.elastic.hybrid import build_hybrid_model
 
     return build_hybrid_model(
@@ -36,6 +38,7 @@ def build_elastic_model(
         core_attention=core_attention,
         pre_process=pre_process,
         post_process=post_process,
+        expert_placement=expert_placement,
     )
 
 

@@ -5,39 +5,55 @@
   so softmax normalizes over the kept experts, exactly as a model of e experts does, with or
   without renormalizing the top-k (megatron's ``moe_router_pre_softmax``); for sigmoid routers
   the expert bias of a dropped expert is -inf too, so it is never picked. The experts that got no
-  tokens are not run (under expert parallelism the kept prefix lives on the first ranks).
+  tokens are not run. Under expert parallelism the placement (expert_placement.py) says which
+  physical slots hold the kept experts: the first ones (contiguous), or spread over the EP ranks
+  (balanced); the router's weight rows stay in the ranked order and it computes its logits in
+  slot order.
 - moe_ffn: the first f neurons of every expert (elastic linears, as the dense MLP), and the same
   fraction of the shared expert's.
 - topk: k' <= k experts per token (megatron's router reads ``self.topk`` per call).
 
-Shapes: hidden [s, b, h]; router weight [E, h]; expert e's fc1 [blocks * F / tp, h].
+Shapes: hidden [s, b, h]; router weight [E, h] (ranked order); logits [s, b, E] (slot order);
+expert e's fc1 [blocks * F / tp, h].
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import get_pg_size
 
+from megatron_flextron.elastic.expert_placement import check_placement, slot_experts
 from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
 from megatron_flextron.elastic.mlp import set_mlp_width, sliced_forward
 
 
 class ElasticTopKRouter(TopKRouter):
-    """megatron's top-k router over the first ``active_experts`` experts with ``active_topk``."""
+    """megatron's top-k router over the first ``active_experts`` (ranked) experts with
+    ``active_topk``, its logits in the order of the physical slots (``set_placement``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.full_topk = self.topk
         self.active_experts: Optional[int] = None
+        self.slot_experts: Optional[torch.Tensor] = None  # [E] ranked expert of each slot (CPU)
+        self._kept = {}  # (experts, device) -> (kept slots, their ranked rows)
+
+    def set_placement(self, slots: Optional[List[int]]) -> None:
+        """The ranked expert held by each physical slot; None: the identity (contiguous)."""
+        self.slot_experts = None if slots is None else torch.tensor(slots, dtype=torch.long)
+        self._kept = {}
 
     def set_active(self, experts: Optional[int], topk: Optional[int]) -> None:
         num = self.config.num_moe_experts
@@ -52,41 +68,73 @@ class ElasticTopKRouter(TopKRouter):
             )
         self.active_experts, self.topk = experts, topk
 
+    def _kept_slots(self, device: torch.device):
+        """(slots holding a kept expert, ascending; their ranked indices) on ``device``, cached
+        per sub-network (computed on the CPU: no device sync per call)."""
+        key = (self.active_experts, device)
+        if key not in self._kept:
+            kept = self.active_experts or self.config.num_moe_experts
+            slots = (self.slot_experts < kept).nonzero().squeeze(-1)
+            self._kept[key] = (slots.to(device), self.slot_experts[slots].to(device))
+        return self._kept[key]
+
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        if self.active_experts is None:
+        if self.active_experts is None and self.slot_experts is None:
             return super().gating(input)
         dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
             self.config.moe_router_dtype, input.dtype
         )
-        e = self.active_experts
-        bias = None if self.bias is None else self.bias[:e]
-        logits = router_gating_linear(input, self.weight[:e], bias, dtype)
-        dropped = logits.new_full((*logits.shape[:-1], self.config.num_moe_experts - e), -torch.inf)
-        return torch.cat([logits, dropped], dim=-1)
+        num = self.config.num_moe_experts
+        if self.slot_experts is None:  # the kept experts are the first rows and slots: views
+            e = self.active_experts
+            bias = None if self.bias is None else self.bias[:e]
+            logits = router_gating_linear(input, self.weight[:e], bias, dtype)
+            dropped = logits.new_full((*logits.shape[:-1], num - e), -torch.inf)
+            return torch.cat([logits, dropped], dim=-1)
+        slots, rows = self._kept_slots(input.device)
+        bias = None if self.bias is None else self.bias.index_select(0, rows)
+        kept = router_gating_linear(input, self.weight.index_select(0, rows), bias, dtype)
+        if len(slots) == num:  # every slot kept: ``slots`` is 0..E-1
+            return kept
+        logits = kept.new_full((*kept.shape[:-1], num), -torch.inf)
+        return logits.index_copy(-1, slots, kept)
 
     @contextlib.contextmanager
-    def _dropped_bias(self):
-        """The expert bias with the dropped experts at -inf, for one routing call."""
-        if self.active_experts is None or self.expert_bias is None:
+    def _slot_order(self):
+        """For one routing call: the expert bias in slot order with the dropped experts at -inf,
+        and megatron's per-expert token counts (which it adds to) in slot order, written back
+        in the ranked order after the call (both buffers are stored ranked)."""
+        if self.expert_bias is None or (self.active_experts is None and self.slot_experts is None):
             yield
             return
-        kept = self.expert_bias
-        masked = kept.clone()
-        masked[self.active_experts :] = -torch.inf
+        bias, counts = self.expert_bias, self.local_tokens_per_expert
+        masked = bias.clone()
+        if self.active_experts is not None:
+            masked[self.active_experts :] = -torch.inf
+        index = None if self.slot_experts is None else self.slot_experts.to(bias.device)
+        if index is not None:
+            masked = masked[index]
+            self._buffers["local_tokens_per_expert"] = counts[index]
         self._buffers["expert_bias"] = masked
         try:
             yield
         finally:
-            self._buffers["expert_bias"] = kept
+            self._buffers["expert_bias"] = bias
+            if index is not None:
+                counts.index_copy_(0, index, self._buffers["local_tokens_per_expert"])
+                self._buffers["local_tokens_per_expert"] = counts
 
     def routing(self, logits, padding_mask=None):
-        with self._dropped_bias():
+        with self._slot_order():
             return super().routing(logits, padding_mask=padding_mask)
 
 
 class ElasticSequentialMLP(SequentialMLP):
     """megatron's SequentialMLP whose experts run their first ``moe_ffn`` neurons, skipping the
     local experts routed no tokens (the dropped ones, whose permuted rows come last)."""
+
+    # the ranked expert of each local one when the placement is not megatron's contiguous one
+    canonical_expert_indices: Optional[List[int]] = None
 
     def set_width(self, width: Optional[int]) -> None:
         for expert in self.local_experts:
@@ -112,6 +160,29 @@ class ElasticSequentialMLP(SequentialMLP):
             return permuted_local_hidden_states * weights * 0, None
         return torch.cat(outputs, dim=0), None
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's, with every local expert stored under its ranked index instead of its
+        slot: a checkpoint does not depend on the expert placement."""
+        if self.canonical_expert_indices is None:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        num = self.config.num_moe_experts
+        out = {}
+        for j, (expert, c) in enumerate(zip(self.local_experts, self.canonical_expert_indices)):
+            local = f"{prefix}local_experts.{j}."
+            if singleton:
+                stored, offsets = f"{prefix}experts.{c}.", sharded_offsets
+            else:
+                stored = f"{prefix}experts."
+                offsets = (*sharded_offsets, (len(sharded_offsets), c, num))
+            part = expert.sharded_state_dict(local, offsets, metadata)
+            replace_prefix_for_sharding(part, local, stored)
+            for tensor in part.values():  # replicas: the expert data-parallel copies only
+                tensor.replica_id = (*tensor.replica_id[:2], self.dp_group.rank())
+            out.update(part)
+        return out
+
 
 def _run_expert(expert, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """One expert (megatron's MLP) on its routed tokens, scaled by their router weights. At a
@@ -133,11 +204,23 @@ def _run_expert(expert, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tens
 
 
 class ElasticMoELayer(MoELayer):
-    """megatron's MoELayer with elastic experts, expert width and top-k (``set_active``)."""
+    """megatron's MoELayer with elastic experts, expert width and top-k (``set_active``),
+    its experts placed over the EP ranks by ``expert_placement`` (expert_placement.py)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, expert_placement: str = "contiguous", **kwargs):
+        check_placement(expert_placement)
         super().__init__(*args, **kwargs)
         self.active = (None, None, None)
+        self.expert_placement = expert_placement
+        num, ep = self.config.num_moe_experts, get_pg_size(self.ep_group)
+        slots = slot_experts(expert_placement, num, ep)
+        self.router.set_placement(slots)
+        # the ranked (checkpoint) index of each local expert; local_expert_indices stay slots
+        self.canonical_expert_indices = [
+            s if slots is None else slots[s] for s in self.local_expert_indices
+        ]
+        if slots is not None:
+            self.experts.canonical_expert_indices = self.canonical_expert_indices
 
     @property
     def full_moe_ffn(self) -> int:
@@ -168,9 +251,11 @@ class ElasticMoELayer(MoELayer):
         self.active = (experts, moe_ffn, topk)
 
 
-def moe_layer_spec(elastic: bool = True):
+def moe_layer_spec(elastic: bool = True, expert_placement: str = "contiguous"):
     """The MoE builder of a TransformerLayer's ``mlp``: megatron's local MoE (SequentialMLP
-    experts, TopKRouter, an optional shared expert), elastic or stock."""
+    experts, TopKRouter, an optional shared expert), elastic or stock (contiguous only)."""
+    if check_placement(expert_placement) != "contiguous" and not elastic:
+        raise ValueError(f"expert placement {expert_placement!r} needs the elastic model")
     if not elastic:
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
@@ -185,4 +270,5 @@ def moe_layer_spec(elastic: bool = True):
             shared_experts=functools.partial(SharedExpertMLP, submodules=mlp),
             router=ElasticTopKRouter,
         ),
+        expert_placement=expert_placement,
     )

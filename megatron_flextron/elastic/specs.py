@@ -37,11 +37,14 @@ def stock_layer_spec(model: ModelConfig, core_attention: str = "local") -> Modul
     return _with_core_attention(spec, core_attention)
 
 
-def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> ModuleSpec:
+def elastic_layer_spec(
+    model: ModelConfig, core_attention: str = "sdpa", expert_placement: str = "contiguous"
+) -> ModuleSpec:
     """The layer spec of an elastic GPT: elastic linears, MLP, attention and skippable layers.
 
     ``core_attention`` is "sdpa" (default: head counts follow the tensors, flash kernels on GPU)
-    or "local" (megatron's DotProductAttention, which works only at full head count).
+    or "local" (megatron's DotProductAttention, which works only at full head count);
+    ``expert_placement`` places an MoE's experts over EP ranks (elastic/expert_placement.py).
     """
     stock = stock_layer_spec(model, core_attention)
     qk_norms = {"q_layernorm": LocalNorm, "k_layernorm": LocalNorm} if model.qk_layernorm else {}
@@ -53,7 +56,7 @@ def elastic_layer_spec(model: ModelConfig, core_attention: str = "sdpa") -> Modu
         **qk_norms,
     )
     if model.is_moe:
-        mlp = moe_layer_spec(elastic=True)
+        mlp = moe_layer_spec(elastic=True, expert_placement=expert_placement)
     else:
         mlp = replace_in_spec(
             stock.submodules.mlp,

@@ -113,8 +113,9 @@ def from_dealt_global(dealt: torch.Tensor, axis: TPAxis, tp_size: int) -> torch.
 
 def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
     """Map this rank's parameter names (and routing-bias buffers) to canonical names: global
-    layer numbers, and global expert indices (expert parallelism places experts contiguously,
-    as megatron does: local expert j of EP rank r is expert r * local + j)."""
+    layer numbers, and global (ranked) expert indices: under expert parallelism local expert j
+    of EP rank r is expert r * local + j when placed contiguously, as megatron does, or
+    j * EP + r when balanced (elastic/expert_placement.py)."""
     from megatron_flextron.elastic.blocks import canonical_name, is_hybrid, unwrap_model
 
     gpt = unwrap_model(model)
@@ -128,9 +129,8 @@ def local_to_global_names(model: torch.nn.Module) -> Dict[str, str]:
         )
         expert = _EXPERT.match(name_global)
         if expert:
-            local = int(expert.group(2))
-            first = _expert_offset(gpt, name)
-            name_global = f"{expert.group(1)}{first + local}{expert.group(3)}"
+            ranked = _ranked_expert(gpt, name, int(expert.group(2)))
+            name_global = f"{expert.group(1)}{ranked}{expert.group(3)}"
         names[name] = canonical_name(name_global) if hybrid else name_global
     return names
 
@@ -144,10 +144,12 @@ def model_tensors(model: torch.nn.Module):
             yield name, buffer
 
 
-def _expert_offset(gpt: torch.nn.Module, name: str) -> int:
-    """The global index of this rank's first local expert in the MoE layer owning ``name``."""
+def _ranked_expert(gpt: torch.nn.Module, name: str, local: int) -> int:
+    """The global (ranked) index of local expert ``local`` of the MoE layer owning ``name``
+    (megatron's own MoELayer places contiguously)."""
     layer = gpt.get_submodule(name[: name.index(".experts.local_experts.")])
-    return layer.local_expert_indices[0]
+    indices = getattr(layer, "canonical_expert_indices", layer.local_expert_indices)
+    return indices[local]
 
 
 def expert_parallel_size() -> int:

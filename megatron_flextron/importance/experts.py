@@ -45,7 +45,9 @@ class _MoEStats:
     """Accumulators of one local MoE layer (this rank's experts and neuron shards)."""
 
     def __init__(self, layer):
-        self.indices = list(layer.local_expert_indices)  # global expert of each local one
+        self.indices = list(layer.local_expert_indices)  # the dispatcher's slot of each local one
+        # its ranked (checkpoint) index: another under a balanced expert placement
+        self.ranked = list(getattr(layer, "canonical_expert_indices", self.indices))
         n = len(self.indices)
         self.count = torch.zeros(n, dtype=torch.float64)  # routed valid tokens
         self.reap = torch.zeros(n, dtype=torch.float64)  # sum of ||g f(x)||
@@ -218,7 +220,7 @@ def _finish(st: _MoEStats, layer, model_config) -> dict:
         if shared is None:
             shared = torch.zeros(layer.shared_experts.linear_fc2.input_size_per_partition)
         shared = _undeal(shared, parallel_state.get_tensor_model_parallel_group(), dim=0)
-    mine = {e: (st.count[j], st.reap[j], neurons[j]) for j, e in enumerate(st.indices)}
+    mine = {e: (st.count[j], st.reap[j], neurons[j]) for j, e in enumerate(st.ranked)}
     ep_group = parallel_state.get_expert_model_parallel_group()
     parts = [mine]
     if torch.distributed.get_world_size(ep_group) > 1:

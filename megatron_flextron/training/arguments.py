@@ -25,6 +25,9 @@ class ParallelArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    # balanced: a sub-network's ranked prefix of experts spreads over the EP ranks; the same
+    # function and checkpoints as contiguous (megatron's), and the identity at EP=1
+    expert_placement: str = "balanced"
     sequence_parallel: bool = False
 
 
@@ -130,6 +133,9 @@ _HELP = {
     "tensor_model_parallel_size": "tensor-parallel size (divides heads, KV groups, widths, vocab)",
     "pipeline_model_parallel_size": "pipeline-parallel size (divides the layers)",
     "expert_model_parallel_size": "expert-parallel size (divides the experts of an MoE)",
+    "expert_placement": "how the ranked experts sit over the EP ranks: balanced (round-robin: "
+    "every sub-network's kept experts spread over all ranks) or contiguous (megatron's: a "
+    "sub-network's experts on the first ranks); checkpoints are the same either way",
     "sequence_parallel": "split the sequence over TP ranks outside attention and MLP "
     "(megatron's MoE needs it to train under TP)",
     "data_path": "megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (.bin/.idx)",
@@ -194,6 +200,7 @@ _HELP = {
     "or global_aux_loss",
 }
 _CHOICES = {
+    "expert_placement": ["balanced", "contiguous"],
     "lr_decay_style": ["constant", "linear", "cosine"],
     "distill": ["none", "inplace", "frozen"],
     "router": list(ROUTER_KINDS),

@@ -110,7 +110,8 @@ def _build_model(args: TrainingArgs, model_cfg: ModelConfig):
             moe_router_load_balancing_type=e.moe_router_load_balancing_type,
         )
     tconfig = runtime.transformer_config(model_cfg, **moe)
-    model = build_elastic_model(model_cfg, tconfig).to(runtime.device)
+    model = build_elastic_model(model_cfg, tconfig, expert_placement=p.expert_placement)
+    model = model.to(runtime.device)
     if args.run.bf16 or args.run.fp16:
         model = Float16Module(tconfig, model)
     return model, tconfig
