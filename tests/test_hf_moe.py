@@ -13,16 +13,16 @@ import re
 import pytest
 import torch
 from distributed import run_distributed
+from helpers import elastic_logits
 from test_bad_input import assert_refused, run_tool
 from test_convert import TOKENS, hf_logits
 
 from megatron_flextron.checkpoint.flextron import read_flextron
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
-from megatron_flextron.config import ElasticConfig
+from megatron_flextron.checkpoint.state import CheckpointError, expected_shapes
 from megatron_flextron.convert import ConvertOptions, convert
 from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.formats.hf import load_hf, model_config_from_hf, save_hf
-from megatron_flextron.elastic import build_elastic_model, set_subnetwork
+from megatron_flextron.elastic import build_elastic_model
 from megatron_flextron.elastic.tp_layout import gather_canonical, load_canonical_state_dict
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -42,6 +42,10 @@ FAMILIES = {  # (config class, its fields): 8 experts of width 32, top-2
             shared_expert_intermediate_size=64,
         ),
     ),  # fmt: skip
+    "olmoe": (  # q/k norms across all heads, softmax then top-k not renormalized
+        transformers.OlmoeConfig,
+        dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+    ),
     "qwen3_moe": (  # per-head q/k norms, head_dim 32 != 64 / 4, renormalized top-k
         transformers.Qwen3MoeConfig,
         dict(
@@ -80,17 +84,6 @@ def close(what: str, out: torch.Tensor, ref: torch.Tensor, bound: float = 1e-5) 
     assert err <= bound, (what, err)
 
 
-def elastic_logits(ckpt: Checkpoint, tokens=TOKENS, spec=None) -> torch.Tensor:
-    """The elastic model (megatron's HybridModel with ElasticMoELayer) loaded from the canonical
-    state, at sub-network ``spec`` (None: full size)."""
-    m = ckpt.model
-    model = build_elastic_model(m, m.transformer_config())
-    load_canonical_state_dict(model, ckpt.state, m)
-    set_subnetwork(model, spec, m, ElasticConfig.from_ratios(m))
-    with torch.no_grad():
-        return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
-
-
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
     source = tiny_moe(kind, tmp_path / "src")
@@ -101,7 +94,7 @@ def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
     assert (m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_router_topk) == (8, 32, 2)
     assert m.moe_router_pre_softmax == (kind == "qwen2_moe")
     assert set(ckpt.state) == set(expected_shapes(m))
-    close(f"{kind} hf -> elastic vs transformers", elastic_logits(ckpt), ref)
+    close(f"{kind} hf -> elastic vs transformers", elastic_logits(ckpt, TOKENS), ref)
     os.makedirs(tmp_path / "out")
     save_hf(ckpt, str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -129,8 +122,8 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
                            subnetwork=json.dumps(spec)))  # fmt: skip
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert (config["model_type"], config["num_experts_per_tok"]) == (kind, 1)
-    ref = elastic_logits(ckpt, spec=spec)
-    assert (elastic_logits(ckpt) - ref).abs().max() > 1e-2  # a different function
+    ref = elastic_logits(ckpt, TOKENS, spec)
+    assert (elastic_logits(ckpt, TOKENS) - ref).abs().max() > 1e-2  # a different function
     close(
         f"{kind} {spec} -> hf, transformers vs elastic",
         hf_logits(str(tmp_path / "cut"), TOKENS),
@@ -138,7 +131,9 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
     )
     cut = load_hf(str(tmp_path / "cut"))
     assert (cut.model.num_moe_experts, cut.model.moe_ffn_hidden_size) == (4, 16)
-    close(f"{kind} {spec} -> hf -> elastic vs elastic at the spec", elastic_logits(cut), ref)
+    close(
+        f"{kind} {spec} -> hf -> elastic vs elastic at the spec", elastic_logits(cut, TOKENS), ref
+    )
 
 
 def _ep2_body(rank, world_size, state, model_dict, ref):
@@ -164,7 +159,7 @@ def test_ep2_equals_ep1(tmp_path):
     tiny_moe("qwen2_moe", tmp_path / "src")
     ckpt = load_hf(str(tmp_path / "src"))
     state = {k: v.clone() for k, v in ckpt.state.items()}
-    run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt))
+    run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt, TOKENS))
 
 
 def test_cli_hf_to_flextron_equals_transformers(tmp_path):
@@ -182,7 +177,9 @@ def test_cli_hf_to_flextron_equals_transformers(tmp_path):
     assert back.model == hf.model
     assert back.state.keys() == hf.state.keys()
     assert all(torch.equal(back.state[k], v) for k, v in hf.state.items())
-    close("mixtral hf -> flextron (CLI), elastic vs transformers", elastic_logits(back), ref)
+    close(
+        "mixtral hf -> flextron (CLI), elastic vs transformers", elastic_logits(back, TOKENS), ref
+    )
     convert(ConvertOptions("flextron", "hf", str(tmp_path / "fx"), str(tmp_path / "hf")))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
     close("mixtral hf -> flextron -> hf, transformers vs transformers",

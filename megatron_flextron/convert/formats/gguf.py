@@ -172,6 +172,7 @@ def gguf_architecture(ckpt: Checkpoint) -> str:
         target = "deci" if ckpt.layer_shapes else ("qwen3" if m.qk_layernorm else "llama")
         need = [
             (not (m.qk_layernorm and ckpt.layer_shapes), "q/k norms (Qwen3)"),
+            (not m.qk_layernorm_across_heads, "q/k norms across heads (OLMoE)"),
             (m.normalization == "RMSNorm", f"normalization {m.normalization}"),
             (m.activation == "swiglu", f"activation {m.activation}"),
             (m.position_embedding == "rope", f"position embedding {m.position_embedding}"),
