@@ -1,4 +1,4 @@
-"""Hugging Face mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): transformers is the
+"""Hugging Face mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): transformers is the
 reference. hf -> canonical state -> the elastic HybridModel equals transformers' logits; the saver
 writes the family back (full and cut: fewer / narrower experts, smaller top-k), and transformers
 loads it with the same logits; EP=2 equals EP=1; what has no exact mapping is refused by name."""
@@ -92,7 +92,8 @@ def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
     ckpt = load_hf(str(tmp_path / "src"))
     m = ckpt.model
     assert (m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_router_topk) == (8, 32, 2)
-    assert m.moe_router_pre_softmax == (kind == "qwen2_moe")
+    assert m.moe_router_pre_softmax == (kind in ("qwen2_moe", "olmoe"))
+    assert m.qk_layernorm_across_heads == (kind == "olmoe")
     assert set(ckpt.state) == set(expected_shapes(m))
     close(f"{kind} hf -> elastic vs transformers", elastic_logits(ckpt, TOKENS), ref)
     os.makedirs(tmp_path / "out")
@@ -136,7 +137,7 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
     )
 
 
-def _ep2_body(rank, world_size, state, model_dict, ref):
+def _ep2_body(rank, world_size, kind, state, model_dict, ref):
     from megatron_flextron.config import ModelConfig
     from megatron_flextron.parallel import initialize_model_parallel
 
@@ -148,18 +149,22 @@ def _ep2_body(rank, world_size, state, model_dict, ref):
     assert len(experts) == m.num_layers * 2 * m.num_moe_experts // world_size  # 4 per rank
     with torch.no_grad():
         out = model(TOKENS, torch.arange(TOKENS.size(1)).expand_as(TOKENS), None)
-    close(f"qwen2_moe EP=2 vs EP=1, rank {rank}", out, ref)
+    close(f"{kind} EP=2 vs transformers, rank {rank}", out, ref)
     back = gather_canonical(model, m)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], v) for k, v in state.items())
 
 
-def test_ep2_equals_ep1(tmp_path):
-    """Qwen2-MoE (shared expert, gate, biases) with its 8 experts over two EP ranks."""
-    tiny_moe("qwen2_moe", tmp_path / "src")
+@pytest.mark.parametrize("kind", ["qwen2_moe", "olmoe"])
+def test_ep2_equals_transformers(tmp_path, kind):
+    """8 experts over two EP ranks: Qwen2-MoE (shared expert, gate, biases), OLMoE (q/k norms
+    across heads)."""
+    source = tiny_moe(kind, tmp_path / "src")
+    with torch.no_grad():
+        ref = source(TOKENS).logits
     ckpt = load_hf(str(tmp_path / "src"))
     state = {k: v.clone() for k, v in ckpt.state.items()}
-    run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt, TOKENS))
+    run_distributed(_ep2_body, 2, kind, state, ckpt.model.to_dict(), ref)
 
 
 def test_cli_hf_to_flextron_equals_transformers(tmp_path):
@@ -187,7 +192,7 @@ def test_cli_hf_to_flextron_equals_transformers(tmp_path):
 
 
 def _config(kind: str, **overrides) -> dict:
-    cls, fields = FAMILIES.get(kind, (transformers.OlmoeConfig, dict(num_experts=8)))
+    cls, fields = FAMILIES[kind]
     return {**cls(**{**COMMON, **fields}).to_dict(), **overrides}
 
 
@@ -197,7 +202,9 @@ def _config(kind: str, **overrides) -> dict:
         ("qwen2_moe", dict(mlp_only_layers=[1]), "mlp_only_layers=[1]"),
         ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
         ("qwen2_moe", dict(num_experts=0), "num_experts=0"),
-        ("olmoe", {}, "q_norm/k_norm over the whole q and k projections"),
+        ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0"),
+        ("olmoe", dict(head_dim=32), "head_dim=32 with 4 heads and hidden_size=64"),
+        ("olmoe", dict(num_local_experts=4), "num_local_experts=4 and num_experts=8 differ"),
         ("mixtral", dict(routed_scaling_factor=2.5), "routed_scaling_factor=2.5"),
         ("qwen3_moe", dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
         ("mixtral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
@@ -212,14 +219,14 @@ def test_refused_configs_name_the_field(kind, overrides, message):
         model_config_from_hf(_config(kind, **overrides))
 
 
-def test_cli_refuses_olmoe_with_one_line_and_writes_nothing(tmp_path):
+def test_cli_refuses_a_clipping_olmoe_with_one_line_and_writes_nothing(tmp_path):
     os.makedirs(tmp_path / "olmoe")
-    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(_config("olmoe")))
+    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(_config("olmoe", clip_qkv=8.0)))
     out = run_tool(
         "convert_checkpoint.py", "--loader", "hf", "--saver", "flextron",
         "--load-dir", str(tmp_path / "olmoe"), "--save-dir", str(tmp_path / "out"),
     )  # fmt: skip
-    assert_refused(out, "hf olmoe: q_norm/k_norm over the whole q and k projections")
+    assert_refused(out, "hf olmoe: clip_qkv=8.0 is not supported")
     assert not (tmp_path / "out").exists()
 
 
@@ -233,10 +240,8 @@ def test_training_only_fields_are_accepted():
 
 def test_defaults_are_transformers_defaults():
     """A config.json that omits a field means transformers' default: ours must be the same."""
-    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-               "qwen3_moe": transformers.Qwen3MoeConfig}  # fmt: skip
     for kind, defaults in hf_moe.DEFAULTS.items():
-        theirs = classes[kind]()
+        theirs = FAMILIES[kind][0]()
         for key, value in defaults.items():
             got = (
                 theirs.rope_parameters["rope_theta"]
