@@ -14,7 +14,7 @@ import pytest
 import torch
 from distributed import run_distributed
 from helpers import elastic_logits
-from test_bad_input import assert_refused, run_tool
+from test_bad_input import run_tool
 from test_convert import TOKENS, hf_logits
 
 from megatron_flextron.checkpoint.flextron import read_flextron
@@ -217,17 +217,6 @@ def _config(kind: str, **overrides) -> dict:
 def test_refused_configs_name_the_field(kind, overrides, message):
     with pytest.raises(CheckpointError, match=re.escape(message)):
         model_config_from_hf(_config(kind, **overrides))
-
-
-def test_cli_refuses_a_clipping_olmoe_with_one_line_and_writes_nothing(tmp_path):
-    os.makedirs(tmp_path / "olmoe")
-    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(_config("olmoe", clip_qkv=8.0)))
-    out = run_tool(
-        "convert_checkpoint.py", "--loader", "hf", "--saver", "flextron",
-        "--load-dir", str(tmp_path / "olmoe"), "--save-dir", str(tmp_path / "out"),
-    )  # fmt: skip
-    assert_refused(out, "hf olmoe: clip_qkv=8.0 is not supported")
-    assert not (tmp_path / "out").exists()
 
 
 def test_training_only_fields_are_accepted():

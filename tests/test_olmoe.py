@@ -174,12 +174,20 @@ def test_head_permutation_keeps_the_function(tmp_path, attention):
     assert moved.abs().max() > 1e-2
 
 
-def test_cli_megatron_saver_refuses_naming_the_field(tmp_path):
-    """megatron-core's qk_layernorm is per head: stock Megatron cannot run OLMoE's norms."""
-    tiny_moe("olmoe", tmp_path / "src")
+@pytest.mark.parametrize(
+    "saver, clip_qkv, message",
+    [  # megatron-core's qk_layernorm is per head: stock Megatron cannot run OLMoE's norms
+        ("megatron", None, "qk_layernorm_across_heads=True (OLMoE's q/k norms"),
+        ("flextron", 8.0, "hf olmoe: clip_qkv=8.0 is not supported"),  # a clamp of q, k, v
+    ],
+)
+def test_cli_refuses_with_one_line_naming_the_field_and_writes_nothing(
+    tmp_path, saver, clip_qkv, message
+):
+    tiny_moe("olmoe", tmp_path / "src", clip_qkv=clip_qkv)
     out = run_tool(
-        "convert_checkpoint.py", "--loader", "hf", "--saver", "megatron",
-        "--load-dir", str(tmp_path / "src"), "--save-dir", str(tmp_path / "meg"),
+        "convert_checkpoint.py", "--loader", "hf", "--saver", saver,
+        "--load-dir", str(tmp_path / "src"), "--save-dir", str(tmp_path / "out"),
     )  # fmt: skip
-    assert_refused(out, "qk_layernorm_across_heads=True (OLMoE's q/k norms")
-    assert not (tmp_path / "meg").exists()
+    assert_refused(out, message)
+    assert not (tmp_path / "out").exists()
