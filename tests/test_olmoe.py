@@ -22,7 +22,7 @@ from megatron_flextron.checkpoint.flextron import read_flextron
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.convert import ConvertOptions, convert
 from megatron_flextron.convert.export import export_subnetwork
-from megatron_flextron.convert.formats.hf import load_hf
+from megatron_flextron.convert.formats.hf import hf_config_from_model, load_hf
 from megatron_flextron.elastic import (
     Subnetwork,
     build_elastic_model,
@@ -191,3 +191,15 @@ def test_cli_refuses_with_one_line_naming_the_field_and_writes_nothing(
     )  # fmt: skip
     assert_refused(out, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_configs_that_cannot_hold_norms_across_heads_are_refused():
+    """The field needs RMSNorm q/k norms; no dense transformers family here has them (OLMo-2
+    also moves its norms after the attention): refused, not written as a Qwen3."""
+    with pytest.raises(ValueError, match="needs qk_layernorm=True and RMSNorm"):
+        tiny_config("llama", qk_layernorm_across_heads=True)
+    with pytest.raises(ValueError, match="needs qk_layernorm=True and RMSNorm"):
+        tiny_config("gpt3", qk_layernorm=True, qk_layernorm_across_heads=True)
+    m = tiny_config("llama", qk_layernorm=True, qk_layernorm_across_heads=True)
+    with pytest.raises(CheckpointError, match="qk_layernorm_across_heads=True without experts"):
+        hf_config_from_model(m)

@@ -193,6 +193,11 @@ def _llama_family_config(m: ModelConfig) -> dict:
 def hf_config_from_model(m: ModelConfig) -> dict:
     if m.family == "llama" and m.is_moe:
         return hf_moe.hf_fields(m, _llama_family_config(m))
+    if m.qk_layernorm_across_heads:
+        raise CheckpointError(
+            "qk_layernorm_across_heads=True without experts: only OLMoE (a mixture of experts) "
+            "is written with q/k norms across heads"
+        )
     if m.family == "llama":
         return _llama_family_config(m)
     if (
