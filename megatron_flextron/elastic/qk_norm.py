@@ -62,12 +62,15 @@ class AcrossHeadsRMSNorm(torch.nn.Module):
     def bind(self, tp_group, local_groups: int) -> None:
         """The attention's TP group (and its local KV group count, which must be ours)."""
         if local_groups != self.shape[0] or tp_group.size() != self.tp_size:
-            raise ValueError(f"q/k norm across heads: {self.shape[0]} groups, attention "
-                             f"has {local_groups} on this rank")  # fmt: skip
+            raise ValueError(
+                f"q/k norm across heads: built for {self.shape[0]} KV groups per rank at TP "
+                f"{self.tp_size}, the attention has {local_groups} at TP {tp_group.size()}"
+            )
         self.tp_group = tp_group
 
     def set_active(self, groups: int, units: int) -> None:
-        """Keep the first ``groups`` local KV groups and ``units`` heads in each (None: all)."""
+        """Keep the first ``groups`` local KV groups and ``units`` heads in each (the
+        attention's active counts; all of them: the full weight)."""
         full = self.shape[:2]
         units = min(units, full[1])  # a k norm has one unit per group
         self.active = None if (groups, units) == full else (groups, units)
