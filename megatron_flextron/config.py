@@ -71,6 +71,11 @@ class ModelConfig:
     # a norm (the model's normalization) over each query and key head after the QKV split,
     # before RoPE, shared by every head (Qwen3; megatron's q_layernorm / k_layernorm)
     qk_layernorm: bool = False
+    # with qk_layernorm: each norm spans a token's whole q (heads x d) or k (groups x d) projection,
+    # one weight per channel (OLMoE). megatron-core has no such field; Megatron-Bridge keeps
+    # qk_layernorm=True and swaps the attention class (OLMoESelfAttention), which is what the
+    # elastic spec does when this is set (elastic/qk_norm.py)
+    qk_layernorm_across_heads: bool = False
     # mixture of experts (megatron's names): None = a dense MLP in every layer, else every layer's
     # MLP is a mixture of ``num_moe_experts`` experts of ``moe_ffn_hidden_size`` neurons
     num_moe_experts: Optional[int] = None
@@ -99,6 +104,13 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}"
+            )
+        if self.qk_layernorm_across_heads and not (
+            self.qk_layernorm and self.normalization == "RMSNorm"
+        ):
+            raise ValueError(
+                "qk_layernorm_across_heads needs qk_layernorm=True and RMSNorm (OLMoE's q/k "
+                f"norms); got qk_layernorm={self.qk_layernorm}, {self.normalization}"
             )
         if self.is_moe:
             if self.moe_ffn_hidden_size is None:

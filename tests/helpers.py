@@ -12,7 +12,8 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic import build_gpt_model
+from megatron_flextron.elastic import build_elastic_model, build_gpt_model, set_subnetwork
+from megatron_flextron.elastic.tp_layout import load_canonical_state_dict
 
 SEQ, BATCH = 16, 2
 
@@ -53,6 +54,18 @@ def random_canonical_state(model: ModelConfig, seed: int = 0) -> dict:
         if name.endswith("router.expert_bias"):
             state[name] = 0.1 * torch.randn_like(buffer)
     return state
+
+
+def elastic_logits(ckpt, tokens: torch.Tensor, spec=None, choices=None) -> torch.Tensor:
+    """The elastic model (megatron's HybridModel, SDPA core attention) loaded from ``ckpt``'s
+    canonical state at sub-network ``spec`` (None: full size) among ``choices`` (default: the
+    model's ratio choices)."""
+    m = ckpt.model
+    model = build_elastic_model(m, m.transformer_config())
+    load_canonical_state_dict(model, ckpt.state, m)
+    set_subnetwork(model, spec, m, choices or ElasticConfig.from_ratios(m))
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
 
 
 def tiny_moe(**overrides) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""Hugging Face mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): transformers is the
+"""Hugging Face mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): transformers is the
 reference. hf -> canonical state -> the elastic HybridModel equals transformers' logits; the saver
 writes the family back (full and cut: fewer / narrower experts, smaller top-k), and transformers
 loads it with the same logits; EP=2 equals EP=1; what has no exact mapping is refused by name."""
@@ -13,16 +13,16 @@ import re
 import pytest
 import torch
 from distributed import run_distributed
-from test_bad_input import assert_refused, run_tool
+from helpers import elastic_logits
+from test_bad_input import run_tool
 from test_convert import TOKENS, hf_logits
 
 from megatron_flextron.checkpoint.flextron import read_flextron
-from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError, expected_shapes
-from megatron_flextron.config import ElasticConfig
+from megatron_flextron.checkpoint.state import CheckpointError, expected_shapes
 from megatron_flextron.convert import ConvertOptions, convert
 from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.formats.hf import load_hf, model_config_from_hf, save_hf
-from megatron_flextron.elastic import build_elastic_model, set_subnetwork
+from megatron_flextron.elastic import build_elastic_model
 from megatron_flextron.elastic.tp_layout import gather_canonical, load_canonical_state_dict
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -42,6 +42,10 @@ FAMILIES = {  # (config class, its fields): 8 experts of width 32, top-2
             shared_expert_intermediate_size=64,
         ),
     ),  # fmt: skip
+    "olmoe": (  # q/k norms across all heads, softmax then top-k not renormalized
+        transformers.OlmoeConfig,
+        dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+    ),
     "qwen3_moe": (  # per-head q/k norms, head_dim 32 != 64 / 4, renormalized top-k
         transformers.Qwen3MoeConfig,
         dict(
@@ -80,17 +84,6 @@ def close(what: str, out: torch.Tensor, ref: torch.Tensor, bound: float = 1e-5) 
     assert err <= bound, (what, err)
 
 
-def elastic_logits(ckpt: Checkpoint, tokens=TOKENS, spec=None) -> torch.Tensor:
-    """The elastic model (megatron's HybridModel with ElasticMoELayer) loaded from the canonical
-    state, at sub-network ``spec`` (None: full size)."""
-    m = ckpt.model
-    model = build_elastic_model(m, m.transformer_config())
-    load_canonical_state_dict(model, ckpt.state, m)
-    set_subnetwork(model, spec, m, ElasticConfig.from_ratios(m))
-    with torch.no_grad():
-        return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
-
-
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
     source = tiny_moe(kind, tmp_path / "src")
@@ -99,9 +92,10 @@ def test_hf_moe_equals_transformers_and_round_trips(tmp_path, kind):
     ckpt = load_hf(str(tmp_path / "src"))
     m = ckpt.model
     assert (m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_router_topk) == (8, 32, 2)
-    assert m.moe_router_pre_softmax == (kind == "qwen2_moe")
+    assert m.moe_router_pre_softmax == (kind in ("qwen2_moe", "olmoe"))
+    assert m.qk_layernorm_across_heads == (kind == "olmoe")
     assert set(ckpt.state) == set(expected_shapes(m))
-    close(f"{kind} hf -> elastic vs transformers", elastic_logits(ckpt), ref)
+    close(f"{kind} hf -> elastic vs transformers", elastic_logits(ckpt, TOKENS), ref)
     os.makedirs(tmp_path / "out")
     save_hf(ckpt, str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -129,8 +123,8 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
                            subnetwork=json.dumps(spec)))  # fmt: skip
     config = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert (config["model_type"], config["num_experts_per_tok"]) == (kind, 1)
-    ref = elastic_logits(ckpt, spec=spec)
-    assert (elastic_logits(ckpt) - ref).abs().max() > 1e-2  # a different function
+    ref = elastic_logits(ckpt, TOKENS, spec)
+    assert (elastic_logits(ckpt, TOKENS) - ref).abs().max() > 1e-2  # a different function
     close(
         f"{kind} {spec} -> hf, transformers vs elastic",
         hf_logits(str(tmp_path / "cut"), TOKENS),
@@ -138,10 +132,12 @@ def test_cut_moe_saves_as_its_family_equal_to_the_elastic_forward(tmp_path, kind
     )
     cut = load_hf(str(tmp_path / "cut"))
     assert (cut.model.num_moe_experts, cut.model.moe_ffn_hidden_size) == (4, 16)
-    close(f"{kind} {spec} -> hf -> elastic vs elastic at the spec", elastic_logits(cut), ref)
+    close(
+        f"{kind} {spec} -> hf -> elastic vs elastic at the spec", elastic_logits(cut, TOKENS), ref
+    )
 
 
-def _ep2_body(rank, world_size, state, model_dict, ref):
+def _ep2_body(rank, world_size, kind, state, model_dict, ref):
     from megatron_flextron.config import ModelConfig
     from megatron_flextron.parallel import initialize_model_parallel
 
@@ -153,18 +149,22 @@ def _ep2_body(rank, world_size, state, model_dict, ref):
     assert len(experts) == m.num_layers * 2 * m.num_moe_experts // world_size  # 4 per rank
     with torch.no_grad():
         out = model(TOKENS, torch.arange(TOKENS.size(1)).expand_as(TOKENS), None)
-    close(f"qwen2_moe EP=2 vs EP=1, rank {rank}", out, ref)
+    close(f"{kind} EP=2 vs transformers, rank {rank}", out, ref)
     back = gather_canonical(model, m)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], v) for k, v in state.items())
 
 
-def test_ep2_equals_ep1(tmp_path):
-    """Qwen2-MoE (shared expert, gate, biases) with its 8 experts over two EP ranks."""
-    tiny_moe("qwen2_moe", tmp_path / "src")
+@pytest.mark.parametrize("kind", ["qwen2_moe", "olmoe"])
+def test_ep2_equals_transformers(tmp_path, kind):
+    """8 experts over two EP ranks: Qwen2-MoE (shared expert, gate, biases), OLMoE (q/k norms
+    across heads)."""
+    source = tiny_moe(kind, tmp_path / "src")
+    with torch.no_grad():
+        ref = source(TOKENS).logits
     ckpt = load_hf(str(tmp_path / "src"))
     state = {k: v.clone() for k, v in ckpt.state.items()}
-    run_distributed(_ep2_body, 2, state, ckpt.model.to_dict(), elastic_logits(ckpt))
+    run_distributed(_ep2_body, 2, kind, state, ckpt.model.to_dict(), ref)
 
 
 def test_cli_hf_to_flextron_equals_transformers(tmp_path):
@@ -182,7 +182,9 @@ def test_cli_hf_to_flextron_equals_transformers(tmp_path):
     assert back.model == hf.model
     assert back.state.keys() == hf.state.keys()
     assert all(torch.equal(back.state[k], v) for k, v in hf.state.items())
-    close("mixtral hf -> flextron (CLI), elastic vs transformers", elastic_logits(back), ref)
+    close(
+        "mixtral hf -> flextron (CLI), elastic vs transformers", elastic_logits(back, TOKENS), ref
+    )
     convert(ConvertOptions("flextron", "hf", str(tmp_path / "fx"), str(tmp_path / "hf")))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
     close("mixtral hf -> flextron -> hf, transformers vs transformers",
@@ -190,7 +192,7 @@ def test_cli_hf_to_flextron_equals_transformers(tmp_path):
 
 
 def _config(kind: str, **overrides) -> dict:
-    cls, fields = FAMILIES.get(kind, (transformers.OlmoeConfig, dict(num_experts=8)))
+    cls, fields = FAMILIES[kind]
     return {**cls(**{**COMMON, **fields}).to_dict(), **overrides}
 
 
@@ -200,7 +202,9 @@ def _config(kind: str, **overrides) -> dict:
         ("qwen2_moe", dict(mlp_only_layers=[1]), "mlp_only_layers=[1]"),
         ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
         ("qwen2_moe", dict(num_experts=0), "num_experts=0"),
-        ("olmoe", {}, "q_norm/k_norm over the whole q and k projections"),
+        ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0"),
+        ("olmoe", dict(head_dim=32), "head_dim=32 with 4 heads and hidden_size=64"),
+        ("olmoe", dict(num_local_experts=4), "num_local_experts=4 and num_experts=8 differ"),
         ("mixtral", dict(routed_scaling_factor=2.5), "routed_scaling_factor=2.5"),
         ("qwen3_moe", dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
         ("mixtral", dict(norm_topk_prob=False), "norm_topk_prob=False"),
@@ -215,17 +219,6 @@ def test_refused_configs_name_the_field(kind, overrides, message):
         model_config_from_hf(_config(kind, **overrides))
 
 
-def test_cli_refuses_olmoe_with_one_line_and_writes_nothing(tmp_path):
-    os.makedirs(tmp_path / "olmoe")
-    (tmp_path / "olmoe" / "config.json").write_text(json.dumps(_config("olmoe")))
-    out = run_tool(
-        "convert_checkpoint.py", "--loader", "hf", "--saver", "flextron",
-        "--load-dir", str(tmp_path / "olmoe"), "--save-dir", str(tmp_path / "out"),
-    )  # fmt: skip
-    assert_refused(out, "hf olmoe: q_norm/k_norm over the whole q and k projections")
-    assert not (tmp_path / "out").exists()
-
-
 def test_training_only_fields_are_accepted():
     base = model_config_from_hf(_config("mixtral"))
     training = dict(
@@ -236,10 +229,8 @@ def test_training_only_fields_are_accepted():
 
 def test_defaults_are_transformers_defaults():
     """A config.json that omits a field means transformers' default: ours must be the same."""
-    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-               "qwen3_moe": transformers.Qwen3MoeConfig}  # fmt: skip
     for kind, defaults in hf_moe.DEFAULTS.items():
-        theirs = classes[kind]()
+        theirs = FAMILIES[kind][0]()
         for key, value in defaults.items():
             got = (
                 theirs.rope_parameters["rope_theta"]

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from helpers import run_example
+from helpers import elastic_logits, run_example
 from test_convert import TOKENS, hf_logits
-from test_hf_moe import close, elastic_logits
+from test_hf_moe import close
 
 from megatron_flextron.checkpoint.flextron import read_flextron
 

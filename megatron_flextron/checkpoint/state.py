@@ -144,7 +144,10 @@ def expected_shapes(
             shapes[f"{p}input_layernorm.{n}"] = (h,)
             shapes[f"{p}pre_mlp_layernorm.{n}"] = (h,)
         shapes[f"{p}self_attention.linear_qkv.weight"] = (qkv, h)
-        if m.qk_layernorm:  # one norm over the head dim, shared by every head
+        if m.qk_layernorm_across_heads:  # OLMoE: a weight per q and per k channel
+            shapes[f"{p}self_attention.q_layernorm.weight"] = (heads * d,)
+            shapes[f"{p}self_attention.k_layernorm.weight"] = (groups * d,)
+        elif m.qk_layernorm:  # one norm over the head dim, shared by every head
             for n in norm:
                 shapes[f"{p}self_attention.q_layernorm.{n}"] = (d,)
                 shapes[f"{p}self_attention.k_layernorm.{n}"] = (d,)

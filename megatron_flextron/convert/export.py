@@ -46,6 +46,10 @@ def slice_tensor(name: str, value, m, width: int, heads: int, moe=None):
         value = keep_qkv(value, g, n, d, kept_per_group(m, heads))
     elif name == "self_attention.linear_proj.weight":
         value = keep_proj(value, g, n, d, kept_per_group(m, heads))
+    elif m.qk_layernorm_across_heads and name == "self_attention.q_layernorm.weight":
+        value = keep_proj(value[None], g, n, d, kept_per_group(m, heads))[0]  # per kept head
+    elif m.qk_layernorm_across_heads and name == "self_attention.k_layernorm.weight":
+        value = value if m.is_gqa else value[: heads * d]  # GQA keeps every KV group
     elif name.startswith("mlp."):
         value = _cut_mlp(value, m, name, width)
     return value.contiguous()

@@ -13,7 +13,8 @@ Only the QKV projection and the output projection change; the rest of megatron's
 KV cache, core attention) runs unchanged on the smaller tensors. Q/K norms (``qk_layernorm``,
 Qwen3) are applied where megatron's SelfAttention applies them, after the split and before RoPE;
 they normalise each head over its d channels with one weight shared by all heads, so fewer heads
-leave the kept heads' function unchanged.
+leave the kept heads' function unchanged. OLMoE's norms span all heads (qk_norm.py): they are
+told which heads run, and their mean square spans the TP group.
 
 Shapes: hidden [s, b, h]; d = head dim; G_l = KV groups on this rank; n = query heads per group.
 """
@@ -26,6 +27,7 @@ import torch
 from megatron.core.transformer.attention import SelfAttention
 
 from megatron_flextron.elastic.layout import proj_col_index, qkv_row_index
+from megatron_flextron.elastic.qk_norm import AcrossHeadsRMSNorm
 
 
 class ElasticSelfAttention(SelfAttention):
@@ -34,6 +36,12 @@ class ElasticSelfAttention(SelfAttention):
         self.active_heads: Optional[int] = None
         self._active_groups = self.num_query_groups_per_partition
         self._active_heads_per_group = self._heads_per_group
+        self._across_heads = [
+            norm for norm in (self.q_layernorm, self.k_layernorm)
+            if isinstance(norm, AcrossHeadsRMSNorm)
+        ]  # fmt: skip
+        for norm in self._across_heads:
+            norm.bind(self.pg_collection.tp, self.num_query_groups_per_partition)
 
     @property
     def _heads_per_group(self) -> int:
@@ -52,6 +60,7 @@ class ElasticSelfAttention(SelfAttention):
             self._active_heads_per_group = self._heads_per_group
             self.linear_qkv.set_active_rows(None)
             self.linear_proj.set_active_cols(None)
+            self._set_norms_active()
             return
         if self.config.num_query_groups < self.world_size:
             raise ValueError("elastic heads need num_query_groups >= tensor-parallel size")
@@ -80,6 +89,11 @@ class ElasticSelfAttention(SelfAttention):
         self.active_heads = heads
         self.linear_qkv.set_active_rows([rows])
         self.linear_proj.set_active_cols(cols)
+        self._set_norms_active()
+
+    def _set_norms_active(self) -> None:
+        for norm in self._across_heads:
+            norm.set_active(self._active_groups, self._active_heads_per_group)
 
     def get_query_key_value_tensors(
         self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True

@@ -102,7 +102,10 @@ class ParameterUnits:
         # MHA: each head brings its own k and v rows; GQA: the groups' k, v rows are constant
         per_head = d * (h + qkv_bias) + d * h + (0 if m.is_gqa else 2 * d * (h + qkv_bias))
         per_attention = (2 * g * d * (h + qkv_bias) if m.is_gqa else 0) + bias * h + norm
-        if m.qk_layernorm:  # one q and one k norm over the head dim, whatever the head count
+        if m.qk_layernorm_across_heads:  # OLMoE: a q norm weight per channel, a k one per kv
+            per_head += d + (0 if m.is_gqa else d)
+            per_attention += g * d if m.is_gqa else 0
+        elif m.qk_layernorm:  # one q and one k norm over the head dim, whatever the head count
             per_attention += 2 * per_channel * d
         outside = m.vocab_size * h * (1 if m.tie_embeddings else 2) + norm
         if m.position_embedding == "learned_absolute":

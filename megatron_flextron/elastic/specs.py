@@ -21,6 +21,7 @@ from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, Elasti
 from megatron_flextron.elastic.mlp import ElasticMLP
 from megatron_flextron.elastic.moe import moe_layer_spec
 from megatron_flextron.elastic.norm import LocalNorm
+from megatron_flextron.elastic.qk_norm import AcrossHeadsRMSNorm
 from megatron_flextron.elastic.sdpa_attention import SDPAttention
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "local": DotProductAttention}
@@ -48,6 +49,11 @@ def elastic_layer_spec(
     """
     stock = stock_layer_spec(model, core_attention)
     qk_norms = {"q_layernorm": LocalNorm, "k_layernorm": LocalNorm} if model.qk_layernorm else {}
+    if model.qk_layernorm_across_heads:  # OLMoE: over the whole q and k projections
+        qk_norms = {
+            "q_layernorm": functools.partial(AcrossHeadsRMSNorm, query=True),
+            "k_layernorm": functools.partial(AcrossHeadsRMSNorm, query=False),
+        }
     attention = replace_in_spec(
         stock.submodules.self_attention,
         module=ElasticSelfAttention,

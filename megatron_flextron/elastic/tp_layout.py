@@ -36,6 +36,11 @@ class TPAxis:
     unit_size: int = 1
 
 
+# OLMoE's q/k norms (qk_norm.py): q and k channels per KV group, given its n query heads
+_ACROSS_HEADS_NORMS = {
+    "self_attention.q_layernorm.weight": lambda n: n,
+    "self_attention.k_layernorm.weight": lambda n: 1,
+}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MLP = re.compile(r"^mlp\.(?:experts\.local_experts\.\d+\.|shared_experts\.)?(.+)$")
 _EXPERT = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..+)$")
@@ -52,6 +57,8 @@ def tp_axis(name: str, model: ModelConfig) -> Optional[TPAxis]:
         return TPAxis(dim=0, dealt=True, unit_size=qkv_unit_rows(model))
     if rest == "self_attention.linear_proj.weight":
         return TPAxis(dim=1, dealt=True, unit_size=n * d)
+    if model.qk_layernorm_across_heads and rest in _ACROSS_HEADS_NORMS:  # a KV group's channels
+        return TPAxis(dim=0, dealt=True, unit_size=_ACROSS_HEADS_NORMS[rest](n) * d)
     mlp = _MLP.match(rest)  # the dense MLP, an expert, or the shared expert
     if mlp and mlp.group(1) in ("linear_fc1.weight", "linear_fc1.bias"):
         return TPAxis(dim=0, dealt=True, blocks=2 if model.gated else 1)

@@ -2,7 +2,9 @@
 
 Every weight that touches an axis is permuted with it: MLP neurons in fc1 rows (gate and up
 blocks alike), the fc1 bias and fc2 columns; query heads in the QKV rows and bias (inside their KV
-group for GQA; whole [q, k, v] head blocks for MHA) and the output-projection columns.
+group for GQA; whole [q, k, v] head blocks for MHA) and the output-projection columns, and OLMoE's
+q/k norm weights across heads (a weight per channel: the q channels of each head, the k channels
+of each MHA head).
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ from megatron_flextron.elastic.layout import fc1_blocks, proj_heads, qkv_blocks
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _PERMUTED = re.compile(  # the tensors ``permute_state`` changes
     r"^decoder\.layers\.\d+\.(self_attention\.linear_qkv\.(weight|bias)"
-    r"|self_attention\.linear_proj\.weight|mlp\.linear_fc1\.(weight|bias)|mlp\.linear_fc2\.weight)$"
+    r"|self_attention\.(linear_proj|[qk]_layernorm)\.weight"
+    r"|mlp\.linear_fc1\.(weight|bias)|mlp\.linear_fc2\.weight)$"
 )
+
+# OLMoE's q/k norms: the q weight has d channels per head; the k weight too under MHA (under
+# GQA it has d per KV group, which heads never leave, so it keeps its order)
+_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
 def changes_with_orders(name: str) -> bool:
-    """Whether a unit order can change this tensor (embeddings, norms and output biases never
-    do): a model is re-loaded with another order by copying only these."""
+    """Whether a unit order can change this tensor (embeddings, norms other than OLMoE's q/k
+    norms, and output biases never do): a model is re-loaded with another order by copying
+    only these."""
     return bool(_PERMUTED.match(name))
 
 
@@ -56,6 +64,8 @@ def permute_state(
                 return _permute_qkv(x, order, g, n, d)
             if rest == "self_attention.linear_proj.weight":
                 return proj_heads(x, g, n, d).flatten(1, 2)[:, order].reshape(x.shape).contiguous()
+            if m.qk_layernorm_across_heads and rest in _NORMS and x.numel() == order.numel() * d:
+                return x.view(-1, d)[order].reshape(x.shape).contiguous()  # a weight per head
         return x
 
     return lazy_view(state, permute, same_spec=True)

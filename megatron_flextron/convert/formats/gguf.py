@@ -184,6 +184,7 @@ def gguf_architecture(ckpt: Checkpoint) -> str:
         elif m.add_qkv_bias:
             need.append((False, "q/k/v biases (Qwen2)"))
         need += [
+            (not m.qk_layernorm_across_heads, "q/k norms across heads (OLMoE)"),
             (m.normalization == "RMSNorm", f"normalization {m.normalization}"),
             (m.activation == "swiglu", f"activation {m.activation}"),
             (m.position_embedding == "rope", f"position embedding {m.position_embedding}"),

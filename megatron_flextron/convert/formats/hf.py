@@ -1,6 +1,6 @@
 """Hugging Face transformers directories: Llama family (GQA, SwiGLU, RMSNorm, RoPE; Qwen2's q/k/v
 biases, Qwen3's per-head q/k norms, Llama-3 RoPE scaling), GPT-2, and the mixtures of experts with
-Llama-family attention (Mixtral, Qwen2-MoE, Qwen3-MoE: their MoE part is hf_moe.py).
+Llama-family attention (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: their MoE part is hf_moe.py).
 
 Exact or refuse: every config field that changes the function maps to a ModelConfig field or stops
 the conversion naming it, and every stored tensor is read by the key map or named as a leftover.
@@ -21,8 +21,8 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.formats import hf_moe
 from megatron_flextron.convert.keymap import HF_GPT2, HF_LLAMA
 
-# the model types with Llama-family attention (the last three: mixtures of experts, hf_moe.py)
-_LLAMA_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+# the model types with Llama-family attention (and the mixtures of experts of hf_moe.py)
+_LLAMA_KINDS = ("llama", "mistral", "qwen2", "qwen3", *hf_moe.KINDS)
 # GPT-2 activation_function -> ModelConfig.activation; anything else is refused
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _GPT2_FIXED = (  # (field, the only value megatron represents, why)
@@ -193,6 +193,11 @@ def _llama_family_config(m: ModelConfig) -> dict:
 def hf_config_from_model(m: ModelConfig) -> dict:
     if m.family == "llama" and m.is_moe:
         return hf_moe.hf_fields(m, _llama_family_config(m))
+    if m.qk_layernorm_across_heads:
+        raise CheckpointError(
+            "qk_layernorm_across_heads=True without experts: only OLMoE (a mixture of experts) "
+            "is written with q/k norms across heads"
+        )
     if m.family == "llama":
         return _llama_family_config(m)
     if (

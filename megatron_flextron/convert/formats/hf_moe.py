@@ -1,4 +1,5 @@
-"""Hugging Face mixtures of experts, the MoE half of ``hf.py``: Mixtral, Qwen2-MoE, Qwen3-MoE.
+"""Hugging Face mixtures of experts, the MoE half of ``hf.py``: Mixtral, Qwen2-MoE, Qwen3-MoE and
+OLMoE.
 
 Their attention is the Llama family's (``hf.py`` reads it); here: the MoE config fields (missing
 ones take transformers' defaults, which differ per family), what they map to, what is refused by
@@ -8,9 +9,14 @@ name, the family a MoE ``ModelConfig`` is written as, and the key map.
   = not norm_topk_prob`` (Mixtral always renormalizes the top-k softmax weights);
 - Qwen2-MoE: ``shared_expert_intermediate_size`` -> a shared expert with its sigmoid gate,
   ``qkv_bias`` -> ``add_qkv_bias``; Qwen3-MoE: per-head q/k RMSNorms (``qk_layernorm``);
-- refused: dense layers mixed in (``mlp_only_layers``, ``decoder_sparse_step`` != 1), OLMoE (its
-  q/k norms span all heads at once; megatron's are per head), unknown routing fields. Fields that
-  only change training (aux loss, router logits output, jitter noise) are accepted.
+- OLMoE: q/k RMSNorms over the whole q and k projections (``qk_layernorm_across_heads``,
+  elastic/qk_norm.py), ``intermediate_size`` is the experts' width, no shared expert. Its
+  transformers class sizes q_norm by ``hidden_size`` and k_norm by ``hidden_size / heads`` per
+  KV head, so heads x head_dim must equal hidden_size: a ``head_dim`` that differs is refused,
+  and a sub-network with fewer heads has no OLMoE config (the saver refuses it by name);
+- refused: dense layers mixed in (``mlp_only_layers``, ``decoder_sparse_step`` != 1), OLMoE's
+  ``clip_qkv``, unknown routing fields. Fields that only change training (aux loss, router
+  logits output, jitter noise) are accepted.
 """
 
 from __future__ import annotations
@@ -59,6 +65,17 @@ DEFAULTS = {
         "max_position_embeddings": 32768,
         "tie_word_embeddings": False,
     },
+    "olmoe": {
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "intermediate_size": 2048,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
 }
 KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # the experts' count: transformers 5 stores Mixtral's and Qwen3-MoE's as num_local_experts (and
@@ -67,12 +84,17 @@ _EXPERTS_FIELD = {
     "mixtral": "num_local_experts",
     "qwen2_moe": "num_experts",
     "qwen3_moe": "num_local_experts",
+    "olmoe": "num_experts",  # OlmoeConfig reads num_local_experts as its alias
 }
+_ALIAS = {"num_local_experts": "num_experts", "num_experts": "num_local_experts"}
 _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
+KEYMAPS = {"mixtral": HF_MIXTRAL, "qwen2_moe": HF_QWEN_MOE, "qwen3_moe": HF_QWEN_MOE,
+           "olmoe": HF_QWEN_MOE}  # fmt: skip
 # accepted: they change training only (the aux loss, returning router logits, Mixtral's jitter
 # noise applies in training mode only), or sampling (top_k: a generation default older
 # transformers wrote into config.json)
@@ -90,23 +112,16 @@ def _refuse(kind: str, what: str, why: str) -> CheckpointError:
 
 
 def with_defaults(kind: str, cfg: dict) -> dict:
-    """``cfg`` with transformers' defaults for the omitted fields; OLMoE and unknown routing
-    fields refused by name."""
-    if kind == "olmoe":
-        raise _refuse(
-            kind,
-            "q_norm/k_norm over the whole q and k projections (all heads together)",
-            "megatron's qk_layernorm normalizes each head on its own; no exact mapping",
-        )
+    """``cfg`` with transformers' defaults for the omitted fields; unknown routing fields (and
+    OLMoE's clip_qkv) refused by name."""
     cfg = dict(cfg)
-    if kind in ("mixtral", "qwen3_moe") and "num_experts" in cfg:  # both names are read
-        other = cfg.setdefault("num_local_experts", cfg["num_experts"])
-        if other != cfg["num_experts"]:
-            raise CheckpointError(
-                f"config.json: num_experts={cfg['num_experts']} and "
-                f"num_local_experts={other} differ"
-            )
-        cfg.pop("num_experts")
+    name = _EXPERTS_FIELD[kind]
+    alias = _ALIAS[name]
+    if kind != "qwen2_moe" and alias in cfg:  # transformers reads both names
+        other = cfg.setdefault(name, cfg[alias])
+        if other != cfg[alias]:
+            raise CheckpointError(f"config.json: {alias}={cfg[alias]} and {name}={other} differ")
+        cfg.pop(alias)
     for key, value in DEFAULTS[kind].items():
         cfg.setdefault(key, value)
     known = set(DEFAULTS[kind]) | set(_NOT_THE_FUNCTION)
@@ -118,7 +133,23 @@ def with_defaults(kind: str, cfg: dict) -> dict:
             f"{kind} does not define it; it may change the routing",
         )
     check_fields("config.json", cfg, {}, _MOE_SIZES)
+    if kind == "olmoe":
+        _check_olmoe(cfg)
     return cfg
+
+
+def _check_olmoe(cfg: dict) -> None:
+    """What OLMoE's attention does beyond the Llama family's, or cannot be represented."""
+    if cfg["clip_qkv"] is not None:
+        raise _refuse("olmoe", f"clip_qkv={cfg['clip_qkv']}", "q, k and v are never clipped")
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    d = cfg.get("head_dim")
+    if d is not None and isinstance(hidden, int) and isinstance(heads, int) and d * heads != hidden:
+        raise _refuse(
+            "olmoe",
+            f"head_dim={d} with {heads} heads and hidden_size={hidden}",
+            "transformers' OLMoE sizes q_norm by hidden_size (heads x head_dim must equal it)",
+        )
 
 
 def moe_fields(kind: str, cfg: dict) -> dict:
@@ -150,9 +181,10 @@ def moe_fields(kind: str, cfg: dict) -> dict:
         moe_router_topk=topk,
         moe_router_pre_softmax=not cfg.get("norm_topk_prob", True),  # Mixtral: renormalized
         add_qkv_bias=kind == "qwen2_moe" and cfg["qkv_bias"],
-        qk_layernorm=kind == "qwen3_moe",
+        qk_layernorm=kind in ("qwen3_moe", "olmoe"),
+        qk_layernorm_across_heads=kind == "olmoe",
     )
-    if kind == "mixtral":  # intermediate_size is the experts' width
+    if kind in ("mixtral", "olmoe"):  # intermediate_size is the experts' width
         return {**out, "moe_ffn_hidden_size": cfg["intermediate_size"]}
     out["moe_ffn_hidden_size"] = cfg["moe_intermediate_size"]
     if kind == "qwen2_moe":
@@ -182,6 +214,9 @@ def family_of(m: ModelConfig) -> str:
             "a shared expert without its sigmoid gate has no transformers "
             "family (qwen2_moe gates it)"
         )
+    if m.qk_layernorm_across_heads:
+        _check_olmoe_export(m, shared)
+        return "olmoe"
     if m.qk_layernorm:
         if shared:
             raise CheckpointError(
@@ -200,6 +235,22 @@ def family_of(m: ModelConfig) -> str:
     return "mixtral"
 
 
+def _check_olmoe_export(m: ModelConfig, shared: bool) -> None:
+    if shared or m.add_qkv_bias:
+        raise CheckpointError(
+            "q/k norms across heads export as olmoe, which has no shared expert and no q/k/v "
+            f"biases (this model: shared expert {m.moe_shared_expert_intermediate_size}, "
+            f"add_qkv_bias={m.add_qkv_bias})"
+        )
+    if m.num_attention_heads * m.kv_channels != m.hidden_size:
+        raise CheckpointError(
+            f"olmoe with {m.num_attention_heads} heads x head_dim {m.kv_channels} != "
+            f"hidden_size {m.hidden_size} (fewer heads than the source?): transformers' OLMoE "
+            "sizes q_norm by hidden_size and k_norm by hidden_size / heads per KV head, so it "
+            "cannot hold trimmed heads; export the full head count or save as flextron"
+        )
+
+
 def hf_fields(m: ModelConfig, base: dict) -> dict:
     """The config.json of a MoE model from ``base`` (the Llama-family fields of its attention)."""
     kind = family_of(m)
@@ -210,6 +261,15 @@ def hf_fields(m: ModelConfig, base: dict) -> dict:
     config[_EXPERTS_FIELD[kind]] = m.num_moe_experts
     if kind == "qwen3_moe":  # transformers 4 (and readers of the raw JSON) know only this name
         config["num_experts"] = m.num_moe_experts
+    if kind == "olmoe":  # head_dim follows from hidden_size (checked above)
+        config.pop("head_dim", None)
+        config.update(
+            intermediate_size=m.moe_ffn_hidden_size,
+            clip_qkv=None,
+            norm_topk_prob=not m.moe_router_pre_softmax,
+            attention_bias=False,
+        )
+        return config
     if kind == "mixtral":
         config.update(intermediate_size=m.moe_ffn_hidden_size, sliding_window=None)
         for key in ("use_sliding_window", "max_window_layers"):
@@ -235,4 +295,4 @@ def hf_fields(m: ModelConfig, base: dict) -> dict:
 
 
 def keymap(m: ModelConfig) -> KeyMap:
-    return HF_MIXTRAL if family_of(m) == "mixtral" else HF_QWEN_MOE
+    return KEYMAPS[family_of(m)]

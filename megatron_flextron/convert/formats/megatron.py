@@ -189,6 +189,12 @@ def save_megatron(ckpt: Checkpoint, out_dir: str, model_class: Optional[str] = N
             "from one config): use --megatron-model-class gpt"
         )
     m = ckpt.model
+    if m.qk_layernorm_across_heads:
+        raise CheckpointError(
+            "qk_layernorm_across_heads=True (OLMoE's q/k norms over the whole q and k "
+            "projections) has no stock megatron equivalent: megatron-core's qk_layernorm "
+            "normalizes each head on its own; save it as flextron or hf"
+        )
     dtype = state_dtype(ckpt.state)  # written as it is held; norms too (Float16Module does)
     model = converter_model(
         m, dtype, elastic=False, layer_shapes=ckpt.layer_shapes, model_class=model_class
