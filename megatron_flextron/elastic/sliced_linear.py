@@ -34,10 +34,18 @@ def _cut(tensor: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
     return tensor[sel] if dim == 0 else tensor[:, sel]
 
 
+# A Python autograd node costs about what the full-size gradient passes cost for a weight of
+# ~1M elements (CPU, 1 thread): below that plain autograd of the view is faster (an expert
+# [1024, 256] fc1 at half width: 1.09x plain; [2048, 1024]: 0.988x, under DDP 0.982x).
+# `python benchmarks/moe_slicing.py --sliced-grad` measures both.
+FUSED_MIN_NUMEL = 1 << 20
+
+
 def fusable(weight: torch.Tensor, sel) -> bool:
-    """Whether ``sliced_linear`` applies: a slice of a leaf weight that autograd trains."""
+    """Whether ``sliced_linear`` applies: a slice of a large leaf weight that autograd trains."""
     return (
         isinstance(sel, slice)
+        and weight.numel() >= FUSED_MIN_NUMEL
         and weight.dim() == 2
         and weight.requires_grad
         and weight.is_leaf
@@ -65,12 +73,12 @@ class _SlicedLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _wgrad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, out=None) -> torch.Tensor:
+def _wgrad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """dy^T x ([out, in]) the way torch's mm backward computes it for the view ``w`` (the
-    operand order follows the view's strides), into ``out`` when given."""
+    operand order follows the view's strides)."""
     if w.is_contiguous():  # rows of a contiguous weight
-        return torch.mm(dy.t(), x, out=out)
-    return torch.mm(x.t(), dy, out=None if out is None else out.t()).t()
+        return torch.mm(dy.t(), x)
+    return torch.mm(x.t(), dy).t()
 
 
 def _accumulate_weight_grad(weight, sel, dim, x, dy) -> None:
@@ -82,11 +90,15 @@ def _accumulate_weight_grad(weight, sel, dim, x, dy) -> None:
         return
     if not torch._C._will_engine_execute_node(get_gradient_edge(weight).node):
         return  # torch.autograd.grad / backward(inputs=...) without this weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-        _wgrad(w, x, dy, out=_cut(weight.grad, sel, dim))
-    else:
+    if weight.grad is not None:
         _cut(weight.grad, sel, dim).add_(_wgrad(w, x, dy))
+        return
+    weight.grad = torch.zeros_like(weight)
+    target = _cut(weight.grad, sel, dim)
+    if w.is_contiguous():  # the product straight into the rows (a strided target would take
+        torch.mm(dy.t(), x, out=target)  # another BLAS path: not bit-identical, so copy there)
+    else:
+        target.copy_(_wgrad(w, x, dy))
 
 
 def sliced_linear(x: torch.Tensor, weight: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
