@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_models import TINY_MOE, moe_config  # noqa: E402
+
 from megatron_flextron.checkpoint.state import Checkpoint  # noqa: E402
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.convert.export import export_subnetwork  # noqa: E402
@@ -41,19 +43,6 @@ from megatron_flextron.elastic.hybrid import build_hybrid_model  # noqa: E402
 from megatron_flextron.elastic.tp_layout import gather_canonical  # noqa: E402
 from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
 
-MODEL = dict(
-    num_layers=2,
-    hidden_size=256,
-    num_attention_heads=4,
-    num_query_groups=2,
-    kv_channels=64,
-    ffn_hidden_size=512,
-    num_moe_experts=8,
-    moe_ffn_hidden_size=512,
-    moe_router_topk=2,
-    vocab_size=1024,
-    max_position_embeddings=256,
-)
 BATCH, SEQ = 4, 256
 SUBNETWORKS = {
     "half experts": {"experts": 4},
@@ -332,7 +321,7 @@ def main():
         print(json.dumps(one_expert(max(args.rounds, 30))))
         return
     initialize_model_parallel(1, 1)
-    m = ModelConfig("llama", **MODEL)
+    m = moe_config()
     elastic = ElasticConfig(expert_choices=(4,), moe_ffn_choices=(256,), topk_choices=(1,))
     rows, diffs = build(m, elastic)
     print("max |logit diff| vs the elastic sub-network:",
@@ -340,7 +329,7 @@ def main():
     inputs = _inputs(m)
     results = {
         "device": f"CPU ({torch.get_num_threads()} thread), process time",
-        "model": MODEL,
+        "model": TINY_MOE,
         "batch": BATCH,
         "seq": SEQ,
         "rounds": args.rounds,
