@@ -4,9 +4,9 @@ Plain autograd of ``F.linear(x, weight[sel])`` computes the slice's gradient, th
 backward allocates a zero gradient of the full weight and copies the slice into it; a second
 slice of the same weight (the up rows after the gate rows of a SwiGLU fc1) adds a second full
 tensor, and megatron's DDP hook then adds the full ``param.grad`` into ``main_grad``. Per expert
-and step that is several full-size passes for a half-size product (on CPU, ~5% of a narrow MoE's
-training step: benchmarks/moe_slicing.py). Here the backward writes the slice's gradient straight
-into the parameter's gradient, as megatron's ``gradient_accumulation_fusion`` does:
+and step that is several full-size passes for a half-size product. Here the backward writes the
+slice's gradient straight into the parameter's gradient, as megatron's
+``gradient_accumulation_fusion`` does:
 
 - under megatron DDP (``weight.main_grad``): added into the slice of ``main_grad``, with
   ``grad_added_to_main_grad`` set; autograd gets no weight gradient (DDP's post-accumulation hook
@@ -16,7 +16,8 @@ into the parameter's gradient, as megatron's ``gradient_accumulation_fusion`` do
 
 Either way the values equal plain autograd's bit for bit (the products mirror torch's own
 ``mm`` backward), and the gradient outside the slice stays exactly zero. Hooks registered on the
-weight tensor itself do not see these gradients; nothing in the project registers one.
+weight tensor itself do not see these gradients; nothing in the project registers one. Being a
+Python autograd node, it pays only for large weights (``FUSED_MIN_NUMEL``; docs/moe.md).
 
 Shapes: x [..., in]; weight [out, in]; a slice of rows (dim 0, column-parallel) or of columns
 (dim 1, row-parallel).
@@ -35,9 +36,9 @@ def _cut(tensor: torch.Tensor, sel: slice, dim: int) -> torch.Tensor:
 
 
 # A Python autograd node costs about what the full-size gradient passes cost for a weight of
-# ~1M elements (CPU, 1 thread): below that plain autograd of the view is faster (an expert
-# [1024, 256] fc1 at half width: 1.09x plain; [2048, 1024]: 0.988x, under DDP 0.982x).
-# `python benchmarks/moe_slicing.py --sliced-grad` measures both.
+# ~1M elements (CPU, 1 thread): below that plain autograd of the view is faster. One expert's
+# step at half width, fused / plain: fc1 [1024, 256] 1.097 (DDP 1.046); [2048, 1024] 0.984
+# (DDP 0.934); `python benchmarks/moe_slicing.py --sliced-grad`.
 FUSED_MIN_NUMEL = 1 << 20
 
 
