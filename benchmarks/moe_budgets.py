@@ -13,29 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
+from moe_models import qwen3_30b_a3b  # noqa: E402
+
+from megatron_flextron.config import ElasticConfig  # noqa: E402
 from megatron_flextron.elastic import Subnetwork, count_parameters  # noqa: E402
 from megatron_flextron.routers.sampling import budget_subnetwork  # noqa: E402
 
-QWEN3_30B_A3B = dict(
-    num_layers=48,
-    hidden_size=2048,
-    ffn_hidden_size=6144,
-    num_attention_heads=32,
-    num_query_groups=4,
-    kv_channels=128,
-    vocab_size=151936,
-    max_position_embeddings=4096,
-    qk_layernorm=True,
-    tie_embeddings=False,
-    num_moe_experts=128,
-    moe_ffn_hidden_size=768,
-    moe_router_topk=8,
-)
-
 
 def main():
-    m = ModelConfig("llama", **QWEN3_30B_A3B)
+    m = qwen3_30b_a3b()
     full = count_parameters(Subnetwork.full(m), m)
     print(f"full: {full['active'] / 1e9:.2f}B active, {full['total'] / 1e9:.2f}B total")
     print("| --budget-type | budget | experts | moe_ffn | topk | heads | active | total |")

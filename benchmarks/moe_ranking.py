@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_models import ranking_moe  # noqa: E402
+
 E = 8
 SHAPES = (  # (label, experts, moe_ffn, topk); None = full
     ("full model", None, None, None),
@@ -45,25 +47,6 @@ def train_tokenizer(directory: str, docs, vocab: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"])
     tok.train_from_iterator(docs, trainer)
     tok.save(os.path.join(directory, "tokenizer.json"))
-
-
-def moe_model_config(vocab: int, seq: int):
-    from megatron_flextron.config import ModelConfig
-
-    return ModelConfig(
-        "llama",
-        num_layers=4,
-        hidden_size=128,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=32,
-        vocab_size=vocab,
-        max_position_embeddings=seq,
-        num_moe_experts=E,
-        moe_ffn_hidden_size=128,
-        moe_router_topk=2,
-    )
 
 
 def train(m, windows, steps: int, batch: int, lr: float, aux: float, seed: int = 0):
@@ -262,7 +245,7 @@ def main(argv=None) -> int:
         docs = wiki_documents("train")
         train_tokenizer(tok_dir, docs[:3000], args.vocab)
         tok = load_tokenizer(tok_dir)
-        m = moe_model_config(args.vocab, args.seq_length)
+        m = ranking_moe(args.vocab, args.seq_length, E)
         windows = packed_sequences(docs[1000:], tok, args.seq_length)
         state, losses = train(m, windows, args.steps, args.batch, args.lr, args.aux_loss, args.seed)
         trained = time.time() - start

@@ -15,11 +15,13 @@ elastic sub-network's before timing (max |diff|, printed), so the rows compute t
 
   python benchmarks/moe_slicing.py --json benchmarks/results/cpu_moe_slicing.json
   python benchmarks/moe_slicing.py --one-expert   # one expert at half width vs its twin
+  python benchmarks/moe_slicing.py --sliced-grad  # fused slice gradient vs autograd of the view
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -30,6 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_models import TINY_MOE, moe_config  # noqa: E402
+
 from megatron_flextron.checkpoint.state import Checkpoint  # noqa: E402
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.convert.export import export_subnetwork  # noqa: E402
@@ -39,19 +43,6 @@ from megatron_flextron.elastic.hybrid import build_hybrid_model  # noqa: E402
 from megatron_flextron.elastic.tp_layout import gather_canonical  # noqa: E402
 from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
 
-MODEL = dict(
-    num_layers=2,
-    hidden_size=256,
-    num_attention_heads=4,
-    num_query_groups=2,
-    kv_channels=64,
-    ffn_hidden_size=512,
-    num_moe_experts=8,
-    moe_ffn_hidden_size=512,
-    moe_router_topk=2,
-    vocab_size=1024,
-    max_position_embeddings=256,
-)
 BATCH, SEQ = 4, 256
 SUBNETWORKS = {
     "half experts": {"experts": 4},
@@ -255,6 +246,62 @@ def one_expert(rounds: int, tokens=256, hidden=256, full=512, width=256) -> dict
     }
 
 
+def sliced_grad(rounds: int) -> dict:
+    """One SwiGLU expert's training step at half width, its slices' weight gradient by plain
+    autograd of the views vs elastic/sliced_linear.py (straight into the slice of the full
+    gradient; under DDP into main_grad), process time ratio fused / plain, at this benchmark's
+    expert shape and at a larger one: why sliced_linear.FUSED_MIN_NUMEL sits between them."""
+    import torch.nn.functional as F
+
+    from megatron_flextron.elastic.sliced_linear import sliced_linear
+
+    def ratio(tokens, hidden, full, ddp):
+        torch.manual_seed(0)
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        w1 = torch.nn.Parameter(torch.randn(2 * full, hidden))
+        w2 = torch.nn.Parameter(torch.randn(hidden, full))
+        k, accumulators = full // 2, []
+        for w in (w1, w2) if ddp else ():  # megatron DDP's hook: param.grad into main_grad
+            w.main_grad = torch.zeros_like(w)
+            accumulators.append(w.expand_as(w).grad_fn.next_functions[0][0])
+            accumulators[-1].register_hook(functools.partial(_into_main_grad, w))
+
+        def plain():
+            gate, up = F.linear(x, w1[:k]), F.linear(x, w1[full : full + k])
+            return F.linear(F.silu(gate) * up, w2[:, :k])
+
+        def fused():
+            gate = sliced_linear(x, w1, slice(0, k), 0)
+            up = sliced_linear(x, w1, slice(full, full + k), 0)
+            return sliced_linear(F.silu(gate) * up, w2, slice(0, k), 1)
+
+        times = {"plain": [], "fused": []}
+        for r in range(rounds + 1):  # round 0 warms up
+            for name, fn in sorted(zip(times, (plain, fused)), reverse=bool(r % 2)):
+                t0 = time.process_time()
+                for _ in range(5):
+                    fn().sum().backward()
+                    x.grad = w1.grad = w2.grad = None
+                times[name].append(time.process_time() - t0)
+        return round(
+            statistics.median(f / p for f, p in zip(times["fused"][1:], times["plain"][1:])), 3
+        )
+
+    shapes = {"256 tokens, hidden 256, expert 512 -> 256": (256, 256, 512),
+              "512 tokens, hidden 1024, expert 1024 -> 512": (512, 1024, 1024)}  # fmt: skip
+    return {
+        f"{label}{' (DDP main_grad)' if ddp else ''}: fused / plain": ratio(*shape, ddp)
+        for label, shape in shapes.items()
+        for ddp in (False, True)
+    }
+
+
+def _into_main_grad(w, *unused):
+    if w.grad is not None:
+        w.main_grad.add_(w.grad)
+    w.grad = None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -262,13 +309,19 @@ def main():
     parser.add_argument(
         "--one-expert", action="store_true", help="only one expert's step: why width costs more"
     )
+    parser.add_argument(
+        "--sliced-grad", action="store_true", help="only the fused slice gradient vs autograd"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.sliced_grad:
+        print(json.dumps(sliced_grad(max(args.rounds, 15)), indent=1))
+        return
     if args.one_expert:
         print(json.dumps(one_expert(max(args.rounds, 30))))
         return
     initialize_model_parallel(1, 1)
-    m = ModelConfig("llama", **MODEL)
+    m = moe_config()
     elastic = ElasticConfig(expert_choices=(4,), moe_ffn_choices=(256,), topk_choices=(1,))
     rows, diffs = build(m, elastic)
     print("max |logit diff| vs the elastic sub-network:",
@@ -276,7 +329,7 @@ def main():
     inputs = _inputs(m)
     results = {
         "device": f"CPU ({torch.get_num_threads()} thread), process time",
-        "model": MODEL,
+        "model": TINY_MOE,
         "batch": BATCH,
         "seq": SEQ,
         "rounds": args.rounds,

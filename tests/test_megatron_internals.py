@@ -219,3 +219,19 @@ def test_moe_internals():
     assert isinstance(tracker.metrics, dict) and callable(tracker.clear), _changed(
         "moe_logging.get_moe_metrics_tracker", "training/elastic_step.py", "aux loss per budget"
     )
+
+
+def test_ddp_main_grad_contract():
+    """elastic/sliced_linear.py adds a slice's gradient into ``main_grad`` itself, sets
+    ``grad_added_to_main_grad`` and hands autograd no weight gradient: DDP's post-accumulation
+    hook must skip a None ``param.grad`` and zero_grad_buffer must reset the flag."""
+    from megatron.core.distributed import DistributedDataParallel as DDP
+
+    user, why = "elastic/sliced_linear.py", "a slice's gradient goes straight into main_grad"
+    hook = inspect.getsource(DDP._make_backward_post_hook)
+    assert "param.grad is not None" in hook and "grad_added_to_main_grad" in hook, _changed(
+        "DistributedDataParallel._make_backward_post_hook", user, why
+    )
+    assert "grad_added_to_main_grad = False" in inspect.getsource(DDP.zero_grad_buffer), _changed(
+        "DistributedDataParallel.zero_grad_buffer", user, why
+    )

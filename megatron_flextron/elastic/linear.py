@@ -3,6 +3,7 @@
 A selection is either a ``slice`` (computed on a view of the local weight shard: no copy) or a
 1-D index tensor (a gather, used only where the kept rows are not contiguous: GQA heads trimmed
 inside each KV group). Gradients reach only the selected rows/columns; the rest stay exactly zero.
+A slice's weight gradient is accumulated straight into that slice (sliced_linear.py).
 
 With no selection set, ``forward`` is megatron's own code path, so a full-size elastic model runs
 exactly the stock computation.
@@ -24,6 +25,8 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+
+from megatron_flextron.elastic.sliced_linear import fusable, sliced_linear
 
 Selection = Union[slice, torch.Tensor]
 FEW_TOKENS = 32  # up to this many tokens, an index selection picks outputs, not weight rows
@@ -81,6 +84,8 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
             # a few tokens without grad (a decode step): the full product's selected outputs
             # read the weight once; gathering its rows would copy most of it every step
             return F.linear(x, self.weight, self.bias).index_select(-1, rows)
+        if self.bias is None and fusable(self.weight, rows):
+            return sliced_linear(x, self.weight, rows, 0)  # the weight gradient: the rows only
         return F.linear(x, select(self.weight, rows, 0), select(self.bias, rows, 0))
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
@@ -135,6 +140,8 @@ class ElasticRowParallelLinear(RowParallelLinear):
             # reads the weight once; gathering its columns would copy most of it every step
             full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
             output_parallel = F.linear(full.index_copy_(-1, cols, input_), self.weight)
+        elif fusable(self.weight, cols):
+            output_parallel = sliced_linear(input_, self.weight, cols, 1)
         else:
             output_parallel = F.linear(input_, select(self.weight, cols, 1))
         if getattr(self, "explicit_expert_comm", False):
