@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_slicing import MODEL as SLICING_MODEL  # noqa: E402  (this script's folder)
+from moe_models import TINY_MOE  # noqa: E402  (this script's folder)
 
 from megatron_flextron.config import ElasticConfig, ModelConfig  # noqa: E402
 from megatron_flextron.elastic import set_subnetwork  # noqa: E402
@@ -39,8 +39,8 @@ from megatron_flextron.importance.expert_permute import order_by, permute_moe_st
 from megatron_flextron.importance.experts import moe_layers  # noqa: E402
 from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
 
-# moe_slicing.py's model with 16 narrower experts (a prefix of 4 is then 1 expert per EP=4 rank)
-MODEL = {**SLICING_MODEL, "num_moe_experts": 16, "moe_ffn_hidden_size": 128}
+# moe_slicing.py's model (TINY_MOE) with 16 narrower experts (a prefix of 4 is then 1 expert per EP=4 rank)
+MODEL = {**TINY_MOE, "num_moe_experts": 16, "moe_ffn_hidden_size": 128}
 BATCH, SEQ = 8, 256
 KEPT = (16, 12, 8, 6, 4)
 EP_SIZES = (2, 4)
