@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -38,6 +38,15 @@ class ElasticTopKRouter(TopKRouter):
         super().__init__(*args, **kwargs)
         self.full_topk = self.topk
         self.active_experts: Optional[int] = None
+        # soft architecture (elastic/soft_architecture.py): (expert scale [E], slot scale [K])
+        self.soft_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def set_soft_scales(
+        self, expert_scale: Optional[torch.Tensor], slot_scale: Optional[torch.Tensor] = None
+    ) -> None:
+        """Multiply expert e's routing weight by ``expert_scale[e]`` and a token's k-th largest
+        weight by ``slot_scale[k]`` (gradients reach both); None: off."""
+        self.soft_scales = None if expert_scale is None else (expert_scale, slot_scale)
 
     def set_active(self, experts: Optional[int], topk: Optional[int]) -> None:
         num = self.config.num_moe_experts
@@ -81,7 +90,18 @@ class ElasticTopKRouter(TopKRouter):
 
     def routing(self, logits, padding_mask=None):
         with self._dropped_bias():
-            return super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.soft_scales is None:
+            return probs, routing_map
+        return _soft_scaled(probs, routing_map, self.topk, *self.soft_scales), routing_map
+
+
+def _soft_scaled(probs, routing_map, topk: int, expert_scale, slot_scale) -> torch.Tensor:
+    """probs [T, E] (zero off the routing map) times expert_scale [E] and, at each token's k-th
+    largest routed weight, slot_scale[k]."""
+    ranked = probs.masked_fill(~routing_map, -torch.inf).topk(topk, dim=-1).indices  # [T, k]
+    slots = slot_scale[:topk].to(probs.dtype).expand(ranked.shape)
+    return probs * expert_scale.to(probs.dtype) * torch.zeros_like(probs).scatter(-1, ranked, slots)
 
 
 class ElasticSequentialMLP(SequentialMLP):
