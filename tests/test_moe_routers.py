@@ -1,0 +1,185 @@
+"""The static and joint routers over a mixture of experts' axes (experts, expert width, top-k,
+beside heads): the soft cost equals the parameter count at a one-hot, the router picks valid MoE
+sub-networks and round trips, the soft MoE layer equals the sliced one at a one-hot and passes
+gradients to the probabilities, and --router joint trains on an MoE (TP=1, EP=2 = DP=2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from helpers import BATCH, SEQ, batch, random_canonical_state, tiny_moe
+
+from megatron_flextron.config import ElasticConfig
+from megatron_flextron.elastic import Subnetwork, count_parameters, set_subnetwork
+from megatron_flextron.elastic.blocks import hybrid_name, transformer_blocks
+from megatron_flextron.elastic.hybrid import build_hybrid_model
+from megatron_flextron.elastic.soft_architecture import MoEProbabilities, set_soft_architecture
+from megatron_flextron.elastic.state import reset_elastic_state
+from megatron_flextron.routers.cost import CostModel, moe_router_choices, one_hot, router_choices
+from megatron_flextron.routers.static import StaticRouter
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+SHARED = tiny_moe(moe_shared_expert_intermediate_size=32)
+SIGMOID = tiny_moe(
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_topk_scaling_factor=2.5,
+)
+
+
+def _elastic(m, budget_type="active"):
+    elastic = ElasticConfig.from_ratios(m, (1.0, 0.75, 0.5, 0.25), (1.0, 0.5))
+    return dataclasses.replace(elastic, budget_type=budget_type)
+
+
+def _random_subnets(m, elastic, count, seed=0):
+    rng = random.Random(seed)
+    experts, widths, topks = moe_router_choices(m, elastic)
+    _, heads = router_choices(m, elastic)
+    n = m.num_layers
+    for _ in range(count):
+        e = tuple(rng.choice(experts) for _ in range(n))
+        k = tuple(rng.choice([c for c in topks if c <= x]) for x in e)
+        f = tuple(rng.choice(widths) for _ in range(n))
+        h = tuple(rng.choice(heads) for _ in range(n))
+        yield Subnetwork((m.ffn_hidden_size,) * n, h, tuple(range(n)), experts=e, moe_ffn=f, topk=k)
+
+
+@pytest.mark.parametrize("budget_type", ["active", "total"])
+@pytest.mark.parametrize("m", [SHARED, SIGMOID], ids=["shared_expert", "sigmoid_bias"])
+def test_soft_cost_at_a_one_hot_is_the_parameter_count(m, budget_type):
+    elastic = _elastic(m, budget_type)
+    cost = CostModel(m, elastic, "params")
+    full = Subnetwork.full(m)
+    assert cost.full() == count_parameters(full, m)[budget_type]
+    counts = set()
+    for subnet in _random_subnets(m, elastic, 40):
+        want = count_parameters(subnet, m)[budget_type]
+        assert cost.of(subnet) == want, subnet
+        counts.add(want)
+    assert len(counts) > 20  # the sub-networks differ in what the budget type counts
+    # soft probabilities: float64, differentiable, between the smallest and the largest
+    choices = [router_choices(m, elastic)[1], *moe_router_choices(m, elastic)]
+    probs = [torch.rand(m.num_layers, len(c), dtype=torch.float64) for c in choices]
+    probs = [p.softmax(-1).requires_grad_() for p in probs]
+    ratio = cost.ratio(None, probs[0], None, *probs[1:])
+    ratio.backward()
+    assert ratio.dtype == torch.float64 and 0 < ratio.item() < 1
+    counted = probs if budget_type == "active" else probs[:3]  # top-k holds no memory
+    for p in counted:
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_flops_and_latency_costs_refuse_a_mixture_of_experts():
+    for metric in ("flops", "latency"):
+        with pytest.raises(ValueError, match=f"the {metric} cost is not built for mixtures"):
+            CostModel(SHARED, _elastic(SHARED), metric)
+
+
+def _router(m, elastic, budgets=(1.0, 0.6)):
+    mlp, heads = router_choices(m, elastic)
+    return StaticRouter(
+        budgets, m.num_layers, mlp, heads, moe_choices=moe_router_choices(m, elastic)
+    )
+
+
+def test_router_picks_valid_moe_subnetworks_with_topk_capped_by_experts(tmp_path):
+    from megatron_flextron.routers.checkpoint import load_router, save_router
+
+    m = SHARED
+    elastic = ElasticConfig(  # experts 8/4/1, top-k 2/1: top-2 does not fit one expert
+        head_choices=(4,),
+        expert_choices=(4, 1),
+        moe_ffn_choices=(16,),
+        topk_choices=(1,),
+        budget_type="total",
+    )
+    router = _router(m, elastic)
+    assert router.n_mlp == 0 and router.config()["moe_choices"] == moe_router_choices(m, elastic)
+    n_h, n_e, n_f, n_k = router.sizes[1:]
+    with torch.no_grad():  # layer 0: one expert and top-2 are the likeliest
+        bias = router.net[2].bias.view(m.num_layers, sum(router.sizes))
+        bias[0, n_h + n_e - 1] = bias[0, n_h + n_e + n_f] = 50.0
+    subnet = router.choose(0.6)
+    assert subnet.experts[0] == 1 and subnet.topk[0] == 1  # top-2 of one expert: capped
+    subnet.validate(m, elastic)
+    for step in range(20):  # samples are valid too (top-k drawn after the experts)
+        sample = router.sample(0.6, 1.0, generator=torch.Generator().manual_seed(step))
+        assert sample.mlp is None
+        experts = [router.moe_choices[0][i] for i in sample.experts.argmax(-1)]
+        topk = [router.moe_choices[2][i] for i in sample.topk.argmax(-1)]
+        assert all(k <= e for k, e in zip(topk, experts)), (experts, topk)
+    save_router(str(tmp_path), router, {"metric": "params", "budget_type": "total"})
+    loaded, cost, _ = load_router(
+        str(tmp_path), m, dataclasses.replace(elastic, budget_type="active")
+    )
+    assert loaded.config() == router.config() and cost.moe.count == "total"
+    for key, value in router.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.choose(0.6) == subnet
+
+
+def test_dense_router_keeps_its_stored_form():
+    from helpers import elastic_choices, tiny_config
+
+    m = tiny_config("llama")
+    elastic = elastic_choices(m)
+    router = StaticRouter([1.0, 0.5], m.num_layers, *router_choices(m, elastic))
+    assert "moe_choices" not in router.config() and router.moe_choices is None
+    assert router.net[2].out_features == m.num_layers * (router.n_mlp + router.n_heads)
+    logits = router(0.5)
+    assert logits.experts is None and logits.mlp.shape == (m.num_layers, router.n_mlp)
+
+
+def _model(m):
+    model = build_hybrid_model(m, m.transformer_config(), elastic=True)
+    state = random_canonical_state(m)
+    model.load_state_dict({hybrid_name(k): v for k, v in state.items()}, strict=False)
+    return model
+
+
+def _straight_through(values, choices, logits):
+    """A one-hot of ``values`` in the forward whose backward is softmax(logits)'s."""
+    soft = logits.softmax(-1)
+    return one_hot(values, choices).float() - soft.detach() + soft
+
+
+@pytest.mark.parametrize("m", [SHARED, SIGMOID], ids=["shared_expert", "sigmoid_bias"])
+def test_soft_moe_at_a_one_hot_equals_the_sliced_subnetwork_and_has_gradients(m):
+    elastic = _elastic(m)
+    model = _model(m)
+    tokens, _ = batch()
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    subnet = Subnetwork(
+        (m.ffn_hidden_size,) * 2, (8, 4), (0, 1), experts=(6, 8), moe_ffn=(16, 32), topk=(1, 2)
+    )
+    set_subnetwork(model, subnet, m, elastic)
+    x = torch.randn(SEQ, BATCH, m.hidden_size)
+    moe_layer = transformer_blocks(model)[0].mlp
+    with torch.no_grad():
+        sliced, sliced_layer = model(tokens, positions, None), moe_layer(x)[0]
+    reset_elastic_state(model)
+    mlp, heads = router_choices(m, elastic)
+    moe_choices = moe_router_choices(m, elastic)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, len(c), generator=g).requires_grad_() for c in [heads, *moe_choices]]
+    values = [subnet.heads, subnet.experts, subnet.moe_ffn, subnet.topk]
+    p_heads, *p_moe = (
+        _straight_through(v, c, x) for v, c, x in zip(values, [heads, *moe_choices], logits)
+    )
+    moe = MoEProbabilities(*p_moe, moe_choices)
+    set_soft_architecture(model, None, p_heads, mlp, heads, moe=moe)
+    soft_layer = moe_layer(x)[0]
+    assert torch.equal(soft_layer, sliced_layer)  # the sliced layer times masks of exactly 1
+    soft = model(tokens, positions, None)
+    assert (soft - sliced).abs().max() <= 1e-5  # attention: full width x head masks
+    soft.float().square().mean().backward()
+    for name, logit in zip(["heads", "experts", "moe_ffn", "topk"], logits):
+        assert torch.isfinite(logit.grad).all() and logit.grad.abs().sum() > 0, name
+    reset_elastic_state(model)
+    with torch.no_grad():
+        assert (model(tokens, positions, None) - sliced).abs().max() > 1e-3  # full again
