@@ -212,12 +212,11 @@ class CostModel:
         p_topk: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The arguments in the order of ``routers.static.Choices`` (``cost(*choices)``)."""
-        c_head = self.c_head.to(p_heads)
-        per_layer = self.layer_const + p_heads @ c_head  # [L]
         if self.moe is None:
-            per_layer = per_layer + p_mlp @ self.c_mlp.to(p_mlp)
+            mlp = p_mlp @ self.c_mlp.to(p_mlp)
         else:
-            per_layer = per_layer + self.moe(p_experts, p_moe_ffn, p_topk)
+            mlp = self.moe(p_experts, p_moe_ffn, p_topk)
+        per_layer = self.layer_const + mlp + p_heads @ self.c_head.to(p_heads)  # [L]
         if p_keep is not None:
             per_layer = p_keep.to(per_layer) * per_layer
         return self.outside + per_layer.sum()
