@@ -183,3 +183,113 @@ def test_soft_moe_at_a_one_hot_equals_the_sliced_subnetwork_and_has_gradients(m)
     reset_elastic_state(model)
     with torch.no_grad():
         assert (model(tokens, positions, None) - sliced).abs().max() > 1e-3  # full again
+
+
+# -- --router joint on an MoE, end to end (gloo) -------------------------------------------------
+
+JOINT = dict(
+    train_iters=24,
+    lr=1e-2,
+    min_lr=1e-3,
+    eval_interval=8,
+    router="joint",
+    router_lr=3e-2,
+    budget_list=[1.0, 0.7, 0.5],
+    budget_type="total",
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, megatron_single_process):
+    from helpers import write_training_setup
+
+    return write_training_setup(str(tmp_path_factory.mktemp("moe_router")), model=SHARED)
+
+
+@pytest.fixture(scope="module")
+def joint(setup, tmp_path_factory):
+    from helpers import train_history, training_flags
+
+    save = tmp_path_factory.mktemp("joint_run") / "ckpt"
+    flags = training_flags(setup, **JOINT, save=str(save), save_interval=JOINT["train_iters"])
+    return save, train_history(tmp_path_factory.mktemp("joint"), "joint", 1, flags)
+
+
+def _initial_cost_ratios(setup) -> dict:
+    """The argmax cost ratios of the router the run starts from (seeded by --seed 1234)."""
+    from megatron_flextron.checkpoint.load import read_model_configs
+    from megatron_flextron.routers.joint import JointRouter
+
+    _, model_cfg, elastic = read_model_configs(setup["load"])
+    elastic = dataclasses.replace(elastic, budget_type=JOINT["budget_type"])
+    cost = CostModel(model_cfg, elastic, "params")
+    policy = JointRouter(model_cfg, elastic, JOINT["budget_list"], cost, seed=1234)
+    return policy.eval_stats()["router cost ratio"]
+
+
+def test_joint_router_on_moe_moves_its_cost_toward_each_budget(setup, joint):
+    """The router starts at about 0.65 of the total parameters for both budgets (measured
+    0.654 and 0.684 in the first sampled micro-batches); after 24 iterations its argmax
+    architectures sit nearer to 0.7 and 0.5, ordered."""
+    _, history = joint
+    evals = [h["router cost ratio"] for h in history if "router cost ratio" in h]
+    first, last = _initial_cost_ratios(setup), evals[-1]
+    for budget in ("0.7", "0.5"):
+        gap = [abs(e[budget] / float(budget) - 1) for e in (first, last)]
+        assert gap[1] < gap[0] or gap[1] < 0.05, (budget, first, evals)
+    assert last["1"] == 1.0 and last["0.7"] > last["0.5"], evals
+    sampled = {b for h in history for b, v in h["budgets"].items() if "router cost ratio" in v}
+    assert sampled == {"0.7", "0.5"}  # budget 1.0 runs the full model, never the router
+
+
+def test_exported_router_picks_moe_subnetworks_the_tools_serve(joint):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron_flextron.checkpoint.load import read_model_configs
+    from megatron_flextron.routers.checkpoint import load_budget_policy
+
+    save, history = joint
+    _, model_cfg, elastic = read_model_configs(str(save))
+    policy = load_budget_policy(str(save), model_cfg, elastic, router="joint")
+    choice = policy.choose(0.5)
+    choice.subnetwork.validate(model_cfg, elastic)
+    final = [h["router cost ratio"] for h in history if "router cost ratio" in h][-1]
+    assert choice.info["cost_ratio"] == pytest.approx(final["0.5"], abs=1e-4)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "generate.py"), "--load", str(save)]
+        + ["--budget", "0.5", "--max-new-tokens", "4", "--greedy", "--prompt", "The capital"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = json.loads(out.stdout.strip().splitlines()[0])
+    assert line["chosen_by"] == "static router", line
+    assert line["subnetwork"] == choice.subnetwork.to_dict(), line
+
+
+def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path):
+    """EP is carved out of DP: on two ranks EP=2 equals the DP=2 run of the same data split,
+    including the router's sampled architectures (its cost ratios) and their losses."""
+    from helpers import train_history, training_flags
+
+    flags = training_flags(setup, **dict(JOINT, train_iters=6, eval_interval=6))
+    reference = train_history(tmp_path, "dp2", 2, flags)
+    history = train_history(tmp_path, "ep2", 2, flags + ["--expert-model-parallel-size", "2"])
+    assert len(history) == len(reference)
+    routed = 0
+    for got, want in zip(history, reference):
+        assert got["lm loss"] == pytest.approx(want["lm loss"], abs=2e-4), got["iteration"]
+        for budget, v in got["budgets"].items():
+            ref = want["budgets"][budget]
+            assert v["lm loss"] == pytest.approx(ref["lm loss"], abs=2e-4)
+            assert v.get("router cost ratio") == pytest.approx(ref.get("router cost ratio"))
+            routed += "router cost ratio" in v
+    assert routed > 0
+    for key in ("router cost ratio",):
+        assert history[-1][key] == pytest.approx(reference[-1][key], abs=1e-6)
