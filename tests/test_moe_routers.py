@@ -215,16 +215,15 @@ def joint(setup, tmp_path_factory):
     return save, train_history(tmp_path_factory.mktemp("joint"), "joint", 1, flags)
 
 
-def _initial_cost_ratios(setup) -> dict:
-    """The argmax cost ratios of the router the run starts from (seeded by --seed 1234)."""
+def _initial_policy(setup):
+    """The joint router a run starts from (seeded by --seed 1234)."""
     from megatron_flextron.checkpoint.load import read_model_configs
     from megatron_flextron.routers.joint import JointRouter
 
     _, model_cfg, elastic = read_model_configs(setup["load"])
     elastic = dataclasses.replace(elastic, budget_type=JOINT["budget_type"])
     cost = CostModel(model_cfg, elastic, "params")
-    policy = JointRouter(model_cfg, elastic, JOINT["budget_list"], cost, seed=1234)
-    return policy.eval_stats()["router cost ratio"]
+    return JointRouter(model_cfg, elastic, JOINT["budget_list"], cost, seed=1234)
 
 
 def test_joint_router_on_moe_moves_its_cost_toward_each_budget(setup, joint):
@@ -233,7 +232,7 @@ def test_joint_router_on_moe_moves_its_cost_toward_each_budget(setup, joint):
     architectures sit nearer to 0.7 and 0.5, ordered."""
     _, history = joint
     evals = [h["router cost ratio"] for h in history if "router cost ratio" in h]
-    first, last = _initial_cost_ratios(setup), evals[-1]
+    first, last = _initial_policy(setup).eval_stats()["router cost ratio"], evals[-1]
     for budget in ("0.7", "0.5"):
         gap = [abs(e[budget] / float(budget) - 1) for e in (first, last)]
         assert gap[1] < gap[0] or gap[1] < 0.05, (budget, first, evals)
@@ -278,9 +277,11 @@ def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path)
     including the router's sampled architectures (its cost ratios) and their losses."""
     from helpers import train_history, training_flags
 
-    flags = training_flags(setup, **dict(JOINT, train_iters=6, eval_interval=6))
-    reference = train_history(tmp_path, "dp2", 2, flags)
-    history = train_history(tmp_path, "ep2", 2, flags + ["--expert-model-parallel-size", "2"])
+    run = dict(JOINT, train_iters=6, eval_interval=6, save_interval=6)
+    dp, ep = tmp_path / "dp2_ckpt", tmp_path / "ep2_ckpt"
+    reference = train_history(tmp_path, "dp2", 2, training_flags(setup, **run, save=str(dp)))
+    flags = training_flags(setup, **run, save=str(ep)) + ["--expert-model-parallel-size", "2"]
+    history = train_history(tmp_path, "ep2", 2, flags)
     assert len(history) == len(reference)
     routed = 0
     for got, want in zip(history, reference):
@@ -291,5 +292,21 @@ def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path)
             assert v.get("router cost ratio") == pytest.approx(ref.get("router cost ratio"))
             routed += "router cost ratio" in v
     assert routed > 0
-    for key in ("router cost ratio",):
-        assert history[-1][key] == pytest.approx(reference[-1][key], abs=1e-6)
+    assert history[-1]["router cost ratio"] == reference[-1]["router cost ratio"]
+    # the exported routers: the same weights after 6 steps (gradients summed the same way)
+    want, got = (torch.load(d / "router" / "static_router.pt") for d in (dp, ep))
+    for name, value in want.items():
+        assert torch.allclose(got[name], value, atol=1e-6), name
+    start = _initial_policy(setup).router.state_dict()
+    assert any(not torch.allclose(v, start[k]) for k, v in want.items())  # and it trained
+
+
+def test_token_router_is_refused_for_moe_naming_why(setup):
+    from helpers import training_flags
+
+    from megatron_flextron.training.arguments import parse_args
+    from megatron_flextron.training.trainer import _policy
+
+    args = parse_args(training_flags(setup, router="token"))
+    with pytest.raises(ValueError, match="a token router picks each token's dense MLP width"):
+        _policy(args, None, SHARED, None, {})
