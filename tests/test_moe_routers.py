@@ -310,3 +310,37 @@ def test_token_router_is_refused_for_moe_naming_why(setup):
     args = parse_args(training_flags(setup, router="token"))
     with pytest.raises(ValueError, match="a token router picks each token's dense MLP width"):
         _policy(args, None, SHARED, None, {})
+
+
+def test_phase2_static_router_on_moe_through_the_surrogate(setup, tmp_path):
+    """tools/train_router.py's pipeline on an MoE checkpoint: architectures sampled over heads,
+    experts, expert width and top-k, the surrogate fitted on their one-hot encodings, the router
+    trained against it and stored; the tools' policy then serves its MoE sub-networks."""
+    import shutil
+
+    from megatron_flextron.checkpoint.load import read_model_configs
+    from megatron_flextron.routers.checkpoint import load_budget_policy
+    from megatron_flextron.routers.training import RouterPipeline, train_router_for_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["load"], ckpt)
+    pipeline = RouterPipeline(
+        budgets=[1.0, 0.8],
+        num_architectures=24,
+        samples=4,
+        seq_length=32,
+        surrogate_steps=200,
+        router_steps=150,
+        max_surrogate_error=0.5,
+    )
+    report = train_router_for_checkpoint(str(ckpt), pipeline, log=lambda _: None)
+    assert report["surrogate"]["architectures"] == 24
+    _, model_cfg, elastic = read_model_configs(str(ckpt))
+    policy = load_budget_policy(str(ckpt), model_cfg, elastic, router="joint")
+    for row in report["budgets"]:
+        choice = policy.choose(row["budget"])
+        choice.subnetwork.validate(model_cfg, elastic)
+        assert row["subnetwork"] == choice.subnetwork.to_dict() and "experts" in row["subnetwork"]
+        assert row["cost_ratio"] == choice.info["cost_ratio"] and row["loss"] > 0
+    assert report["budgets"][0]["cost_ratio"] == 1.0  # budget 1.0 pulled to the full model
+    assert report["budgets"][1]["cost_ratio"] < 0.95
