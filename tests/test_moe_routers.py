@@ -227,12 +227,13 @@ def _initial_policy(setup):
 
 
 def test_joint_router_on_moe_moves_its_cost_toward_each_budget(setup, joint):
-    """The router starts at about 0.65 of the total parameters for both budgets (measured
-    0.654 and 0.684 in the first sampled micro-batches); after 24 iterations its argmax
-    architectures sit nearer to 0.7 and 0.5, ordered."""
+    """The initial router's argmax costs 0.710 / 0.670 of the total parameters for budgets
+    0.7 / 0.5 (0.932 for 1.0); after 24 iterations 0.678 / 0.538 (1.0: the full model). Each
+    budget's gap must shrink or end within 5%; the order must hold."""
     _, history = joint
     evals = [h["router cost ratio"] for h in history if "router cost ratio" in h]
     first, last = _initial_policy(setup).eval_stats()["router cost ratio"], evals[-1]
+    print(f"router cost ratio: initial {first}, after {JOINT['train_iters']} iterations {last}")
     for budget in ("0.7", "0.5"):
         gap = [abs(e[budget] / float(budget) - 1) for e in (first, last)]
         assert gap[1] < gap[0] or gap[1] < 0.05, (budget, first, evals)
