@@ -10,7 +10,18 @@ import random
 
 import pytest
 import torch
-from helpers import BATCH, SEQ, batch, random_canonical_state, tiny_moe
+from helpers import (
+    BATCH,
+    SEQ,
+    batch,
+    elastic_choices,
+    random_canonical_state,
+    tiny_config,
+    tiny_moe,
+    train_history,
+    training_flags,
+    write_training_setup,
+)
 
 from megatron_flextron.config import ElasticConfig
 from megatron_flextron.elastic import Subnetwork, count_parameters, set_subnetwork
@@ -124,8 +135,6 @@ def test_router_picks_valid_moe_subnetworks_with_topk_capped_by_experts(tmp_path
 
 
 def test_dense_router_keeps_its_stored_form():
-    from helpers import elastic_choices, tiny_config
-
     m = tiny_config("llama")
     elastic = elastic_choices(m)
     router = StaticRouter([1.0, 0.5], m.num_layers, *router_choices(m, elastic))
@@ -162,9 +171,11 @@ def test_soft_moe_at_a_one_hot_equals_the_sliced_subnetwork_and_has_gradients(m)
     moe_layer = transformer_blocks(model)[0].mlp
     with torch.no_grad():
         sliced, sliced_layer = model(tokens, positions, None), moe_layer(x)[0]
-    reset_elastic_state(model)
     mlp, heads = router_choices(m, elastic)
     moe_choices = moe_router_choices(m, elastic)
+    with pytest.raises(ValueError, match="needs the full-size model"):
+        set_soft_architecture(model, None, one_hot(subnet.heads, heads), mlp, heads)
+    set_subnetwork(model, None, m, elastic)  # the full size, as a soft architecture needs
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(2, len(c), generator=g).requires_grad_() for c in [heads, *moe_choices]]
     values = [subnet.heads, subnet.experts, subnet.moe_ffn, subnet.topk]
@@ -201,15 +212,11 @@ JOINT = dict(
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, megatron_single_process):
-    from helpers import write_training_setup
-
     return write_training_setup(str(tmp_path_factory.mktemp("moe_router")), model=SHARED)
 
 
 @pytest.fixture(scope="module")
 def joint(setup, tmp_path_factory):
-    from helpers import train_history, training_flags
-
     save = tmp_path_factory.mktemp("joint_run") / "ckpt"
     flags = training_flags(setup, **JOINT, save=str(save), save_interval=JOINT["train_iters"])
     return save, train_history(tmp_path_factory.mktemp("joint"), "joint", 1, flags)
@@ -276,8 +283,6 @@ def test_exported_router_picks_moe_subnetworks_the_tools_serve(joint):
 def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path):
     """EP is carved out of DP: on two ranks EP=2 equals the DP=2 run of the same data split,
     including the router's sampled architectures (its cost ratios) and their losses."""
-    from helpers import train_history, training_flags
-
     run = dict(JOINT, train_iters=6, eval_interval=6, save_interval=6)
     dp, ep = tmp_path / "dp2_ckpt", tmp_path / "ep2_ckpt"
     reference = train_history(tmp_path, "dp2", 2, training_flags(setup, **run, save=str(dp)))
@@ -303,8 +308,6 @@ def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path)
 
 
 def test_token_router_is_refused_for_moe_naming_why(setup):
-    from helpers import training_flags
-
     from megatron_flextron.training.arguments import parse_args
     from megatron_flextron.training.trainer import _policy
 

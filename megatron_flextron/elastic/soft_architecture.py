@@ -96,7 +96,7 @@ def set_soft_architecture(
         index = layer.layer_number - 1
         mlp, attn = layer.mlp, layer.self_attention
         is_moe = isinstance(mlp, ElasticMoELayer)
-        sliced = any(mlp.active) if is_moe else mlp.active_width is not None
+        sliced = _moe_sliced(mlp) if is_moe else mlp.active_width is not None
         if sliced or attn.active_heads is not None:
             raise ValueError("a soft architecture needs the full-size model (no sub-network)")
         # the router may live on another device (the CPU): .to() keeps its gradient path
@@ -118,6 +118,12 @@ def set_soft_architecture(
             if tp_rank != 0:  # the residual stream is replicated over TP: one rank's gradient
                 keep = keep.detach()  # of the gate is the whole of it (routers sum over TP)
             layer.set_keep(keep)
+
+
+def _moe_sliced(layer: ElasticMoELayer) -> bool:
+    c = layer.config
+    full = (c.num_moe_experts, c.moe_ffn_hidden_size, layer.router.full_topk)
+    return any(v not in (None, f) for v, f in zip(layer.active, full))
 
 
 def _set_soft_moe(layer: ElasticMoELayer, moe: MoEProbabilities, index: int) -> None:
