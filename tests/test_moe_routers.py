@@ -280,14 +280,16 @@ def test_exported_router_picks_moe_subnetworks_the_tools_serve(joint):
     assert line["subnetwork"] == choice.subnetwork.to_dict(), line
 
 
-def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path):
-    """EP is carved out of DP: on two ranks EP=2 equals the DP=2 run of the same data split,
-    including the router's sampled architectures (its cost ratios) and their losses."""
+def _same_joint_run(setup, tmp_path, reference_world: int, layout: list) -> None:
+    """Six joint iterations on two ranks under ``layout`` (extra flags) equal the plain run on
+    ``reference_world`` ranks: losses, the router's sampled cost ratios, and the exported
+    router's weights (its gradients summed and averaged the same way)."""
     run = dict(JOINT, train_iters=6, eval_interval=6, save_interval=6)
-    dp, ep = tmp_path / "dp2_ckpt", tmp_path / "ep2_ckpt"
-    reference = train_history(tmp_path, "dp2", 2, training_flags(setup, **run, save=str(dp)))
-    flags = training_flags(setup, **run, save=str(ep)) + ["--expert-model-parallel-size", "2"]
-    history = train_history(tmp_path, "ep2", 2, flags)
+    ref_dir, dir_ = tmp_path / "reference_ckpt", tmp_path / "ckpt"
+    ref_flags = training_flags(setup, **run, save=str(ref_dir))
+    reference = train_history(tmp_path, "reference", reference_world, ref_flags)
+    flags = training_flags(setup, **run, save=str(dir_)) + layout
+    history = train_history(tmp_path, "run", 2, flags)
     assert len(history) == len(reference)
     routed = 0
     for got, want in zip(history, reference):
@@ -299,12 +301,25 @@ def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path)
             routed += "router cost ratio" in v
     assert routed > 0
     assert history[-1]["router cost ratio"] == reference[-1]["router cost ratio"]
-    # the exported routers: the same weights after 6 steps (gradients summed the same way)
-    want, got = (torch.load(d / "router" / "static_router.pt") for d in (dp, ep))
-    for name, value in want.items():
-        assert torch.allclose(got[name], value, atol=1e-6), name
+    want, got = (torch.load(d / "router" / "static_router.pt") for d in (ref_dir, dir_))
+    for name, value in want.items():  # Adam steps of ~3e-2 (router lr); TP's reduction order
+        diff = (got[name] - value).abs().max()  # leaves 2.6e-6 (measured), EP's less than 1e-6
+        assert diff < 1e-5, (name, diff)
     start = _initial_policy(setup).router.state_dict()
     assert any(not torch.allclose(v, start[k]) for k, v in want.items())  # and it trained
+
+
+def test_expert_parallel_joint_run_equals_the_data_parallel_run(setup, tmp_path):
+    """EP is carved out of DP: on two ranks EP=2 equals the DP=2 run of the same data split."""
+    _same_joint_run(setup, tmp_path, 2, ["--expert-model-parallel-size", "2"])
+
+
+def test_tensor_parallel_joint_run_equals_one_process(setup, tmp_path):
+    """TP=2 with sequence parallelism (megatron's MoE under TP): each rank routes its own tokens
+    and holds half of every expert's neurons, so the router's mask gradients are summed over
+    TP; the run equals one process."""
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    _same_joint_run(setup, tmp_path, 1, layout)
 
 
 def test_token_router_is_refused_for_moe_naming_why(setup):
