@@ -9,7 +9,9 @@ Phase 1 measures the frozen LLM's loss of --num-architectures sampled architectu
 calibration text and fits the surrogate (held-out error reported); phase 2 trains the router on
 surrogate + budget loss, refused when the surrogate's held-out relative error is above
 --max-surrogate-error. Prints, per budget, the chosen per-layer architecture, its cost ratio
-(exact, and the router's expected one) and its measured loss.
+(exact, and the router's expected one) and its measured loss. On a mixture of experts the
+router picks experts, expert width and top-k per layer (beside heads), with the params cost
+counting the checkpoint's --budget-type (active or total parameters; docs/moe.md).
 """
 
 from __future__ import annotations

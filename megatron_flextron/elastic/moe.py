@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -49,11 +49,20 @@ class ElasticTopKRouter(TopKRouter):
         self.active_experts: Optional[int] = None
         self.slot_experts: Optional[torch.Tensor] = None  # [E] ranked expert of each slot (CPU)
         self._kept = {}  # (experts, device) -> (kept slots, their ranked rows)
+        # soft architecture (elastic/soft_architecture.py): (expert scale [E], slot scale [K])
+        self.soft_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def set_placement(self, slots: Optional[List[int]]) -> None:
         """The ranked expert held by each physical slot; None: the identity (contiguous)."""
         self.slot_experts = None if slots is None else torch.tensor(slots, dtype=torch.long)
         self._kept = {}
+
+    def set_soft_scales(
+        self, expert_scale: Optional[torch.Tensor], slot_scale: Optional[torch.Tensor] = None
+    ) -> None:
+        """Multiply ranked expert e's routing weight by ``expert_scale[e]`` and a token's k-th
+        largest weight by ``slot_scale[k]`` (gradients reach both); None: off."""
+        self.soft_scales = None if expert_scale is None else (expert_scale, slot_scale)
 
     def set_active(self, experts: Optional[int], topk: Optional[int]) -> None:
         num = self.config.num_moe_experts
@@ -126,7 +135,21 @@ class ElasticTopKRouter(TopKRouter):
 
     def routing(self, logits, padding_mask=None):
         with self._slot_order():
-            return super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.soft_scales is None:
+            return probs, routing_map
+        expert_scale, slot_scale = self.soft_scales
+        if self.slot_experts is not None:  # probs are in slot order; the scales in ranked order
+            expert_scale = expert_scale[self.slot_experts.to(expert_scale.device)]
+        return _soft_scaled(probs, routing_map, self.topk, expert_scale, slot_scale), routing_map
+
+
+def _soft_scaled(probs, routing_map, topk: int, expert_scale, slot_scale) -> torch.Tensor:
+    """probs [T, E] (zero off the routing map) times expert_scale [E] and, at each token's k-th
+    largest routed weight, slot_scale[k]."""
+    ranked = probs.masked_fill(~routing_map, -torch.inf).topk(topk, dim=-1).indices  # [T, k]
+    slots = slot_scale[:topk].to(probs.dtype).expand(ranked.shape)
+    return probs * expert_scale.to(probs.dtype) * torch.zeros_like(probs).scatter(-1, ranked, slots)
 
 
 class ElasticSequentialMLP(SequentialMLP):

@@ -26,6 +26,7 @@ from megatron_flextron.config import ElasticConfig, ModelConfig
 from megatron_flextron.elastic.blocks import transformer_blocks
 from megatron_flextron.elastic.moe import ElasticMoELayer
 from megatron_flextron.elastic.soft_architecture import (
+    MoEProbabilities,
     clear_soft_architecture,
     set_soft_architecture,
 )
@@ -37,11 +38,12 @@ class SoftArchitecture:
     """Per-layer choice probabilities (see elastic/soft_architecture.py): p_mlp [L, n_mlp],
     p_heads [L, n_heads] over the choices (largest first), p_keep [L] or None."""
 
-    p_mlp: torch.Tensor
+    p_mlp: Optional[torch.Tensor]
     p_heads: torch.Tensor
     mlp_choices: Sequence[int]
     head_choices: Sequence[int]
     p_keep: Optional[torch.Tensor] = None
+    moe: Optional[MoEProbabilities] = None  # a mixture of experts' choices (p_mlp: None)
 
 
 def clear_token_routing(model: torch.nn.Module) -> None:
@@ -105,7 +107,13 @@ def elastic_state(
             subnet = set_subnetwork(model, subnetwork, model_config, elastic)
         elif soft is not None:
             set_soft_architecture(
-                model, soft.p_mlp, soft.p_heads, soft.mlp_choices, soft.head_choices, soft.p_keep
+                model,
+                soft.p_mlp,
+                soft.p_heads,
+                soft.mlp_choices,
+                soft.head_choices,
+                soft.p_keep,
+                soft.moe,
             )
         elif token_routing is not None:
             set_token_routing(model, token_routing)

@@ -10,6 +10,7 @@ router or none. Token routers live in ``DIR/token_router/`` (routers/token_train
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -96,6 +97,7 @@ def load_router(
         cfg["head_choices"],
         cfg["hidden_size"],
         cfg.get("layer_skipping", False),
+        cfg.get("moe_choices"),
     )
     try:
         state = torch.load(os.path.join(folder, "static_router.pt"), weights_only=True)
@@ -103,6 +105,8 @@ def load_router(
     except Exception as e:
         raise CheckpointError(f"cannot read the router in {folder}: {e}") from None
     c = meta["cost"]
+    if c.get("budget_type"):  # a mixture of experts' router counts these parameters
+        elastic = dataclasses.replace(elastic, budget_type=c["budget_type"])
     table = c.get("latency_table")
     cost = CostModel(
         model,

@@ -18,10 +18,15 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_flextron.config import ElasticConfig, ModelConfig
-from megatron_flextron.elastic.soft_architecture import set_soft_architecture
+from megatron_flextron.elastic.soft_architecture import MoEProbabilities, set_soft_architecture
 from megatron_flextron.parallel import all_reduce_grads, seeded
 from megatron_flextron.routers.checkpoint import load_router, save_router
-from megatron_flextron.routers.cost import CostModel, budget_loss, router_choices
+from megatron_flextron.routers.cost import (
+    CostModel,
+    budget_loss,
+    moe_router_choices,
+    router_choices,
+)
 from megatron_flextron.routers.policy import BudgetPolicy, Choice, StaticRouterPolicy, cost_ratios
 from megatron_flextron.routers.static import Choices, GumbelSchedule, StaticRouter
 
@@ -61,6 +66,7 @@ class JointRouter(BudgetPolicy):
                 self.mlp_choices,
                 self.head_choices,
                 layer_skipping=layer_skipping,
+                moe_choices=moe_router_choices(model_cfg, elastic_cfg),
             )
         self.cost, self.budget_weight, self.tolerance = cost, budget_weight, tolerance
         self.cost_table_dict = cost.latency.to_dict() if cost.latency is not None else None
@@ -71,14 +77,16 @@ class JointRouter(BudgetPolicy):
             "latency_table": self.cost_table_dict,
             "trained": "jointly with the model",
         }
+        if model_cfg.is_moe:  # what the params cost counts (the tools' cost model reads it)
+            self.cost_settings["budget_type"] = elastic_cfg.budget_type
         self.seed = seed
         self.origin = "a new router"  # where the router starts (for the log)
         self.schedule = schedule or GumbelSchedule()
         self.optimizer = torch.optim.Adam(self.router.parameters(), lr=lr)
 
     def sample(self, budget: float, iteration: int, microbatch: int) -> Choices:
-        """Straight-through one-hot choices [L, n] for MLP and heads (and kept layers [L]);
-        identical on all ranks."""
+        """Straight-through one-hot choices [L, n] for MLP (a mixture of experts: experts, expert
+        width, top-k) and heads (and kept layers [L]); identical on all ranks."""
         generator = torch.Generator().manual_seed(
             hash((self.seed, iteration, microbatch)) & 0xFFFFFFFF
         )
@@ -165,8 +173,13 @@ class JointRouter(BudgetPolicy):
             return super().before_forward(model, budget, subnet, iteration, microbatch, count)
         self.reset(model)
         routed = self.sample(budget, iteration, microbatch)
+        moe = None
+        if self.router.moe_choices is not None:
+            moe = MoEProbabilities(
+                routed.experts, routed.moe_ffn, routed.topk, self.router.moe_choices
+            )
         set_soft_architecture(
-            model, routed.mlp, routed.heads, self.mlp_choices, self.head_choices, routed.keep
+            model, routed.mlp, routed.heads, self.mlp_choices, self.head_choices, routed.keep, moe
         )
         return routed
 

@@ -280,7 +280,7 @@ class StaticRouterPolicy(BudgetPolicy):
 
     def costs(self, budget: float, subnet: Subnetwork) -> dict:
         """The exact and the router's predicted (expected) cost ratio of its choice."""
-        exact = self.cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers)
+        exact = self.cost.of(subnet)
         predicted = self.cost.ratio(*self.router.expected(budget).double())
         return {
             "metric": self.settings["metric"],
@@ -294,6 +294,5 @@ def cost_ratios(router: StaticRouter, cost: CostModel, budgets: Sequence[float])
     full = cost.full()
     out = {}
     for budget in budgets:
-        subnet = router.choose(budget)
-        out[f"{budget:g}"] = cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full
+        out[f"{budget:g}"] = cost.of(router.choose(budget)) / full
     return out

@@ -28,6 +28,7 @@ from megatron_flextron.routers.cost import (
     LatencyTable,
     budget_loss,
     check_budget_list,
+    moe_router_choices,
     router_choices,
 )
 from megatron_flextron.routers.static import GumbelSchedule, StaticRouter
@@ -37,6 +38,7 @@ from megatron_flextron.routers.surrogate import (
     fit_surrogate,
     measure_losses,
     sample_architectures,
+    sample_moe_architectures,
 )
 
 
@@ -87,10 +89,14 @@ def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
     rows = []
     full = cost.full()
     n = router.num_layers
+    moe = None
+    if router.moe_choices is not None:  # the fewest experts, narrowest, smallest top-k
+        moe = [tuple(c[-1] for c in router.moe_choices)] * n
     smallest = cost.of_subnetwork(
         [router.mlp_choices[-1]] * n,
         [router.head_choices[-1]] * n,
         [0] if router.layer_skipping else None,
+        moe,
     )
     for b in budgets:
         subnet = router.choose(b)
@@ -98,9 +104,7 @@ def router_report(router: StaticRouter, cost: CostModel, budgets) -> List[dict]:
             {
                 "budget": b,
                 "subnetwork": subnet.to_dict(),
-                "cost_ratio": round(
-                    cost.of_subnetwork(subnet.mlp, subnet.heads, subnet.layers) / full, 4
-                ),
+                "cost_ratio": round(cost.of(subnet) / full, 4),
                 "expected_cost_ratio": round(float(cost.ratio(*router.expected(b).double())), 4),
                 # below the smallest architecture's cost no choice can meet the budget
                 "feasible": b >= smallest / full - 1e-9,
@@ -154,22 +158,47 @@ def train_router_for_checkpoint(
     batches = pad_microbatches(seqs[: c.samples], c.micro_batch_size, current_device())
 
     layers = model_cfg.num_layers
-    archs = sample_architectures(
-        c.num_architectures, layers, mlp_choices, head_choices, c.seed, c.layer_skipping
-    )
+    moe_choices = moe_router_choices(model_cfg, elastic)
+    if moe_choices is None:
+        archs = sample_architectures(
+            c.num_architectures, layers, mlp_choices, head_choices, c.seed, c.layer_skipping
+        )
+    else:
+        if c.layer_skipping:
+            raise ValueError("--router-layer-skipping is not built for mixtures of experts yet")
+        archs = sample_moe_architectures(
+            c.num_architectures, layers, mlp_choices[0], head_choices, moe_choices, c.seed
+        )
     shape = f"{c.samples} x {c.seq_length}"
     log(f"phase 1: measuring the loss of {len(archs)} architectures on {shape}")
     losses = measure_losses(model, archs, batches, model_cfg, elastic)
-    p_mlp, p_heads, p_keep = encode(archs, mlp_choices, head_choices)
-    surrogate = Surrogate(model_cfg.num_layers, len(mlp_choices), len(head_choices))
+    p_mlp, p_heads, p_keep, *moe = encode(archs, mlp_choices, head_choices, moe_choices)
+    surrogate = Surrogate(
+        layers,
+        0 if moe else len(mlp_choices),
+        len(head_choices),
+        moe_sizes=[len(x) for x in moe_choices or ()],
+    )
     fit = fit_surrogate(
-        surrogate, p_mlp, p_heads, losses, steps=c.surrogate_steps, seed=c.seed, p_keep=p_keep
+        surrogate,
+        p_mlp,
+        p_heads,
+        losses,
+        steps=c.surrogate_steps,
+        seed=c.seed,
+        p_keep=p_keep,
+        moe=moe,
     )
     log(f"surrogate: {fit}")
 
     log(f"phase 2: router on surrogate + {c.metric} budget loss ({c.router_steps} steps)")
     router = StaticRouter(
-        budgets, layers, mlp_choices, head_choices, layer_skipping=c.layer_skipping
+        budgets,
+        layers,
+        mlp_choices,
+        head_choices,
+        layer_skipping=c.layer_skipping,
+        moe_choices=moe_choices,
     )
     train_static_router(
         router,
@@ -195,6 +224,7 @@ def train_router_for_checkpoint(
             "tolerance": c.tolerance,
             "latency_table": table.to_dict() if table else None,
             "surrogate": fit,
+            **({"budget_type": elastic.budget_type} if moe_choices else {}),
         },
     )
     return {"surrogate": fit, "budgets": report}

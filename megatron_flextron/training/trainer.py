@@ -128,11 +128,12 @@ def _frozen_teacher(args: TrainingArgs, model_cfg: ModelConfig):
 def _policy(args: TrainingArgs, model, model_cfg, elastic_cfg, resume: dict):
     """The run's budget policy (--router none | joint | token), resumed from the checkpoint."""
     e = args.elastic
-    if model_cfg.is_moe and e.router != "none":
+    if model_cfg.is_moe and e.router == "token":
         raise ValueError(
-            f"--router {e.router} is not built for mixtures of experts yet (its choices are MLP "
-            "widths and head counts); use --router none: a budget then runs the largest MoE "
-            "sub-network whose parameters (--budget-type) fit it"
+            "--router token is not built for mixtures of experts: a token router picks each "
+            "token's dense MLP width, and an MoE layer already routes every token (its top-k "
+            "experts); use --router joint (per-layer experts, expert width and top-k for each "
+            "budget) or --router none"
         )
     settings = RouterSettings(
         kind=e.router,
