@@ -170,6 +170,48 @@ def test_decode_with_kv_cache_equals_full_recomputation(family):
     assert (cached - full[:, 5:]).abs().max() <= 1e-4  # |logits| ~ 20
 
 
+def test_inference_steps_run_the_layer_arithmetic_without_megatron_s_layer_machinery(
+        monkeypatch):
+    """Engine steps (grad disabled, an inference context) skip TransformerLayer's per-layer
+    machinery (elastic/layer.py): megatron's _forward_attention never runs in a generation, and
+    prefill and decode steps through a KV cache give exactly the logits of megatron's path."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_flextron.elastic.layer import ElasticTransformerLayer
+
+    generator, m, model = _tiny_generator("llama")
+    layers = [x for x in model.modules() if isinstance(x, ElasticTransformerLayer)]
+    stock_calls = []
+    stock = TransformerLayer._forward_attention
+    monkeypatch.setattr(TransformerLayer, "_forward_attention",
+                        lambda self, *a, **k: stock_calls.append(1) or stock(self, *a, **k))
+    results = generator.generate([generator.request(TINY_PROMPTS[0], Sampling.greedy(4),
+                                                    subnetwork=TINY_SPECS[1])])
+    assert len(results[0].tokens) == 4 and stock_calls == []
+
+    def cached_logits():
+        seq = torch.tensor([TINY_PROMPTS[0] + [3, 4, 5]])
+        context = StaticInferenceContext(1, 32)
+        kw = dict(inference_context=context, runtime_gather_output=True)
+        with torch.no_grad():
+            steps = [model(seq[:, :6], torch.arange(6)[None], None, **kw)]
+            for pos in range(6, 9):
+                context.sequence_len_offset = pos
+                steps.append(model(seq[:, pos : pos + 1], torch.tensor([[pos]]), None, **kw))
+        return torch.cat(steps, dim=1)
+
+    set_subnetwork(model, TINY_SPECS[2], m, elastic_choices(m))
+    fast = cached_logits()
+    assert stock_calls == []
+    for layer in layers:
+        layer._plain = False  # megatron's TransformerLayer.forward
+    reference = cached_logits()
+    assert len(stock_calls) > 0
+    assert torch.equal(fast, reference)
+    set_subnetwork(model, None, m, elastic_choices(m))
+
+
 def test_mha_head_trimming_is_refused_with_a_clear_message():
     generator, m, _ = _tiny_generator("gpt3")
     with pytest.raises(ValueError, match="MHA head trimming changes the number of KV heads"):
