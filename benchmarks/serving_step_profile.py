@@ -60,7 +60,7 @@ class Timer:
 
 def instrument(timer: Timer) -> None:
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
-    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer import attention as mcore_attention
 
     from megatron_flextron.elastic import linear
     from megatron_flextron.elastic.attention import ElasticSelfAttention
@@ -75,7 +75,8 @@ def instrument(timer: Timer) -> None:
         (DynamicInferenceContext, "apply_rotary_emb_query", "attention: RoPE of q"),
         (DynamicInferenceContext, "apply_rotary_emb_key", "attention: RoPE of k"),
         (DynamicInferenceContext, "append_key_value_cache", "attention: KV append"),
-        (Attention, "flash_decode_and_prefill", "attention: paged attention"),
+        (mcore_attention, "flash_attn_with_kvcache", "attention: paged attention"),
+        (mcore_attention, "flash_attn_varlen_func", "attention: paged attention"),
         (linear, "blocked_rows_linear", "weight products"),
         (linear, "blocked_cols_linear", "weight products"),
         (linear.F, "linear", "weight products"),

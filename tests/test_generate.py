@@ -208,6 +208,36 @@ def test_inference_steps_run_the_layer_arithmetic_without_megatron_s_layer_machi
     set_subnetwork(model, None, m, elastic_choices(m))
 
 
+def test_decode_steps_take_the_decode_attention_path_with_megatron_s_numbers(monkeypatch):
+    """Decode-only steps on the dynamic context run decode_attention.py (megatron's calls
+    without Attention.forward's bookkeeping): the same tokens and log probabilities, to the
+    bit, as Attention.forward, for a batch of three requests (full and trimmed heads)."""
+    from megatron_flextron.elastic import attention as elastic_attention
+
+    generator, m, model = _tiny_generator("llama")
+    attentions = [x for x in model.modules()
+                  if isinstance(x, elastic_attention.ElasticSelfAttention)]
+    decoded = []
+    inner = elastic_attention.dynamic_decode
+    monkeypatch.setattr(elastic_attention, "dynamic_decode",
+                        lambda *a: decoded.append(1) or inner(*a))
+
+    def run():
+        sampling = Sampling(max_new_tokens=6, top_k=1, logprobs=2)
+        results = generator.generate([generator.request(p, sampling, subnetwork=spec)
+                                      for p in TINY_PROMPTS for spec in TINY_SPECS[:2]])
+        return [(r.tokens, r.logprobs, r.top_logprobs) for r in results]
+
+    fast = run()
+    assert len(decoded) > 0
+    for attention in attentions:
+        attention._decode_plain = False  # megatron's Attention.forward
+    count = len(decoded)
+    reference = run()
+    assert len(decoded) == count
+    assert fast == reference
+
+
 def test_mha_head_trimming_is_refused_with_a_clear_message():
     generator, m, _ = _tiny_generator("gpt3")
     with pytest.raises(ValueError, match="MHA head trimming changes the number of KV heads"):

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from megatron_flextron.elastic.decode_attention import decodes, dynamic_decode
 from megatron_flextron.elastic.layout import proj_col_index, qkv_row_index
 from megatron_flextron.elastic.linear import Blocks
 
@@ -36,6 +37,14 @@ class ElasticSelfAttention(SelfAttention):
         self.active_heads: Optional[int] = None
         self._active_groups = self.num_query_groups_per_partition
         self._active_heads_per_group = self._heads_per_group
+        self._decode_plain = None  # eligible for the decode path (decode_attention.py)
+
+    def forward(self, *args, **kwargs):
+        """A decode-only step on the dynamic context: decode_attention.py; else megatron's."""
+        if decodes(self, args, kwargs):
+            return dynamic_decode(self, args[0], kwargs["inference_context"],
+                                  kwargs.get("rotary_pos_emb"))
+        return super().forward(*args, **kwargs)
 
     @property
     def _heads_per_group(self) -> int:
