@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -27,9 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from serving_throughput import NAME, PROMPTS, transformers_models  # noqa: E402
-
-from megatron_flextron.checkpoint.io import write_json  # noqa: E402
+from serving_python_calls import emit, smollm2_served  # noqa: E402
+from serving_throughput import PROMPTS  # noqa: E402
 
 
 class Timer:
@@ -91,25 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--output", help="write the results as JSON")
     args = p.parse_args(argv)
-    from megatron_flextron.checkpoint.flextron import save_flextron
-    from megatron_flextron.config import ElasticConfig
-    from megatron_flextron.convert.formats.gguf import bundled_smollm2, load_gguf
-    from megatron_flextron.inference import Sampling, build_generator
+    from megatron_flextron.inference import Sampling
     from megatron_flextron.inference.engine import ElasticGenerator
-    from megatron_flextron.parallel import initialize_model_parallel
 
-    torch.set_num_threads(1)
-    initialize_model_parallel(1, 1)
-    ckpt = load_gguf(bundled_smollm2())
-    elastic = ElasticConfig.from_ratios(ckpt.model, head_ratios=(1.0, 2 / 3, 1 / 3))
-    ckpt.elastic = elastic
-    hf = transformers_models(ckpt, elastic, [args.budget])[args.budget]
-    with tempfile.TemporaryDirectory() as root:
-        path = os.path.join(root, NAME)
-        os.makedirs(path)
-        save_flextron(ckpt, path)
-        generator = build_generator(path, max_batch_size=16,
-                                    max_sequence_length=32 + args.new_tokens)
+    with smollm2_served([args.budget], 16, 32 + args.new_tokens) as (generator, models):
+        hf = models[args.budget]
         timer, steps = Timer(), []
         instrument(timer)  # after build_generator: the generation shims are in place
         step = ElasticGenerator.step
@@ -150,10 +133,7 @@ def main(argv=None) -> int:
         "transformers_ms_per_token": round(hf_s / (out.shape[1] - ids.shape[1]) * 1e3, 2),
         "load_average": round(os.getloadavg()[0], 1),
     }
-    if args.output:
-        write_json(args.output, result)
-    print(json.dumps(result, indent=1))
-    return 0
+    return emit(result, args.output)
 
 
 if __name__ == "__main__":
