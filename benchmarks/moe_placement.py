@@ -39,7 +39,7 @@ from megatron_flextron.importance.expert_permute import order_by, permute_moe_st
 from megatron_flextron.importance.experts import moe_layers  # noqa: E402
 from megatron_flextron.parallel import initialize_model_parallel  # noqa: E402
 
-# moe_slicing.py's model (TINY_MOE) with 16 narrower experts (a prefix of 4 is then 1 expert per EP=4 rank)
+# moe_models.TINY_MOE with 16 narrower experts (a prefix of 4 is then 1 expert per EP=4 rank)
 MODEL = {**TINY_MOE, "num_moe_experts": 16, "moe_ffn_hidden_size": 128}
 BATCH, SEQ = 8, 256
 KEPT = (16, 12, 8, 6, 4)

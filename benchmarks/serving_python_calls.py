@@ -13,6 +13,7 @@ printed too, but they are inflated by the profiler). Same prompts, greedy, ``--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -42,16 +43,14 @@ def calls_per_token(generate) -> dict:
             "profiled_s_per_token": round(stats.total_tt / tokens, 4)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--output", help="write the results as JSON")
-    args = p.parse_args(argv)
+@contextlib.contextmanager
+def smollm2_served(budgets, max_batch_size: int, max_sequence_length: int):
+    """SmolLM2 (the bundled GGUF) on one thread: transformers' model of each budget's export, and
+    the elastic checkpoint served by a generator (in a temporary folder while the block runs)."""
     from megatron_flextron.checkpoint.flextron import save_flextron
     from megatron_flextron.config import ElasticConfig
     from megatron_flextron.convert.formats.gguf import bundled_smollm2, load_gguf
-    from megatron_flextron.inference import Sampling, build_generator
+    from megatron_flextron.inference import build_generator
     from megatron_flextron.parallel import initialize_model_parallel
 
     torch.set_num_threads(1)
@@ -59,14 +58,25 @@ def main(argv=None) -> int:
     ckpt = load_gguf(bundled_smollm2())
     elastic = ElasticConfig.from_ratios(ckpt.model, head_ratios=(1.0, 2 / 3, 1 / 3))
     ckpt.elastic = elastic
-    models = transformers_models(ckpt, elastic, args.budgets)
-    rows = []
+    models = transformers_models(ckpt, elastic, budgets)
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, NAME)
         os.makedirs(path)
         save_flextron(ckpt, path)
-        generator = build_generator(path, max_batch_size=1,
-                                    max_sequence_length=32 + args.new_tokens)
+        yield build_generator(path, max_batch_size=max_batch_size,
+                              max_sequence_length=max_sequence_length), models
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--output", help="write the results as JSON")
+    args = p.parse_args(argv)
+    from megatron_flextron.inference import Sampling
+
+    rows = []
+    with smollm2_served(args.budgets, 1, 32 + args.new_tokens) as (generator, models):
         prompt = PROMPTS[0]
         ids = torch.tensor([generator.tokenizer.tokenize(prompt)])
         for budget in args.budgets:
@@ -87,8 +97,13 @@ def main(argv=None) -> int:
     result = {"command": " ".join(["python benchmarks/serving_python_calls.py",
                                    *(argv or sys.argv[1:])]),
               "torch": torch.__version__, "prompt": prompt, "rows": rows}
-    if args.output:
-        write_json(args.output, result)
+    return emit(result, args.output)
+
+
+def emit(result: dict, output) -> int:
+    """Print the result as JSON, and write it to ``output`` if given."""
+    if output:
+        write_json(output, result)
     print(json.dumps(result, indent=1))
     return 0
 

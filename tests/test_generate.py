@@ -154,20 +154,88 @@ def test_decode_with_kv_cache_equals_full_recomputation(family):
             assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # far from ties
             assert logits.argmax(-1).tolist() == result.tokens, spec
     # the logits themselves: one decode step after a prefill, through megatron's context
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     set_subnetwork(model, specs[2], m, elastic_choices(m))
-    seq = torch.tensor([TINY_PROMPTS[0] + [3, 4, 5]])
-    context = StaticInferenceContext(1, 32)
+    seq, steps = _cached_steps(model)
     with torch.no_grad():
         full = model(seq, torch.arange(9)[None], None)
-        kw = dict(inference_context=context, runtime_gather_output=True)
+    cached = torch.cat([steps[0][:, -1:]] + steps[1:], dim=1)
+    assert (cached - full[:, 5:]).abs().max() <= 1e-4  # |logits| ~ 20
+
+
+def _cached_steps(model):
+    """A 6-token prefill and 3 one-token decode steps through megatron's static KV cache: the
+    sequence and each step's logits."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    seq = torch.tensor([TINY_PROMPTS[0] + [3, 4, 5]])
+    context = StaticInferenceContext(1, 32)
+    kw = dict(inference_context=context, runtime_gather_output=True)
+    with torch.no_grad():
         steps = [model(seq[:, :6], torch.arange(6)[None], None, **kw)]
         for pos in range(6, 9):
             context.sequence_len_offset = pos
             steps.append(model(seq[:, pos : pos + 1], torch.tensor([[pos]]), None, **kw))
-    cached = torch.cat([steps[0][:, -1:]] + steps[1:], dim=1)
-    assert (cached - full[:, 5:]).abs().max() <= 1e-4  # |logits| ~ 20
+    return seq, steps
+
+
+def test_inference_steps_run_the_layer_arithmetic_without_megatron_s_layer_machinery(
+        monkeypatch):
+    """Engine steps (grad disabled, an inference context) skip TransformerLayer's per-layer
+    machinery (elastic/layer.py): megatron's _forward_attention never runs in a generation, and
+    prefill and decode steps through a KV cache give exactly the logits of megatron's path."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_flextron.elastic.layer import ElasticTransformerLayer
+
+    generator, m, model = _tiny_generator("llama")
+    layers = [x for x in model.modules() if isinstance(x, ElasticTransformerLayer)]
+    stock_calls = []
+    stock = TransformerLayer._forward_attention
+    monkeypatch.setattr(TransformerLayer, "_forward_attention",
+                        lambda self, *a, **k: stock_calls.append(1) or stock(self, *a, **k))
+    results = generator.generate([generator.request(TINY_PROMPTS[0], Sampling.greedy(4),
+                                                    subnetwork=TINY_SPECS[1])])
+    assert len(results[0].tokens) == 4 and stock_calls == []
+
+    set_subnetwork(model, TINY_SPECS[2], m, elastic_choices(m))
+    fast = torch.cat(_cached_steps(model)[1], dim=1)
+    assert stock_calls == []
+    for layer in layers:
+        layer._plain = False  # megatron's TransformerLayer.forward
+    reference = torch.cat(_cached_steps(model)[1], dim=1)
+    assert len(stock_calls) > 0
+    assert torch.equal(fast, reference)
+    set_subnetwork(model, None, m, elastic_choices(m))
+
+
+def test_decode_steps_take_the_decode_attention_path_with_megatron_s_numbers(monkeypatch):
+    """Decode-only steps on the dynamic context run decode_attention.py (megatron's calls
+    without Attention.forward's bookkeeping): the same tokens and log probabilities, to the
+    bit, as Attention.forward, for a batch of three requests (full and trimmed heads)."""
+    from megatron_flextron.elastic import attention as elastic_attention
+
+    generator, m, model = _tiny_generator("llama")
+    attentions = [x for x in model.modules()
+                  if isinstance(x, elastic_attention.ElasticSelfAttention)]
+    decoded = []
+    inner = elastic_attention.dynamic_decode
+    monkeypatch.setattr(elastic_attention, "dynamic_decode",
+                        lambda *a: decoded.append(1) or inner(*a))
+
+    def run():
+        sampling = Sampling(max_new_tokens=6, top_k=1, logprobs=2)
+        results = generator.generate([generator.request(p, sampling, subnetwork=spec)
+                                      for p in TINY_PROMPTS for spec in TINY_SPECS[:2]])
+        return [(r.tokens, r.logprobs, r.top_logprobs) for r in results]
+
+    fast = run()
+    assert len(decoded) > 0
+    for attention in attentions:
+        attention._decode_plain = False  # megatron's Attention.forward
+    count = len(decoded)
+    reference = run()
+    assert len(decoded) == count
+    assert fast == reference
 
 
 def test_mha_head_trimming_is_refused_with_a_clear_message():

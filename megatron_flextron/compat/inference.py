@@ -186,7 +186,9 @@ def _install_forward_only_linears() -> None:
             return frozen(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                           sequence_parallel, tp_group, grad_output_buffer, wgrad_deferral_limit,
                           gtp_remat_size)
-        output = torch.matmul(input, weight.t())
+        # F.linear (what torch's nn.Linear calls) rather than megatron's matmul(input,
+        # weight.t()): the output layer's 49k x 576 product ran ~12% faster on one CPU thread
+        output = F.linear(input, weight)
         return output if bias is None else output + bias
 
     @functools.wraps(copy_to)

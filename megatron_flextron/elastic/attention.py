@@ -4,7 +4,8 @@ GQA (several query heads per KV group): every KV group is kept and the first h/G
 each group run, so the KV cache keeps its shape. Megatron's fused QKV rows are laid out per group
 as [q_0 .. q_{n-1}, k, v]; the kept rows are not contiguous, so they are gathered (a copy of
 (h/G + 2)/(n + 2) of the QKV weight per step, cheaper than re-arranging activations); a decode
-step of a few tokens without grad selects the full product's outputs instead (linear.py).
+step of a few tokens without grad reads the kept rows (and projection columns) through strided
+views of the weights instead, one batched product per KV group (linear.py, ``Blocks``).
 
 MHA (one query head per KV head): whole heads are dropped. A head's q, k, v rows are contiguous
 and heads are dealt round-robin across TP ranks, so the first h/p local heads are a prefix view.
@@ -26,7 +27,9 @@ from typing import Optional
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from megatron_flextron.elastic.decode_attention import decodes, dynamic_decode
 from megatron_flextron.elastic.layout import proj_col_index, qkv_row_index
+from megatron_flextron.elastic.linear import Blocks
 from megatron_flextron.elastic.qk_norm import AcrossHeadsRMSNorm
 
 
@@ -42,6 +45,14 @@ class ElasticSelfAttention(SelfAttention):
         ]  # fmt: skip
         for norm in self._across_heads:
             norm.bind(self.pg_collection.tp, self.num_query_groups_per_partition)
+        self._decode_plain = None  # eligible for the decode path (decode_attention.py)
+
+    def forward(self, *args, **kwargs):
+        """A decode-only step on the dynamic context: decode_attention.py; else megatron's."""
+        if decodes(self, args, kwargs):
+            return dynamic_decode(self, args[0], kwargs["inference_context"],
+                                  kwargs.get("rotary_pos_emb"))
+        return super().forward(*args, **kwargs)
 
     @property
     def _heads_per_group(self) -> int:
@@ -76,6 +87,8 @@ class ElasticSelfAttention(SelfAttention):
             kept = heads // self.config.num_query_groups
             rows = qkv_row_index(groups, n, d, kept, device)
             cols = proj_col_index(groups, n, d, kept, device)
+            row_blocks = Blocks(groups, (n + 2) * d, ((0, kept * d), (n * d, (n + 2) * d)))
+            col_blocks = Blocks(groups, n * d, ((0, kept * d),))
             self._active_groups, self._active_heads_per_group = groups, kept
         else:
             if heads <= 0 or heads > total or heads % self.world_size:
@@ -85,10 +98,11 @@ class ElasticSelfAttention(SelfAttention):
                 )
             local = heads // self.world_size
             rows, cols = slice(0, local * 3 * d), slice(0, local * d)
+            row_blocks = col_blocks = None
             self._active_groups, self._active_heads_per_group = local, 1
         self.active_heads = heads
-        self.linear_qkv.set_active_rows([rows])
-        self.linear_proj.set_active_cols(cols)
+        self.linear_qkv.set_active_rows([rows], row_blocks)
+        self.linear_proj.set_active_cols(cols, col_blocks)
         self._set_norms_active()
 
     def _set_norms_active(self) -> None:

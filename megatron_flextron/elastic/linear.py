@@ -8,23 +8,30 @@ A slice's weight gradient is accumulated straight into that slice (sliced_linear
 With no selection set, ``forward`` is megatron's own code path, so a full-size elastic model runs
 exactly the stock computation.
 
+A few tokens without grad (a decode step) never gather weights: an index selection that is the
+same ranges in each of equal blocks (GQA heads trimmed inside each KV group: ``Blocks``) runs as
+batched products over strided views of the weight, reading only the kept rows/columns; any other
+index selection takes the full product's outputs (or pads the input with zeros).
+
 Shapes: input [s, b, h_in] (sequence first, as in megatron); p = tensor-parallel size.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
-    copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+
+# megatron's linears look their TP copy/reduce up in this module at call time; so do these, so
+# that the forward-only versions installed for generation (compat/inference.py) serve them too
+from megatron.core.tensor_parallel import layers as tp_layers
 
 from megatron_flextron.elastic.sliced_linear import fusable, sliced_linear
 
@@ -45,6 +52,43 @@ def select(
     return tensor.index_select(dim, selection)
 
 
+class Blocks(NamedTuple):
+    """An index selection with structure: the ranges ``spans`` of each of ``groups`` blocks of
+    ``size`` units, listed block after block (e.g. per KV group: its kept query rows, then k, v)."""
+
+    groups: int
+    size: int
+    spans: Tuple[Tuple[int, int], ...]
+
+
+def _few_tokens(x: torch.Tensor, width: int) -> bool:
+    return not torch.is_grad_enabled() and x.numel() <= FEW_TOKENS * width
+
+
+def blocked_rows_linear(x, weight, bias, blocks: Blocks) -> torch.Tensor:
+    """``F.linear`` on the rows ``blocks`` selects, from strided views of ``weight`` (no copy):
+    one batched product per span, [..., groups * sum(spans)] in the selection's order."""
+    g, size, spans = blocks
+    w = weight.view(g, size, weight.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
+    outs = []
+    for a, b in spans:
+        y = torch.matmul(flat, w[:, a:b].transpose(1, 2))  # [groups, tokens, b - a]
+        outs.append(y if bias is None else y + bias.view(g, 1, size)[:, :, a:b])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
+def blocked_cols_linear(x, weight, blocks: Blocks) -> torch.Tensor:
+    """``F.linear`` on the input columns ``blocks`` selects (one span per block), from a strided
+    view of ``weight`` (no copy): a batched product per block, summed over the blocks."""
+    g, size, ((a, b),) = blocks
+    w = weight.view(weight.shape[0], g, size)[:, :, a:b]  # [out, groups, b - a]
+    flat = x.reshape(-1, g, b - a).transpose(0, 1)  # [groups, tokens, b - a]
+    out = torch.matmul(flat, w.permute(1, 2, 0)).sum(0)
+    return out.view(*x.shape[:-1], -1)
+
+
 def selection_size(selection: Selection, full: int) -> int:
     if isinstance(selection, slice):
         return len(range(*selection.indices(full)))
@@ -61,11 +105,15 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active_rows: Optional[List[Selection]] = None
+        self.row_blocks: Optional[Blocks] = None
 
-    def set_active_rows(self, rows: Optional[Sequence[Selection]]) -> None:
+    def set_active_rows(self, rows: Optional[Sequence[Selection]],
+                        blocks: Optional[Blocks] = None) -> None:
+        """``blocks``: the structure of a single index selection (for few-token steps)."""
         if rows is not None and self.gather_output:
             raise ValueError("elastic column-parallel linear does not support gather_output")
         self.active_rows = None if rows is None else list(rows)
+        self.row_blocks = blocks if rows is not None and len(self.active_rows) == 1 else None
 
     def forward_pieces(self, input_: torch.Tensor) -> List[torch.Tensor]:
         """One output [s, b, rows_i] per active piece, bias included."""
@@ -74,13 +122,14 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         elif self.sequence_parallel:
             x = gather_from_sequence_parallel_region(input_, group=self.tp_group)
         else:
-            x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+            x = tp_layers.copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         rows = self.active_rows or [slice(None)]
         return [self._piece(x, r) for r in rows]
 
     def _piece(self, x: torch.Tensor, rows: Selection) -> torch.Tensor:
-        if (isinstance(rows, torch.Tensor) and not torch.is_grad_enabled()
-                and x.numel() <= FEW_TOKENS * x.shape[-1]):
+        if isinstance(rows, torch.Tensor) and _few_tokens(x, x.shape[-1]):
+            if self.row_blocks is not None:
+                return blocked_rows_linear(x, self.weight, self.bias, self.row_blocks)
             # a few tokens without grad (a decode step): the full product's selected outputs
             # read the weight once; gathering its rows would copy most of it every step
             return F.linear(x, self.weight, self.bias).index_select(-1, rows)
@@ -109,13 +158,16 @@ class ElasticRowParallelLinear(RowParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active_cols: Optional[Selection] = None
+        self.col_blocks: Optional[Blocks] = None
         self.input_scale: Optional[torch.Tensor] = None
         self.scale_repeat = 1
 
-    def set_active_cols(self, cols: Optional[Selection]) -> None:
+    def set_active_cols(self, cols: Optional[Selection], blocks: Optional[Blocks] = None) -> None:
+        """``blocks``: the structure of an index selection, one span per block (few tokens)."""
         if cols is not None and not self.input_is_parallel:
             raise ValueError("elastic row-parallel linear needs input_is_parallel=True")
         self.active_cols = cols
+        self.col_blocks = blocks if cols is not None else None
 
     def set_input_scale(self, scale: Optional[torch.Tensor], repeat: int = 1) -> None:
         """Multiply the input by ``scale`` (None: no scaling); the gradient reaches ``scale``."""
@@ -134,8 +186,9 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"the active selection has {width}"
             )
         cols = self.active_cols
-        if (isinstance(cols, torch.Tensor) and not torch.is_grad_enabled()
-                and input_.numel() <= FEW_TOKENS * width):
+        if isinstance(cols, torch.Tensor) and _few_tokens(input_, width) and self.col_blocks:
+            output_parallel = blocked_cols_linear(input_, self.weight, self.col_blocks)
+        elif isinstance(cols, torch.Tensor) and _few_tokens(input_, width):
             # a few tokens without grad: the input placed in the full width (zeros elsewhere)
             # reads the weight once; gathering its columns would copy most of it every step
             full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
@@ -151,7 +204,8 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 output_parallel, group=self.tp_group
             )
         else:
-            output = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+            output = tp_layers.reduce_from_tensor_model_parallel_region(
+                output_parallel, group=self.tp_group)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None
