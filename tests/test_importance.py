@@ -298,5 +298,5 @@ def test_convert_cli_under_torchrun_equals_single_process(tmp_path):
         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
-    assert bad.returncode != 0 and "do not hold TP=2 x PP=2" in bad.stderr
+    assert bad.returncode != 0 and "do not hold TP=2 x PP=2" in bad.stderr, bad.stderr[-3000:]
     assert not os.path.exists(tmp_path / "bad")

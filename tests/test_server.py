@@ -363,12 +363,12 @@ def test_a_disconnected_client_s_generation_is_cancelled(served):
     assert status == 200
 
 
-def _start_server(path):
+def _start_server(path, max_seq_length=128):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"),
          "--load", path, "--port", "0", "--host", "127.0.0.1",
-         "--inference-max-seq-length", "128"],
+         "--inference-max-seq-length", str(max_seq_length)],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     lines = []
@@ -381,9 +381,12 @@ def _start_server(path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_server_within_seconds_cancelling_what_is_in_flight(signum):
     _, path = smollm2_flextron()
-    proc, port = _start_server(path)
+    proc, port = _start_server(path, max_seq_length=1200)
     try:
-        body = json.dumps({"prompts": [PROMPT], "tokens_to_generate": 100}).encode()
+        # counting goes on without an end token: the request outlasts the 3 s wait on any CPU
+        # (a prose prompt ended at token 61, inside 3 s, once decoding got faster)
+        counting = ", ".join(str(i) for i in range(1, 30)) + ","
+        body = json.dumps({"prompts": [counting], "tokens_to_generate": 1000}).encode()
         replies = []
 
         def call():
@@ -391,7 +394,7 @@ def test_a_signal_stops_the_server_within_seconds_cancelling_what_is_in_flight(s
 
         thread = threading.Thread(target=call)
         thread.start()
-        time.sleep(3)  # the request is being generated (100 tokens take far longer)
+        time.sleep(3)  # the request is being generated (1000 tokens take far longer)
         start = time.time()
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
