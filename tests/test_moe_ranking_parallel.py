@@ -1,7 +1,11 @@
-"""MoE ranking sharded over TP=2 (sequence parallel: megatron's MoE under TP) and PP=2 (the
-``*E|*E`` pattern) equals one process: the expert, head and layer statistics within fp32 noise,
-and the expert, expert-neuron and head orders and the layer ranking exactly (the weights are
-scaled so that neighbouring scores are far apart compared with that noise, checked below)."""
+"""MoE ranking sharded over TP=2 (sequence parallel: megatron's MoE under TP), PP=2 (the
+``*E|*E`` pattern) and TP=2 x EP=2 equals one process.
+
+The statistics are compared in float64 (a float64 model: the sharded sums differ from one
+process by reduction order only, 1e-7 relative leaves room for the backward's fp32 parts); in
+fp32 that noise reaches 1e-4 relative on small scores, so the fast ranking's orders (fp32, as
+the converter runs it) are compared where the scores they sort are apart by more than that.
+"""
 
 from __future__ import annotations
 
@@ -40,10 +44,10 @@ def _rank(ckpt, data) -> tuple:
     return ranked.metadata["importance"], ranked.elastic.layer_ranking, _statistics(ckpt, data)
 
 
-def _sharded_body(rank, world_size, tp, pp, ckpt_path, data, out_path):
+def _sharded_body(rank, world_size, tp, pp, ep, ckpt_path, data, out_path):
     from megatron_flextron.parallel import initialize_model_parallel
 
-    initialize_model_parallel(tp, pp, seed=1234)
+    initialize_model_parallel(tp, pp, seed=1234, expert_model_parallel_size=ep)
     result = _rank(torch.load(ckpt_path, weights_only=False), data)
     if rank == 0:
         torch.save(result, out_path)
@@ -73,17 +77,20 @@ def reference(megatron_single_process, tmp_path_factory):
     return tmp, data, _rank(ckpt, data)
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_moe_ranking_sharded_equals_one_process(reference, tp, pp):
+@pytest.mark.parametrize("tp, pp, ep, world", [(2, 1, 1, 2), (1, 2, 1, 2), (2, 1, 2, 4)])
+def test_moe_ranking_sharded_equals_one_process(reference, tp, pp, ep, world):
     tmp, data, (want, want_layers, want_stats) = reference
-    out = tmp / f"tp{tp}pp{pp}.pt"
-    run_distributed(_sharded_body, tp * pp, tp, pp, str(tmp / "ckpt.pt"), data, str(out))
+    out = tmp / f"tp{tp}pp{pp}ep{ep}.pt"
+    run_distributed(_sharded_body, world, tp, pp, ep, str(tmp / "ckpt.pt"), data, str(out))
     info, layer_ranking, stats = torch.load(out, weights_only=False)
-    where = f"tp={tp} pp={pp}"
+    where = f"tp={tp} pp={pp} ep={ep}"
 
     far = []  # every score off by more than fp32 noise, listed together
+    copies = world // (tp * pp)  # data-parallel copies of the batch (EP spans them)
     for key in EXPERT_KEYS + DENSE_KEYS:
         for layer, (got, exp) in enumerate(zip(stats[key], want_stats[key])):
+            if key == "tokens":  # the dispatcher gathers every copy's tokens (experts.py)
+                exp = exp * copies
             if exp is None:
                 assert got is None, (where, key, layer)
             elif not torch.allclose(got, exp, rtol=1e-7, atol=0):
