@@ -1,5 +1,5 @@
 """MoE ranking sharded over TP=2 (sequence parallel: megatron's MoE under TP), PP=2 (the
-``*E|*E`` pattern) and TP=2 x EP=2 equals one process.
+``*E|*E`` pattern) and TP=2 x EP=2 equals one process (thorough mode: TP=2).
 
 The statistics are compared in float64 (a float64 model: the sharded sums differ from one
 process by reduction order only, 1e-7 relative leaves room for the backward's fp32 parts); in
@@ -122,3 +122,43 @@ def test_moe_ranking_sharded_equals_one_process(reference, tp, pp, ep, world):
     identity = list(range(m.num_attention_heads))
     assert any(o != identity for o in want["head_order"])
     assert any(o != list(range(m.num_moe_experts)) for o in want["expert_order"])
+
+
+def _thorough_body(rank, world_size, ckpt_path, data, out_path):
+    from test_importance import SEQ
+
+    from megatron_flextron.importance.moe_ranking import rank_and_permute_moe
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(world_size, 1, seed=1234)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ranked = rank_and_permute_moe(ckpt, data, samples=8, seq_length=SEQ, mode="thorough")
+    if rank == 0:
+        torch.save(ranked.metadata["importance"], out_path)
+
+
+def test_thorough_moe_ranking_under_tp2_equals_one_process(reference, tmp_path):
+    """The choice among estimators runs sub-networks (fewer experts, narrower experts, fewer
+    heads) through the sequence-parallel model: the same held-out losses, choices and orders."""
+    tmp, data, _ = reference
+    for world in (1, 2):
+        out = tmp_path / f"tp{world}.pt"
+        run_distributed(_thorough_body, world, str(tmp / "ckpt.pt"), data, str(out))
+    one, two = (torch.load(tmp_path / f"tp{w}.pt", weights_only=False) for w in (1, 2))
+    for key in ("expert_selection", "head_selection"):
+        for name, losses in one[key]["loss"].items():
+            for size, loss in losses.items():
+                assert abs(two[key]["loss"][name][size] - loss) < 1e-5, (key, name, size)
+    assert abs(two["full_loss"] - one["full_loss"]) < 1e-5
+    # a choice is compared where the winner's mean loss leads by more than that noise: the
+    # experts' always here (the expert scores are far apart too), the heads' when it does
+    for key, chosen in (
+        ("expert_selection", "expert_estimator"),
+        ("head_selection", "head_estimator"),
+    ):
+        mean = {k: sum(v.values()) / len(v) for k, v in one[key]["loss"].items() if v}
+        best, second = sorted(mean.values())[:2]
+        assert key == "head_selection" or second - best > 1e-4, (key, mean)
+        if second - best > 1e-4:
+            assert two[chosen] == one[chosen], chosen
+    assert two["expert_order"] == one["expert_order"]
