@@ -419,7 +419,7 @@ def _ep_ranking_body(rank, world_size, ckpt_path, data, out_path):
 
 def test_head_and_layer_ranking_under_ep2_equals_ep1(megatron_single_process, tmp_path):
     """Heads, layers and experts ranked by 2 EP ranks (each holding half the experts) as by
-    one process. (MoE at TP > 1 does not build on CPU: docs/ranking.md.)"""
+    one process (TP and PP: test_moe_ranking_parallel.py)."""
     from helpers import elastic_choices
     from test_importance import SEQ, _calibration_file
 

@@ -75,7 +75,8 @@ def calibration_sequences(
 def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     """The elastic model of this rank (current TP/PP layout, current device) holding ckpt, in
     ``dtype`` (statistics in fp32; a sharded save in the checkpoint's own dtype). The state is
-    read one tensor at a time and only this rank's shard is kept."""
+    read one tensor at a time and only this rank's shard is kept. An MoE at TP > 1 is built
+    sequence parallel (collect.py gathers the per-token statistics of the shards)."""
     from megatron.core import parallel_state
 
     from megatron_flextron.elastic import build_elastic_model
@@ -83,10 +84,12 @@ def ranking_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     from megatron_flextron.parallel import current_device
 
     m = ckpt.model
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     config = m.transformer_config(
-        parallel_state.get_tensor_model_parallel_world_size(),
+        tp,
         parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=dtype,
+        sequence_parallel=m.is_moe and tp > 1,  # megatron's MoE runs under TP only with it
         perform_initialization=False,  # overwritten below
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
     )

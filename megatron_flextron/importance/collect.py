@@ -37,6 +37,24 @@ def _per_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(0) / m.sum(0).clamp(min=1)
 
 
+def _token_mean(values: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean of ``values`` [s_local, b] over the valid tokens of ``valid`` [s, b]. Under
+    sequence parallelism a block holds this TP rank's chunk of the sequence (s_local < s): the
+    sums and counts of the chunks are added over TP, so every rank gets the whole mean."""
+    from megatron.core import parallel_state
+
+    local = values.shape[0]
+    sharded = local != valid.shape[0]
+    if sharded:
+        r = parallel_state.get_tensor_model_parallel_rank()
+        valid = valid[r * local : (r + 1) * local]
+    total = torch.stack([values.double()[valid].sum(), valid.sum().double()])
+    if sharded:
+        group = parallel_state.get_tensor_model_parallel_group()
+        torch.distributed.all_reduce(total, group=group)
+    return float(total[0] / total[1])
+
+
 def progress(iterable, desc: str, total=None):
     """A tqdm bar on stderr from the first rank only (quiet elsewhere and when not installed)."""
     try:
@@ -144,9 +162,8 @@ def collect_statistics(
         def hook(module, args, kwargs, output):
             x, st.block_input = st.block_input.float(), None
             y = output[0].detach().float()
-            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [s, b]
-            valid = current["mask"].t() > 0
-            st.cos.append(float((1 - cos)[valid].mean()))
+            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # [s, b] (or a chunk)
+            st.cos.append(_token_mean(1 - cos, current["mask"].t() > 0))
 
         return hook
 
