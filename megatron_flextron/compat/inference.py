@@ -229,6 +229,12 @@ def _install_plain_rope() -> None:
     rope_utils._apply_rotary_pos_emb_bshd = _apply_rotary_pos_emb_bshd
 
 
+def active() -> bool:
+    """Whether the CPU inference shims are installed (the direct decode step relies on them:
+    elastic/decode_step.py)."""
+    return _APPLIED
+
+
 def apply_inference_shims() -> bool:
     """Install the CPU training and inference shims once (and, on a GPU without flash-attn, the
     paged-attention stand-ins). Returns True if the CPU shims are active."""

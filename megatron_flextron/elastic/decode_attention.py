@@ -22,7 +22,7 @@ _UNSET = ("key_value_states", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_co
           "attention_bias", "packed_seq_params", "inference_params")
 
 
-def _configured_plainly(attn) -> bool:
+def configured_plainly(attn) -> bool:
     """Whether ``attn`` uses none of the features the decode path leaves out (fixed at build)."""
     cfg = attn.config
     use_fa4, use_fa3 = attn._resolve_flash_version()
@@ -52,7 +52,7 @@ def decodes(attn, args, kwargs) -> bool:
             and not getattr(context, "cache_mla_latent", False)):
         return False
     if attn._decode_plain is None:
-        attn._decode_plain = _configured_plainly(attn)
+        attn._decode_plain = configured_plainly(attn)
     return attn._decode_plain
 
 

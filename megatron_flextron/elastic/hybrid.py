@@ -29,8 +29,10 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megatron_flextron.config import ModelConfig
+from megatron_flextron.elastic.decode_step import decode_stack, step_covered
 from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.specs import elastic_layer_spec, stock_layer_spec
 
@@ -76,6 +78,28 @@ class LocalHybridStack(HybridStack):
                 hidden_size=self.config.hidden_size,
                 eps=self.config.layernorm_epsilon,
             )
+        self.direct_decode = True  # decode-only CPU steps as direct operations (decode_step.py)
+
+    def forward(self, hidden_states, attention_mask, inference_context=None,
+                rotary_pos_emb=None, *, inference_params=None, packed_seq_params=None,
+                padding_mask=None):
+        """A decode-only step of CPU serving: elastic/decode_step.py; else megatron's."""
+        cfg = self.config
+        if (self.direct_decode and inference_params is None and packed_seq_params is None
+                and not (cfg.fp8 or cfg.fp4)
+                and step_covered(self, inference_context, rotary_pos_emb)):
+            if not self.pre_process:
+                hidden_states = self.input_tensor
+            if isinstance(hidden_states, WrappedTensor):
+                hidden_states = hidden_states.unwrap()
+            x = decode_stack(self, hidden_states, inference_context, rotary_pos_emb,
+                             attention_mask=attention_mask, padding_mask=padding_mask)
+            if self.post_process and self.post_layer_norm:
+                x = self.final_norm(x)
+            return make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True)
+        return super().forward(hidden_states, attention_mask, inference_context, rotary_pos_emb,
+                               inference_params=inference_params,
+                               packed_seq_params=packed_seq_params, padding_mask=padding_mask)
 
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

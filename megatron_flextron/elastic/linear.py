@@ -80,13 +80,28 @@ def blocked_rows_linear(x, weight, bias, blocks: Blocks) -> torch.Tensor:
 
 
 def blocked_cols_linear(x, weight, blocks: Blocks) -> torch.Tensor:
-    """``F.linear`` on the input columns ``blocks`` selects (one span per block), from a strided
-    view of ``weight`` (no copy): a batched product per block, summed over the blocks."""
+    """``F.linear`` on the input columns ``blocks`` selects (one span per block), from views of
+    ``weight`` (no copy): one product per block, accumulated in block order. Each block's
+    columns are contiguous memory when the weight is stored column-major (serving_layout)."""
     g, size, ((a, b),) = blocks
-    w = weight.view(weight.shape[0], g, size)[:, :, a:b]  # [out, groups, b - a]
-    flat = x.reshape(-1, g, b - a).transpose(0, 1)  # [groups, tokens, b - a]
-    out = torch.matmul(flat, w.permute(1, 2, 0)).sum(0)
+    w = weight.view(weight.shape[0], g, size)  # [out, groups, size]
+    flat = x.reshape(-1, g, b - a)  # [tokens, groups, b - a]
+    out = torch.mm(flat[:, 0], w[:, 0, a:b].t())
+    for i in range(1, g):
+        out = torch.addmm(out, flat[:, i], w[:, i, a:b].t())
     return out.view(*x.shape[:-1], -1)
+
+
+def serving_layout(model: torch.nn.Module) -> None:
+    """Store the weights of the row-parallel linears column-major (the same values and shape):
+    a sub-network reads a prefix of their input columns (MLP neurons) or a span per KV group
+    (heads), which is then contiguous memory; read row-major, those strided rows cost a
+    one-token product up to 1.5x (``python benchmarks/serving_step_profile.py``). For a model
+    that only generates: its weights do not change."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ElasticRowParallelLinear) and module.weight.dim() == 2:
+                module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def selection_size(selection: Selection, full: int) -> int:

@@ -19,6 +19,7 @@ from typing import ContextManager, Optional
 
 from megatron_flextron.checkpoint.load import check_finite_weights, load_elastic_model
 from megatron_flextron.config import ElasticConfig, ModelConfig
+from megatron_flextron.elastic.linear import serving_layout
 from megatron_flextron.elastic.state import elastic_state
 from megatron_flextron.elastic.subnetwork import Subnetwork
 from megatron_flextron.routers.checkpoint import load_budget_policy
@@ -143,6 +144,7 @@ def load_served_model(ckpt_dir: str, dtype, router: Optional[str] = None):
     model = loaded.model
     for p in model.parameters():
         p.requires_grad_(False)
+    serving_layout(model)
     policy = load_budget_policy(ckpt_dir, loaded.model_cfg, loaded.elastic, router, gpt=model)
     policy.reset(model)  # the full model until a group's architecture is set
     return model, SubnetworkSelector(policy, loaded.model_cfg, loaded.elastic, tp)
