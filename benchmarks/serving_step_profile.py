@@ -1,5 +1,7 @@
 """Where a decode step's time goes: one request on megatron-core's dynamic engine, the elastic
-model's modules and megatron's attention stages timed per step (CPU time of the thread).
+model's direct decode step (elastic/decode_step.py: its attention and MLP layers, norms, step
+plan), the modules' path and megatron's attention stages (where a layer runs through its module)
+timed per step (CPU time of the thread).
 
 The time a part takes includes the parts inside it (a layer holds its attention or MLP, which
 hold their linears); ``weight products`` is every weight product of the step (``F.linear`` and
@@ -59,12 +61,18 @@ def instrument(timer: Timer) -> None:
     from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
     from megatron.core.transformer import attention as mcore_attention
 
-    from megatron_flextron.elastic import linear
+    from megatron_flextron.elastic import decode_step, hybrid, linear
     from megatron_flextron.elastic.attention import ElasticSelfAttention
     from megatron_flextron.elastic.layer import ElasticTransformerLayer
     from megatron_flextron.elastic.mlp import ElasticMLP
 
-    parts = [
+    parts = [  # the direct decode step (elastic/decode_step.py), then the modules' path
+        (hybrid, "decode_stack", "layers"),
+        (decode_step, "StepPlan", "step plan (RoPE tables, cache slots)"),
+        (decode_step._AttentionStep, "__call__", "attention"),
+        (decode_step._MLPStep, "__call__", "MLP"),
+        (decode_step._Norm, "__call__", "norms"),
+        (decode_step, "blocked_rows_linear", "weight products"),
         (ElasticTransformerLayer, "forward", "layers"),
         (ElasticSelfAttention, "forward", "attention"),
         (ElasticMLP, "forward", "MLP"),
@@ -77,6 +85,8 @@ def instrument(timer: Timer) -> None:
         (linear, "blocked_rows_linear", "weight products"),
         (linear, "blocked_cols_linear", "weight products"),
         (linear.F, "linear", "weight products"),
+        (linear.torch, "mm", "weight products"),
+        (linear.torch, "addmm", "weight products"),
     ]
     for owner, attr, name in parts:
         timer.wrap(owner, attr, name)
