@@ -41,8 +41,9 @@ from megatron_flextron.elastic.layer import ElasticTransformerLayer
 from megatron_flextron.elastic.linear import (
     ElasticColumnParallelLinear,
     ElasticRowParallelLinear,
-    _few_tokens,
+    blocked_cols_linear,
     blocked_rows_linear,
+    few_tokens,
 )
 from megatron_flextron.elastic.mlp import ElasticMLP
 
@@ -186,15 +187,24 @@ class _Linear:
 
     def __call__(self, x) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         m = self.module
+        if not self.column and m.input_scale is not None:
+            return m.forward(x)
         if self.column:
             if m.active_rows is not None:
                 pieces = self.pieces(x)
                 return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)), None
             out = F.linear(x, self.weight)
         else:
-            if m.active_cols is not None or m.input_scale is not None:
+            cols = m.active_cols
+            if cols is None:
+                out = F.linear(x, self.weight)
+            elif isinstance(cols, slice):  # a prefix of MLP neurons: a view of the weight
+                out = F.linear(x, self.weight[:, cols])
+            elif m.col_blocks is not None and few_tokens(x, x.shape[-1]):
+                out = blocked_cols_linear(x, self.weight, m.col_blocks)  # trimmed GQA heads
+            else:
                 return m.forward(x)
-            out = mappings._reduce(F.linear(x, self.weight), self.group)
+            out = mappings._reduce(out, self.group)
         if self.skip_bias_add:
             return out, self.bias
         return (out if self.bias is None else out + self.bias), None
@@ -204,7 +214,7 @@ class _Linear:
         them without grad: a slice's product, or trimmed GQA heads' strided products."""
         m, bias = self.module, self.bias
         rows = m.active_rows
-        if m.row_blocks is not None and _few_tokens(x, x.shape[-1]):
+        if m.row_blocks is not None and few_tokens(x, x.shape[-1]):
             return [blocked_rows_linear(x, self.weight, bias, m.row_blocks)]
         if all(isinstance(r, slice) for r in rows):
             return [F.linear(x, self.weight[r], None if bias is None else bias[r]) for r in rows]

@@ -61,7 +61,7 @@ class Blocks(NamedTuple):
     spans: Tuple[Tuple[int, int], ...]
 
 
-def _few_tokens(x: torch.Tensor, width: int) -> bool:
+def few_tokens(x: torch.Tensor, width: int) -> bool:
     return not torch.is_grad_enabled() and x.numel() <= FEW_TOKENS * width
 
 
@@ -80,24 +80,23 @@ def blocked_rows_linear(x, weight, bias, blocks: Blocks) -> torch.Tensor:
 
 
 def blocked_cols_linear(x, weight, blocks: Blocks) -> torch.Tensor:
-    """``F.linear`` on the input columns ``blocks`` selects (one span per block), from views of
-    ``weight`` (no copy): one product per block, accumulated in block order. Each block's
-    columns are contiguous memory when the weight is stored column-major (serving_layout)."""
+    """``F.linear`` on the input columns ``blocks`` selects (one span per block), from a strided
+    view of ``weight`` (no copy): a batched product per block, summed over the blocks. Each
+    block's columns are contiguous memory when the weight is stored column-major
+    (:func:`serving_layout`)."""
     g, size, ((a, b),) = blocks
-    w = weight.view(weight.shape[0], g, size)  # [out, groups, size]
-    flat = x.reshape(-1, g, b - a)  # [tokens, groups, b - a]
-    out = torch.mm(flat[:, 0], w[:, 0, a:b].t())
-    for i in range(1, g):
-        out = torch.addmm(out, flat[:, i], w[:, i, a:b].t())
+    w = weight.view(weight.shape[0], g, size)[:, :, a:b]  # [out, groups, b - a]
+    flat = x.reshape(-1, g, b - a).transpose(0, 1)  # [groups, tokens, b - a]
+    out = torch.matmul(flat, w.permute(1, 2, 0)).sum(0)
     return out.view(*x.shape[:-1], -1)
 
 
 def serving_layout(model: torch.nn.Module) -> None:
     """Store the weights of the row-parallel linears column-major (the same values and shape):
     a sub-network reads a prefix of their input columns (MLP neurons) or a span per KV group
-    (heads), which is then contiguous memory; read row-major, those strided rows cost a
-    one-token product up to 1.5x (``python benchmarks/serving_step_profile.py``). For a model
-    that only generates: its weights do not change."""
+    (heads), which is then contiguous memory; read row-major, a one-token product costs
+    1.05-1.5x (fc2) and 1.2-2.2x (projection) as much (``python benchmarks/serving_layout.py``).
+    For a model that only generates: its weights do not change."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, ElasticRowParallelLinear) and module.weight.dim() == 2:
@@ -142,7 +141,7 @@ class ElasticColumnParallelLinear(ColumnParallelLinear):
         return [self._piece(x, r) for r in rows]
 
     def _piece(self, x: torch.Tensor, rows: Selection) -> torch.Tensor:
-        if isinstance(rows, torch.Tensor) and _few_tokens(x, x.shape[-1]):
+        if isinstance(rows, torch.Tensor) and few_tokens(x, x.shape[-1]):
             if self.row_blocks is not None:
                 return blocked_rows_linear(x, self.weight, self.bias, self.row_blocks)
             # a few tokens without grad (a decode step): the full product's selected outputs
@@ -201,9 +200,9 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"the active selection has {width}"
             )
         cols = self.active_cols
-        if isinstance(cols, torch.Tensor) and _few_tokens(input_, width) and self.col_blocks:
+        if isinstance(cols, torch.Tensor) and few_tokens(input_, width) and self.col_blocks:
             output_parallel = blocked_cols_linear(input_, self.weight, self.col_blocks)
-        elif isinstance(cols, torch.Tensor) and _few_tokens(input_, width):
+        elif isinstance(cols, torch.Tensor) and few_tokens(input_, width):
             # a few tokens without grad: the input placed in the full width (zeros elsewhere)
             # reads the weight once; gathering its columns would copy most of it every step
             full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
