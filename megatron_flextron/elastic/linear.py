@@ -95,7 +95,7 @@ def serving_layout(model: torch.nn.Module) -> None:
     """Store the weights of the row-parallel linears column-major (the same values and shape):
     a sub-network reads a prefix of their input columns (MLP neurons) or a span per KV group
     (heads), which is then contiguous memory; read row-major, a one-token product costs
-    1.05-1.5x (fc2) and 1.2-2.2x (projection) as much (``python benchmarks/serving_layout.py``).
+    1.0-1.5x (fc2) and 1.1-2.1x (projection) as much (``python benchmarks/serving_layout.py``).
     For a model that only generates: its weights do not change."""
     with torch.no_grad():
         for module in model.modules():
