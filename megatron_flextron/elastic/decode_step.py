@@ -25,6 +25,7 @@ is ``F.linear`` and its decode attention the SDPA stand-in; elsewhere megatron's
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -87,7 +88,8 @@ def step_covered(stack, context, rotary_pos_emb) -> bool:
     if (context.use_flashinfer_fused_rope or getattr(context, "cache_mla_latent", False)
             or getattr(context, "num_speculative_tokens", 0)):
         return False
-    if mcore_attention.flash_attn_with_kvcache is not inference_shims.flash_attn_with_kvcache:
+    if (inspect.unwrap(mcore_attention.flash_attn_with_kvcache)
+            is not inference_shims.flash_attn_with_kvcache):  # (a timing wrapper is fine)
         return False
     _, lengths, _ = context.cu_kv_lengths()
     if lengths.shape[0] != context.padded_active_token_count:  # one new token per request
