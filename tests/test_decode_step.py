@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed import run_distributed
 from helpers import elastic_choices, random_canonical_state, tiny_config
 
 from megatron_flextron.elastic import build_elastic_model, decode_step, hybrid, set_subnetwork
@@ -37,16 +38,18 @@ class _IdTokenizer:
         return " ".join(map(str, ids))
 
 
-def _served(family):
-    """A tiny elastic HybridModel as served: frozen weights in the serving layout."""
+def _served(family, tp=1, pp=1, state=None):
+    """A tiny elastic HybridModel as served (this rank's shard of ``state``, default: random
+    weights): frozen weights in the serving layout."""
     m = tiny_config(family)
-    model = build_elastic_model(m, m.transformer_config())
-    load_canonical_state_dict(model, random_canonical_state(m), m)
+    state = random_canonical_state(m) if state is None else state
+    model = build_elastic_model(m, m.transformer_config(tp, pp))
+    load_canonical_state_dict(model, state, m)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     serving_layout(model)
-    selector = SubnetworkSelector(None, m, elastic_choices(m), 1)
+    selector = SubnetworkSelector(None, m, elastic_choices(m), tp)
     return ElasticGenerator(model, _IdTokenizer(), selector, 4, max_sequence_length=48), model
 
 
@@ -82,6 +85,36 @@ def test_direct_decode_steps_give_megatron_s_tokens_and_log_probabilities(family
     reference = _generate(generator, SPECS[family])
     assert calls == count
     assert direct == reference
+
+
+def _parallel_body(rank, world_size, state):
+    from megatron.core import parallel_state
+
+    from megatron_flextron.parallel import initialize_model_parallel
+
+    for tp, pp in ((2, 1), (1, 2)):
+        initialize_model_parallel(tp, pp, seed=1234)
+        generator, model = _served("llama", tp, pp, state)
+        calls, inner = [], hybrid.decode_stack
+
+        def counted(*a, _calls=calls, _inner=inner, **k):
+            _calls.append(1)
+            return _inner(*a, **k)
+
+        hybrid.decode_stack = counted
+        try:
+            direct = _generate(generator, SPECS["llama"])
+        finally:
+            hybrid.decode_stack = inner
+        model.decoder.direct_decode = False
+        assert calls and _generate(generator, SPECS["llama"]) == direct, (tp, pp)
+        parallel_state.destroy_model_parallel()
+
+
+def test_direct_decode_steps_under_tp2_and_pp2_give_megatron_s_numbers():
+    """TP=2 (the projection's and fc2's all-reduce, a rank's KV groups) and PP=2 (a stage's
+    layers, the received hidden states): the direct step equals megatron's path to the bit."""
+    run_distributed(_parallel_body, 2, random_canonical_state(tiny_config("llama")))
 
 
 def test_layers_the_direct_step_does_not_cover_run_through_their_modules(monkeypatch):
