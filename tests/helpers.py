@@ -250,3 +250,15 @@ def train_history(tmp_path, name: str, world_size: int, argv: list) -> list:
     out = tmp_path / f"{name}.json"
     run_distributed(_train_body, world_size, argv, str(out))
     return json.loads(out.read_text())
+
+
+class IdTokenizer:
+    """Token ids written as text ("5 6 7"): the generator's tokenizer in tiny-model tests."""
+
+    eod, vocab_size = 0, 128
+
+    def tokenize(self, text):
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids):
+        return " ".join(map(str, ids))

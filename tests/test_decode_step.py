@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from distributed import run_distributed
-from helpers import elastic_choices, random_canonical_state, tiny_config
+from helpers import IdTokenizer, elastic_choices, random_canonical_state, tiny_config
 
 from megatron_flextron.elastic import build_elastic_model, decode_step, hybrid, set_subnetwork
 from megatron_flextron.elastic.linear import ElasticRowParallelLinear, serving_layout
@@ -28,16 +28,6 @@ SPECS = {
 }
 
 
-class _IdTokenizer:
-    eod, vocab_size = 0, 128
-
-    def tokenize(self, text):
-        return [int(t) for t in text.split()]
-
-    def detokenize(self, ids):
-        return " ".join(map(str, ids))
-
-
 def _served(family, tp=1, pp=1, state=None):
     """A tiny elastic HybridModel as served (this rank's shard of ``state``, default: random
     weights): frozen weights in the serving layout."""
@@ -50,7 +40,7 @@ def _served(family, tp=1, pp=1, state=None):
         p.requires_grad_(False)
     serving_layout(model)
     selector = SubnetworkSelector(None, m, elastic_choices(m), tp)
-    return ElasticGenerator(model, _IdTokenizer(), selector, 4, max_sequence_length=48), model
+    return ElasticGenerator(model, IdTokenizer(), selector, 4, max_sequence_length=48), model
 
 
 def _generate(generator, specs):

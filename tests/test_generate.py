@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from distributed import run_distributed
-from helpers import elastic_choices, random_canonical_state, tiny_config
+from helpers import IdTokenizer, elastic_choices, random_canonical_state, tiny_config
 from serving_helpers import (
     HOMOGENEOUS,
     PER_LAYER,
@@ -106,18 +106,8 @@ def _tiny_generator(family="llama", tp=1, state=None, pp=1):
     load_canonical_state_dict(model, state, m)
     model.eval()
     selector = SubnetworkSelector(None, m, elastic_choices(m), tp)
-    generator = ElasticGenerator(model, _IdTokenizer(), selector, 4, max_sequence_length=48)
+    generator = ElasticGenerator(model, IdTokenizer(), selector, 4, max_sequence_length=48)
     return generator, m, model
-
-
-class _IdTokenizer:
-    eod, vocab_size = 0, 128
-
-    def tokenize(self, text):
-        return [int(t) for t in text.split()]
-
-    def detokenize(self, ids):
-        return " ".join(map(str, ids))
 
 
 TINY_PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43]]

@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_flextron.compat import inference as inference_shims
 from megatron_flextron.elastic.attention import ElasticSelfAttention
 from megatron_flextron.elastic.decode_attention import configured_plainly
-from megatron_flextron.elastic.layer import ElasticTransformerLayer
+from megatron_flextron.elastic.layer import ElasticTransformerLayer, add_residual
 from megatron_flextron.elastic.linear import (
     ElasticColumnParallelLinear,
     ElasticRowParallelLinear,
@@ -223,16 +223,6 @@ class _Linear:
         return m.forward_pieces(x)
 
 
-def _residual(out, bias, residual):
-    """elastic/layer.py's bias-dropout-add in eval: in place on the output."""
-    if out.dtype != residual.dtype:
-        out = out.to(residual.dtype)
-        bias = None if bias is None else bias.to(residual.dtype)
-    if bias is not None:
-        out.add_(bias)
-    return out.add_(residual)
-
-
 def _rotate(t, cos, sin):
     """megatron's unfused RoPE (no pass-through part, mscale 1, same dtype)."""
     x1, x2 = torch.chunk(t, 2, dim=-1)
@@ -291,7 +281,7 @@ class _AttentionStep:
                 values.transpose(0, 1)[None], scale=self.scale, enable_gqa=True)
             outs.append(out[0].transpose(0, 1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return _residual(*self.proj(out.reshape(n, 1, -1)), x)
+        return add_residual(self.proj(out.reshape(n, 1, -1)), x)
 
 
 class _MLPStep:
@@ -328,4 +318,4 @@ class _MLPStep:
                 hidden = self.act(gate) * (up + self.offset)
             else:
                 hidden = self.plain_act(hidden)
-        return _residual(*self.fc2(hidden), x)
+        return add_residual(self.fc2(hidden), x)

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 _NORMS = (IdentityOp, torch.nn.RMSNorm, torch.nn.LayerNorm)
 
 
-def _add_residual(output_with_bias, residual: torch.Tensor) -> torch.Tensor:
+def add_residual(output_with_bias, residual: torch.Tensor) -> torch.Tensor:
     """megatron's bias-dropout-add in eval without grad: residual + (output + bias), in place
     on the output as megatron's does (dropout is the identity in eval)."""
     out, bias = output_with_bias
@@ -100,7 +100,7 @@ class ElasticTransformerLayer(TransformerLayer):
         """TransformerLayer.forward's arithmetic for an inference step (see the module doc)."""
         x = hidden_states
         if not isinstance(self.self_attention, IdentityOp):
-            x = _add_residual(self.self_attention(
+            x = add_residual(self.self_attention(
                 self.input_layernorm(x), attention_mask=attention_mask,
                 inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
                 rotary_pos_cos=rest.get("rotary_pos_cos"),
@@ -109,5 +109,5 @@ class ElasticTransformerLayer(TransformerLayer):
                 attention_bias=rest.get("attention_bias"), packed_seq_params=packed_seq_params,
                 sequence_len_offset=sequence_len_offset), x)
         if not isinstance(self.mlp, IdentityOp):
-            x = _add_residual(self.mlp(self.pre_mlp_layernorm(x), padding_mask=padding_mask), x)
+            x = add_residual(self.mlp(self.pre_mlp_layernorm(x), padding_mask=padding_mask), x)
         return x, context
