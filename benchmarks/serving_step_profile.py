@@ -73,6 +73,7 @@ def instrument(timer: Timer) -> None:
         (decode_step._MLPStep, "__call__", "MLP"),
         (decode_step._Norm, "__call__", "norms"),
         (decode_step, "blocked_rows_linear", "weight products"),
+        (decode_step, "blocked_cols_linear", "weight products"),
         (ElasticTransformerLayer, "forward", "layers"),
         (ElasticSelfAttention, "forward", "attention"),
         (ElasticMLP, "forward", "MLP"),

@@ -3,7 +3,8 @@ log probabilities and top alternatives to the bit, for a batch of requests at fu
 homogeneous and per-layer sub-networks (fewer heads per KV group, narrower MLPs, skipped
 layers), for a Llama (RoPE, RMSNorm, SwiGLU, GQA) and a GPT-3 (learned positions, LayerNorm,
 biases, GELU); layers it does not cover run through their modules in the same step; and the
-serving layout (column-major row-parallel weights) keeps every product's numbers."""
+serving layout (column-major row-parallel weights) keeps the weights' values, and every
+product to float rounding."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ SPECS = {
 }
 
 
-def _served(family, tp=1, pp=1, state=None):
+def _served(family, tp=1, pp=1, state=None, dtype=torch.float32):
     """A tiny elastic HybridModel as served (this rank's shard of ``state``, default: random
     weights): frozen weights in the serving layout."""
     m = tiny_config(family)
     state = random_canonical_state(m) if state is None else state
-    model = build_elastic_model(m, m.transformer_config(tp, pp))
+    model = build_elastic_model(m, m.transformer_config(tp, pp, params_dtype=dtype)).to(dtype)
     load_canonical_state_dict(model, state, m)
     model.eval()
     for p in model.parameters():
@@ -64,9 +65,11 @@ def _count_direct_layers(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt3"])
-def test_direct_decode_steps_give_megatron_s_tokens_and_log_probabilities(family, monkeypatch):
-    generator, model = _served(family)
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("gpt3", torch.float32),
+                                           ("llama", torch.bfloat16)])
+def test_direct_decode_steps_give_megatron_s_tokens_and_log_probabilities(family, dtype,
+                                                                          monkeypatch):
+    generator, model = _served(family, dtype=dtype)
     calls = _count_direct_layers(monkeypatch)
     direct = _generate(generator, SPECS[family])
     assert calls["attention"] > 0 and calls["mlp"] > 0
@@ -77,14 +80,14 @@ def test_direct_decode_steps_give_megatron_s_tokens_and_log_probabilities(family
     assert direct == reference
 
 
-def _parallel_body(rank, world_size, state):
+def _parallel_body(rank, world_size, states):
     from megatron.core import parallel_state
 
     from megatron_flextron.parallel import initialize_model_parallel
 
-    for tp, pp in ((2, 1), (1, 2)):
+    for family, tp, pp in (("llama", 2, 1), ("gpt3", 2, 1), ("llama", 1, 2)):
         initialize_model_parallel(tp, pp, seed=1234)
-        generator, model = _served("llama", tp, pp, state)
+        generator, model = _served(family, tp, pp, states[family])
         calls, inner = [], hybrid.decode_stack
 
         def counted(*a, _calls=calls, _inner=inner, **k):
@@ -93,18 +96,20 @@ def _parallel_body(rank, world_size, state):
 
         hybrid.decode_stack = counted
         try:
-            direct = _generate(generator, SPECS["llama"])
+            direct = _generate(generator, SPECS[family])
         finally:
             hybrid.decode_stack = inner
         model.decoder.direct_decode = False
-        assert calls and _generate(generator, SPECS["llama"]) == direct, (tp, pp)
+        assert calls and _generate(generator, SPECS[family]) == direct, (family, tp, pp)
         parallel_state.destroy_model_parallel()
 
 
 def test_direct_decode_steps_under_tp2_and_pp2_give_megatron_s_numbers():
-    """TP=2 (the projection's and fc2's all-reduce, a rank's KV groups) and PP=2 (a stage's
-    layers, the received hidden states): the direct step equals megatron's path to the bit."""
-    run_distributed(_parallel_body, 2, random_canonical_state(tiny_config("llama")))
+    """TP=2 (the projection's and fc2's all-reduce and biases, a rank's KV groups) and PP=2 (a
+    stage's layers, the received hidden states): the direct step equals megatron's path to the
+    bit."""
+    states = {f: random_canonical_state(tiny_config(f)) for f in ("llama", "gpt3")}
+    run_distributed(_parallel_body, 2, states)
 
 
 def test_layers_the_direct_step_does_not_cover_run_through_their_modules(monkeypatch):
@@ -132,23 +137,37 @@ def test_layers_the_direct_step_does_not_cover_run_through_their_modules(monkeyp
 
 
 def test_steps_other_than_decode_only_cpu_steps_are_not_covered(monkeypatch):
-    """Prefill and mixed steps, and steps with grad, run megatron's HybridStack.forward."""
+    """Prefill steps run megatron's HybridStack.forward, decode steps the direct step; without
+    the CPU shims, or with another paged-attention kernel than the stand-in, every step runs
+    megatron's forward (and generates the same tokens)."""
+    from megatron.core.transformer import attention as mcore_attention
+
+    from megatron_flextron.compat import inference as inference_shims
+
     generator, model = _served("llama")
     covered = []
     inner = hybrid.decode_stack
     monkeypatch.setattr(hybrid, "decode_stack",
                         lambda stack, x, context, *a, **k: covered.append(
                             context.is_decode_only()) or inner(stack, x, context, *a, **k))
-    generator.generate([generator.request(PROMPTS[0], Sampling.greedy(4))])
-    assert covered == [True] * 3  # 4 tokens: one prefill step, then 3 decode steps
-    assert not decode_step.step_covered(model.decoder, None, None)
-    with torch.enable_grad():
-        assert not decode_step.step_covered(model.decoder, object(), None)
+    request = generator.request(PROMPTS[0], Sampling.greedy(4))
+    tokens = generator.generate([request])[0].tokens
+    assert covered and all(covered) and len(covered) < 4  # the prefill step is not covered
+    covered.clear()
+    with monkeypatch.context() as m:
+        m.setattr(inference_shims, "active", lambda: False)
+        assert generator.generate([request])[0].tokens == tokens and covered == []
+    stand_in = mcore_attention.flash_attn_with_kvcache
+    with monkeypatch.context() as m:
+        m.setattr(mcore_attention, "flash_attn_with_kvcache", lambda *a, **k: stand_in(*a, **k))
+        assert generator.generate([request])[0].tokens == tokens and covered == []
+    assert generator.generate([request])[0].tokens == tokens and covered
 
 
 def test_the_serving_layout_keeps_every_row_parallel_product():
-    """Column-major row-parallel weights: the same values and shapes, and the same products
-    (full, an MLP prefix of columns, trimmed GQA heads' column spans) as row-major."""
+    """Column-major row-parallel weights: the same values and shapes, and the same products to
+    float rounding (full, an MLP prefix of columns, trimmed GQA heads' column spans) as
+    row-major."""
     generator, model = _served("llama")
     rows = [m for m in model.modules() if isinstance(m, ElasticRowParallelLinear)]
     assert rows and all(m.weight.stride() == (1, m.weight.shape[0]) for m in rows)

@@ -14,9 +14,9 @@ performs there, op for op and in its order:
 - MLP layer: norm, fc1 (+ bias), GLU or activation, fc2, bias and residual add.
 
 Elastic selections (fewer heads, a narrower MLP) run through the elastic linears' own code.
-A layer it does not cover (a mixture of experts, q/k norms, soft gates, token routing,
-sequence parallelism, fused kernels, trainable weights) runs through its module as before, in
-the same step; a step it does not cover (prefill, mixed, CUDA) runs megatron's forward.
+A layer it does not cover (a mixture of experts, q/k norms, a soft layer gate, token
+routing, sequence parallelism, fused kernels, trainable weights) runs through its module as
+before, in the same step; a step it does not cover (prefill, mixed, CUDA) runs megatron's forward.
 tests/test_decode_step.py checks tokens and log probabilities equal megatron's path to the bit.
 
 Only under the CPU inference shims (compat/inference.py): there megatron's frozen-weight linear
@@ -53,9 +53,10 @@ _NORMS = (torch.nn.RMSNorm, torch.nn.LayerNorm)
 
 class StepPlan:
     """What every layer of one decode step shares: each new token's cache slot, each
-    request's cache blocks and length, and the RoPE cos/sin of the step's positions."""
+    request's cache blocks and length, and the RoPE cos/sin of the step's positions (in the
+    hidden states' dtype, as megatron's unfused RoPE casts them)."""
 
-    def __init__(self, context, rotary_pos_emb):
+    def __init__(self, context, rotary_pos_emb, dtype):
         n = context.padded_active_token_count
         view, size = context.gpu_view, context.block_size_tokens
         self.slots = (view.token_to_block_idx[:n].long() * size
@@ -64,17 +65,15 @@ class StepPlan:
         table = context.active_attn_metadata["mha_metadata"].state_data["block_table"]
         self.reads = [(table[i][: (m + size - 1) // size], m)
                       for i, m in enumerate(lengths.tolist())]
-        self.rope = None
+        self.rope, self.joint = None, False
         if rotary_pos_emb is not None:
-            q_emb, k_emb = (rotary_pos_emb if isinstance(rotary_pos_emb, tuple)
-                            else (rotary_pos_emb, rotary_pos_emb))
-            fq = q_emb[view.token_to_pos_ids[:n]]  # as the context's RoPE of q and of k
-            fk = k_emb[view.token_to_position_in_request[:n]]
-            cos_k, sin_k = torch.cos(fk), torch.sin(fk)
-            same = torch.equal(fq, fk)
-            cos_q, sin_q = (cos_k, sin_k) if same else (torch.cos(fq), torch.sin(fq))
+            fq = rotary_pos_emb[view.token_to_pos_ids[:n]]  # as the context's RoPE of q and k
+            fk = rotary_pos_emb[view.token_to_position_in_request[:n]]
+            cos_k, sin_k = torch.cos(fk).to(dtype), torch.sin(fk).to(dtype)
+            self.joint = torch.equal(fq, fk)  # q and k rotate by the same tables: one pass
+            cos_q, sin_q = ((cos_k, sin_k) if self.joint
+                            else (torch.cos(fq).to(dtype), torch.sin(fq).to(dtype)))
             self.rope = (cos_k, sin_k, cos_q, sin_q)
-            self.joint = same  # q and k rotate by the same tables: one pass over both
 
 
 def step_covered(stack, context, rotary_pos_emb) -> bool:
@@ -94,7 +93,9 @@ def step_covered(stack, context, rotary_pos_emb) -> bool:
     _, lengths, _ = context.cu_kv_lengths()
     if lengths.shape[0] != context.padded_active_token_count:  # one new token per request
         return False
-    if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, torch.Tensor):
+    if rotary_pos_emb is not None and not (  # a table per position over whole heads
+            isinstance(rotary_pos_emb, torch.Tensor)
+            and rotary_pos_emb.shape[-1] == stack.config.kv_channels):
         return False
     return context.memory_buffer.is_contiguous()
 
@@ -102,7 +103,7 @@ def step_covered(stack, context, rotary_pos_emb) -> bool:
 def decode_stack(stack, hidden_states, context, rotary_pos_emb, **layer_kwargs):
     """Every layer of ``stack`` (a HybridStack) for one decode step: the covered layers as
     direct operations, the others through their modules. Returns the hidden states."""
-    plan = StepPlan(context, rotary_pos_emb)
+    plan = StepPlan(context, rotary_pos_emb, hidden_states.dtype)
     x = hidden_states
     for layer, direct in _layer_kinds(stack):
         if direct is not None and direct.ready():
@@ -127,7 +128,10 @@ def _layer_kinds(stack) -> Optional[List[Tuple[torch.nn.Module, object]]]:
 def _direct_step(layer):
     """The direct step of a layer whose build it covers (what cannot change after the build),
     else None."""
-    if type(layer) is not ElasticTransformerLayer or not layer._is_plain():
+    if type(layer) is not ElasticTransformerLayer:
+        return None
+    layer._is_plain()
+    if not layer._plain:  # what the layer's build uses (training is checked per step)
         return None
     attention, mlp = layer.self_attention, layer.mlp
     if isinstance(mlp, IdentityOp) and type(attention) is ElasticSelfAttention:
@@ -155,7 +159,9 @@ def _direct_step(layer):
 def _plain_linear(linear, cls) -> bool:
     return (type(linear) is cls and not linear.sequence_parallel
             and not getattr(linear, "explicit_expert_comm", False)
-            and not getattr(linear, "gather_output", False))
+            and not getattr(linear, "gather_output", False)
+            and getattr(linear, "input_is_parallel", True)
+            and getattr(linear, "gtp_remat_size", 1) == 1)
 
 
 # ---- the layers' arithmetic ---------------------------------------------------------------
@@ -224,7 +230,8 @@ class _Linear:
 
 
 def _rotate(t, cos, sin):
-    """megatron's unfused RoPE (no pass-through part, mscale 1, same dtype)."""
+    """megatron's unfused RoPE (no pass-through part, mscale 1; cos and sin already in the
+    dtype of ``t``: StepPlan)."""
     x1, x2 = torch.chunk(t, 2, dim=-1)
     return t * cos + torch.cat((-x2, x1), dim=-1) * sin
 

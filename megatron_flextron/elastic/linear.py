@@ -92,7 +92,8 @@ def blocked_cols_linear(x, weight, blocks: Blocks) -> torch.Tensor:
 
 
 def serving_layout(model: torch.nn.Module) -> None:
-    """Store the weights of the row-parallel linears column-major (the same values and shape):
+    """Store the weights of the row-parallel linears column-major (the same values and shape;
+    products equal the row-major ones to float rounding, not to the bit):
     a sub-network reads a prefix of their input columns (MLP neurons) or a span per KV group
     (heads), which is then contiguous memory; read row-major, a one-token product costs
     1.0-1.5x (fc2) and 1.1-2.1x (projection) as much (``python benchmarks/serving_layout.py``).
