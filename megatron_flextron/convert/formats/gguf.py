@@ -1,12 +1,12 @@
-"""GGUF files (llama.cpp) of the Llama family and Qwen3, dequantized to fp32 with the ``gguf``
-package.
+"""GGUF files (llama.cpp) of the Llama family, Qwen3 and their mixtures of experts (Mixtral's
+``llama``, ``qwen3moe``, ``qwen2moe``: ``gguf_moe``), dequantized to fp32 with the ``gguf`` package.
 
 In llama.cpp's ``llama`` architecture Q and K rows are stored in its RoPE layout and are
 un-permuted by the key map; its ``qwen3`` rotates halves as megatron does (rows as they are) and
 adds the per-head q/k norms. The
 tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
-partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), experts,
-sliding windows and any tensor the key map does not read stop the conversion, named.
+partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), MoE
+metadata the reader does not map, sliding windows and any tensor the key map does not read stop the conversion, named.
 
 ``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
 layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
@@ -30,13 +30,15 @@ from megatron_flextron.config import ModelConfig
 from megatron_flextron.convert.formats.gguf_moe import (
     KEYMAPS,
     add_moe_hparams,
+    moe_fields,
     moe_target,
     stack_experts,
+    unstack_experts,
 )
 from megatron_flextron.convert.keymap import GGUF_LLAMA, GGUF_QWEN3
 
-# the llama.cpp architectures read, and their key maps
-_READ = {"llama": GGUF_LLAMA, "qwen3": GGUF_QWEN3}
+# the llama.cpp architectures read, and their key maps (a mixture of experts: KEYMAPS)
+_READ = {"llama": GGUF_LLAMA, "qwen3": GGUF_QWEN3, "qwen3moe": None, "qwen2moe": None}
 
 
 def bundled_smollm2() -> str:
@@ -77,6 +79,7 @@ def model_config_from_gguf(reader) -> ModelConfig:
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     _check_supported(reader, arch, head_dim)
     vocab = reader.fields.get(f"{arch}.vocab_size")
+    moe = moe_fields(reader, arch, lambda *a: _field(reader, *a)) if _is_moe(reader, arch) else {}
     return ModelConfig(
         "llama",
         num_layers=int(_field(reader, f"{arch}.block_count")),
@@ -90,8 +93,15 @@ def model_config_from_gguf(reader) -> ModelConfig:
         norm_epsilon=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         rotary_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         tie_embeddings="output.weight" not in names,
-        qk_layernorm=arch == "qwen3",
+        qk_layernorm=arch in ("qwen3", "qwen3moe"),
+        **moe,
     )
+
+
+def _is_moe(reader, arch: str) -> bool:
+    """qwen3moe and qwen2moe always; ``llama`` with experts (Mixtral)."""
+    count = reader.fields.get(f"{arch}.expert_count")
+    return arch in ("qwen3moe", "qwen2moe") or bool(count and int(count.contents()))
 
 
 def _check_supported(reader, arch: str, head_dim: int) -> None:
@@ -110,7 +120,7 @@ def _check_supported(reader, arch: str, head_dim: int) -> None:
     if scaling is not None and scaling.contents() != "none":
         raise refuse(f"{arch}.rope.scaling.type={scaling.contents()!r}", "plain RoPE only")
     for key, why in (
-        (f"{arch}.expert_count", "mixture of experts"),
+        ("qwen3.expert_count", "experts in qwen3 (qwen3moe holds them)"),
         (f"{arch}.attention.sliding_window", "sliding-window attention"),
     ):
         if key in reader.fields and int(reader.fields[key].contents() or 0):
@@ -139,7 +149,8 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     except Exception as e:  # truncated or not a GGUF file
         raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
     model = model_config_from_gguf(reader)
-    keymap = _READ[_field(reader, "general.architecture")]
+    arch = _field(reader, "general.architecture")
+    keymap = KEYMAPS[arch] if model.is_moe else _READ[arch]
     tensors = {t.name: t for t in reader.tensors}
 
     def shape(t) -> tuple:
@@ -155,7 +166,10 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
 
     # a leftover tensor is refused by name, e.g. rope_freqs.weight (Llama-3 RoPE scaling factors)
     keymap.check_consumed(model, tensors)
-    ckpt = Checkpoint(model=model, state=keymap.to_canonical(model, get))
+    state = keymap.to_canonical(model, get)
+    if model.is_moe:  # llama.cpp's one tensor per layer back to one per expert
+        state = unstack_experts(model, state)
+    ckpt = Checkpoint(model=model, state=state)
     ckpt.validate()
     if with_tokenizer:
         ckpt.tokenizer_dir = _convert_tokenizer(path)

@@ -1,5 +1,6 @@
-"""GGUF export of mixtures of experts, the MoE half of ``gguf.py``: which llama.cpp architecture
-runs a model exactly, its MoE metadata, and the experts stacked as llama.cpp stores them.
+"""GGUF mixtures of experts, the MoE half of ``gguf.py``: which llama.cpp architecture runs a
+model exactly, its MoE metadata, and the experts stacked as llama.cpp stores them; the reader
+(``moe_fields``, ``unstack_experts``) inverts each with the same key maps.
 
 llama.cpp's graphs fix the routing per architecture (llama.cpp's ``build_moe_ffn`` with softmax
 gating; none of the three reads ``expert_weights_norm`` or ``expert_gating_func``), so the model's
@@ -15,6 +16,10 @@ routing picks the architecture or is refused:
 
 Refused by name: sigmoid routers, expert bias, top-k scaling, a shared expert elsewhere or without
 its gate, per-layer shapes (no llama.cpp MoE architecture has per-layer sizes).
+
+Read back, the architecture fixes the routing the same way; MoE metadata that says otherwise
+(``expert_gating_func`` other than softmax, ``expert_weights_scale`` != 1, ``expert_weights_norm``
+against the architecture's, dense leading blocks, expert groups, ...) is refused by key.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from megatron_flextron.convert.moe_keymap import (
 
 KEYMAPS = {"llama": GGUF_LLAMA_MOE, "qwen3moe": GGUF_QWEN3_MOE, "qwen2moe": GGUF_QWEN2_MOE}
 _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+_STACKED = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.experts\.stacked\.(.+)$")
+# MoE metadata words: a key with one the reader does not map is refused (it may change routing)
+_MOE_WORDS = re.compile(r"expert|moe|dense|shexp|swiglu|group")
 
 
 def moe_target(ckpt: Checkpoint) -> Tuple[str, List[Tuple[bool, str]]]:
@@ -118,5 +126,87 @@ def stack_experts(m: ModelConfig, state) -> LazyState:
         if name in stacked:
             return torch.stack([state[e] for e in stacked[name]])
         return state[name]
+
+    return LazyState(specs, read)
+
+
+def moe_fields(reader, arch: str, field) -> dict:
+    """The ModelConfig fields of a llama.cpp MoE file (``field(key, default)`` reads metadata):
+    its architecture's routing, sizes from its metadata; any other MoE metadata refused by key."""
+    renormalized = arch != "qwen2moe"  # llama.cpp's graphs: qwen2moe alone does not renormalize
+    fixed = {  # key -> (value llama.cpp's graph computes with, why)
+        "expert_count": (None, ""),
+        "expert_used_count": (None, ""),
+        "expert_feed_forward_length": (None, ""),
+        "expert_gating_func": (1, "softmax gating only (1)"),
+        "expert_weights_scale": (1.0, "top-k weights unscaled"),
+        "expert_weights_norm": (renormalized, f"llama.cpp's {arch} ignores it: {renormalized}"),
+        "leading_dense_block_count": (0, "every layer a mixture of experts"),
+    }
+    if arch == "qwen2moe":
+        fixed.update(expert_shared_feed_forward_length=(None, ""), expert_shared_count=(1, "one"))
+    for key in reader.fields:
+        name = key[len(arch) + 1 :]
+        if not key.startswith(arch + ".") or not _MOE_WORDS.search(name):
+            continue
+        want, why = fixed.get(name, ("unmapped", "no megatron equivalent"))
+        value = reader.fields[key].contents()
+        if want is not None and value != want:
+            raise CheckpointError(f"GGUF {key}={value!r} is not supported ({why})")
+    width = int(field(f"{arch}.feed_forward_length"))
+    if arch == "llama":  # Mixtral: llama.cpp sizes the experts by feed_forward_length
+        if int(field(f"{arch}.expert_feed_forward_length", width)) != width:
+            raise CheckpointError(
+                f"GGUF {arch}.expert_feed_forward_length differs from its feed_forward_length "
+                f"{width}, which llama.cpp's llama uses for the experts"
+            )
+    else:
+        width = int(field(f"{arch}.expert_feed_forward_length"))
+    out = dict(
+        num_moe_experts=int(field(f"{arch}.expert_count")),
+        moe_router_topk=int(field(f"{arch}.expert_used_count")),
+        moe_ffn_hidden_size=width,
+        moe_router_pre_softmax=not renormalized,
+    )
+    if arch == "qwen2moe":  # its shared expert always has its sigmoid gate; biases are optional
+        out.update(
+            moe_shared_expert_intermediate_size=int(
+                field(f"{arch}.expert_shared_feed_forward_length")
+            ),
+            moe_shared_expert_gate=True,
+            add_qkv_bias="blk.0.attn_q.bias" in {t.name for t in reader.tensors},
+        )
+    return out
+
+
+def unstack_experts(m: ModelConfig, state: LazyState) -> LazyState:
+    """The inverse of ``stack_experts``: each ``STACKED`` tensor [E, ...] replaced by its
+    experts' tensors (expert e at index e); a layer's stack is read once for all its experts
+    when they are read in order."""
+    experts = {}  # expert name -> (stacked name, e)
+    specs = {}
+    for name, spec in state.specs.items():
+        match = _STACKED.match(name)
+        if match is None:
+            specs[name] = spec
+            continue
+        if spec.shape[0] != m.num_moe_experts:
+            raise CheckpointError(
+                f"GGUF: {name} stacks {spec.shape[0]} experts, expert_count is {m.num_moe_experts}"
+            )
+        prefix, rest = match.groups()
+        for e in range(m.num_moe_experts):
+            experts[prefix + EXPERT.format(e=e) + rest] = (name, e)
+            specs[prefix + EXPERT.format(e=e) + rest] = TensorSpec(spec.shape[1:], spec.dtype)
+    last = {}  # the last stack read: name -> tensor
+
+    def read(name: str) -> torch.Tensor:
+        if name not in experts:
+            return state[name]
+        stacked, e = experts[name]
+        if stacked not in last:
+            last.clear()
+            last[stacked] = state[stacked]
+        return last[stacked][e].clone()
 
     return LazyState(specs, read)
