@@ -206,3 +206,135 @@ def test_lower_precision_keeps_the_router_f32_and_stays_within_its_bound(
         f"{kind} full -> GGUF {ARCH[kind]} {gguf_type} in llama.cpp: max relative error {err:.2e}"
     )
     assert err <= bound
+
+
+# ---- reading MoE GGUF files back (load_gguf): the exact inverse of the writer ----------------
+
+# the ModelConfig fields a MoE GGUF file carries (ffn_hidden_size is no MoE's: it has no dense MLP)
+READ_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "vocab_size", "max_position_embeddings", "rotary_base", "tie_embeddings", "add_qkv_bias",
+    "qk_layernorm", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_router_score_function", "moe_router_pre_softmax", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+)  # fmt: skip
+
+
+def _written(tmp_path, kind: str, gguf_type: str = "f32", **source):
+    """(the source checkpoint read by ``--loader hf``, its GGUF written by save_gguf)."""
+    ckpt = load_hf(_source(kind, tmp_path / "src", **source))
+    os.makedirs(tmp_path / "out")
+    return ckpt, gguf_format.save_gguf(ckpt, str(tmp_path / "out"), gguf_type)
+
+
+def _f16_rounded(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """What an f16 file holds: matrices rounded to f16; vectors (the shared expert's gate is one
+    in GGUF) and routers kept f32."""
+    if tensor.dim() == 1 or name.endswith(("router.weight", "shared_experts.gate_weight")):
+        return tensor
+    return tensor.half().float()
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+@pytest.mark.parametrize("kind", sorted(ARCH))
+def test_moe_gguf_reads_back_as_the_source(tmp_path, kind, gguf_type):
+    """load_gguf(save_gguf(x)) == x: the config fields, every canonical tensor bit for bit (f16:
+    exactly the f16 rounding of each matrix) and, at f32, the elastic forward's logits."""
+    src, path = _written(tmp_path, kind, gguf_type)
+    read = gguf_format.load_gguf(path, with_tokenizer=False)
+    for name in READ_FIELDS:
+        assert getattr(read.model, name) == getattr(src.model, name), name
+    # GGUF stores the epsilon as float32
+    assert read.model.norm_epsilon == float(torch.tensor(src.model.norm_epsilon))
+    assert sorted(read.state) == sorted(src.state)
+    assert any(".local_experts.7." in name for name in read.state)
+    for name in src.state:
+        want = src.state[name] if gguf_type == "f32" else _f16_rounded(name, src.state[name])
+        assert torch.equal(read.state[name], want), name
+    if gguf_type == "f32":
+        ids = torch.tensor([IDS])
+        assert torch.equal(elastic_logits(read, ids), elastic_logits(src, ids))
+
+
+def test_convert_checkpoint_reads_a_moe_gguf_into_flextron(tmp_path):
+    """tools/convert_checkpoint.py --loader gguf --saver flextron, end to end (tokenizer
+    included): the flextron checkpoint holds the source's tensors."""
+    from test_bad_input import run_tool
+
+    from megatron_flextron.convert import load_checkpoint
+
+    src, path = _written(tmp_path, "qwen2_moe")
+    out = str(tmp_path / "flextron")
+    done = run_tool(
+        "convert_checkpoint.py", "--loader", "gguf", "--saver", "flextron",
+        "--load-dir", path, "--save-dir", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    back = load_checkpoint("flextron", out)
+    assert back.model.moe_shared_expert_gate and back.model.moe_router_pre_softmax
+    assert sorted(back.state) == sorted(src.state)
+    for name in src.state:
+        assert torch.equal(back.state[name].float(), src.state[name]), name
+
+
+def _rewritten(path: str, fields=None, tensors=None) -> str:
+    """The GGUF file at ``path`` written again with the gguf package, ``fields`` ({key: (value,
+    GGUFValueType)}) set and ``tensors`` ({name: array}) added (an f32 file)."""
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    out = path.replace(".gguf", ".rewritten.gguf")
+    w = gguf.GGUFWriter(out, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in (fields or {}):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub)
+    for key, (value, vtype) in (fields or {}).items():
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data)
+    for name, array in (tensors or {}).items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+V = gguf.GGUFValueType
+MOE_METADATA = [  # (family, {field: (value, type)} set, what the refusal names; None: read)
+    ("mixtral", {"llama.expert_gating_func": (2, V.UINT32)}, "llama.expert_gating_func=2"),
+    ("qwen3_moe", {"qwen3moe.expert_weights_scale": (2.5, V.FLOAT32)}, "weights_scale=2.5"),
+    ("qwen2_moe", {"qwen2moe.expert_weights_norm": (True, V.BOOL)}, "expert_weights_norm=True"),
+    ("qwen3_moe", {"qwen3moe.leading_dense_block_count": (1, V.UINT32)}, "dense_block_count=1"),
+    ("mixtral", {"llama.expert_group_count": (2, V.UINT32)}, "llama.expert_group_count=2"),
+    ("mixtral", {"llama.expert_shared_feed_forward_length": (64, V.UINT32)}, "shared_feed"),
+    ("qwen2_moe", {"qwen2moe.expert_shared_count": (2, V.UINT32)}, "expert_shared_count=2"),
+    ("mixtral", {"llama.expert_feed_forward_length": (16, V.UINT32)}, "expert_feed_forward_len"),
+    ("mixtral", {"llama.expert_count": (6, V.UINT32)}, "stacks 8 experts, expert_count is 6"),
+    # what each architecture computes anyway, said explicitly: read
+    ("qwen3_moe", {"qwen3moe.expert_gating_func": (1, V.UINT32)}, None),
+    ("qwen3_moe", {"qwen3moe.expert_weights_norm": (True, V.BOOL)}, None),
+    ("qwen2_moe", {"qwen2moe.expert_weights_norm": (False, V.BOOL)}, None),
+]
+
+
+@pytest.mark.parametrize("kind, fields, what", MOE_METADATA)
+def test_moe_metadata_the_reader_cannot_map_is_refused_by_key(tmp_path, kind, fields, what):
+    src, path = _written(tmp_path, kind)
+    path = _rewritten(path, fields)
+    if what is None:
+        read = gguf_format.load_gguf(path, with_tokenizer=False)
+        assert all(torch.equal(read.state[n], src.state[n]) for n in src.state)
+        return
+    with pytest.raises(CheckpointError, match="GGUF") as e:
+        gguf_format.load_gguf(path, with_tokenizer=False)
+    assert what in str(e.value), str(e.value)
+
+
+def test_a_leftover_moe_tensor_is_refused_by_name(tmp_path):
+    _, path = _written(tmp_path, "qwen3_moe")
+    path = _rewritten(path, tensors={"blk.1.ffn_up_exps.bias": torch.zeros(8, 32).numpy()})
+    with pytest.raises(CheckpointError, match=r"does not use: \['blk.1.ffn_up_exps.bias'\]"):
+        gguf_format.load_gguf(path, with_tokenizer=False)
