@@ -2,6 +2,8 @@
 tiny random Mixtral, Qwen2-MoE and Qwen3-MoE made by transformers, converted with ``--loader hf``,
 at full size and cut (fewer and narrower experts, smaller top-k); llama.cpp's logits equal the
 elastic forward of the same sub-network. What llama.cpp's MoE graphs cannot express is refused.
+Read back (``--loader gguf``), a file gives the source's config, tensors and logits; MoE metadata
+the reader cannot map is refused by key.
 
 Relative error: max |llama.cpp - elastic| / max |elastic| (tests/test_gguf_export.py).
 """
@@ -15,7 +17,7 @@ import os
 import pytest
 import torch
 from test_gguf_export import F32_BOUND, IDS, _tokenizer, llama_cpp_run, relative_error
-from test_hf_moe import elastic_logits, tiny_moe
+from test_hf_moe import close, elastic_logits, tiny_moe
 
 from megatron_flextron.checkpoint.state import Checkpoint, CheckpointError
 from megatron_flextron.convert import ConvertOptions, convert
@@ -338,3 +340,21 @@ def test_a_leftover_moe_tensor_is_refused_by_name(tmp_path):
     path = _rewritten(path, tensors={"blk.1.ffn_up_exps.bias": torch.zeros(8, 32).numpy()})
     with pytest.raises(CheckpointError, match=r"does not use: \['blk.1.ffn_up_exps.bias'\]"):
         gguf_format.load_gguf(path, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCH))
+def test_a_cut_moe_gguf_reads_back_as_its_sub_network(tmp_path, kind):
+    """A sub-network written with --subnetwork (6 of 8 experts, narrower, top-2) reads back as
+    a full model whose logits are the source's elastic forward at that sub-network."""
+    src = _source(kind, tmp_path / "src")
+    out = tmp_path / "out"
+    convert(ConvertOptions("hf", "gguf", src, str(out), subnetwork=json.dumps(CUT)))
+    read = gguf_format.load_gguf(str(out / "model.gguf"), with_tokenizer=False)
+    m = read.model
+    assert (m.num_moe_experts, m.moe_ffn_hidden_size, m.moe_router_topk) == (6, 16, 2)
+    ids = torch.tensor([IDS])
+    close(
+        f"{kind} cut GGUF read back",
+        elastic_logits(read, ids),
+        elastic_logits(load_hf(src), ids, CUT),
+    )

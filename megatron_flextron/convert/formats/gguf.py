@@ -6,7 +6,8 @@ un-permuted by the key map; its ``qwen3`` rotates halves as megatron does (rows 
 adds the per-head q/k norms. The
 tokenizer inside the file is converted to ``tokenizer.json`` by transformers. Exact or refuse:
 partial RoPE, RoPE scaling (a ``rope.scaling.type`` or llama.cpp's ``rope_freqs`` tensor), MoE
-metadata the reader does not map, sliding windows and any tensor the key map does not read stop the conversion, named.
+metadata the reader does not map, sliding windows and any tensor the key map does not read stop
+the conversion, named.
 
 ``save_gguf`` writes the other way with the same key map (Q/K rows permuted back into llama.cpp's
 layout): llama.cpp's ``llama`` architecture for one layer shape, ``deci`` for per-layer MLP widths
