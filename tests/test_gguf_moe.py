@@ -313,7 +313,11 @@ MOE_METADATA = [  # (family, {field: (value, type)} set, what the refusal names;
     ("mixtral", {"llama.expert_group_count": (2, V.UINT32)}, "llama.expert_group_count=2"),
     ("mixtral", {"llama.expert_shared_feed_forward_length": (64, V.UINT32)}, "shared_feed"),
     ("qwen2_moe", {"qwen2moe.expert_shared_count": (2, V.UINT32)}, "expert_shared_count=2"),
-    ("mixtral", {"llama.expert_feed_forward_length": (16, V.UINT32)}, "expert_feed_forward_len"),
+    (
+        "mixtral",
+        {"llama.expert_feed_forward_length": (16, V.UINT32)},
+        "expert_feed_forward_length=16",
+    ),
     ("mixtral", {"llama.expert_count": (6, V.UINT32)}, "stacks 8 experts, expert_count is 6"),
     # what each architecture computes anyway, said explicitly: read
     ("qwen3_moe", {"qwen3moe.expert_gating_func": (1, V.UINT32)}, None),

@@ -46,8 +46,9 @@ from megatron_flextron.convert.moe_keymap import (
 )
 
 KEYMAPS = {"llama": GGUF_LLAMA_MOE, "qwen3moe": GGUF_QWEN3_MOE, "qwen2moe": GGUF_QWEN2_MOE}
-_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.experts\.local_experts\.(\d+)\.(.+)$")
-_STACKED = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.experts\.stacked\.(.+)$")
+_LAYER = r"^(decoder\.layers\.\d+\.)"
+_EXPERT = re.compile(_LAYER + re.escape(EXPERT).replace(r"\{e\}", r"(\d+)") + "(.+)$")
+_STACKED = re.compile(_LAYER + re.escape(STACKED) + "(.+)$")
 # MoE metadata words: a key with one the reader does not map is refused (it may change routing)
 _MOE_WORDS = re.compile(r"expert|moe|dense|shexp|swiglu|group")
 
@@ -140,7 +141,11 @@ def moe_fields(reader, arch: str, field) -> dict:
         "expert_feed_forward_length": (None, ""),
         "expert_gating_func": (1, "softmax gating only (1)"),
         "expert_weights_scale": (1.0, "top-k weights unscaled"),
-        "expert_weights_norm": (renormalized, f"llama.cpp's {arch} ignores it: {renormalized}"),
+        "expert_weights_norm": (
+            renormalized,
+            f"llama.cpp's {arch} ignores it and {'' if renormalized else 'does not '}renormalize"
+            "s the top-k weights",
+        ),
         "leading_dense_block_count": (0, "every layer a mixture of experts"),
     }
     if arch == "qwen2moe":
@@ -155,10 +160,11 @@ def moe_fields(reader, arch: str, field) -> dict:
             raise CheckpointError(f"GGUF {key}={value!r} is not supported ({why})")
     width = int(field(f"{arch}.feed_forward_length"))
     if arch == "llama":  # Mixtral: llama.cpp sizes the experts by feed_forward_length
-        if int(field(f"{arch}.expert_feed_forward_length", width)) != width:
+        expert_width = int(field(f"{arch}.expert_feed_forward_length", width))
+        if expert_width != width:
             raise CheckpointError(
-                f"GGUF {arch}.expert_feed_forward_length differs from its feed_forward_length "
-                f"{width}, which llama.cpp's llama uses for the experts"
+                f"GGUF {arch}.expert_feed_forward_length={expert_width} is not supported "
+                f"(llama.cpp's llama sizes the experts by feed_forward_length={width})"
             )
     else:
         width = int(field(f"{arch}.expert_feed_forward_length"))
