@@ -22,7 +22,8 @@ def test_tiers_follow_what_a_test_does(tmp_path):
     )
     assert (
         tier_of(
-            os.path.join(HERE, "test_bad_input.py"), "test_torchrun_shows_one_line_for_bad_input"
+            os.path.join(HERE, "test_bad_input_files.py"),
+            "test_torchrun_shows_one_line_for_bad_input",
         )
         == "multirank"
     )
