@@ -72,8 +72,6 @@ def instrument(timer: Timer) -> None:
         (decode_step._AttentionStep, "__call__", "attention"),
         (decode_step._MLPStep, "__call__", "MLP"),
         (decode_step._Norm, "__call__", "norms"),
-        (decode_step, "blocked_rows_linear", "weight products"),
-        (decode_step, "blocked_cols_linear", "weight products"),
         (ElasticTransformerLayer, "forward", "layers"),
         (ElasticSelfAttention, "forward", "attention"),
         (ElasticMLP, "forward", "MLP"),

@@ -39,13 +39,7 @@ from megatron_flextron.compat import inference as inference_shims
 from megatron_flextron.elastic.attention import ElasticSelfAttention
 from megatron_flextron.elastic.decode_attention import configured_plainly
 from megatron_flextron.elastic.layer import ElasticTransformerLayer, add_residual
-from megatron_flextron.elastic.linear import (
-    ElasticColumnParallelLinear,
-    ElasticRowParallelLinear,
-    blocked_cols_linear,
-    blocked_rows_linear,
-    few_tokens,
-)
+from megatron_flextron.elastic.linear import ElasticColumnParallelLinear, ElasticRowParallelLinear
 from megatron_flextron.elastic.mlp import ElasticMLP
 
 _NORMS = (torch.nn.RMSNorm, torch.nn.LayerNorm)
@@ -195,38 +189,26 @@ class _Linear:
 
     def __call__(self, x) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         m = self.module
-        if not self.column and m.input_scale is not None:
-            return m.forward(x)
         if self.column:
-            if m.active_rows is not None:
-                pieces = self.pieces(x)
+            if m.active_rows is not None:  # the elastic linear's own pieces, bias included
+                pieces = m.forward_pieces(x)
                 return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)), None
             out = F.linear(x, self.weight)
         else:
-            cols = m.active_cols
-            if cols is None:
-                out = F.linear(x, self.weight)
-            elif isinstance(cols, slice):  # a prefix of MLP neurons: a view of the weight
-                out = F.linear(x, self.weight[:, cols])
-            elif m.col_blocks is not None and few_tokens(x, x.shape[-1]):
-                out = blocked_cols_linear(x, self.weight, m.col_blocks)  # trimmed GQA heads
-            else:
+            if m.input_scale is not None:
                 return m.forward(x)
+            out = F.linear(x, self.weight) if m.active_cols is None else m.selected_product(x)
             out = mappings._reduce(out, self.group)
         if self.skip_bias_add:
             return out, self.bias
         return (out if self.bias is None else out + self.bias), None
 
-    def pieces(self, x) -> List[torch.Tensor]:
-        """A column layer's active pieces, as ElasticColumnParallelLinear._piece computes
-        them without grad: a slice's product, or trimmed GQA heads' strided products."""
-        m, bias = self.module, self.bias
-        rows = m.active_rows
-        if m.row_blocks is not None and few_tokens(x, x.shape[-1]):
-            return [blocked_rows_linear(x, self.weight, bias, m.row_blocks)]
-        if all(isinstance(r, slice) for r in rows):
-            return [F.linear(x, self.weight[r], None if bias is None else bias[r]) for r in rows]
-        return m.forward_pieces(x)
+
+def _runs_plainly(layer, *linears: _Linear) -> bool:
+    """Not skipped, gated, recording or training, with frozen weights (what can change between
+    steps, for either kind of layer)."""
+    return not (layer.skipped or layer.keep is not None or layer.recording or layer.training
+                or not all(linear.frozen() for linear in linears))
 
 
 def _rotate(t, cos, sin):
@@ -253,10 +235,8 @@ class _AttentionStep:
     def ready(self) -> bool:
         """What can change between steps: skipped or gated layers, MHA heads trimmed (fewer KV
         heads than the cache holds), trainable weights."""
-        layer = self.layer
-        return not (layer.skipped or layer.keep is not None or layer.recording or layer.training
-                    or self.attn._active_groups != self.groups
-                    or not (self.qkv.frozen() and self.proj.frozen()))
+        return (_runs_plainly(self.layer, self.qkv, self.proj)
+                and self.attn._active_groups == self.groups)
 
     def __call__(self, x, context, plan: StepPlan):
         mixed, _ = self.qkv(self.norm(x))
@@ -305,15 +285,14 @@ class _MLPStep:
         self.plain_act = mlp.activation_func  # megatron's MLP.forward without a GLU
 
     def ready(self) -> bool:
-        layer = self.layer
-        return not (layer.skipped or layer.keep is not None or layer.recording or layer.training
-                    or self.mlp.token_routing is not None
-                    or not (self.fc1.frozen() and self.fc2.frozen()))
+        """What can change between steps: skipped or gated layers, token routing, trainable
+        weights."""
+        return _runs_plainly(self.layer, self.fc1, self.fc2) and self.mlp.token_routing is None
 
     def __call__(self, x, context, plan):
         y = self.norm(x)
         if self.mlp.active_width is not None:  # elastic/mlp.py's sliced_forward
-            pieces = self.fc1.pieces(y)
+            pieces = self.mlp.linear_fc1.forward_pieces(y)
             hidden = (self.act(pieces[0]) * (pieces[1] + self.offset) if self.gated
                       else self.act(pieces[0]))
         else:  # megatron's MLP.forward, unfused

@@ -188,6 +188,20 @@ class ElasticRowParallelLinear(RowParallelLinear):
         """Multiply the input by ``scale`` (None: no scaling); the gradient reaches ``scale``."""
         self.input_scale, self.scale_repeat = scale, repeat
 
+    def selected_product(self, input_: torch.Tensor) -> torch.Tensor:
+        """This rank's product on the active input columns (before the TP reduction)."""
+        cols, width = self.active_cols, input_.shape[-1]
+        if isinstance(cols, torch.Tensor) and few_tokens(input_, width) and self.col_blocks:
+            return blocked_cols_linear(input_, self.weight, self.col_blocks)
+        if isinstance(cols, torch.Tensor) and few_tokens(input_, width):
+            # a few tokens without grad: the input placed in the full width (zeros elsewhere)
+            # reads the weight once; gathering its columns would copy most of it every step
+            full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
+            return F.linear(full.index_copy_(-1, cols, input_), self.weight)
+        if fusable(self.weight, cols):
+            return sliced_linear(input_, self.weight, cols, 1)
+        return F.linear(input_, select(self.weight, cols, 1))
+
     def forward(self, input_):
         if self.input_scale is not None:
             scale = self.input_scale.repeat_interleave(self.scale_repeat, dim=-1)
@@ -200,18 +214,7 @@ class ElasticRowParallelLinear(RowParallelLinear):
                 f"elastic row-parallel input has {input_.shape[-1]} features, "
                 f"the active selection has {width}"
             )
-        cols = self.active_cols
-        if isinstance(cols, torch.Tensor) and few_tokens(input_, width) and self.col_blocks:
-            output_parallel = blocked_cols_linear(input_, self.weight, self.col_blocks)
-        elif isinstance(cols, torch.Tensor) and few_tokens(input_, width):
-            # a few tokens without grad: the input placed in the full width (zeros elsewhere)
-            # reads the weight once; gathering its columns would copy most of it every step
-            full = input_.new_zeros(*input_.shape[:-1], self.input_size_per_partition)
-            output_parallel = F.linear(full.index_copy_(-1, cols, input_), self.weight)
-        elif fusable(self.weight, cols):
-            output_parallel = sliced_linear(input_, self.weight, cols, 1)
-        else:
-            output_parallel = F.linear(input_, select(self.weight, cols, 1))
+        output_parallel = self.selected_product(input_)
         if getattr(self, "explicit_expert_comm", False):
             output = output_parallel  # an expert: the dispatcher's combine sums over TP
         elif self.sequence_parallel:
